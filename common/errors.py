@@ -1,0 +1,49 @@
+"""Errors that reach users. Each names the offending value and the limit; the services
+map each class to one gRPC status code (see `grpc_code`)."""
+from __future__ import annotations
+
+
+class SloraError(Exception):
+    """Base of the errors a user can cause. `grpc_code` is a grpc.StatusCode name."""
+
+    grpc_code = "INTERNAL"
+
+
+class ConfigError(SloraError, ValueError):
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class InvalidRequestError(SloraError, ValueError):
+    """A request the engine refuses: empty or too long prompt, bad sampling parameters."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class AdapterError(SloraError, ValueError):
+    """An adapter that cannot be served: names the adapter, the file and what is wrong."""
+
+    grpc_code = "INVALID_ARGUMENT"
+
+    def __init__(self, adapter_id: str, file: str | None, reason: str):
+        self.adapter_id, self.file, self.reason = adapter_id, file, reason
+        where = f" ({file})" if file else ""
+        super().__init__(f"adapter {adapter_id!r}{where}: {reason}")
+
+
+class AdapterNotFoundError(SloraError, KeyError):
+    grpc_code = "NOT_FOUND"
+
+    def __init__(self, adapter_id: str):
+        self.adapter_id = adapter_id
+        super().__init__(f"adapter {adapter_id!r} is not registered")
+
+    def __str__(self) -> str:
+        return self.args[0]
+
+
+class AdapterBaseModelMismatch(AdapterError):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+class QueueFullError(SloraError):
+    grpc_code = "RESOURCE_EXHAUSTED"

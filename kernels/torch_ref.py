@@ -1,0 +1,128 @@
+"""Torch reference of every kernel: plain torch, any device, the oracle of the CUDA ones.
+
+The unified pool of one layer is `pool` [num_pages, 2, H]: half 0 is the "K" half, half 1
+the "V" half of every page. A token's K and V fill the first kv_dim elements of the halves
+of its page. One rank-row i of an adapter module fills `n = ceil(max(d_in, d_out) / H)`
+pages: row i of A ([r, d_in] as PEFT stores lora_A) laid across the K halves of those pages,
+column i of B ([d_out, r] as PEFT stores lora_B) across their V halves.
+
+Page tables:
+* `lora_page_table` [num_slots, max_rank, max_pages_per_row] int32: the pages of one module
+  of each resident adapter (slot); rows past the slot's rank for that module are ignored.
+* `lora_ranks` [num_slots] int32: that module's rank per slot (0: not targeted).
+* `lora_scales` [num_slots] float32: that module's scaling per slot.
+* `token_slots` [num_tokens] int32: the slot of each token's adapter, NO_ADAPTER (-1) for none.
+* `kv_page_table` [num_reqs, max_pages] int32: page of each context position of a request.
+
+Every CUDA launcher in this package has the same signature and argument names.
+"""
+from __future__ import annotations
+
+import torch
+
+NO_ADAPTER = -1
+
+
+def _lora_rows(pool: torch.Tensor, pages: torch.Tensor, half: int, width: int) -> torch.Tensor:
+    """The rows of one adapter module: pages [r, n] -> [r, width] (A rows or B^T rows)."""
+    r, n = pages.shape
+    return pool[pages.long(), half].reshape(r, n * pool.shape[-1])[:, :width]
+
+
+def lora_shrink(x: torch.Tensor, pool: torch.Tensor, lora_page_table: torch.Tensor,
+                lora_ranks: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """v[t, i] = x[t] @ A_{s}[i] for i < rank[s], s = token_slots[t]; 0 elsewhere.
+
+    x [num_tokens, d_in]; pool [num_pages, 2, H]; returns v [num_tokens, max_rank] float32.
+    """
+    num_tokens, d_in = x.shape
+    max_rank = lora_page_table.shape[1]
+    v = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    for slot in torch.unique(token_slots).tolist():
+        if slot == NO_ADAPTER:
+            continue
+        rank = int(lora_ranks[slot])
+        if rank == 0:
+            continue
+        idx = (token_slots == slot).nonzero().squeeze(1)
+        a = _lora_rows(pool, lora_page_table[slot, :rank], 0, d_in).float()  # [r, d_in]
+        v[idx, :rank] = x[idx].float() @ a.T
+    return v
+
+
+def lora_expand(y: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
+                lora_page_table: torch.Tensor, lora_ranks: torch.Tensor,
+                lora_scales: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """y[t] += scale[s] * v[t, :r] @ B_{s}^T[:r], s = token_slots[t], in place; returns y.
+
+    y [num_tokens, d_out] (model dtype); v [num_tokens, max_rank] float32.
+    """
+    d_out = y.shape[1]
+    for slot in torch.unique(token_slots).tolist():
+        if slot == NO_ADAPTER:
+            continue
+        rank = int(lora_ranks[slot])
+        if rank == 0:
+            continue
+        idx = (token_slots == slot).nonzero().squeeze(1)
+        b = _lora_rows(pool, lora_page_table[slot, :rank], 1, d_out).float()  # [r, d_out]
+        delta = float(lora_scales[slot]) * (v[idx, :rank] @ b)
+        y[idx] = (y[idx].float() + delta).to(y.dtype)
+    return y
+
+
+def store_kv(k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
+             token_page_ids: torch.Tensor) -> None:
+    """pool[p_t, 0, :kv_dim] = k[t]; pool[p_t, 1, :kv_dim] = v[t].
+
+    k, v [num_tokens, kv_dim]; token_page_ids [num_tokens] int32.
+    """
+    kv_dim = k.shape[1]
+    pages = token_page_ids.long()
+    pool[pages, 0, :kv_dim] = k.to(pool.dtype)
+    pool[pages, 1, :kv_dim] = v.to(pool.dtype)
+
+
+def paged_attention(q: torch.Tensor, pool: torch.Tensor, kv_page_table: torch.Tensor,
+                    context_lens: torch.Tensor, query_start_loc: torch.Tensor,
+                    num_kv_heads: int, scale: float) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its whole context, K/V read
+    through the page table (the new tokens' K/V already stored).
+
+    q [num_tokens, num_heads, head_dim], the tokens of request b at rows
+    query_start_loc[b]:query_start_loc[b+1], which are the last positions of its context of
+    context_lens[b] tokens. Returns [num_tokens, num_heads, head_dim] in q's dtype.
+    """
+    num_tokens, num_heads, head_dim = q.shape
+    kv_dim = num_kv_heads * head_dim
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    starts = query_start_loc.tolist()
+    for b, ctx in enumerate(context_lens.tolist()):
+        s, e = starts[b], starts[b + 1]
+        if e == s:
+            continue
+        pages = kv_page_table[b, :ctx].long()
+        k = pool[pages, 0, :kv_dim].float().view(ctx, num_kv_heads, head_dim)
+        v = pool[pages, 1, :kv_dim].float().view(ctx, num_kv_heads, head_dim)
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, ctx, hd]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1)
+        qb = q[s:e].float().transpose(0, 1)  # [heads, q_len, hd]
+        scores = (qb @ k.transpose(1, 2)) * scale  # [heads, q_len, ctx]
+        q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
+        mask = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]
+        scores.masked_fill_(mask, float("-inf"))
+        out[s:e] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
+    return out
+
+
+def paged_attention_decode(q: torch.Tensor, pool: torch.Tensor, kv_page_table: torch.Tensor,
+                           context_lens: torch.Tensor, num_kv_heads: int,
+                           scale: float) -> torch.Tensor:
+    """One query token per request, at the last position of its context.
+
+    q [num_reqs, num_heads, head_dim]; returns the same shape.
+    """
+    query_start_loc = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
+    return paged_attention(q, pool, kv_page_table, context_lens, query_start_loc,
+                           num_kv_heads, scale)
