@@ -1,0 +1,30 @@
+"""What a request must satisfy to enter the queue. Each refusal names the value and the
+limit; nothing here changes state."""
+from __future__ import annotations
+
+from slora.common.config import EngineConfig
+from slora.common.errors import InvalidRequestError, QueueFullError
+from slora.common.sampling_params import SamplingParams
+
+
+def check_request(config: EngineConfig, prompt_token_ids: list[int],
+                  sampling: SamplingParams, num_waiting: int) -> None:
+    if num_waiting >= config.scheduler.max_queue_len:
+        raise QueueFullError(
+            f"queue full: {num_waiting} requests waiting, limit "
+            f"{config.scheduler.max_queue_len}; retry later")
+    if not isinstance(sampling, SamplingParams):
+        raise InvalidRequestError(f"sampling must be SamplingParams, got {type(sampling)}")
+    if len(prompt_token_ids) == 0:
+        raise InvalidRequestError("prompt is empty: at least one token is needed")
+    max_len = config.scheduler.max_model_len
+    if len(prompt_token_ids) >= max_len:
+        raise InvalidRequestError(
+            f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_len}, "
+            f"so a prompt may have at most {max_len - 1}")
+    vocab = config.model.vocab_size
+    bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(
+            f"prompt token ids {bad[:8]} are outside the vocabulary [0, {vocab})")
+    sampling.check_vocab(vocab)

@@ -1,0 +1,237 @@
+"""The step planner: continuous batching at the iteration level over the unified pool.
+
+Every step has a token budget. Running requests come first, in arrival order: a decoding
+request takes one token, a request part-way through its prompt takes the next chunk. Then
+waiting requests are admitted in arrival order, each only when its adapter can be made
+resident and the pool has a page for every token of its prompt; its first chunk is
+scheduled at once. There is no separate prefill phase: prefill chunks and decode tokens
+share one step. When a running request needs a page and none is free, unreferenced
+adapters are evicted first, then the most recently arrived running request is preempted:
+its pages are freed and it waits again at the head of the queue, to be recomputed from its
+prompt and the tokens it already produced (which it keeps). Finished and cancelled
+requests free their pages at once; the worker drops their state at the next step.
+"""
+from __future__ import annotations
+
+import collections
+import itertools
+
+from slora.common.config import EngineConfig
+from slora.common.sampling_params import SamplingParams
+from slora.protos.step import (
+    NO_ADAPTER_SLOT, NewRequest, RunningRequest, StepCommand, StepResult,
+)
+from slora.scheduler.adapter_residency import AdapterRef, AdapterResidency
+from slora.scheduler.admission import check_request
+from slora.scheduler.page_table import PageOwner, PageTable
+from slora.scheduler.request import FinishReason, Request, RequestOutput, RequestStatus
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig):
+        self.config = config
+        self.page_table = PageTable(config.pool.num_pages)
+        self.residency = AdapterResidency(config.pool.max_adapter_slots, self.page_table)
+        self.requests: dict[str, Request] = {}
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.freed_req_ids: list[str] = []
+        """Requests the worker still holds state for, to drop at the next step."""
+        self._arrivals = itertools.count()
+        self._step_ids = itertools.count()
+        self.num_preemptions = 0
+
+    # -- requests in and out --------------------------------------------------------------
+
+    def submit(self, req_id: str, prompt_token_ids: list[int], sampling: SamplingParams,
+               adapter: AdapterRef | None = None) -> Request:
+        if req_id in self.requests:
+            raise ValueError(f"request id {req_id!r} is already in use")
+        check_request(self.config, prompt_token_ids, sampling, len(self.waiting))
+        req = Request(req_id, list(prompt_token_ids), sampling, adapter,
+                      eos_token_ids=self.config.model.eos_token_ids,
+                      arrival=next(self._arrivals))
+        self.requests[req_id] = req
+        self.waiting.append(req)
+        return req
+
+    def cancel(self, req_id: str) -> RequestOutput | None:
+        """Cancels a waiting or running request and frees its pages now."""
+        req = self.requests.get(req_id)
+        if req is None:
+            return None
+        self._finish(req, FinishReason.CANCELLED)
+        return self._output(req, [], [])
+
+    def abort_adapter(self, adapter_id: str, error: str) -> list[RequestOutput]:
+        """Ends every request of an adapter the worker could not load."""
+        outs = []
+        for req in [r for r in self.requests.values() if r.adapter_id == adapter_id]:
+            self._finish(req, FinishReason.ERROR)
+            out = self._output(req, [], [])
+            out.error = error
+            outs.append(out)
+        self.residency.drop(adapter_id, StepCommand(step_id=-1))
+        return outs
+
+    def preempt_all(self) -> None:
+        """Sends every running request back to the queue (after a worker failure)."""
+        while self.running:
+            self._preempt(self.running.pop())
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # -- planning -------------------------------------------------------------------------
+
+    def schedule(self) -> StepCommand:
+        cmd = StepCommand(step_id=next(self._step_ids))
+        budget = self.config.scheduler.max_num_batched_tokens
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while self.page_table.num_free < num_new:
+                if self.residency.make_room(num_new, cmd):
+                    break
+                victim = self.running.pop()
+                self._preempt(victim)
+                preempted = True
+                if victim is req:
+                    break
+            if req.status is not RequestStatus.RUNNING:
+                break
+            new_page_ids = self.page_table.allocate(num_new, PageOwner("kv", req.req_id))
+            cmd.running_requests.append(RunningRequest(
+                req.req_id, new_page_ids, req.num_computed_tokens, num_new))
+            req.page_ids += new_page_ids
+            req.num_computed_tokens += num_new
+            budget -= num_new
+            i += 1
+
+        max_num_seqs = self.config.scheduler.max_num_seqs
+        while (self.waiting and not preempted and budget > 0
+               and len(self.running) < max_num_seqs):
+            req = self.waiting[0]
+            if not self._admit(req, budget, cmd):
+                break
+            self.waiting.popleft()
+            self.running.append(req)
+            budget -= req.num_computed_tokens
+
+        cmd.finished_req_ids, self.freed_req_ids = self.freed_req_ids, []
+        return cmd
+
+    def _admit(self, req: Request, budget: int, cmd: StepCommand) -> bool:
+        """Admits the head of the queue if its adapter and all its tokens fit."""
+        num_tokens = req.num_tokens
+        slot = NO_ADAPTER_SLOT
+        if req.adapter is not None:
+            slot = self.residency.acquire(req.adapter, cmd, reserve_pages=num_tokens)
+            if slot is None:
+                return False
+        elif not self.residency.make_room(num_tokens, cmd):
+            return False
+        num_new = min(num_tokens, budget)
+        req.page_ids = self.page_table.allocate(num_new, PageOwner("kv", req.req_id))
+        req.num_computed_tokens = num_new
+        req.status = RequestStatus.RUNNING
+        cmd.new_requests.append(NewRequest(
+            req.req_id, req.all_token_ids, len(req.prompt_token_ids), list(req.page_ids),
+            num_new, slot, req.sampling))
+        return True
+
+    def _release_pages(self, req: Request) -> None:
+        if req.status is RequestStatus.RUNNING:
+            self.page_table.free(req.page_ids, PageOwner("kv", req.req_id))
+            if req.adapter is not None:
+                self.residency.release(req.adapter.adapter_id)
+            self.freed_req_ids.append(req.req_id)
+        req.page_ids = []
+        req.num_computed_tokens = 0
+
+    def _preempt(self, req: Request) -> None:
+        # The worker drops its state (via freed_req_ids, in this very step) before it sees
+        # the request again as new.
+        self._release_pages(req)
+        req.status = RequestStatus.WAITING
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    def _finish(self, req: Request, reason: FinishReason) -> None:
+        self._release_pages(req)
+        if req.status is RequestStatus.RUNNING:
+            self.running.remove(req)
+        elif req.status is RequestStatus.WAITING:
+            self.waiting.remove(req)
+        req.status = RequestStatus.FINISHED
+        req.finish_reason = reason
+        del self.requests[req.req_id]
+
+    # -- results --------------------------------------------------------------------------
+
+    def update(self, result: StepResult) -> list[RequestOutput]:
+        outputs = []
+        max_len = self.config.scheduler.max_model_len
+        for req_id, token_id, logprob in zip(result.req_ids, result.token_ids,
+                                             result.logprobs):
+            req = self.requests.get(req_id)
+            if req is None or req.status is not RequestStatus.RUNNING:
+                continue  # cancelled or preempted while the step ran
+            req.output_token_ids.append(token_id)
+            req.output_logprobs.append(logprob)
+            sp = req.sampling
+            reason = None
+            if token_id in sp.stop_token_ids or (
+                    not sp.ignore_eos and token_id in req.eos_token_ids):
+                reason = FinishReason.STOP
+            elif len(req.output_token_ids) >= sp.max_new_tokens or req.num_tokens >= max_len:
+                reason = FinishReason.LENGTH
+            if reason is not None:
+                self._finish(req, reason)
+            outputs.append(self._output(req, [token_id], [logprob]))
+        return outputs
+
+    @staticmethod
+    def _output(req: Request, token_ids: list[int], logprobs: list[float]) -> RequestOutput:
+        return RequestOutput(
+            req.req_id, token_ids, logprobs, req.status is RequestStatus.FINISHED,
+            req.finish_reason, len(req.prompt_token_ids), len(req.output_token_ids))
+
+    # -- accounting -----------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        usage = self.page_table.usage()
+        return {
+            "pages_free": usage["free"], "pages_kv": usage["kv"],
+            "pages_adapter": usage["adapter"], "pages_total": usage["total"],
+            "num_waiting": len(self.waiting), "num_running": len(self.running),
+            "adapters_resident": len(self.residency.resident),
+            "adapter_loads": self.residency.num_loads,
+            "adapter_evictions": self.residency.num_evictions,
+            "preemptions": self.num_preemptions,
+        }
+
+    def check_invariants(self) -> None:
+        """No page owned twice; every held page belongs to a running request or a resident
+        adapter; adapter references match the running requests."""
+        owners = self.residency.owners()
+        for req in self.running:
+            assert req.status is RequestStatus.RUNNING
+            assert len(req.page_ids) == req.num_computed_tokens
+            owners[PageOwner("kv", req.req_id)] = req.page_ids
+        for req in self.waiting:
+            assert req.status is RequestStatus.WAITING and not req.page_ids
+        self.page_table.check(owners)
+        refs = collections.Counter(r.adapter_id for r in self.running if r.adapter is not None)
+        for adapter_id, entry in self.residency.resident.items():
+            assert entry.num_refs == refs.get(adapter_id, 0), (
+                f"adapter {adapter_id!r}: {entry.num_refs} refs, "
+                f"{refs.get(adapter_id, 0)} running requests")
+        assert refs.keys() <= self.residency.resident.keys(), "a running adapter is not resident"
