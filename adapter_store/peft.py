@@ -1,0 +1,455 @@
+"""PEFT LoRA adapters: read, validate, and stack into per-module tensors.
+
+A PEFT folder holds adapter_config.json and adapter_model.safetensors with one lora_A
+[r, d_in] and one lora_B [d_out, r] per targeted module per covered layer, keyed
+`base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight`. We stack them
+over layers: A [num_layers, r, d_in], B [num_layers, d_out, r], zeros at layers the adapter
+does not cover, so the worker can copy a module's rank-rows into pool pages in one go.
+The LoRA delta of a module at layer l is `scale * (x @ A[l].T) @ B[l].T`.
+
+Which (layer, module) pairs an adapter covers, and each pair's rank and alpha, follow PEFT's
+own rules (`check_target_module_exists`, `get_pattern_key` in peft 0.21): target_modules is a
+list of names (a module matches when its full name equals one or ends with `.name`) or a regex
+full-matched against full names like `model.layers.0.self_attn.q_proj`; layers_to_transform,
+exclude_modules, rank_pattern and alpha_pattern apply as PEFT applies them. Where the patterns
+give one module different ranks at different layers, that module's rank is the largest and the
+smaller layers are zero-padded; where they give it different scales, `module_scales` holds the
+first covered layer's and the ratio is folded into B at the others, so one scale per module
+is always exact.
+
+Pickles are never opened: `.bin` adapters are refused. Every refusal is an AdapterError
+naming the adapter, the file and what is wrong.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+
+from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.errors import AdapterBaseModelMismatch, AdapterError
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+PICKLE_FILE = "adapter_model.bin"
+
+MODULE_PARENT: dict[str, str] = {
+    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+}
+KEY_FORMAT = "base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight"
+_KEY_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
+
+# Config fields that change the maths of the adapter beyond y += scale * x A^T B^T; refused
+# when truthy. velora_config only changes the training backward pass, so it is accepted.
+_UNSUPPORTED = {
+    "use_dora": "DoRA adapters (use_dora) are not supported",
+    "lora_bias": "LoRA bias terms (lora_bias) are not supported",
+    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights) is not supported",
+    "modules_to_save": "modules_to_save (full copies of base modules) is not supported",
+    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
+    "trainable_token_indices": "trainable_token_indices (embedding deltas) is not supported",
+    "layer_replication": "layer_replication is not supported",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
+    "use_qalora": "QA-LoRA (use_qalora) is not supported",
+    "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
+    "arrow_config": "Arrow routing (arrow_config) is not supported",
+    "kasa_config": "KaSA (kasa_config) is not supported",
+    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
+}
+
+
+def module_full_name(layer: int, module: str) -> str:
+    """The module's name in LlamaForCausalLM.named_modules(), as PEFT matches it."""
+    return f"model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
+
+
+def _llama_other_module_names(num_layers: int) -> list[str]:
+    """Every other module name of a LlamaForCausalLM: what target_modules must not match."""
+    names = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb",
+             "lm_head"]
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm",
+                  f"{p}.post_attention_layernorm"]
+    return names
+
+
+@dataclass
+class AdapterSpec:
+    """What adapter_config.json says, checked against the model and the pool; no tensors."""
+
+    adapter_id: str
+    path: str
+    base_model_name: str | None
+    """PEFT's base_model_name_or_path (a hub name or a local path), None when absent."""
+    module_ranks: dict[str, int]
+    """Rank of each targeted module (short name, LORA_MODULES order); untargeted are absent."""
+    module_scales: dict[str, float]
+    """The factor the kernel applies to each targeted module: lora_alpha / r, or
+    lora_alpha / sqrt(r) with use_rslora, after rank_pattern / alpha_pattern."""
+    rank: int
+    """max(module_ranks.values())."""
+    lora_alpha: float
+    use_rslora: bool
+    layer_ranks: dict[str, tuple[int, ...]]
+    """Per targeted module, its rank at each layer: [num_layers], 0 where not covered."""
+    layer_scales: dict[str, tuple[float, ...]]
+    """Per targeted module, PEFT's scale at each layer: [num_layers], 0.0 where not covered."""
+
+    def num_pages(self, model: ModelConfig) -> int:
+        """Pages this adapter takes in the unified pool."""
+        return model.adapter_num_pages(self.module_ranks)
+
+
+@dataclass
+class LoraAdapter(AdapterSpec):
+    """A parsed adapter: the spec plus its weights, on CPU, contiguous, in one dtype."""
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """module -> (A [num_layers, r, d_in], B [num_layers, d_out, r]), r = module_ranks[module];
+    zero at layers (and rank-rows) the adapter does not cover. B already carries any per-layer
+    scale ratio (see the module docstring), so delta = module_scales[m] * x A[l]^T B[l]^T."""
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ab in self.weights.values() for t in ab)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_rank(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _load_config_json(adapter_id: str, path: str) -> tuple[dict, str]:
+    if not os.path.exists(path):
+        raise AdapterError(adapter_id, path, "adapter path does not exist")
+    if not os.path.isdir(path):
+        raise AdapterError(adapter_id, path, "adapter path is not a directory (expected a "
+                           f"PEFT folder with {CONFIG_FILE} and {WEIGHTS_FILE})")
+    cfg_file = os.path.join(path, CONFIG_FILE)
+    if not os.path.isfile(cfg_file):
+        raise AdapterError(adapter_id, cfg_file, f"{CONFIG_FILE} is missing")
+    try:
+        with open(cfg_file, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(adapter_id, cfg_file, f"not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise AdapterError(adapter_id, cfg_file,
+                           f"expected a JSON object, found {type(cfg).__name__}")
+    return cfg, cfg_file
+
+
+def _weights_file(adapter_id: str, path: str) -> str:
+    weights = os.path.join(path, WEIGHTS_FILE)
+    if os.path.isfile(weights):
+        return weights
+    pickle_file = os.path.join(path, PICKLE_FILE)
+    if os.path.exists(pickle_file):
+        raise AdapterError(adapter_id, pickle_file,
+                           "pickle adapters are refused; convert to safetensors "
+                           f"({WEIGHTS_FILE})")
+    raise AdapterError(adapter_id, weights, f"{WEIGHTS_FILE} is missing")
+
+
+class _Targets:
+    """PEFT's check_target_module_exists for one adapter config, on our module names."""
+
+    def __init__(self, cfg: dict):
+        self.target_modules = cfg.get("target_modules")
+        self.exclude_modules = cfg.get("exclude_modules")
+        self.layers_to_transform = cfg.get("layers_to_transform")
+        self.layers_pattern = cfg.get("layers_pattern")
+
+    def excluded(self, key: str) -> bool:
+        ex = self.exclude_modules
+        if not ex:
+            return False
+        if isinstance(ex, str):
+            return re.fullmatch(ex, key) is not None
+        return key in ex or any(key.endswith(f".{e}") for e in ex)
+
+    def matches(self, key: str) -> bool:
+        if self.excluded(key):
+            return False
+        targets = self.target_modules
+        if isinstance(targets, str):
+            return re.fullmatch(targets, key) is not None
+        if key in targets:
+            return True
+        if not any(key.endswith(f".{t}") for t in targets):
+            return False
+        layers = self.layers_to_transform
+        if layers is None or (isinstance(layers, list) and not layers):
+            return True
+        patterns = self.layers_pattern
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            match = None
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", key)
+                if match is not None:
+                    break
+        if match is None:
+            return False
+        idx = int(match.group("idx"))
+        return idx == layers if isinstance(layers, int) else idx in layers
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's get_pattern_key: the first pattern that matches a suffix of the key wins."""
+    for pattern in patterns:
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return patterns[pattern]
+    return default
+
+
+def _check_config_fields(adapter_id: str, cfg_file: str, cfg: dict, model: ModelConfig,
+                         max_rank: int) -> None:
+    """Refuse what we cannot serve, before working out coverage."""
+    def refuse(reason: str):
+        raise AdapterError(adapter_id, cfg_file, reason)
+
+    if cfg.get("peft_type") != "LORA":
+        refuse(f"peft_type {cfg.get('peft_type')!r} is not LORA")
+    for field, reason in _UNSUPPORTED.items():
+        if cfg.get(field):
+            refuse(f"{reason} (found {field}={cfg[field]!r})")
+    if cfg.get("bias", "none") != "none":
+        refuse(f"bias {cfg['bias']!r} is not supported (only 'none')")
+    r = cfg.get("r")
+    if not _is_rank(r) or r <= 0:
+        refuse(f"r must be a positive integer, found {r!r}")
+    if r > max_rank:
+        refuse(f"rank {r} exceeds this pool's max_lora_rank {max_rank}")
+    if not _is_number(cfg.get("lora_alpha")):
+        refuse(f"lora_alpha must be a finite number, found {cfg.get('lora_alpha')!r}")
+    if not isinstance(cfg.get("use_rslora", False), bool):
+        refuse(f"use_rslora must be true or false, found {cfg['use_rslora']!r}")
+    for name, ok, what in (("rank_pattern", _is_rank, "rank"),
+                           ("alpha_pattern", _is_number, "alpha")):
+        patterns = cfg.get(name) or {}
+        if not isinstance(patterns, dict):
+            refuse(f"{name} must be an object, found {patterns!r}")
+        for key, value in patterns.items():
+            if not ok(value) or (what == "rank" and value <= 0):
+                refuse(f"{name} gives {key!r} an invalid {what} {value!r}")
+            if what == "rank" and value > max_rank:
+                refuse(f"{name} gives {key!r} rank {value}, which exceeds this pool's "
+                       f"max_lora_rank {max_rank}")
+    targets = cfg.get("target_modules")
+    if targets == "all-linear":
+        targets = cfg["target_modules"] = list(LORA_MODULES)  # PEFT: all Linear but lm_head
+    elif not (isinstance(targets, str) or (
+            isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
+        refuse(f"target_modules must be a non-empty list of names or a regex, found {targets!r}")
+    exclude = cfg.get("exclude_modules")
+    if not (exclude is None or isinstance(exclude, str) or (
+            isinstance(exclude, list) and all(isinstance(e, str) for e in exclude))):
+        refuse(f"exclude_modules must be a list of names or a regex, found {exclude!r}")
+    # Strings are regexes (lists are plain names); pattern dicts are keyed by regexes.
+    layers_pattern = cfg.get("layers_pattern")
+    if not (layers_pattern is None or isinstance(layers_pattern, str) or (
+            isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern))):
+        refuse(f"layers_pattern must be a name or a list of names, found {layers_pattern!r}")
+    regexes = [(n, cfg[n]) for n in ("target_modules", "exclude_modules")
+               if isinstance(cfg.get(n), str)]
+    regexes += [("layers_pattern", p) for p in
+                ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or [])]
+    regexes += [(n, k) for n in ("rank_pattern", "alpha_pattern") for k in cfg.get(n) or {}]
+    for name, pattern in regexes:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            refuse(f"{name} has {pattern!r}, not a valid regular expression ({e})")
+    if isinstance(targets, str) and cfg.get("layers_to_transform") is not None:
+        refuse("layers_to_transform cannot be used with a regex target_modules (PEFT refuses it)")
+    layers = cfg.get("layers_to_transform")
+    for layer in [layers] if _is_rank(layers) else (layers or []):
+        if not _is_rank(layer) or not 0 <= layer < model.num_layers:
+            refuse(f"layers_to_transform names layer {layer!r}; this model has layers "
+                   f"0..{model.num_layers - 1}")
+
+
+def _check_targets(adapter_id: str, cfg_file: str, targets: _Targets,
+                   model: ModelConfig) -> None:
+    """target_modules may match only the q, k, v, o, gate, up, down projections."""
+    proj_names = [module_full_name(i, m) for i in range(model.num_layers) for m in LORA_MODULES]
+    others = [n for n in _llama_other_module_names(model.num_layers) if targets.matches(n)]
+    if others:
+        raise AdapterError(adapter_id, cfg_file,
+                           f"target_modules {targets.target_modules!r} matches {others[0]!r}; "
+                           "only the q, k, v, o, gate, up, down projections can be served")
+    entries = ([targets.target_modules] if isinstance(targets.target_modules, str)
+               else targets.target_modules)
+    for entry in entries:
+        hit = (re.fullmatch(entry, n) if isinstance(targets.target_modules, str)
+               else n == entry or n.endswith(f".{entry}") for n in proj_names)
+        if not any(hit):
+            raise AdapterError(adapter_id, cfg_file,
+                               f"target_modules entry {entry!r} matches none of the q, k, v, "
+                               "o, gate, up, down projections of this model")
+
+
+def read_adapter_config(adapter_id: str, path: str, model: ModelConfig,
+                        max_rank: int) -> AdapterSpec:
+    """Validate a PEFT folder's adapter_config.json against the model and the pool's
+    max_lora_rank, and check a safetensors weights file is there; reads no tensors."""
+    cfg, cfg_file = _load_config_json(adapter_id, path)
+    _check_config_fields(adapter_id, cfg_file, cfg, model, max_rank)
+    _weights_file(adapter_id, path)
+    targets = _Targets(cfg)
+    _check_targets(adapter_id, cfg_file, targets, model)
+    r, alpha = cfg["r"], float(cfg["lora_alpha"])
+    use_rslora = cfg.get("use_rslora", False)
+    rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+    layer_ranks: dict[str, tuple[int, ...]] = {}
+    layer_scales: dict[str, tuple[float, ...]] = {}
+    for m in LORA_MODULES:
+        ranks, scales = [], []
+        for i in range(model.num_layers):
+            key = module_full_name(i, m)
+            if not targets.matches(key):
+                ranks.append(0)
+                scales.append(0.0)
+                continue
+            r_l = _pattern_value(rank_pattern, key, r)
+            a_l = float(_pattern_value(alpha_pattern, key, alpha))
+            ranks.append(r_l)
+            scales.append(a_l / math.sqrt(r_l) if use_rslora else a_l / r_l)
+        if any(ranks):
+            layer_ranks[m], layer_scales[m] = tuple(ranks), tuple(scales)
+    if not layer_ranks:
+        raise AdapterError(adapter_id, cfg_file,
+                           f"target_modules {cfg['target_modules']!r} covers no projection "
+                           "of this model")
+    module_ranks = {m: max(rs) for m, rs in layer_ranks.items()}
+    # The first non-zero layer scale (uncovered layers hold 0.0; an alpha of 0 is legal and
+    # leaves 0.0), so folding the other layers' ratios into B never divides by zero.
+    module_scales = {m: next((s for s in layer_scales[m] if s), 0.0) for m in layer_ranks}
+    base = cfg.get("base_model_name_or_path") or None
+    return AdapterSpec(
+        adapter_id=adapter_id, path=path, base_model_name=base if isinstance(base, str) else None,
+        module_ranks=module_ranks, module_scales=module_scales, rank=max(module_ranks.values()),
+        lora_alpha=alpha, use_rslora=use_rslora, layer_ranks=layer_ranks,
+        layer_scales=layer_scales)
+
+
+def _parse_key(adapter_id: str, file: str, key: str, spec: AdapterSpec,
+               num_layers: int) -> tuple[int, str, str]:
+    """(layer, module, "A" | "B") of a tensor key, or an AdapterError saying why not."""
+    def refuse(reason: str):
+        raise AdapterError(adapter_id, file, reason)
+
+    if "lora_embedding_" in key:
+        refuse(f"tensor {key!r} is a LoRA embedding weight; only the q, k, v, o, gate, up, "
+               "down projections can be served")
+    if "lora_magnitude_vector" in key:
+        refuse(f"tensor {key!r} is a DoRA magnitude vector; DoRA adapters are not supported")
+    match = _KEY_RE.fullmatch(key)
+    if match is None:
+        refuse(f"tensor key {key!r} does not parse; expected {KEY_FORMAT}")
+    layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
+    if MODULE_PARENT.get(module) != parent:
+        refuse(f"tensor key {key!r} does not parse: {parent}.{module} is not one of the "
+               "q, k, v, o (self_attn) or gate, up, down (mlp) projections")
+    if layer >= num_layers:
+        refuse(f"tensor {key!r} is for layer {layer}; this model has layers 0..{num_layers - 1}")
+    if module not in spec.layer_ranks:
+        refuse(f"tensor {key!r} is for {module}, which target_modules does not name "
+               f"(targets: {', '.join(spec.layer_ranks)})")
+    if spec.layer_ranks[module][layer] == 0:
+        refuse(f"tensor {key!r} is for {module} at layer {layer}, which the config does not "
+               "cover (layers_to_transform / exclude_modules)")
+    return layer, module, which
+
+
+def _check_tensor(adapter_id: str, file: str, key: str, tensor: torch.Tensor,
+                  expected: tuple[int, int]) -> None:
+    if not tensor.is_floating_point():
+        raise AdapterError(adapter_id, file, f"tensor {key!r} has dtype {tensor.dtype}; "
+                           "expected a floating-point dtype")
+    if tuple(tensor.shape) != expected:
+        raise AdapterError(adapter_id, file, f"tensor {key!r} has shape {list(tensor.shape)}; "
+                           f"expected {list(expected)}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise AdapterError(adapter_id, file, f"tensor {key!r} has NaN or Inf values")
+
+
+def load_peft_adapter(adapter_id: str, path: str, model: ModelConfig, max_rank: int,
+                      dtype: torch.dtype = torch.float32,
+                      pin_memory: bool = False) -> LoraAdapter:
+    """Read and validate a PEFT folder into a LoraAdapter on CPU in `dtype`.
+
+    pin_memory pins the weights for fast copies to the GPU; it is ignored where CUDA is not
+    available (pinning needs a CUDA driver).
+    """
+    spec = read_adapter_config(adapter_id, path, model, max_rank)
+    file = _weights_file(adapter_id, path)
+    pin = pin_memory and torch.cuda.is_available()
+    weights = {}
+    for m, r in spec.module_ranks.items():
+        d_in, d_out = model.module_shape(m)
+        weights[m] = (torch.zeros(model.num_layers, r, d_in, dtype=dtype, pin_memory=pin),
+                      torch.zeros(model.num_layers, d_out, r, dtype=dtype, pin_memory=pin))
+    seen: set[tuple[int, str, str]] = set()
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # safetensors raises its own error types for a bad header
+        raise AdapterError(adapter_id, file, f"not a readable safetensors file ({e})") from None
+    with handle as f:
+        for key in f.keys():
+            layer, m, which = _parse_key(adapter_id, file, key, spec, model.num_layers)
+            r_l, (d_in, d_out) = spec.layer_ranks[m][layer], model.module_shape(m)
+            try:
+                tensor = f.get_tensor(key)
+            except Exception as e:
+                raise AdapterError(adapter_id, file, f"tensor {key!r} cannot be read ({e})") \
+                    from None
+            _check_tensor(adapter_id, file, key, tensor,
+                          (r_l, d_in) if which == "A" else (d_out, r_l))
+            a, b = weights[m]
+            if which == "A":
+                a[layer, :r_l] = tensor
+            else:
+                scale = spec.module_scales[m]
+                ratio = spec.layer_scales[m][layer] / scale if scale else 1.0
+                b[layer, :, :r_l] = tensor.float() * ratio if ratio != 1.0 else tensor
+            seen.add((layer, m, which))
+    for m, ranks in spec.layer_ranks.items():
+        for layer, r_l in enumerate(ranks):
+            for which in "AB":
+                if r_l and (layer, m, which) not in seen:
+                    key = (f"base_model.model.{module_full_name(layer, m)}"
+                           f".lora_{which}.weight")
+                    raise AdapterError(adapter_id, file,
+                                       f"tensor {key!r} is missing: the config targets {m} "
+                                       f"at layer {layer}")
+    return LoraAdapter(**vars(spec), weights=weights)
+
+
+def _normalize_name(name: str) -> str:
+    return os.path.basename(os.path.normpath(name.strip())).lower()
+
+
+def check_base_model(adapter: AdapterSpec, expected_name: str | None) -> None:
+    """Refuse an adapter trained on another base model. Lenient: passes when either name is
+    unknown (None or empty), and compares only the last path component, case-insensitively,
+    so 'meta-llama/Llama-2-7b-hf' and '/models/llama-2-7b-hf' agree."""
+    if not adapter.base_model_name or not expected_name:
+        return
+    if _normalize_name(adapter.base_model_name) != _normalize_name(expected_name):
+        raise AdapterBaseModelMismatch(
+            adapter.adapter_id, os.path.join(adapter.path, CONFIG_FILE),
+            f"trained on base model {adapter.base_model_name!r}; this server serves "
+            f"{expected_name!r}")

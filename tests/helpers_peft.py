@@ -1,0 +1,79 @@
+"""Tiny Llama base models and PEFT LoRA adapters made locally, for tests (no hub downloads).
+
+Import from a test as `from helpers_peft import make_tiny_llama, make_peft_adapter` (pytest puts
+tests/ on sys.path). Both write Hugging Face folders that slora loads the way it loads real
+ones: config.json + model.safetensors, adapter_config.json + adapter_model.safetensors.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import torch
+
+TINY_LLAMA = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+    num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-5,
+    tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+)
+"""The tiny base: H=64, intermediate 160, 2 layers, 4 heads of head_dim 16, vocab 256."""
+
+
+def make_tiny_llama(path: str, *, num_kv_heads: int = 4, seed: int = 0, **overrides) -> str:
+    """Save a seeded random float32 `LlamaForCausalLM` (TINY_LLAMA updated by `overrides`,
+    LlamaConfig field names) to `path` with save_pretrained (safetensors); returns `path`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    fields = dict(TINY_LLAMA, num_key_value_heads=num_kv_heads, **overrides)
+    config = LlamaConfig(**fields)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config).to(torch.float32)
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    return path
+
+
+def _load_base(base_model_or_path):
+    """A fresh base model that get_peft_model may modify in place (it injects LoRA layers)."""
+    if isinstance(base_model_or_path, (str, os.PathLike)):
+        from transformers import LlamaForCausalLM
+
+        return LlamaForCausalLM.from_pretrained(os.fspath(base_model_or_path),
+                                                dtype=torch.float32)
+    return copy.deepcopy(base_model_or_path)
+
+
+def make_peft_adapter(base_model_or_path, out_dir: str, *, r: int = 8,
+                      target_modules: list[str] | str = ("q_proj", "v_proj"),
+                      lora_alpha: float = 16, use_rslora: bool = False, seed: int = 0,
+                      init_scale: float = 0.1, **lora_kwargs) -> str:
+    """Make a PEFT LoRA adapter of the base with every lora_A and lora_B set to
+    `init_scale * randn` from a generator seeded with `seed`, and save_pretrained it
+    (safetensors) to `out_dir`; returns `out_dir`.
+
+    PEFT initialises lora_B to zero, which would make any adapter a no-op and hide bugs, hence
+    the randomisation. `lora_kwargs` go to peft.LoraConfig (layers_to_transform, rank_pattern,
+    alpha_pattern, exclude_modules, ...). A list `target_modules` is saved as given; a str is
+    a regex PEFT full-matches against module names like `model.layers.0.self_attn.q_proj`.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    model = _load_base(base_model_or_path)
+    if not isinstance(target_modules, str):
+        target_modules = list(target_modules)
+    config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules,
+                        use_rslora=use_rslora, lora_dropout=0.0, bias="none",
+                        task_type="CAUSAL_LM", **lora_kwargs)
+    with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecates
+        warnings.simplefilter("ignore", FutureWarning)
+        peft_model = get_peft_model(model, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(peft_model.named_parameters()):
+            if ".lora_A." in name or ".lora_B." in name:
+                param.copy_(init_scale * torch.randn(param.shape, generator=gen))
+    os.makedirs(out_dir, exist_ok=True)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
