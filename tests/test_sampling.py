@@ -1,0 +1,89 @@
+"""Sampling through the Engine: seeds independent of the batch, cuts, stops, logprobs."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig, dummy_model_config
+from slora.common.sampling_params import SamplingParams
+from slora.engine.engine import Engine
+from slora.worker.sampling import _filtered_probs
+
+
+def make_engine(num_pages: int = 2048, max_num_seqs: int = 16) -> Engine:
+    return Engine(EngineConfig(
+        model=dummy_model_config("dummy-tiny"),
+        pool=PoolConfig(num_pages=num_pages, max_adapter_slots=2, max_lora_rank=8),
+        scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=64,
+                                  max_model_len=128), seed=11))
+
+
+def run(engine: Engine, reqs) -> dict[str, list]:
+    outs = {}
+    for req_id, prompt, sp in reqs:
+        engine.submit(prompt, sp, req_id=req_id)
+        outs[req_id] = []
+    while engine.has_unfinished():
+        for out in engine.step():
+            outs[out.req_id].append(out)
+    return outs
+
+
+def tokens(outs) -> list[int]:
+    return [t for o in outs for t in o.new_token_ids]
+
+
+def test_seeded_request_gives_same_tokens_alone_and_in_a_batch():
+    sp = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=1234,
+                        ignore_eos=True)
+    alone = tokens(run(make_engine(), [("x", [3, 4, 5], sp)])["x"])
+    others = [(f"o{i}", [9 + i] * (i + 1), SamplingParams(max_new_tokens=10, temperature=1.0,
+                                                           ignore_eos=True)) for i in range(6)]
+    batched = tokens(run(make_engine(), others[:3] + [("x", [3, 4, 5], sp)] + others[3:])["x"])
+    assert alone == batched
+    other_seed = SamplingParams(max_new_tokens=12, temperature=0.9, top_p=0.95, seed=99,
+                                ignore_eos=True)
+    assert tokens(run(make_engine(), [("x", [3, 4, 5], other_seed)])["x"]) != alone
+
+
+def test_seeded_request_survives_preemption_unchanged():
+    """A pool so small that requests are preempted and recomputed gives the same tokens."""
+    sp = SamplingParams(max_new_tokens=40, temperature=1.0, seed=7, ignore_eos=True)
+    reqs = [(f"r{i}", [5 + i] * 30, sp) for i in range(8)]
+    big = run(make_engine(), reqs)
+    small_engine = make_engine(num_pages=232, max_num_seqs=8)  # 104 pages of adapters allowed
+    small = run(small_engine, reqs)
+    assert small_engine.scheduler.num_preemptions > 0
+    assert {k: tokens(v) for k, v in small.items()} == {k: tokens(v) for k, v in big.items()}
+
+
+def test_top_k_one_is_greedy_and_logprobs_are_the_models():
+    greedy = run(make_engine(), [("g", [1, 2, 3], SamplingParams(max_new_tokens=8,
+                                                                  ignore_eos=True))])["g"]
+    topk1 = run(make_engine(), [("g", [1, 2, 3], SamplingParams(
+        max_new_tokens=8, temperature=2.0, top_k=1, ignore_eos=True))])["g"]
+    assert tokens(greedy) == tokens(topk1)
+    assert all(lp <= 0.0 and math.isfinite(lp) for o in greedy for lp in o.new_logprobs)
+
+
+def test_stop_token_and_length_finish_reasons():
+    first = tokens(run(make_engine(), [("a", [1, 2, 3], SamplingParams(
+        max_new_tokens=5, ignore_eos=True))])["a"])
+    stop_at = first[2]
+    outs = run(make_engine(), [("a", [1, 2, 3], SamplingParams(
+        max_new_tokens=5, stop_token_ids=[stop_at], ignore_eos=True))])["a"]
+    assert tokens(outs) == first[:first.index(stop_at) + 1]
+    assert outs[-1].finished and outs[-1].finish_reason.value == "stop"
+    outs = run(make_engine(), [("b", [1, 2, 3], SamplingParams(max_new_tokens=5,
+                                                                ignore_eos=True))])["b"]
+    assert outs[-1].finish_reason.value == "length" and len(tokens(outs)) == 5
+
+
+@pytest.mark.parametrize("top_p, kept", [(0.5, 1), (0.7, 2), (0.95, 3), (1.0, 4)])
+def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
+    logits = torch.tensor([0.6, 0.2, 0.15, 0.05]).log()
+    probs = _filtered_probs(logits, SamplingParams(temperature=1.0, top_p=top_p))
+    assert int((probs > 0).sum()) == kept
+    assert probs.sum().item() == pytest.approx(1.0)
