@@ -92,8 +92,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
-            if num_new == 0:
+            num_new = min(req.num_tokens_with_placeholders - req.num_computed_tokens, budget)
+            if num_new == 0 or req.will_finish or \
+                    req.num_tokens_with_placeholders >= self.config.scheduler.max_model_len:
                 i += 1
                 continue
             while self.page_table.num_free < num_new:
@@ -111,6 +112,8 @@ class Scheduler:
                 req.req_id, new_page_ids, req.num_computed_tokens, num_new))
             req.page_ids += new_page_ids
             req.num_computed_tokens += num_new
+            if req.num_computed_tokens == req.num_tokens_with_placeholders:
+                req.num_output_placeholders += 1
             budget -= num_new
             i += 1
 
@@ -140,6 +143,8 @@ class Scheduler:
         num_new = min(num_tokens, budget)
         req.page_ids = self.page_table.allocate(num_new, PageOwner("kv", req.req_id))
         req.num_computed_tokens = num_new
+        if num_new == num_tokens:
+            req.num_output_placeholders = 1
         req.status = RequestStatus.RUNNING
         cmd.new_requests.append(NewRequest(
             req.req_id, req.all_token_ids, len(req.prompt_token_ids), list(req.page_ids),
@@ -154,6 +159,7 @@ class Scheduler:
             self.freed_req_ids.append(req.req_id)
         req.page_ids = []
         req.num_computed_tokens = 0
+        req.num_output_placeholders = 0
 
     def _preempt(self, req: Request) -> None:
         # The worker drops its state (via freed_req_ids, in this very step) before it sees
@@ -182,8 +188,9 @@ class Scheduler:
         for req_id, token_id, logprob in zip(result.req_ids, result.token_ids,
                                              result.logprobs):
             req = self.requests.get(req_id)
-            if req is None or req.status is not RequestStatus.RUNNING:
-                continue  # cancelled or preempted while the step ran
+            if req is None or req.num_output_placeholders == 0:
+                continue  # finished, cancelled or preempted while the step ran
+            req.num_output_placeholders -= 1
             req.output_token_ids.append(token_id)
             req.output_logprobs.append(logprob)
             sp = req.sampling

@@ -40,10 +40,23 @@ class Request:
     """Tokens whose K/V are in the pool (or are being computed by the step in flight)."""
     page_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    num_output_placeholders: int = 0
+    """Tokens a step in flight will sample for this request, not yet received: the
+    planner schedules step N+1 before step N's results are back."""
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_tokens_with_placeholders(self) -> int:
+        return self.num_tokens + self.num_output_placeholders
+
+    @property
+    def will_finish(self) -> bool:
+        """True when the tokens in flight already take it to its length limit."""
+        num_outputs = len(self.output_token_ids) + self.num_output_placeholders
+        return num_outputs >= self.sampling.max_new_tokens
 
     @property
     def all_token_ids(self) -> list[int]:

@@ -53,9 +53,12 @@ event = st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(events=st.lists(event, max_size=120), num_pages=st.integers(256, 500),
-       max_slots=st.integers(1, 4), budget=st.integers(8, 64), eos_seed=st.integers(0, 9))
+       max_slots=st.integers(1, 4), budget=st.integers(8, 64), eos_seed=st.integers(0, 9),
+       pipelined=st.booleans())
 def test_no_page_owned_twice_and_drain_frees_everything(events, num_pages, max_slots, budget,
-                                                        eos_seed):
+                                                        eos_seed, pipelined):
+    """With `pipelined`, step N+1 is planned before step N's results are back, as the
+    scheduler process does."""
     sched = create_scheduler(num_pages, max_slots, budget)
     token_of: dict[str, int] = {}
     counter = [eos_seed]
@@ -63,6 +66,13 @@ def test_no_page_owned_twice_and_drain_frees_everything(events, num_pages, max_s
     def eos_draw() -> bool:
         counter[0] = (counter[0] * 7 + 3) % 11
         return counter[0] == 0
+
+    in_flight: list[StepResult] = []
+
+    def step():
+        in_flight.append(fake_worker(sched.schedule(), token_of, eos_draw))
+        if len(in_flight) > (1 if pipelined else 0):
+            sched.update(in_flight.pop(0))
 
     submitted: list[str] = []
     for kind, arg in events:
@@ -76,13 +86,13 @@ def test_no_page_owned_twice_and_drain_frees_everything(events, num_pages, max_s
         elif kind == "cancel" and submitted:
             sched.cancel(submitted[arg % len(submitted)])
         else:
-            sched.update(fake_worker(sched.schedule(), token_of, eos_draw))
+            step()
         sched.check_invariants()
 
     for _ in range(5000):
         if not sched.has_unfinished():
             break
-        sched.update(fake_worker(sched.schedule(), token_of, eos_draw))
+        step()
         sched.check_invariants()
     assert not sched.has_unfinished(), "requests left after 5000 steps: the scheduler stalled"
     sched.schedule()  # hands the last finished ids to the worker
