@@ -91,7 +91,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "vocab_size", "max_model_len", "max_lora_rank", "num_pages", "hidden_size", "eos_token_ids", "model_config_json")
+    __slots__ = ("model_name", "vocab_size", "max_model_len", "max_lora_rank", "num_pages", "hidden_size", "eos_token_ids", "model_config_json", "model_path")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class ModelInfo(_message.Message):
     HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     MODEL_CONFIG_JSON_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     vocab_size: int
     max_model_len: int
@@ -108,4 +109,5 @@ class ModelInfo(_message.Message):
     hidden_size: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     model_config_json: str
-    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., num_pages: _Optional[int] = ..., hidden_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model_config_json: _Optional[str] = ...) -> None: ...
+    model_path: str
+    def __init__(self, model_name: _Optional[str] = ..., vocab_size: _Optional[int] = ..., max_model_len: _Optional[int] = ..., max_lora_rank: _Optional[int] = ..., num_pages: _Optional[int] = ..., hidden_size: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., model_config_json: _Optional[str] = ..., model_path: _Optional[str] = ...) -> None: ...
