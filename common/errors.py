@@ -41,8 +41,31 @@ class AdapterNotFoundError(SloraError, KeyError):
         return self.args[0]
 
 
+class AdapterDeletingError(AdapterNotFoundError):
+    """The adapter is being deleted (it waits for requests still using it): new requests
+    for it are refused as if it were gone."""
+
+    def __init__(self, adapter_id: str):
+        self.adapter_id = adapter_id
+        KeyError.__init__(self, f"adapter {adapter_id!r} is being deleted")
+
+
 class AdapterBaseModelMismatch(AdapterError):
     grpc_code = "FAILED_PRECONDITION"
+
+
+class AdapterExistsError(AdapterError):
+    """The adapter id is taken: by other content or another owner, or by an adapter being
+    deleted. A retry of the call that registered it (same request id) is not refused."""
+
+    grpc_code = "ALREADY_EXISTS"
+
+
+class RegistryUnavailableError(SloraError):
+    """The adapter registry (Redis) cannot be reached or did not confirm a write; retrying
+    with the same request id is safe."""
+
+    grpc_code = "UNAVAILABLE"
 
 
 class QueueFullError(SloraError):

@@ -1,0 +1,442 @@
+"""The adapter registry: metadata in Redis; the files in the content store (content_store.py).
+
+Redis schema. Every key starts with `slora:`; no tensor or file byte is ever stored in Redis.
+
+    slora:adapter:<adapter_id>   hash, one per registered adapter; AdapterRecord's fields as
+                                 strings (target_modules and module_ranks as JSON, use_rslora
+                                 "1" / "0", state "ready" | "deleting") plus request_id, the
+                                 idempotency token of the call that wrote it
+    slora:adapters               set of every registered adapter id
+    slora:owner:<hex(owner)>     set of one owner's adapter ids (owners are free text, hence hex)
+    slora:blob:<sha256>          set of the adapter ids whose files are store_dir/<sha256>/
+    slora:request:<hex(owner)>:<request_id>
+                                 string, the adapter id a client's registration request made;
+                                 expires after a day (REQUEST_TTL_S)
+
+One store folder per Redis: the blob sets count references to that folder's content.
+
+Registration: the content store copies the files in (an upload is already there), validates
+the copy (the whole PEFT check, every tensor read; in a thread), hashes it and renames it to
+its content name, fsynced; then, under the store's lock for that sha256, one Lua script writes
+the hash and the sets, or refuses an id that is taken. A script is one atomic transaction, like
+MULTI/EXEC, and needs no WATCH retry loop for its check-then-write.
+
+Idempotency: each registration carries a token, the client's request_id (recorded under
+`slora:request:...` for a day) or a fresh one. The hash stores it, so a retry of a call whose
+write landed (the client's retry, or redis-py's own reconnect-and-resend) returns the stored
+record instead of registering twice or refusing the id as taken.
+
+Durability: after each write we send `WAITAOF 1 0 <timeout>` on the same connection, and
+acknowledge only once the server says the append-only file holding that write is fsynced
+(WAITAOF waits for the calling connection's own last write, hence the same connection). Why
+not `appendfsync always`: it makes every write of every client pay an fsync, while here only
+acknowledged registrations and deletes pay it, and concurrent ones share one fsync; the server
+can stay on `appendfsync everysec`, and an operator's Redis (7.2 or later, appendonly yes)
+gives the same promise without a config change. A server without WAITAOF, or with appendonly
+off, answers an error: we log a warning once and acknowledge without it (durability is then
+that server's setting). Redis unreachable, loading, or not confirming within the timeout:
+RegistryUnavailableError (UNAVAILABLE), and a retry with the same request_id is safe.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ReadOnlyError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from slora.adapter_store.content_store import ContentStore, StagedAdapter
+from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.errors import (
+    AdapterDeletingError,
+    AdapterExistsError,
+    AdapterNotFoundError,
+    InvalidRequestError,
+    RegistryUnavailableError,
+)
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "slora:"
+IDS_KEY = f"{PREFIX}adapters"
+REQUEST_TTL_S = 24 * 3600
+"""How long a client's request_id is remembered for retries."""
+DURABILITY_TIMEOUT_MS = 5000
+"""How long WAITAOF may wait for the fsync before the write is answered UNAVAILABLE."""
+STATE_READY = "ready"
+STATE_DELETING = "deleting"
+ADAPTER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
+"""A request id: 1 to 128 visible ASCII characters (a UUID fits)."""
+_UNAVAILABLE_REPLIES = ("LOADING", "MISCONF", "READONLY", "MASTERDOWN", "TRYAGAIN")
+
+
+def adapter_key(adapter_id: str) -> str:
+    return f"{PREFIX}adapter:{adapter_id}"
+
+
+def owner_key(owner: str) -> str:
+    return f"{PREFIX}owner:{owner.encode().hex()}"
+
+
+def blob_key(sha256: str) -> str:
+    return f"{PREFIX}blob:{sha256}"
+
+
+def request_key(owner: str, request_id: str) -> str:
+    return f"{PREFIX}request:{owner.encode().hex()}:{request_id}"
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """A registered adapter as Redis holds it; the public Adapter message's fields and more."""
+
+    adapter_id: str
+    owner: str
+    rank: int
+    """Highest rank over its modules."""
+    lora_alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    """Targeted projections, in LORA_MODULES order."""
+    module_ranks: dict[str, int]
+    base_model: str
+    """base_model_name_or_path of its adapter_config.json; "" when absent."""
+    path: str
+    """Its folder in the store: store_dir/<sha256>."""
+    sha256: str
+    size_bytes: int
+    """Bytes of its two files."""
+    created_unix: float
+    num_pages: int
+    """Pages of the unified pool it takes when resident."""
+    state: str = STATE_READY
+    """STATE_READY, or STATE_DELETING once a delete waits for the requests still using it."""
+
+    def to_hash(self) -> dict[str, str]:
+        d = asdict(self)
+        d["use_rslora"] = "1" if self.use_rslora else "0"
+        d["target_modules"] = json.dumps(list(self.target_modules))
+        d["module_ranks"] = json.dumps(self.module_ranks)
+        return {k: str(v) for k, v in d.items()}
+
+    @classmethod
+    def from_hash(cls, h: dict[str, str]) -> "AdapterRecord":
+        return cls(
+            adapter_id=h["adapter_id"], owner=h["owner"], rank=int(h["rank"]),
+            lora_alpha=float(h["lora_alpha"]), use_rslora=h["use_rslora"] == "1",
+            target_modules=tuple(json.loads(h["target_modules"])),
+            module_ranks={m: int(r) for m, r in json.loads(h["module_ranks"]).items()},
+            base_model=h["base_model"], path=h["path"], sha256=h["sha256"],
+            size_bytes=int(h["size_bytes"]), created_unix=float(h["created_unix"]),
+            num_pages=int(h["num_pages"]), state=h.get("state", STATE_READY))
+
+
+def connect(url: str, *, socket_timeout_s: float = 10.0) -> aioredis.Redis:
+    """A redis-py asyncio client for the registry: strings in and out, a few quick retries
+    with backoff on a dropped connection (a Redis restart), then RegistryUnavailableError."""
+    return aioredis.Redis.from_url(
+        url, decode_responses=True, socket_connect_timeout=2.0,
+        socket_timeout=max(socket_timeout_s, DURABILITY_TIMEOUT_MS / 1000 + 1),
+        retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
+        retry_on_error=[RedisConnectionError, RedisTimeoutError], health_check_interval=15)
+
+
+# KEYS: adapter hash, ids set, owner set, blob set, request key.
+# ARGV: adapter_id, sha256, owner, token, request TTL (0: no client request id), then the
+# hash's field/value pairs.
+_REGISTER_LUA = """
+local ttl = tonumber(ARGV[5])
+if ttl > 0 then
+  local prev = redis.call('GET', KEYS[5])
+  if prev and prev ~= ARGV[1] then return {'request_reused', prev} end
+end
+local cur = redis.call('HMGET', KEYS[1], 'sha256', 'owner', 'request_id', 'state')
+if cur[1] then
+  if cur[1] == ARGV[2] and cur[2] == ARGV[3] and cur[3] == ARGV[4] and cur[4] == 'ready' then
+    -- A retry of the call that wrote this record. Rewriting a field makes this connection's
+    -- WAITAOF cover the original write too: the append-only file is one ordered log.
+    redis.call('HSET', KEYS[1], 'request_id', ARGV[4])
+    return {'replayed', redis.call('HGETALL', KEYS[1])}
+  end
+  return {'taken', cur[1], cur[2], cur[4]}
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('SADD', KEYS[2], ARGV[1])
+redis.call('SADD', KEYS[3], ARGV[1])
+redis.call('SADD', KEYS[4], ARGV[1])
+if ttl > 0 then redis.call('SET', KEYS[5], ARGV[1], 'EX', ttl) end
+return {'created'}
+"""
+
+# KEYS: adapter hash, ids set, owner set, blob set. ARGV: adapter_id, sha256, owner.
+# Returns the adapters left on the blob, -1 if gone, -2 if re-registered since it was read.
+_DELETE_LUA = """
+local cur = redis.call('HMGET', KEYS[1], 'sha256', 'owner')
+if not cur[1] then return -1 end
+if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return -2 end
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('SREM', KEYS[4], ARGV[1])
+return redis.call('SCARD', KEYS[4])
+"""
+
+# KEYS: adapter hash. ARGV: new state. Returns the hash after the change, {} if absent.
+_SET_STATE_LUA = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return {} end
+redis.call('HSET', KEYS[1], 'state', ARGV[1])
+return redis.call('HGETALL', KEYS[1])
+"""
+
+
+def _str(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def _as_dict(flat) -> dict[str, str]:
+    """A hash from HGETALL inside a script: a flat [field, value, ...] list."""
+    flat = [_str(x) for x in flat]
+    return dict(zip(flat[0::2], flat[1::2]))
+
+
+def _decoded(h: dict) -> dict[str, str]:
+    return {_str(k): _str(v) for k, v in h.items()}
+
+
+def _check_adapter_id(adapter_id: str) -> None:
+    if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
+        raise InvalidRequestError(
+            f"adapter id {adapter_id!r} is invalid: use 1 to 128 characters of A-Z a-z 0-9 . _ -")
+
+
+def _check_request_id(request_id: str) -> None:
+    if request_id and not REQUEST_ID_RE.fullmatch(request_id):
+        raise InvalidRequestError(
+            f"request id {request_id!r} is invalid: use 1 to 128 visible ASCII characters, "
+            "or leave it empty")
+
+
+@contextlib.contextmanager
+def _redis_errors(what: str):
+    """Redis down, restarting or refusing writes -> RegistryUnavailableError."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError, ReadOnlyError, OSError) as e:
+        raise RegistryUnavailableError(
+            f"adapter registry unavailable during {what} ({type(e).__name__}: {e}); "
+            "retry later") from e
+    except ResponseError as e:
+        if str(e).startswith(_UNAVAILABLE_REPLIES):
+            raise RegistryUnavailableError(
+                f"adapter registry unavailable during {what} ({e}); retry later") from e
+        raise
+
+
+class AdapterRegistry:
+    """Register, look up, list and delete adapters. One per process; all methods async.
+
+    `redis` is a redis.asyncio client (see `connect`); `store_dir` the folder owned by the
+    store (a shared volume when frontends run on several hosts); `model` and `max_rank` what
+    every adapter is validated against; `base_model_name` the served model's name, to refuse
+    adapters trained on another (None: no check).
+    """
+
+    def __init__(self, redis: aioredis.Redis, store_dir: str, model: ModelConfig,
+                 base_model_name: str | None, max_rank: int):
+        self.redis = redis
+        self.store = ContentStore(store_dir, model, base_model_name, max_rank)
+        self.model = model
+        self._register_script = redis.register_script(_REGISTER_LUA)
+        self._delete_script = redis.register_script(_DELETE_LUA)
+        self._set_state_script = redis.register_script(_SET_STATE_LUA)
+        self._warned_no_waitaof = False
+
+    # ---- registration --------------------------------------------------------------------
+
+    async def register_path(self, adapter_id: str, path: str, *, owner: str = "",
+                            request_id: str = "") -> AdapterRecord:
+        """Register the PEFT folder at `path` (read here; copied into the store)."""
+        _check_adapter_id(adapter_id)
+        _check_request_id(request_id)
+        staged = await asyncio.to_thread(self.store.stage_path, adapter_id, path)
+        return await self._commit(staged, owner, request_id)
+
+    async def register_dir_upload(self, adapter_id: str, tmp_dir: str, *, owner: str = "",
+                                  request_id: str = "") -> AdapterRecord:
+        """Register the folder an upload wrote (UploadWriter.finish()); the folder is moved
+        into the store, or removed when refused: the caller no longer owns it."""
+        try:
+            _check_adapter_id(adapter_id)
+            _check_request_id(request_id)
+        except InvalidRequestError:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+            raise
+        staged = await asyncio.to_thread(self.store.stage_upload, adapter_id, tmp_dir)
+        return await self._commit(staged, owner, request_id)
+
+    def _record(self, staged: StagedAdapter, owner: str) -> AdapterRecord:
+        spec = staged.spec
+        return AdapterRecord(
+            adapter_id=spec.adapter_id, owner=owner, rank=spec.rank, lora_alpha=spec.lora_alpha,
+            use_rslora=spec.use_rslora,
+            target_modules=tuple(m for m in LORA_MODULES if m in spec.module_ranks),
+            module_ranks=dict(spec.module_ranks), base_model=spec.base_model_name or "",
+            path=self.store.folder(staged.sha256), sha256=staged.sha256,
+            size_bytes=sum(staged.file_sizes), created_unix=time.time(),
+            num_pages=spec.num_pages(self.model))
+
+    async def _commit(self, staged: StagedAdapter, owner: str,
+                      request_id: str) -> AdapterRecord:
+        """Place the files and write the metadata, under the store's lock for the content."""
+        record = self._record(staged, owner)
+        token = request_id or f"srv-{uuid.uuid4().hex}"
+        keys = [adapter_key(record.adapter_id), IDS_KEY, owner_key(owner),
+                blob_key(record.sha256), request_key(owner, request_id)]
+        fields = dict(record.to_hash(), state=STATE_READY, request_id=token)
+        args = [record.adapter_id, record.sha256, owner, token,
+                REQUEST_TTL_S if request_id else 0]
+        args += [x for kv in fields.items() for x in kv]
+        async with self.store.lock(record.sha256):
+            created_folder = await asyncio.to_thread(self.store.place, staged)
+            with _redis_errors(f"registration of adapter {record.adapter_id!r}"):
+                async with self.redis.client() as conn:
+                    reply = await self._register_script(keys=keys, args=args, client=conn)
+                    outcome = _str(reply[0])
+                    if outcome in ("created", "replayed"):
+                        await self._wait_durable(conn)
+                if outcome not in ("created", "replayed") and created_folder and \
+                        await self.redis.scard(blob_key(record.sha256)) == 0:
+                    await asyncio.to_thread(self.store.remove, record.sha256)
+        if outcome == "created":
+            logger.info("registered adapter %r (sha256 %s, %d bytes, owner %r, request %r)",
+                        record.adapter_id, record.sha256, record.size_bytes, owner, request_id)
+            return record
+        if outcome == "replayed":
+            return AdapterRecord.from_hash(_as_dict(reply[1]))
+        if outcome == "request_reused":
+            raise InvalidRequestError(
+                f"request id {request_id!r} already registered adapter {_str(reply[1])!r}; "
+                f"use a new request id to register {record.adapter_id!r}")
+        sha, taken_by, state = (_str(x) for x in reply[1:4])
+        if state == STATE_DELETING:
+            reason = "is being deleted; register it again once the delete has finished"
+        elif taken_by != owner:
+            reason = "is already registered by another owner"
+        elif sha != record.sha256:
+            reason = (f"is already registered with other content (sha256 {sha[:12]}..., this "
+                      f"one {record.sha256[:12]}...); delete it first or choose another id")
+        else:
+            reason = ("is already registered with the same content; to retry a registration, "
+                      "send the request id of the first call")
+        raise AdapterExistsError(record.adapter_id, None, reason)
+
+    async def _wait_durable(self, conn: aioredis.Redis) -> None:
+        """WAITAOF on the connection that wrote: returns once the write is in an fsynced AOF."""
+        try:
+            num_local, _ = await conn.waitaof(1, 0, DURABILITY_TIMEOUT_MS)
+        except ResponseError as e:
+            text = str(e).lower()
+            if "unknown command" in text or "appendonly" in text:
+                if not self._warned_no_waitaof:
+                    logger.warning("redis cannot confirm writes are on disk (%s); registrations "
+                                   "are acknowledged without WAITAOF, durable only as far as the "
+                                   "server's own persistence settings make them", e)
+                    self._warned_no_waitaof = True
+                return
+            raise
+        if int(num_local) < 1:
+            raise RegistryUnavailableError(
+                f"redis did not confirm the write reached its append-only file within "
+                f"{DURABILITY_TIMEOUT_MS} ms; retry with the same request id")
+
+    # ---- look-ups ------------------------------------------------------------------------
+
+    async def get(self, adapter_id: str, *, include_deleting: bool = False) -> AdapterRecord:
+        """The record; AdapterNotFoundError if absent, AdapterDeletingError (also NOT_FOUND)
+        while a delete waits, unless include_deleting."""
+        if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
+            raise AdapterNotFoundError(adapter_id)
+        with _redis_errors(f"look-up of adapter {adapter_id!r}"):
+            h = await self.redis.hgetall(adapter_key(adapter_id))
+        if not h:
+            raise AdapterNotFoundError(adapter_id)
+        record = AdapterRecord.from_hash(_decoded(h))
+        if record.state == STATE_DELETING and not include_deleting:
+            raise AdapterDeletingError(adapter_id)
+        return record
+
+    async def list(self, owner: str | None = None, *,
+                   include_deleting: bool = False) -> list[AdapterRecord]:
+        """Every adapter (or one owner's), sorted by id."""
+        with _redis_errors("listing adapters"):
+            ids = await self.redis.smembers(IDS_KEY if owner is None else owner_key(owner))
+            ids = sorted(_str(i) for i in ids)
+            records = []
+            for start in range(0, len(ids), 512):
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for adapter_id in ids[start:start + 512]:
+                        pipe.hgetall(adapter_key(adapter_id))
+                    hashes = await pipe.execute()
+                records += [AdapterRecord.from_hash(_decoded(h)) for h in hashes if h]
+        return [r for r in records if include_deleting or r.state != STATE_DELETING]
+
+    # ---- deletion ------------------------------------------------------------------------
+
+    async def mark_deleting(self, adapter_id: str) -> AdapterRecord:
+        """Refuse new requests for the adapter (get() answers AdapterDeletingError) while the
+        delete waits for the running ones. Idempotent. The frontend's Delete: mark_deleting,
+        the scheduler's DropAdapter, then delete (or cancel_delete if that fails)."""
+        return await self._set_state(adapter_id, STATE_DELETING)
+
+    async def cancel_delete(self, adapter_id: str) -> AdapterRecord:
+        """Undo mark_deleting: the adapter serves again."""
+        return await self._set_state(adapter_id, STATE_READY)
+
+    async def _set_state(self, adapter_id: str, state: str) -> AdapterRecord:
+        if not ADAPTER_ID_RE.fullmatch(adapter_id):
+            raise AdapterNotFoundError(adapter_id)
+        with _redis_errors(f"marking adapter {adapter_id!r} {state}"):
+            async with self.redis.client() as conn:
+                flat = await self._set_state_script(keys=[adapter_key(adapter_id)],
+                                                    args=[state], client=conn)
+                if not flat:
+                    raise AdapterNotFoundError(adapter_id)
+                await self._wait_durable(conn)
+        return AdapterRecord.from_hash(_as_dict(flat))
+
+    async def delete(self, adapter_id: str) -> AdapterRecord:
+        """Remove the adapter's metadata, then its files if no other adapter shares them.
+        Does not wait for requests: the caller drains them first (see mark_deleting)."""
+        for _ in range(3):
+            record = await self.get(adapter_id, include_deleting=True)
+            keys = [adapter_key(adapter_id), IDS_KEY, owner_key(record.owner),
+                    blob_key(record.sha256)]
+            async with self.store.lock(record.sha256):
+                with _redis_errors(f"deletion of adapter {adapter_id!r}"):
+                    async with self.redis.client() as conn:
+                        num_left = int(await self._delete_script(
+                            keys=keys, args=[adapter_id, record.sha256, record.owner],
+                            client=conn))
+                        if num_left == -2:
+                            continue  # re-registered since we read it: read it again
+                        if num_left == -1:
+                            raise AdapterNotFoundError(adapter_id)
+                        await self._wait_durable(conn)
+                if num_left == 0:
+                    await asyncio.to_thread(self.store.remove, record.sha256)
+            logger.info("deleted adapter %r (sha256 %s)", adapter_id, record.sha256)
+            return record
+        raise RegistryUnavailableError(
+            f"adapter {adapter_id!r} kept changing while being deleted; retry")
