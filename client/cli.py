@@ -1,0 +1,171 @@
+"""The `slora` command line.
+
+    slora up                          start the whole stack (SmolLM2-135M-Instruct by default)
+    slora generate "Hi" --chat        stream an answer
+    slora adapters add|list|get|rm    manage adapters
+    slora demo-adapters N --model M   write N PEFT adapters for a model and register them
+    slora worker|scheduler|frontend|redis ...   run one service (compose uses these)
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+DEFAULT_ADDRESS = os.environ.get("SLORA_ADDRESS", "localhost:50051")
+SERVICES = {
+    "worker": "slora.worker.server",
+    "scheduler": "slora.scheduler.server",
+    "frontend": "slora.frontend.server",
+    "redis": "slora.adapter_store.embedded_redis",
+}
+
+
+def _up_parser(sub) -> None:
+    p = sub.add_parser("up", help="start redis, worker, scheduler and frontend")
+    p.add_argument("--model", default=None,
+                   help="HF-format Llama folder or a dummy name such as dummy-llama-7b "
+                        "(default: SmolLM2-135M-Instruct, converted once into --data-dir)")
+    p.add_argument("--data-dir", default="~/.slora", help="models, adapters and redis data")
+    p.add_argument("--host", default="127.0.0.1", help="public address of the frontend")
+    p.add_argument("--port", type=int, default=50051, help="public port (0: any free port)")
+    p.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
+    p.add_argument("--num-pages", type=int, default=None, help="pages of the unified pool")
+    p.add_argument("--max-lora-rank", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--start-timeout", type=float, default=600.0,
+                   help="seconds each service may take to start")
+
+
+def _client_parent() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--address", default=DEFAULT_ADDRESS, help="frontend host:port")
+    return p
+
+
+def _generate_parser(sub, parent) -> None:
+    p = sub.add_parser("generate", parents=[parent], help="stream a completion")
+    p.add_argument("prompt")
+    p.add_argument("--adapter", default=None)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _adapters_parser(sub, parent) -> None:
+    p = sub.add_parser("adapters", help="register, list, inspect and delete adapters")
+    asub = p.add_subparsers(dest="adapters_command", required=True)
+    add = asub.add_parser("add", parents=[parent], help="register a PEFT folder")
+    add.add_argument("adapter_id")
+    add.add_argument("path")
+    add.add_argument("--upload", action="store_true",
+                     help="upload the folder's files instead of passing its path")
+    asub.add_parser("list", parents=[parent], help="list adapters")
+    get = asub.add_parser("get", parents=[parent], help="show one adapter")
+    get.add_argument("adapter_id")
+    rm = asub.add_parser("rm", parents=[parent], help="delete an adapter")
+    rm.add_argument("adapter_id")
+
+
+def _demo_parser(sub, parent) -> None:
+    p = sub.add_parser("demo-adapters", parents=[parent],
+                       help="write N random PEFT adapters for a model and register them")
+    p.add_argument("count", type=int)
+    p.add_argument("--model", required=True, help="HF-format folder or dummy name")
+    p.add_argument("--out", default="~/.slora/demo-adapters", help="folder to write them in")
+    p.add_argument("--ranks", default="8,16,32,64", help="ranks, assigned round-robin")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-register", action="store_true", help="only write the folders")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slora", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    parent = _client_parent()
+    _up_parser(sub)
+    _generate_parser(sub, parent)
+    _adapters_parser(sub, parent)
+    _demo_parser(sub, parent)
+    for name, module in SERVICES.items():
+        sub.add_parser(name, add_help=False, help=f"run the {name} service ({module})")
+    return parser
+
+
+def _print_adapter(a) -> None:
+    print(f"{a.adapter_id}\trank={a.rank}\talpha={a.lora_alpha:g}\t"
+          f"targets={','.join(a.target_modules)}\tpages={a.num_pages}\t"
+          f"sha256={a.sha256[:12]}\tbytes={a.size_bytes}")
+
+
+def _run_client(args) -> int:
+    from slora.client import Client, SloraClientError
+
+    try:
+        with Client(args.address) as client:
+            if args.command == "generate":
+                for event in client.stream(
+                        args.prompt, adapter_id=args.adapter, chat=args.chat,
+                        max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, seed=args.seed, stop=args.stop):
+                    print(event.text, end="", flush=True)
+                print()
+            elif args.command == "adapters":
+                cmd = args.adapters_command
+                if cmd == "add":
+                    path = os.path.abspath(os.path.expanduser(args.path))
+                    a = (client.upload_adapter(args.adapter_id, path) if args.upload
+                         else client.register_adapter(args.adapter_id, path))
+                    _print_adapter(a)
+                elif cmd == "list":
+                    for a in client.list_adapters():
+                        _print_adapter(a)
+                elif cmd == "get":
+                    _print_adapter(client.get_adapter(args.adapter_id))
+                elif cmd == "rm":
+                    client.delete_adapter(args.adapter_id)
+                    print(f"deleted {args.adapter_id}")
+            elif args.command == "demo-adapters":
+                return _demo(args, client)
+    except SloraClientError as e:
+        print(f"slora: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _demo(args, client) -> int:
+    from slora.adapter_store.demo import write_demo_adapters
+
+    ranks = [int(r) for r in args.ranks.split(",")]
+    out = os.path.abspath(os.path.expanduser(args.out))
+    paths = write_demo_adapters(args.model, out, args.count, ranks, args.seed)
+    for i, path in enumerate(paths):
+        if not args.no_register:
+            client.register_adapter(os.path.basename(path), path)
+        print(f"\r{i + 1}/{len(paths)} {path}", end="", flush=True)
+    print()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SERVICES:
+        import importlib
+
+        return importlib.import_module(SERVICES[argv[0]]).main(argv[1:]) or 0
+    args = build_parser().parse_args(argv)
+    if args.command == "up":
+        from slora.client.launcher import up
+
+        return up(args)
+    return _run_client(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`slora up`: the whole stack as child processes of one command.
+
+Starts, in order, the embedded Redis (unless --redis-url), the worker, the scheduler and
+the frontend, each a real entry point of the package on loopback ports; waits for each
+one's `SLORA_READY <name> port=N` line; prints where the stack listens; restarts a child
+that dies; and on Ctrl-C or SIGTERM stops them all, last started first.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+READY_PREFIX = "SLORA_READY"
+STOP_GRACE_S = 10.0
+
+
+@dataclass
+class Child:
+    name: str
+    args: list[str]
+    proc: subprocess.Popen | None = None
+    port: int = 0
+    ready: threading.Event = field(default_factory=threading.Event)
+    restarts: int = 0
+
+    def start(self, timeout_s: float) -> int:
+        self.ready.clear()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", *self.args], stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.wait(0.2):
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with code {self.proc.returncode} "
+                                   "before it was ready (its output is above)")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} was not ready after {timeout_s:.0f} s")
+        return self.port
+
+    def _pump(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(READY_PREFIX):
+                fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
+                self.port = int(fields.get("port", 0))
+                self.ready.set()
+            print(f"[{self.name}] {line}", flush=True)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if not self.alive():
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_children(args, model: str) -> list[Child]:
+    """The children with fixed loopback ports, so a restarted one is found where it was."""
+    data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
+    children = []
+    redis_url = args.redis_url
+    if not redis_url:
+        redis_port = free_port()
+        redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        children.append(Child("redis", ["slora.adapter_store.embedded_redis", "--data-dir",
+                                        os.path.join(data_dir, "redis"),
+                                        "--port", str(redis_port)]))
+    engine_args = ["--model", model, "--max-model-len", str(args.max_model_len)]
+    for flag in ("num_pages", "device", "dtype", "max_lora_rank", "max_num_seqs"):
+        value = getattr(args, flag)
+        if value is not None:
+            engine_args += [f"--{flag.replace('_', '-')}", str(value)]
+    worker_port, scheduler_port = free_port(), free_port()
+    children.append(Child("worker", ["slora.worker.server", "--port", str(worker_port),
+                                     *engine_args]))
+    children.append(Child("scheduler", ["slora.scheduler.server", "--port",
+                                        str(scheduler_port), "--worker-address",
+                                        f"127.0.0.1:{worker_port}"]))
+    children.append(Child("frontend", [
+        "slora.frontend.server", "--host", args.host, "--port", str(args.port),
+        "--data-dir", data_dir, "--scheduler-address", f"127.0.0.1:{scheduler_port}",
+        "--redis-url", redis_url]))
+    return children
+
+
+def up(args) -> int:
+    model = args.model
+    if model is None:
+        from slora.models.gguf_convert import ensure_default_model
+
+        model = ensure_default_model(os.path.expanduser(args.data_dir))
+    children = build_children(args, model)
+    by_name = {c.name: c for c in children}
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for child in children:
+            child.start(args.start_timeout)
+        print(f"slora is serving {os.path.basename(model)} on {args.host}:{by_name['frontend'].port}"
+              f"  (Ctrl-C stops it)", flush=True)
+        while not stopping.wait(0.5):
+            for child in children:
+                if not child.alive() and not stopping.is_set():
+                    child.restarts += 1
+                    print(f"slora: {child.name} exited (code {child.proc.returncode}); "
+                          f"restarting it (restart {child.restarts})", flush=True)
+                    child.start(args.start_timeout)
+    except RuntimeError as e:
+        print(f"slora up: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        for child in reversed(children):
+            child.stop()
+        print("slora: stopped", flush=True)
+    return 0

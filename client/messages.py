@@ -1,0 +1,107 @@
+"""What the sync and asyncio clients share: request building, results, retry policy."""
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import grpc
+
+from slora.v1 import adapters_pb2, common_pb2, generation_pb2
+
+FINISH_REASONS = {
+    common_pb2.FINISH_REASON_UNSPECIFIED: None, common_pb2.FINISH_REASON_STOP: "stop",
+    common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_CANCELLED: "cancelled",
+    common_pb2.FINISH_REASON_ERROR: "error",
+}
+UPLOAD_CHUNK_BYTES = 1 << 20
+RETRY_ATTEMPTS = 4
+RETRY_BASE_S = 0.2
+
+
+@dataclass
+class TokenEvent:
+    """One streamed piece of output."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str | None = None
+    """Set on the last event: "stop", "length", "cancelled" or "error"."""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    total_s: float = 0.0
+    request_id: str = ""
+
+
+def generate_request(prompt: str | Sequence[int], *, adapter_id: str | None, chat: bool,
+                     max_new_tokens: int, temperature: float, top_k: int, top_p: float,
+                     seed: int | None, stop: Sequence[str], stop_token_ids: Sequence[int],
+                     ignore_eos: bool, return_logprobs: bool,
+                     request_id: str) -> generation_pb2.GenerateRequest:
+    sampling = common_pb2.SamplingParams(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
+    if seed is not None:
+        sampling.seed = seed
+    req = generation_pb2.GenerateRequest(
+        request_id=request_id, adapter_id=adapter_id or "", chat=chat, sampling=sampling,
+        return_logprobs=return_logprobs)
+    if isinstance(prompt, str):
+        req.prompt = prompt
+    else:
+        req.prompt_token_ids.ids.extend(prompt)
+    return req
+
+
+def event_from_proto(e: generation_pb2.GenerateEvent) -> TokenEvent:
+    return TokenEvent(e.text, list(e.token_ids), list(e.logprobs),
+                      FINISH_REASONS.get(e.finish_reason), e.usage.prompt_tokens,
+                      e.usage.completion_tokens, e.timings.time_to_first_token_s,
+                      e.timings.total_s)
+
+
+def generation_from_proto(r: generation_pb2.GenerateResponse) -> Generation:
+    return Generation(r.text, list(r.token_ids), list(r.logprobs),
+                      FINISH_REASONS.get(r.finish_reason), r.usage.prompt_tokens,
+                      r.usage.completion_tokens, r.timings.time_to_first_token_s,
+                      r.timings.total_s, r.request_id)
+
+
+def upload_chunks(adapter_id: str, folder: str, request_id: str):
+    """The Upload stream of a PEFT folder: the header, then each file in 1 MiB chunks."""
+    yield adapters_pb2.UploadAdapterChunk(
+        header=adapters_pb2.UploadHeader(adapter_id=adapter_id, request_id=request_id))
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        with open(os.path.join(folder, name), "rb") as f:
+            while data := f.read(UPLOAD_CHUNK_BYTES):
+                yield adapters_pb2.UploadAdapterChunk(
+                    chunk=adapters_pb2.FileChunk(file_name=name, data=data))
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def retryable(e: grpc.RpcError) -> bool:
+    """Only UNAVAILABLE is retried: the server never started on the call."""
+    return hasattr(e, "code") and e.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def backoff_s(attempt: int) -> float:
+    return RETRY_BASE_S * (2 ** attempt) * (0.5 + random.random())

@@ -1,0 +1,154 @@
+"""The public Generation service: validate, tokenize, look the adapter up, forward to the
+scheduler, and stream text deltas back. Holds no state a restart would lose: each call
+lives only as long as its stream."""
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+
+import grpc
+
+from slora.common.errors import InvalidRequestError, SloraError
+from slora.frontend.stop_strings import (
+    MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, StopStringMatcher,
+)
+from slora.frontend.tokenizer import IncrementalDetokenizer
+from slora.protos.convert import sampling_from_proto
+from slora.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2
+
+log = logging.getLogger("slora.frontend")
+
+MAX_REQUEST_ID_CHARS = 128
+MAX_PROMPT_CHARS = 1 << 20
+
+
+async def abort_with(context: grpc.aio.ServicerContext, err: SloraError) -> None:
+    await context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
+
+
+class GenerationService(generation_pb2_grpc.GenerationServicer):
+    def __init__(self, scheduler_stub, registry, tokenizer, model_info):
+        self.scheduler = scheduler_stub
+        self.registry = registry
+        self.tokenizer = tokenizer
+        self.info = model_info
+
+    # -- validation -----------------------------------------------------------------------
+
+    async def _prepare(self, request: generation_pb2.GenerateRequest):
+        """GenerateRequest -> SubmitRequest; raises SloraError naming what is wrong."""
+        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
+            raise InvalidRequestError(
+                f"request_id has {len(request.request_id)} characters; at most "
+                f"{MAX_REQUEST_ID_CHARS}")
+        sampling = sampling_from_proto(request.sampling)
+        stops = list(request.sampling.stop)
+        if len(stops) > MAX_STOP_STRINGS or any(len(s) > MAX_STOP_STRING_CHARS for s in stops):
+            raise InvalidRequestError(
+                f"stop: at most {MAX_STOP_STRINGS} strings of {MAX_STOP_STRING_CHARS} "
+                "characters")
+        which = request.WhichOneof("input")
+        if which == "prompt_token_ids":
+            if request.chat:
+                raise InvalidRequestError("chat applies to a text prompt, not token ids")
+            prompt_ids = list(request.prompt_token_ids.ids)
+        elif which == "prompt":
+            if len(request.prompt) > MAX_PROMPT_CHARS:
+                raise InvalidRequestError(
+                    f"prompt has {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}")
+            text = request.prompt
+            prompt_ids = (self.tokenizer.apply_chat_template(text) if request.chat
+                          else self.tokenizer.encode(text)) if text else []
+        else:
+            prompt_ids = []
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty: give a prompt or prompt_token_ids")
+        if len(prompt_ids) >= self.info.max_model_len:
+            raise InvalidRequestError(
+                f"prompt has {len(prompt_ids)} tokens; max_model_len is "
+                f"{self.info.max_model_len}, so at most {self.info.max_model_len - 1}")
+        bad = [t for t in prompt_ids if t >= self.info.vocab_size]
+        if bad:
+            raise InvalidRequestError(
+                f"prompt token ids {bad[:8]} are outside the vocabulary [0, "
+                f"{self.info.vocab_size})")
+        sampling.check_vocab(self.info.vocab_size)
+        submit = scheduler_pb2.SubmitRequest(
+            request_id=f"{request.request_id or 'req'}-{uuid.uuid4().hex[:12]}",
+            prompt_token_ids=prompt_ids, sampling=request.sampling)
+        submit.sampling.max_new_tokens = sampling.max_new_tokens
+        submit.sampling.top_p = sampling.top_p
+        if request.adapter_id:
+            record = await self.registry.get(request.adapter_id)
+            submit.adapter.CopyFrom(scheduler_pb2.AdapterRef(
+                adapter_id=record.adapter_id, path=record.path, num_pages=record.num_pages))
+        return submit, prompt_ids, stops
+
+    # -- the calls ------------------------------------------------------------------------
+
+    async def GenerateStream(self, request, context):
+        arrival = time.perf_counter()
+        try:
+            submit, prompt_ids, stops = await self._prepare(request)
+        except SloraError as e:
+            await abort_with(context, e)
+            return
+        detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        matcher = StopStringMatcher(stops)
+        first_token_at = None
+        num_output = 0
+        call = self.scheduler.Submit(submit)
+        try:
+            async for event in call:
+                if first_token_at is None and event.token_ids:
+                    first_token_at = time.perf_counter()
+                num_output = event.num_output_tokens
+                text = matcher.add(detok.add(list(event.token_ids)))
+                finish = event.finish_reason
+                if event.finished:
+                    text += matcher.add(detok.flush()) + matcher.flush()
+                if matcher.stopped and not event.finished:
+                    call.cancel()
+                    finish = common_pb2.FINISH_REASON_STOP
+                out = generation_pb2.GenerateEvent(
+                    text=text, token_ids=event.token_ids,
+                    logprobs=event.logprobs if request.return_logprobs else [],
+                    request_id=submit.request_id)
+                done = event.finished or matcher.stopped
+                if done:
+                    now = time.perf_counter()
+                    out.finish_reason = finish
+                    out.usage.CopyFrom(generation_pb2.Usage(
+                        prompt_tokens=len(prompt_ids), completion_tokens=num_output))
+                    out.timings.CopyFrom(generation_pb2.Timings(
+                        time_to_first_token_s=(first_token_at or now) - arrival,
+                        total_s=now - arrival))
+                if event.error:
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, event.error)
+                    return
+                yield out
+                if done:
+                    return
+        except grpc.aio.AioRpcError as e:
+            if e.code() == grpc.StatusCode.CANCELLED and matcher.stopped:
+                return
+            code = e.code()
+            if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                code = grpc.StatusCode.UNAVAILABLE
+            await context.abort(code, e.details() or "scheduler unavailable")
+        finally:
+            call.cancel()
+
+    async def Generate(self, request, context):
+        response = generation_pb2.GenerateResponse()
+        async for event in self.GenerateStream(request, context):
+            response.text += event.text
+            response.token_ids.extend(event.token_ids)
+            response.logprobs.extend(event.logprobs)
+            if event.finish_reason:
+                response.finish_reason = event.finish_reason
+                response.usage.CopyFrom(event.usage)
+                response.timings.CopyFrom(event.timings)
+                response.request_id = event.request_id
+        return response
