@@ -1,0 +1,331 @@
+"""Kernel benchmark: the GPU's own limits first, then each kernel against them.
+
+    python bench/kernels.py [--out DIR] [--quick]
+
+1. Copy bandwidth (a 1 GiB device-to-device copy, bytes read + written) and the dense bf16
+   GEMM rate (8192^3 torch.matmul): the two ceilings every other figure is a percentage of.
+2. Decode LoRA (MBGMV shrink + expand, Llama-2-7B q_proj 4096 -> 4096) at batch 1, 8, 64,
+   256, 512 with 1, 32 and batch-many distinct adapters, ranks 16 and 64, pool max rank 64.
+   Bytes count each adapter row and each activation once (A and B^T rows of the distinct
+   adapters, x read, y read and written, v written and read). Timed as CUDA-graph replays
+   cycling over several page tables on disjoint pages (more bytes than L2 holds, so rows come
+   from HBM), median over replays. Speedup is over the torch reference (torch_ref, eager).
+3. Prefill LoRA (MBGMM shrink + expand on tensor cores), 4096 tokens in 8 segments of distinct
+   adapters, ranks 16, 64, 128: TFLOP/s (2 * tokens * rank * (d_in + d_out)) against the GEMM
+   rate, and against the roofline min(GEMM rate, bytes / copy bandwidth): at these ranks the
+   work is bound by moving x and y, not by arithmetic.
+4. Decode attention at batch 64 x context 1024 and 4096 (Llama-2-7B: 32 heads; Llama-3-8B:
+   32 query / 8 KV heads), every position on its own random page: GB/s of K and V read.
+
+Prints one table last; with --out, writes it as markdown and JSON there, and a PNG if
+matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+from slora.kernels import launchers as L
+from slora.kernels import torch_ref
+from slora.kernels.cuda_compile import prebuild
+
+DEV = "cuda"
+DTYPE = torch.bfloat16
+H = 4096
+L2_FLUSH_BYTES = 256 << 20  # replay over at least this many distinct bytes
+
+
+def events_time(fn, reps: int, warmup: int = 2) -> float:
+    """Median seconds of fn() over `reps` runs, each timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def graph_time(fns: list, reps: int = 20, per_graph: int | None = None) -> float:
+    """Median seconds per call of the launches in `fns`, captured in a CUDA graph in turn
+    (several variants so the data rotates), replayed `reps` times."""
+    per_graph = per_graph or max(len(fns), 8)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for f in fns:
+            f()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(per_graph):
+            fns[i % len(fns)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    return events_time(graph.replay, reps, warmup=1) / per_graph
+
+
+def measure_limits(quick: bool) -> tuple[float, float]:
+    n = 1 << 30
+    src = torch.randint(0, 255, (n,), dtype=torch.uint8, device=DEV)
+    dst = torch.empty_like(src)
+    t = events_time(lambda: dst.copy_(src), 10 if quick else 30)
+    copy_bw = 2 * n / t
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device=DEV, dtype=DTYPE)
+    b = torch.randn(m, m, device=DEV, dtype=DTYPE)
+    t = events_time(lambda: a @ b, 5 if quick else 15)
+    gemm = 2 * m ** 3 / t
+    return copy_bw, gemm
+
+
+def fill_pool(num_pages: int, width: int) -> torch.Tensor:
+    pool = torch.empty(num_pages, 2, width, device=DEV, dtype=DTYPE)
+    for chunk in pool.split(8192):
+        chunk.normal_(0, 0.02)
+    return pool
+
+
+def bench_decode_lora(pool, copy_bw, quick):
+    rows = []
+    num_pages = pool.shape[0]
+    d_in = d_out = H
+    max_rank = 64
+    batches = (1, 8, 64, 256, 512)
+    for rank in (16, 64):
+        for batch in batches:
+            for num_adapters in sorted({1, min(32, batch), batch}):
+                rows_per_set = num_adapters * rank
+                adapter_bytes = rows_per_set * (d_in + d_out) * 2
+                act_bytes = batch * (d_in * 2 + d_out * 4) + batch * max_rank * 4 * 2
+                num_sets = max(1, min(16, math.ceil(L2_FLUSH_BYTES / adapter_bytes),
+                                      num_pages // rows_per_set))
+                perm = torch.randperm(num_pages, device=DEV).to(torch.int32)
+                tables = []
+                for s in range(num_sets):
+                    t = torch.zeros(num_adapters, max_rank, 1, dtype=torch.int32, device=DEV)
+                    t[:, :rank, 0] = perm[s * rows_per_set:(s + 1) * rows_per_set].view(
+                        num_adapters, rank)
+                    tables.append(t)
+                ranks = torch.full((num_adapters,), rank, dtype=torch.int32, device=DEV)
+                scales = torch.full((num_adapters,), 0.5, device=DEV)
+                slots = (torch.arange(batch, device=DEV) % num_adapters).to(torch.int32)
+                slots = slots[torch.randperm(batch, device=DEV)].contiguous()
+                x = torch.randn(batch, d_in, device=DEV, dtype=DTYPE)
+                y = torch.randn(batch, d_out, device=DEV, dtype=DTYPE)
+                v = torch.empty(batch, max_rank, device=DEV)
+
+                def ours(t):
+                    return lambda: (L.lora_shrink(x, pool, t, ranks, slots, out=v),
+                                    L.lora_expand(y, v, pool, t, ranks, scales, slots))
+                t_ours = graph_time([ours(t) for t in tables], reps=10 if quick else 30)
+                t_shrink = graph_time([lambda t=t: L.lora_shrink(x, pool, t, ranks, slots, out=v)
+                                       for t in tables], reps=10 if quick else 30)
+
+                def ref():
+                    vr = torch_ref.lora_shrink(x, pool, tables[0], ranks, slots)
+                    torch_ref.lora_expand(y, vr, pool, tables[0], ranks, scales, slots)
+                t_ref = events_time(ref, 2 if quick or num_adapters > 64 else 5, warmup=1)
+                nbytes = adapter_bytes + act_bytes
+                rows.append(dict(
+                    section="decode LoRA", rank=rank, batch=batch, adapters=num_adapters,
+                    config=f"r{rank} batch {batch} adapters {num_adapters}",
+                    time_us=t_ours * 1e6, rate=nbytes / t_ours / 1e9, unit="GB/s",
+                    pct=100 * nbytes / t_ours / copy_bw, speedup=t_ref / t_ours,
+                    ref_us=t_ref * 1e6, shrink_us=t_shrink * 1e6))
+                print(f"decode LoRA {rows[-1]['config']}: {t_ours * 1e6:.1f} us "
+                      f"(shrink alone {t_shrink * 1e6:.1f}), "
+                      f"{rows[-1]['rate']:.0f} GB/s ({rows[-1]['pct']:.0f}%), "
+                      f"{rows[-1]['speedup']:.1f}x torch ref", flush=True)
+    return rows
+
+
+def bench_prefill_lora(pool, copy_bw, gemm, quick):
+    rows = []
+    tokens, num_segs = 4096, 8
+    d_in = d_out = H
+    max_rank = 128
+    seg_len = tokens // num_segs
+    seg_starts = torch.arange(0, tokens + 1, seg_len, dtype=torch.int32, device=DEV)
+    seg_slots = torch.arange(num_segs, dtype=torch.int32, device=DEV)
+    sets = [(torch.randn(tokens, d_in, device=DEV, dtype=DTYPE),
+             torch.randn(tokens, d_out, device=DEV, dtype=DTYPE)) for _ in range(3)]
+    v = torch.empty(tokens, max_rank, device=DEV)
+    for rank in (16, 64, 128):
+        perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
+        table = torch.zeros(num_segs, max_rank, 1, dtype=torch.int32, device=DEV)
+        table[:, :rank, 0] = perm[:num_segs * rank].view(num_segs, rank)
+        ranks = torch.full((num_segs,), rank, dtype=torch.int32, device=DEV)
+        scales = torch.full((num_segs,), 0.5, device=DEV)
+
+        def ours(x, y):
+            def f():
+                v.zero_()
+                L.lora_shrink_segments(x, pool, table, ranks, seg_starts, seg_slots, out=v)
+                L.lora_expand_segments(y, v, pool, table, ranks, scales, seg_starts, seg_slots)
+            return f
+        t_ours = graph_time([ours(x, y) for x, y in sets], reps=10 if quick else 30)
+
+        def shrink(x):
+            def f():
+                v.zero_()
+                L.lora_shrink_segments(x, pool, table, ranks, seg_starts, seg_slots, out=v)
+            return f
+        t_shrink = graph_time([shrink(x) for x, _ in sets], reps=10 if quick else 30)
+        x, y = sets[0]
+        slots = torch.repeat_interleave(seg_slots, seg_len)
+
+        def ref():
+            vr = torch_ref.lora_shrink(x, pool, table, ranks, slots)
+            torch_ref.lora_expand(y, vr, pool, table, ranks, scales, slots)
+        t_ref = events_time(ref, 3, warmup=1)
+        flops = 2 * tokens * rank * (d_in + d_out)
+        nbytes = tokens * (d_in * 2 + d_out * 4) + num_segs * rank * (d_in + d_out) * 2
+        roof = min(gemm, flops / (nbytes / copy_bw))
+        rate = flops / t_ours
+        rows.append(dict(
+            section="prefill LoRA", rank=rank, config=f"r{rank} 4096 tokens 8 adapters",
+            time_us=t_ours * 1e6, rate=rate / 1e12, unit="TFLOP/s", pct=100 * rate / gemm,
+            pct_roofline=100 * rate / roof, roofline_tflops=roof / 1e12,
+            speedup=t_ref / t_ours, ref_us=t_ref * 1e6, shrink_us=t_shrink * 1e6))
+        print(f"prefill LoRA r{rank}: {t_ours * 1e6:.1f} us (shrink alone "
+              f"{t_shrink * 1e6:.1f}), {rate / 1e12:.1f} TFLOP/s "
+              f"({rows[-1]['pct']:.1f}% of GEMM, {rows[-1]['pct_roofline']:.0f}% of roofline "
+              f"{roof / 1e12:.0f}), {rows[-1]['speedup']:.1f}x torch ref", flush=True)
+    return rows
+
+
+def bench_decode_attention(copy_bw, quick):
+    rows = []
+    batch = 64
+    for name, num_heads, num_kv_heads in (("llama2-7b", 32, 32), ("llama3-8b-gqa", 32, 8)):
+        head_dim = H // num_heads
+        kv_dim = num_kv_heads * head_dim
+        for ctx in (1024, 4096):
+            num_pages = batch * ctx + 64
+            pool = fill_pool(num_pages, H)
+            perm = torch.randperm(num_pages, device=DEV).to(torch.int32)
+            table = perm[:batch * ctx].view(batch, ctx).contiguous()
+            lens = torch.full((batch,), ctx, dtype=torch.int32, device=DEV)
+            q = torch.randn(batch, num_heads, head_dim, device=DEV, dtype=DTYPE)
+            out = torch.empty_like(q)
+            scale = head_dim ** -0.5
+            t_ours = graph_time([lambda: L.paged_attention_decode(
+                q, pool, table, lens, num_kv_heads, scale, out=out)],
+                reps=10 if quick else 30, per_graph=4)
+            t_ref = events_time(lambda: torch_ref.paged_attention_decode(
+                q, pool, table, lens, num_kv_heads, scale), 2, warmup=1)
+            nbytes = batch * ctx * kv_dim * 2 * 2 + 2 * q.numel() * 2
+            rows.append(dict(
+                section="decode attention", config=f"{name} batch 64 ctx {ctx}",
+                time_us=t_ours * 1e6, rate=nbytes / t_ours / 1e9, unit="GB/s",
+                pct=100 * nbytes / t_ours / copy_bw, speedup=t_ref / t_ours,
+                ref_us=t_ref * 1e6, ctx=ctx))
+            print(f"decode attention {rows[-1]['config']}: {t_ours * 1e6:.1f} us, "
+                  f"{rows[-1]['rate']:.0f} GB/s ({rows[-1]['pct']:.0f}%)", flush=True)
+            del pool
+            torch.cuda.empty_cache()
+    return rows
+
+
+def judge(row) -> str:
+    """The issue's target for this row, and whether it was met."""
+    if row["section"] == "decode LoRA" and row["batch"] >= 64 and row["adapters"] == row["batch"]:
+        ok = row["pct"] >= 60 and row["speedup"] >= 3
+        return ("met" if ok else "MISSED") + " (>=60% BW, >=3x)"
+    if row["section"] == "decode attention":
+        return ("met" if row["pct"] >= 60 else "MISSED") + " (>=60% BW)"
+    if row["section"] == "prefill LoRA":
+        return ("met" if row["pct"] >= 30 else "MISSED") + " (>=30% GEMM)"
+    return ""
+
+
+def table(rows, copy_bw, gemm, gpu) -> str:
+    lines = [f"GPU: {gpu}; copy bandwidth {copy_bw / 1e9:.0f} GB/s (read + write), "
+             f"bf16 GEMM {gemm / 1e12:.0f} TFLOP/s (8192^3)", "",
+             "| kernel | config | time (us) | achieved | % of limit | vs torch ref | target |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for r in rows:
+        limit = "copy BW" if r["unit"] == "GB/s" else "GEMM"
+        extra = f" ({r['pct_roofline']:.0f}% of roofline)" if "pct_roofline" in r else ""
+        lines.append(f"| {r['section']} | {r['config']} | {r['time_us']:.1f} | "
+                     f"{r['rate']:.1f} {r['unit']} | {r['pct']:.1f}% {limit}{extra} | "
+                     f"{r['speedup']:.1f}x | {judge(r)} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path: Path) -> bool:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    for rank, ax in zip((16, 64), axes):
+        for label, pick in (("1 adapter", lambda r: r["adapters"] == 1),
+                            ("32 adapters", lambda r: r["adapters"] == 32 < r["batch"]),
+                            ("one adapter per token", lambda r: r["adapters"] == r["batch"])):
+            pts = [r for r in rows
+                   if r["section"] == "decode LoRA" and r["rank"] == rank and pick(r)]
+            ax.plot([r["batch"] for r in pts], [r["pct"] for r in pts], marker="o", label=label)
+        ax.axhline(60, color="gray", linestyle="--", label="target 60%")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (decode tokens)")
+        ax.set_ylabel("% of copy bandwidth")
+        ax.set_title(f"decode LoRA (MBGMV), rank {rank}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, help="folder for kernels.md, kernels.json, kernels.png")
+    ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
+        return 1
+    prebuild(torch.cuda.current_device(), dtypes=(DTYPE,))
+    gpu = torch.cuda.get_device_name()
+    copy_bw, gemm = measure_limits(args.quick)
+    print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s",
+          flush=True)
+    pool = fill_pool(65536, H)  # 1 GiB of pages
+    rows = bench_decode_lora(pool, copy_bw, args.quick)
+    rows += bench_prefill_lora(pool, copy_bw, gemm, args.quick)
+    del pool
+    torch.cuda.empty_cache()
+    rows += bench_decode_attention(copy_bw, args.quick)
+    text = table(rows, copy_bw, gemm, gpu)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "kernels.md").write_text(text + "\n")
+        (args.out / "kernels.json").write_text(json.dumps(
+            dict(gpu=gpu, copy_bw=copy_bw, gemm=gemm, rows=rows), indent=1))
+        if plot(rows, args.out / "kernels.png"):
+            print(f"plot: {args.out / 'kernels.png'}")
+        else:
+            print("matplotlib not installed: no plot")
+    print()
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+// MBGMV: the decode LoRA kernels. Each token of the batch has its own adapter slot (or
+// NO_ADAPTER) and so its own rank; A rows and B^T rows are read through the page table straight
+// from the unified pool's pages (see kernels/torch_ref.py for the layout).
+//
+// Both kernels are bound by the bytes of the adapter rows: each row is read exactly once per
+// token, 16 bytes per thread, several loads in flight before the first use.
+#include "common.cuh"
+
+#define SHRINK_THREADS 128
+#define SHRINK_UNROLL 8
+
+// v[t, i] = x[t] . A_s[i] for i < rank[s], 0 for the other i < max_rank (s = token_slots[t]).
+// grid (num_tokens, row_groups); block SHRINK_THREADS. Block (t, g) computes the row pairs
+// g, g + row_groups, ... of token t; two warps per row, each taking every other 32-vector
+// stretch of it, so a lane keeps SHRINK_UNROLL vectors of x and of the row in flight and a
+// 4096-wide row is one round trip to memory. Decode batches are small: the time is the chain
+// of dependent loads (slot -> rank and first page -> row), so the first page id is read
+// alongside the rank. The launcher picks row_groups so the grid fills the GPU without many
+// blocks that only find rows past the rank. The `, 1` of the launch bounds lets ptxas keep
+// every load of a step in flight (without it, it interleaves each load with its use to save
+// registers: one round trip per load).
+extern "C" __global__ void __launch_bounds__(SHRINK_THREADS, 1)
+mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
+             const elem_t* __restrict__ pool, int H,
+             const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
+             const int* __restrict__ ranks, const int* __restrict__ token_slots,
+             float* __restrict__ v, int d_in)
+{
+    __shared__ float partial[2][SHRINK_THREADS / 32];  // by iteration parity: no second barrier
+    const int t = blockIdx.x;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int half = warp & 1;
+    float* vt = v + (i64)t * max_rank;
+    const int slot = token_slots[t];
+    const bool valid_slot = slot >= 0 && slot < num_slots;
+    const elem_t* xt = x + (i64)t * x_stride;
+    const int* pt_slot = page_table + (i64)(valid_slot ? slot : 0) * max_rank * pages_per_row;
+    int row0 = blockIdx.y * 2;
+    // The first page id of this warp's first row, read before the rank is known.
+    const int first_page = valid_slot && row0 < max_rank
+        ? pt_slot[(i64)min(row0 + (warp >> 1), max_rank - 1) * pages_per_row] : 0;
+    const int rank = valid_slot ? min(ranks[slot], max_rank) : 0;
+
+    for (int it = 0; row0 < max_rank; row0 += 2 * gridDim.y, ++it) {
+        if (row0 >= rank) {  // both rows past the rank (uniform over the block)
+            if (threadIdx.x < 2 && row0 + threadIdx.x < max_rank) vt[row0 + threadIdx.x] = 0.f;
+            continue;
+        }
+        const int row = row0 + (warp >> 1);
+        float acc = 0.f;
+        if (row < rank) {
+            const int* pt = pt_slot + (i64)row * pages_per_row;
+            for (int j = 0, base = 0; base < d_in; ++j, base += H) {
+                const int len = min(H, d_in - base);
+                const int page = (j == 0 && it == 0) ? first_page : pt[j];
+                const elem_t* a = pool + (i64)page * 2 * H;  // K half
+                const elem_t* xb = xt + base;
+                for (int k0 = 0; k0 < len; k0 += 64 * VEC * SHRINK_UNROLL) {
+                    vec_t xv[SHRINK_UNROLL], av[SHRINK_UNROLL];
+#pragma unroll
+                    for (int u = 0; u < SHRINK_UNROLL; ++u) {
+                        const int kk = k0 + (u * 64 + half * 32 + lane) * VEC;
+                        xv[u] = kk < len ? ld_vec(xb + kk) : vzero();
+                        av[u] = kk < len ? ld_stream(a + kk) : vzero();
+                    }
+#pragma unroll
+                    for (int u = 0; u < SHRINK_UNROLL; ++u) acc += dot_vec(xv[u], av[u]);
+                }
+            }
+            acc = warp_sum(acc);
+        }
+        if (lane == 0) partial[it & 1][warp] = acc;
+        __syncthreads();
+        if (threadIdx.x < 2 && row0 + threadIdx.x < max_rank)
+            vt[row0 + threadIdx.x] = partial[it & 1][2 * threadIdx.x] + partial[it & 1][2 * threadIdx.x + 1];
+    }
+}
+
+#define EXPAND_THREADS 128
+#define EXPAND_UNROLL 16
+
+// y[t, o] += scale[s] * sum_{i < rank[s]} v[t, i] * B_s^T[i, o], in place; tokens with no
+// adapter are left untouched. grid (num_tokens, ceil(d_out / H) * chunks_per_page) with
+// chunks_per_page = ceil(H / (EXPAND_THREADS * VEC)): a block covers one chunk of one page
+// column j of the rows, so it stages the page ids of its token's rows (and v * scale) in shared
+// memory once; dynamic shared memory 8 * max_rank bytes. One thread per 16-byte vector of y:
+// it reads that vector of each of the token's B^T rows, EXPAND_UNROLL rows in flight.
+extern "C" __global__ void __launch_bounds__(EXPAND_THREADS, 1)
+mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
+             const elem_t* __restrict__ pool, int H,
+             const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
+             const int* __restrict__ ranks, const float* __restrict__ scales,
+             const int* __restrict__ token_slots, int d_out, int chunks_per_page)
+{
+    extern __shared__ float smem[];
+    float* v_scaled = smem;                        // [max_rank]: v[t, :] * scale
+    int* page_ids = (int*)(smem + max_rank);       // [max_rank]: page of each row at column j
+    const int t = blockIdx.x;
+    const int slot = token_slots[t];
+    if (slot < 0 || slot >= num_slots) return;
+    // Every load below depends on the slot alone, so they are all in flight together: y, the
+    // rank, the scale, v and the page ids (up to max_rank: rows past the rank are staged but
+    // never used).
+    const int j = blockIdx.y / chunks_per_page;
+    const int in_page = (blockIdx.y % chunks_per_page) * EXPAND_THREADS * VEC + threadIdx.x * VEC;
+    const int o = j * H + in_page;
+    const bool active = in_page < H && o < d_out;
+    elem_t* yp = y + (i64)t * y_stride + o;
+    const vec_t y_old = active ? ld_rw(yp) : vzero();
+    const int rank = min(ranks[slot], max_rank);
+    const float scale = scales[slot];
+    const int* pt = page_table + (i64)slot * max_rank * pages_per_row + j;
+    for (int i = threadIdx.x; i < max_rank; i += EXPAND_THREADS) {
+        v_scaled[i] = v[(i64)t * max_rank + i] * scale;
+        page_ids[i] = pt[(i64)i * pages_per_row];
+    }
+    __syncthreads();
+    if (rank <= 0 || !active) return;
+    const elem_t* col = pool + H + in_page;  // V half of the page, this thread's vector
+
+    float acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+    for (int i = 0; i < rank; i += EXPAND_UNROLL) {
+        vec_t b[EXPAND_UNROLL];
+#pragma unroll
+        for (int u = 0; u < EXPAND_UNROLL; ++u)
+            b[u] = i + u < rank ? ld_stream(col + (i64)page_ids[i + u] * 2 * H) : vzero();
+#pragma unroll
+        for (int u = 0; u < EXPAND_UNROLL; ++u) {
+            float f[VEC];
+            unpack(b[u], f);
+            const float w = i + u < rank ? v_scaled[i + u] : 0.f;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[e] = fmaf(w, f[e], acc[e]);
+        }
+    }
+    float yf[VEC];
+    unpack(y_old, yf);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) yf[e] += acc[e];
+    st_vec(yp, pack(yf));
+}

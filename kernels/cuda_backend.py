@@ -1,0 +1,66 @@
+"""The CUDA kernels (kernels/cuda/, launched through kernels/launchers.py) behind the backend
+interface of kernels/backend.py.
+
+A step's batch holds the decode tokens first (one per request: MBGMV and decode attention),
+then the prefill tokens, contiguous per request (MBGMM and prefill attention); see backend.py.
+A decode-only batch runs as pure kernel launches with no host synchronisation, so a whole
+decode step can be captured in a CUDA graph. Importing this module needs CuPy: get_backend()
+falls back to the torch backend when the import fails.
+"""
+from __future__ import annotations
+
+import torch
+
+from slora.kernels import launchers
+from slora.kernels.backend import AttentionBatch, LoraBatch
+
+
+class CudaBackend:
+    """MBGMV / MBGMM LoRA and paged attention as CuPy RawModule CUDA kernels."""
+
+    name = "cuda"
+
+    def lora_shrink(self, x, pool, lora_page_table, lora_ranks, batch: LoraBatch):
+        """v [num_tokens, max_rank] float32 = x @ A^T per token's adapter (0 past its rank)."""
+        num_tokens, nd = x.shape[0], batch.num_decode_tokens
+        if nd == num_tokens:
+            return launchers.lora_shrink(x, pool, lora_page_table, lora_ranks, batch.token_slots)
+        v = torch.empty(num_tokens, lora_page_table.shape[1], dtype=torch.float32,
+                        device=x.device)
+        if nd:
+            launchers.lora_shrink(x[:nd], pool, lora_page_table, lora_ranks,
+                                  batch.token_slots[:nd], out=v[:nd])
+        v[nd:].zero_()  # the MBGMM blocks add their split of d_in into v
+        launchers.lora_shrink_segments(x, pool, lora_page_table, lora_ranks, batch.seg_starts,
+                                       batch.seg_slots, out=v)
+        return v
+
+    def lora_expand(self, y, v, pool, lora_page_table, lora_ranks, lora_scales,
+                    batch: LoraBatch):
+        """y += scale * v @ B^T per token's adapter, in place; returns y."""
+        num_tokens, nd = y.shape[0], batch.num_decode_tokens
+        if nd:
+            launchers.lora_expand(y[:nd], v[:nd], pool, lora_page_table, lora_ranks, lora_scales,
+                                  batch.token_slots[:nd])
+        if nd < num_tokens:
+            launchers.lora_expand_segments(y, v, pool, lora_page_table, lora_ranks, lora_scales,
+                                           batch.seg_starts, batch.seg_slots)
+        return y
+
+    def store_kv(self, k, v, pool, batch: AttentionBatch):
+        launchers.store_kv(k, v, pool, batch.token_page_ids)
+
+    def paged_attention(self, q, pool, batch: AttentionBatch, num_kv_heads: int, scale: float):
+        """[num_tokens, num_heads, head_dim]: decode requests by the split-context kernel,
+        the others by the causal tensor-core kernel."""
+        num_reqs, nd = batch.context_lens.shape[0], batch.num_decode_reqs
+        out = torch.empty_like(q)
+        if nd:
+            launchers.paged_attention_decode(
+                q[:nd], pool, batch.kv_page_table[:nd], batch.context_lens[:nd], num_kv_heads,
+                scale, max_context_len=batch.max_context_len, out=out[:nd])
+        if nd < num_reqs:
+            launchers.paged_attention(
+                q, pool, batch.kv_page_table[nd:], batch.context_lens[nd:],
+                batch.query_start_loc[nd:], num_kv_heads, scale, out=out)
+        return out

@@ -1,0 +1,185 @@
+"""Build the CUDA sources in kernels/cuda/ for the GPU in use, once, and launch them on torch's
+current stream.
+
+Each source is built once per element type (bf16, fp16, fp32: `-DSLORA_BF16` ...) and per GPU
+architecture. With nvcc on the PATH (or under $CUDA_PATH) we build a cubin with
+`-arch=sm_<major><minor>` read off the device and keep it in $SLORA_KERNEL_CACHE (default
+~/.cache/slora/kernels), named by a hash of the sources, the options and nvcc's version; the
+cubin is loaded with cupy.RawModule. Without nvcc, CuPy's NVRTC builds the same source (it
+targets the current device's architecture itself and keeps its own cache). Either way a process
+builds a module at most once: loaded modules and their kernels are kept here, per device.
+
+Kernels launch on torch's current stream (`cupy.cuda.Stream.from_external`), so they order
+with torch's work and are captured by `torch.cuda.graph` with the rest of a decode step.
+
+`python -m slora.kernels.cuda_compile` builds every module for the current GPU in parallel
+(and prints ptxas's register and shared-memory report): run it once before timing anything.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import cupy
+import numpy as np
+import torch
+
+SOURCE_DIR = Path(__file__).parent / "cuda"
+SOURCES = ("lora_mbgmv.cu", "lora_mbgmm.cu", "attention.cu")
+DTYPE_DEFINES = {
+    torch.bfloat16: "SLORA_BF16",
+    torch.float16: "SLORA_FP16",
+    torch.float32: "SLORA_FP32",
+}
+NVCC_OPTIONS = ("-O3", "-std=c++17")
+
+_lock = threading.Lock()
+_modules: dict[tuple[int, str, str], cupy.RawModule] = {}
+_kernels: dict[tuple[int, str, str, str], cupy.RawKernel] = {}
+_streams: dict[int, object] = {}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("SLORA_KERNEL_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "slora" / "kernels"
+
+
+def find_nvcc() -> str | None:
+    for candidate in (shutil.which("nvcc"),
+                      os.path.join(os.environ.get("CUDA_PATH", ""), "bin", "nvcc"),
+                      "/usr/local/cuda/bin/nvcc"):
+        if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def device_arch(device_index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(device_index)
+    return f"sm_{major}{minor}"
+
+
+def _source_text(source: str) -> str:
+    return (SOURCE_DIR / "common.cuh").read_text() + (SOURCE_DIR / source).read_text()
+
+
+_nvcc_version_cache: dict[str, str] = {}
+
+
+def _nvcc_version(nvcc: str) -> str:
+    if nvcc not in _nvcc_version_cache:
+        _nvcc_version_cache[nvcc] = subprocess.run(
+            [nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    return _nvcc_version_cache[nvcc]
+
+
+def build_cubin(source: str, define: str, arch: str, nvcc: str) -> Path:
+    """The cubin of `source` for one element type and architecture, built if not cached."""
+    options = (*NVCC_OPTIONS, f"-arch={arch}", f"-D{define}")
+    key = hashlib.sha256("\0".join(
+        (_nvcc_version(nvcc), " ".join(options), _source_text(source))).encode()).hexdigest()
+    out = cache_dir() / f"{Path(source).stem}-{define}-{arch}-{key[:20]}.cubin"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")
+    cmd = [nvcc, "-cubin", *options, f"-I{SOURCE_DIR}", "-Xptxas", "-v",
+           "-o", str(tmp), str(SOURCE_DIR / source)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"nvcc failed on {source} ({define}, {arch}):\n{proc.stderr}")
+    out.with_suffix(".log").write_text(proc.stderr)
+    os.replace(tmp, out)
+    return out
+
+
+def _load_module(device_index: int, source: str, define: str) -> cupy.RawModule:
+    nvcc = find_nvcc()
+    with cupy.cuda.Device(device_index):
+        if nvcc is not None:
+            cubin = build_cubin(source, define, device_arch(device_index), nvcc)
+            return cupy.RawModule(path=str(cubin))
+        # NVRTC: CuPy adds -arch=sm_XX for the current device itself.
+        code = _source_text(source).replace('#include "common.cuh"', "")
+        return cupy.RawModule(code=code, options=("-std=c++17", f"-D{define}"))
+
+
+def get_kernel(source: str, dtype: torch.dtype, name: str, device_index: int) -> cupy.RawKernel:
+    """Kernel `name` of `source` built for `dtype`, loaded on device `device_index`."""
+    key = (device_index, source, str(dtype), name)
+    kernel = _kernels.get(key)
+    if kernel is not None:
+        return kernel
+    with _lock:
+        mkey = (device_index, source, DTYPE_DEFINES[dtype])
+        module = _modules.get(mkey)
+        if module is None:
+            module = _load_module(device_index, source, DTYPE_DEFINES[dtype])
+            _modules[mkey] = module
+        with cupy.cuda.Device(device_index):
+            kernel = module.get_function(name)
+        _kernels[key] = kernel
+    return kernel
+
+
+def current_stream(device_index: int):
+    """torch's current stream on the device, as a CuPy stream (cached by handle)."""
+    ts = torch.cuda.current_stream(device_index)
+    handle = ts.cuda_stream
+    stream = _streams.get(handle)
+    if stream is None:
+        try:
+            stream = cupy.cuda.Stream.from_external(ts)
+        except (AttributeError, TypeError, ValueError):
+            stream = cupy.cuda.ExternalStream(handle, device_index)
+        _streams[handle] = stream
+    return stream
+
+
+def launch(kernel: cupy.RawKernel, grid: tuple, block: tuple, args: tuple, device_index: int,
+           shared_mem: int = 0) -> None:
+    with cupy.cuda.Device(device_index), current_stream(device_index):
+        kernel(grid, block, args, shared_mem=shared_mem)
+
+
+# Kernel arguments, converted explicitly: a pointer is passed as a 64-bit integer.
+def ptr(t: torch.Tensor) -> np.uint64:
+    return np.uint64(t.data_ptr())
+
+
+def i32(n: int) -> np.int32:
+    return np.int32(n)
+
+
+def i64(n: int) -> np.int64:
+    return np.int64(n)
+
+
+def f32(x: float) -> np.float32:
+    return np.float32(x)
+
+
+def prebuild(device_index: int = 0, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list[Path]:
+    """Build every module for the device's architecture in parallel (nvcc only)."""
+    nvcc = find_nvcc()
+    if nvcc is None:
+        return []
+    arch = device_arch(device_index)
+    jobs = [(s, DTYPE_DEFINES[d]) for s in SOURCES for d in dtypes]
+    with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+        return list(pool.map(lambda job: build_cubin(job[0], job[1], arch, nvcc), jobs))
+
+
+if __name__ == "__main__":
+    paths = prebuild(torch.cuda.current_device())
+    if not paths:
+        print("nvcc not found: kernels will be built by NVRTC at first use")
+    for p in paths:
+        print(p)
+        if "-v" in sys.argv:
+            print(p.with_suffix(".log").read_text())

@@ -1,0 +1,423 @@
+"""CUDA launchers of the kernels in kernels/cuda/, beside their torch references.
+
+Each launcher has the signature and argument names of its reference in torch_ref.py (a few
+launchers take extra keyword-only arguments at the end: `out=` to write into a given tensor,
+and the bounds the grid needs that the reference reads off the data). Before a launch it checks
+what the kernel assumes (device, dtype, shape, contiguity, 16-byte alignment) and names the
+argument that fails. It does not check values that live on the GPU (slots, pages, lengths):
+reading them would stall the host; a slot outside [0, num_slots) counts as NO_ADAPTER.
+
+Kernels launch on torch's current stream and allocate only through torch, so every launcher
+except the fp32 fallbacks can be captured in a CUDA graph.
+
+Prefill LoRA comes as segment variants (MBGMM): `seg_starts` [num_segments + 1] int32 holds
+row offsets into x / y / v (absolute, not relative to the first segment), `seg_slots`
+[num_segments] int32 the slot of each. Equivalent to the token variants with
+token_slots[seg_starts[i]:seg_starts[i + 1]] = seg_slots[i].
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from slora.kernels import torch_ref
+from slora.kernels.cuda_compile import f32, get_kernel, i32, i64, launch, ptr
+
+MBGMV = "lora_mbgmv.cu"
+MBGMM = "lora_mbgmm.cu"
+ATTENTION = "attention.cu"
+POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+HEAD_DIMS = (64, 128)
+_sm_counts: dict[int, int] = {}
+
+
+def _num_sms(device_index: int) -> int:
+    if device_index not in _sm_counts:
+        _sm_counts[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
+    return _sm_counts[device_index]
+
+
+# ---- checks -------------------------------------------------------------------------------
+
+def _check_cuda(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}; the pool is on {device}")
+
+
+def _check_pool(pool: torch.Tensor) -> int:
+    if not isinstance(pool, torch.Tensor) or pool.device.type != "cuda":
+        raise ValueError(f"pool must be a CUDA tensor, got {getattr(pool, 'device', type(pool))}")
+    if pool.dtype not in POOL_DTYPES:
+        raise ValueError(f"pool has dtype {pool.dtype}; the kernels take {POOL_DTYPES}")
+    if pool.dim() != 3 or pool.shape[1] != 2:
+        raise ValueError(f"pool must be [num_pages, 2, H], got {tuple(pool.shape)}")
+    if not pool.is_contiguous():
+        raise ValueError(f"pool must be contiguous, got strides {pool.stride()}")
+    H = pool.shape[2]
+    if H % _vec(pool.dtype):
+        raise ValueError(f"pool's H={H} must be a multiple of {_vec(pool.dtype)} (16 bytes)")
+    if pool.data_ptr() % 16:
+        raise ValueError("pool's data must be 16-byte aligned")
+    return H
+
+
+_VEC = {torch.bfloat16: 8, torch.float16: 8, torch.float32: 4}
+
+
+def _vec(dtype: torch.dtype) -> int:
+    """Elements of `dtype` in one 16-byte vector (the kernels' unit of access)."""
+    return _VEC[dtype]
+
+
+def _check_rows(name: str, t: torch.Tensor, pool: torch.Tensor, width: int | None = None) -> None:
+    """A 2-D activation in the pool's dtype whose rows can be read 16 bytes at a time."""
+    _check_cuda(name, t, pool.device)
+    if t.dtype != pool.dtype:
+        raise ValueError(f"{name} has dtype {t.dtype}; the pool has {pool.dtype}")
+    if t.dim() != 2:
+        raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
+    vec = _vec(t.dtype)
+    if t.shape[1] % vec:
+        raise ValueError(f"{name} has {t.shape[1]} columns; it must be a multiple of {vec}")
+    if t.shape[0] > 1 and t.shape[1] > 0 and (t.stride(1) != 1 or t.stride(0) % vec):
+        raise ValueError(f"{name} needs contiguous rows with a row stride multiple of {vec}, "
+                         f"got strides {t.stride()}")
+    if t.data_ptr() % 16:
+        raise ValueError(f"{name}'s data must be 16-byte aligned")
+    if width is not None and t.shape[1] != width:
+        raise ValueError(f"{name} has {t.shape[1]} columns, expected {width}")
+
+
+def _check_int(name: str, t: torch.Tensor, pool: torch.Tensor, ndim: int,
+               dtype: torch.dtype = torch.int32) -> None:
+    _check_cuda(name, t, pool.device)
+    if t.dtype != dtype:
+        raise ValueError(f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
+    if not t.is_contiguous():
+        raise ValueError(f"{name} must be contiguous, got strides {t.stride()}")
+
+
+def _check_lora_tables(pool, lora_page_table, lora_ranks, width: int, width_name: str):
+    H = _check_pool(pool)
+    _check_int("lora_page_table", lora_page_table, pool, 3)
+    num_slots, max_rank, pages_per_row = lora_page_table.shape
+    _check_int("lora_ranks", lora_ranks, pool, 1)
+    if lora_ranks.shape[0] != num_slots:
+        raise ValueError(f"lora_ranks has {lora_ranks.shape[0]} slots; "
+                         f"lora_page_table has {num_slots}")
+    if width > pages_per_row * H:
+        raise ValueError(f"{width_name}={width} needs {math.ceil(width / H)} pages per row; "
+                         f"lora_page_table has {pages_per_row} (H={H})")
+    return H, num_slots, max_rank, pages_per_row
+
+
+def _check_v(v: torch.Tensor, pool: torch.Tensor, num_tokens: int, max_rank: int, name="v"):
+    _check_cuda(name, v, pool.device)
+    if v.dtype != torch.float32:
+        raise ValueError(f"{name} must be float32, got {v.dtype}")
+    if tuple(v.shape) != (num_tokens, max_rank) or not v.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous [{num_tokens}, {max_rank}] tensor, "
+                         f"got shape {tuple(v.shape)} strides {v.stride()}")
+
+
+def _check_segments(seg_starts, seg_slots, pool) -> int:
+    _check_int("seg_starts", seg_starts, pool, 1)
+    _check_int("seg_slots", seg_slots, pool, 1)
+    if seg_starts.shape[0] != seg_slots.shape[0] + 1:
+        raise ValueError(f"seg_starts has {seg_starts.shape[0]} entries; "
+                         f"seg_slots has {seg_slots.shape[0]} (expected one fewer)")
+    return seg_slots.shape[0]
+
+
+# ---- LoRA decode (MBGMV) ------------------------------------------------------------------
+
+def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None):
+    """v[t, i] = x[t] @ A_{s}[i] for i < rank[s], s = token_slots[t]; 0 elsewhere.
+
+    x [num_tokens, d_in]; pool [num_pages, 2, H]; returns v [num_tokens, max_rank] float32
+    (written into `out` when given: every element is written).
+    """
+    _check_rows("x", x, pool)
+    num_tokens, d_in = x.shape
+    H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_in, "d_in")
+    _check_int("token_slots", token_slots, pool, 1)
+    if token_slots.shape[0] != num_tokens:
+        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
+    if out is None:
+        out = torch.empty(num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    _check_v(out, pool, num_tokens, max_rank, "out")
+    if num_tokens == 0 or max_rank == 0:
+        return out
+    dev = pool.device.index
+    kernel = get_kernel(MBGMV, pool.dtype, "mbgmv_shrink", dev)
+    # Blocks loop over row pairs: enough of them to fill the GPU (~4 resident per SM), not
+    # so many that most find only rows past the rank.
+    row_groups = max(1, min(math.ceil(max_rank / 2), math.ceil(4 * _num_sms(dev) / num_tokens)))
+    launch(kernel, (num_tokens, row_groups), (128,),
+           (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
+            i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(token_slots), ptr(out), i32(d_in)),
+           dev)
+    return out
+
+
+def lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slots):
+    """y[t] += scale[s] * v[t, :r] @ B_{s}^T[:r], s = token_slots[t], in place; returns y.
+
+    y [num_tokens, d_out] (model dtype); v [num_tokens, max_rank] float32.
+    """
+    _check_rows("y", y, pool)
+    num_tokens, d_out = y.shape
+    H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_out, "d_out")
+    _check_v(v, pool, num_tokens, max_rank)
+    _check_cuda("lora_scales", lora_scales, pool.device)
+    if lora_scales.dtype != torch.float32 or tuple(lora_scales.shape) != (num_slots,):
+        raise ValueError(f"lora_scales must be float32 [{num_slots}], "
+                         f"got {lora_scales.dtype} {tuple(lora_scales.shape)}")
+    _check_int("token_slots", token_slots, pool, 1)
+    if token_slots.shape[0] != num_tokens:
+        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; y has {num_tokens}")
+    if num_tokens == 0 or max_rank == 0 or d_out == 0:
+        return y
+    dev = pool.device.index
+    kernel = get_kernel(MBGMV, pool.dtype, "mbgmv_expand", dev)
+    # A block covers one chunk of one page column, so its rows' page ids are the same.
+    chunks_per_page = math.ceil(H / (128 * _vec(pool.dtype)))
+    launch(kernel, (num_tokens, math.ceil(d_out / H) * chunks_per_page), (128,),
+           (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
+            i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
+            ptr(token_slots), i32(d_out), i32(chunks_per_page)),
+           dev, shared_mem=8 * max_rank)
+    return y
+
+
+# ---- LoRA prefill (MBGMM) -----------------------------------------------------------------
+
+def _segment_token_slots(num_tokens, seg_starts, seg_slots):
+    """token_slots equivalent to the segments (host sync: fp32 fallback only)."""
+    slots = torch.full((num_tokens,), torch_ref.NO_ADAPTER, dtype=torch.int32,
+                       device=seg_slots.device)
+    starts = seg_starts.tolist()
+    for i, slot in enumerate(seg_slots.tolist()):
+        slots[starts[i]:starts[i + 1]] = slot
+    return slots
+
+
+def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_slots, *,
+                         out=None):
+    """v[t, i] = x[t] @ A_{s}[i] for the tokens t of each segment (s its slot), i < rank[s].
+
+    x [num_tokens, d_in]; returns v [num_tokens, max_rank] float32, zeros outside the ranks
+    and the segments. A given `out` must hold zeros in the segments' rows: the kernel splits
+    d_in over blocks that add into v.
+    """
+    _check_rows("x", x, pool)
+    num_tokens, d_in = x.shape
+    H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_in, "d_in")
+    num_segs = _check_segments(seg_starts, seg_slots, pool)
+    if out is None:
+        out = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
+    _check_v(out, pool, num_tokens, max_rank, "out")
+    if num_segs == 0 or num_tokens == 0 or max_rank == 0:
+        return out
+    if pool.dtype == torch.float32:  # no fp32 tensor-core path: per-token kernel
+        slots = _segment_token_slots(num_tokens, seg_starts, seg_slots)
+        v = lora_shrink(x, pool, lora_page_table, lora_ranks, slots)
+        mask = slots != torch_ref.NO_ADAPTER
+        out[mask] = v[mask]
+        return out
+    dev = pool.device.index
+    kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_shrink", dev)
+    n_tiles = math.ceil(max_rank / 64)
+    m_tiles = math.ceil(num_tokens / 64) + num_segs
+    # Split d_in so that ~6 blocks per SM stream x (ranks are often below 64, so count one
+    # rank tile); each split at least 256 wide.
+    k_splits = max(1, min(math.ceil(6 * _num_sms(dev) / math.ceil(num_tokens / 64)),
+                          d_in // 256))
+    k_split_len = math.ceil(d_in / k_splits / 32) * 32
+    k_splits = math.ceil(d_in / k_split_len)
+    launch(kernel, (n_tiles, m_tiles, k_splits), (128,),
+           (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
+            i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(seg_starts), ptr(seg_slots),
+            i32(num_segs), ptr(out), i32(d_in), i32(k_split_len)),
+           dev)
+    return out
+
+
+def lora_expand_segments(y, v, pool, lora_page_table, lora_ranks, lora_scales, seg_starts,
+                         seg_slots):
+    """y[t] += scale[s] * v[t, :r] @ B_{s}^T[:r] for the tokens t of each segment, in place.
+
+    y [num_tokens, d_out] (model dtype); v [num_tokens, max_rank] float32; returns y.
+    """
+    _check_rows("y", y, pool)
+    num_tokens, d_out = y.shape
+    H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_out, "d_out")
+    _check_v(v, pool, num_tokens, max_rank)
+    _check_cuda("lora_scales", lora_scales, pool.device)
+    if lora_scales.dtype != torch.float32 or tuple(lora_scales.shape) != (num_slots,):
+        raise ValueError(f"lora_scales must be float32 [{num_slots}], "
+                         f"got {lora_scales.dtype} {tuple(lora_scales.shape)}")
+    num_segs = _check_segments(seg_starts, seg_slots, pool)
+    if num_segs == 0 or num_tokens == 0 or max_rank == 0 or d_out == 0:
+        return y
+    if pool.dtype == torch.float32:
+        slots = _segment_token_slots(num_tokens, seg_starts, seg_slots)
+        return lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, slots)
+    dev = pool.device.index
+    kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_expand", dev)
+    launch(kernel, (math.ceil(d_out / 64), math.ceil(num_tokens / 64) + num_segs), (128,),
+           (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
+            i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
+            ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(d_out),
+            i32(max_rank % 4 == 0 and v.data_ptr() % 16 == 0)),
+           dev)
+    return y
+
+
+# ---- attention ----------------------------------------------------------------------------
+
+def store_kv(k, v, pool, token_page_ids):
+    """pool[p_t, 0, :kv_dim] = k[t]; pool[p_t, 1, :kv_dim] = v[t].
+
+    k, v [num_tokens, kv_dim] in the pool's dtype; token_page_ids [num_tokens] int32.
+    """
+    H = _check_pool(pool)
+    _check_rows("k", k, pool)
+    _check_rows("v", v, pool, width=k.shape[1])
+    num_tokens, kv_dim = k.shape
+    if v.shape[0] != num_tokens:
+        raise ValueError(f"v has {v.shape[0]} tokens; k has {num_tokens}")
+    if kv_dim > H:
+        raise ValueError(f"kv_dim={kv_dim} does not fit a page half of H={H}")
+    _check_int("token_page_ids", token_page_ids, pool, 1)
+    if token_page_ids.shape[0] != num_tokens:
+        raise ValueError(f"token_page_ids has {token_page_ids.shape[0]} tokens; k has {num_tokens}")
+    if num_tokens == 0:
+        return
+    dev = pool.device.index
+    launch(get_kernel(ATTENTION, pool.dtype, "store_kv", dev), (num_tokens,), (128,),
+           (ptr(k), i64(k.stride(0)), ptr(v), i64(v.stride(0)), ptr(pool), i32(H),
+            ptr(token_page_ids), i32(kv_dim)),
+           dev)
+
+
+def _check_attention(q, pool, kv_page_table, context_lens, num_kv_heads):
+    H = _check_pool(pool)
+    _check_cuda("q", q, pool.device)
+    if q.dtype != pool.dtype:
+        raise ValueError(f"q has dtype {q.dtype}; the pool has {pool.dtype}")
+    if q.dim() != 3 or not q.is_contiguous():
+        raise ValueError(f"q must be a contiguous [tokens, num_heads, head_dim] tensor, "
+                         f"got shape {tuple(q.shape)} strides {q.stride()}")
+    _, num_heads, head_dim = q.shape
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim={head_dim}; the kernels are built for {HEAD_DIMS}")
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+    if num_kv_heads * head_dim > H:
+        raise ValueError(f"kv_dim={num_kv_heads * head_dim} does not fit a page half of H={H}")
+    _check_int("kv_page_table", kv_page_table, pool, 2)
+    _check_int("context_lens", context_lens, pool, 1)
+    if context_lens.shape[0] != kv_page_table.shape[0]:
+        raise ValueError(f"context_lens has {context_lens.shape[0]} requests; "
+                         f"kv_page_table has {kv_page_table.shape[0]}")
+    return H, num_heads, head_dim
+
+
+def _check_out(out, like, name="out"):
+    if out is None:
+        return torch.empty_like(like)
+    _check_cuda(name, out, like.device)
+    if out.dtype != like.dtype or out.shape != like.shape or not out.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous {like.dtype} {tuple(like.shape)} tensor, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def paged_attention_decode(q, pool, kv_page_table, context_lens, num_kv_heads, scale, *,
+                           max_context_len=None, out=None):
+    """One query token per request, at the last position of its context.
+
+    q [num_reqs, num_heads, head_dim]; returns the same shape. `max_context_len` bounds the
+    context lengths (default: kv_page_table's width); it sets how the context is split over
+    blocks, so keep it fixed across replays of a captured graph.
+    """
+    H, num_heads, head_dim = _check_attention(q, pool, kv_page_table, context_lens, num_kv_heads)
+    num_reqs = q.shape[0]
+    if context_lens.shape[0] != num_reqs:
+        raise ValueError(f"context_lens has {context_lens.shape[0]} requests; q has {num_reqs}")
+    out = _check_out(out, q)
+    if num_reqs == 0:
+        return out
+    max_ctx = max(1, int(max_context_len or kv_page_table.shape[1]))
+    group = num_heads // num_kv_heads
+    maxg = next(g for g in (1, 2, 4, 8) if g >= min(group, 8))
+    subs = math.ceil(group / maxg)
+    dev = pool.device.index
+    base_blocks = num_reqs * num_kv_heads * subs
+    num_splits = max(1, min(math.ceil(max_ctx / 256),
+                            math.ceil(4 * _num_sms(dev) / base_blocks)))
+    split_len = math.ceil(math.ceil(max_ctx / num_splits) / 64) * 64
+    num_splits = math.ceil(max_ctx / split_len)
+    if num_splits > 1:
+        part_acc = torch.empty(num_reqs, num_heads, num_splits, head_dim,
+                               dtype=torch.float32, device=q.device)
+        part_ml = torch.empty(num_reqs, num_heads, num_splits, 2,
+                              dtype=torch.float32, device=q.device)
+        parts = (ptr(part_acc), ptr(part_ml))
+    else:
+        parts = (ptr(out), ptr(out))  # unused
+    kernel = get_kernel(ATTENTION, pool.dtype, f"paged_decode_hd{head_dim}_g{maxg}", dev)
+    scale_log2 = float(scale) * math.log2(math.e)
+    launch(kernel, (num_reqs, num_kv_heads * subs, num_splits), (128,),
+           (ptr(q), ptr(pool), i32(H), ptr(kv_page_table), i32(kv_page_table.shape[1]),
+            ptr(context_lens), i32(num_heads), i32(num_kv_heads), f32(scale_log2),
+            i32(split_len), i32(num_splits), ptr(out), *parts),
+           dev)
+    if num_splits > 1:
+        launch(get_kernel(ATTENTION, pool.dtype, "paged_decode_reduce", dev),
+               (num_reqs, num_heads), (head_dim,),
+               (parts[0], parts[1], ptr(context_lens), i32(num_heads), i32(head_dim),
+                i32(split_len), i32(num_splits), ptr(out)),
+               dev)
+    return out
+
+
+def paged_attention(q, pool, kv_page_table, context_lens, query_start_loc, num_kv_heads, scale,
+                    *, out=None):
+    """Causal attention of each request's new tokens over its whole context, K/V read
+    through the page table (the new tokens' K/V already stored).
+
+    q [num_tokens, num_heads, head_dim], the tokens of request b at rows
+    query_start_loc[b]:query_start_loc[b+1] (absolute rows of q), which are the last positions
+    of its context of context_lens[b] tokens. Returns [num_tokens, num_heads, head_dim] in q's
+    dtype; rows of q outside every request are left unwritten in `out`.
+    """
+    H, num_heads, head_dim = _check_attention(q, pool, kv_page_table, context_lens, num_kv_heads)
+    _check_int("query_start_loc", query_start_loc, pool, 1)
+    num_reqs = context_lens.shape[0]
+    if query_start_loc.shape[0] != num_reqs + 1:
+        raise ValueError(f"query_start_loc has {query_start_loc.shape[0]} entries; "
+                         f"expected num_reqs + 1 = {num_reqs + 1}")
+    out = _check_out(out, q)
+    if num_reqs == 0 or q.shape[0] == 0:
+        return out
+    if pool.dtype == torch.float32:  # no fp32 tensor-core path: the reference
+        ref = torch_ref.paged_attention(q, pool, kv_page_table, context_lens, query_start_loc,
+                                        num_kv_heads, scale)
+        out.copy_(ref)
+        return out
+    dev = pool.device.index
+    kernel = get_kernel(ATTENTION, pool.dtype, f"paged_prefill_hd{head_dim}", dev)
+    scale_log2 = float(scale) * math.log2(math.e)
+    launch(kernel, (math.ceil(q.shape[0] / 64) + num_reqs, num_heads), (128,),
+           (ptr(q), ptr(pool), i32(H), ptr(kv_page_table), i32(kv_page_table.shape[1]),
+            ptr(context_lens), ptr(query_start_loc), i32(num_reqs), i32(num_heads),
+            i32(num_kv_heads), f32(scale_log2), ptr(out)),
+           dev)
+    return out

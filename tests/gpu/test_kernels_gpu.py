@@ -1,0 +1,424 @@
+"""The CUDA kernels against their torch references, on shapes real models have.
+
+Every test draws fresh random inputs (never zeros), scatters the pool's pages with a random
+permutation so nothing is contiguous, mixes ranks 1..128, a slot whose module is not targeted
+(rank 0) and tokens with no adapter in one batch, and poisons outputs with NaN before the run so
+an element the kernel forgot fails. Errors are ||out - ref|| / ||ref|| against a tolerance looked
+up by dtype. Marked `gpu`: run with `pytest -m gpu`; skipped without CUDA or CuPy (importing
+this module needs neither).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from slora.kernels import torch_ref
+from slora.kernels.backend import AttentionBatch, LoraBatch, TorchBackend
+from slora.kernels.torch_ref import NO_ADAPTER
+
+HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and CuPy")]
+
+TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-4}
+DTYPES = [torch.bfloat16, torch.float16]
+RANKS = (1, 8, 16, 32, 64, 128)
+MAX_RANK = 128
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    name: str
+    hidden: int
+    intermediate: int
+    num_heads: int
+    num_kv_heads: int
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.num_heads
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def module_dims(self, module: str) -> tuple[int, int]:
+        """(d_in, d_out) of a LoRA target module."""
+        return {"q_proj": (self.hidden, self.hidden), "k_proj": (self.hidden, self.kv_dim),
+                "up_proj": (self.hidden, self.intermediate),
+                "down_proj": (self.intermediate, self.hidden)}[module]
+
+
+LLAMA2_7B = ModelShape("llama2-7b", 4096, 11008, 32, 32)
+LLAMA2_13B = ModelShape("llama2-13b", 5120, 13824, 40, 40)
+LLAMA3_8B = ModelShape("llama3-8b-gqa", 4096, 14336, 32, 8)
+SMOLLM2 = ModelShape("smollm2-135m-gqa-hd64", 576, 1536, 9, 3)
+LORA_SHAPES = [LLAMA2_7B, LLAMA2_13B, LLAMA3_8B]
+ATTN_SHAPES = [LLAMA2_7B, LLAMA2_13B, LLAMA3_8B, SMOLLM2]
+MODULES = ["q_proj", "k_proj", "up_proj", "down_proj"]
+
+
+@pytest.fixture(scope="module")
+def L():
+    from slora.kernels import launchers
+    return launchers
+
+
+@pytest.fixture
+def gen():
+    g = torch.Generator(device="cuda")
+    g.manual_seed(1234)
+    torch.manual_seed(1234)
+    return g
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.double(), ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def assert_close(out, ref, dtype, what):
+    assert torch.isfinite(out).all(), f"{what}: non-finite output (unwritten element?)"
+    err = rel_err(out, ref)
+    assert err < TOL[dtype], f"{what}: relative error {err:.2e} >= {TOL[dtype]:.0e}"
+
+
+@dataclass
+class LoraPool:
+    pool: torch.Tensor            # [num_pages, 2, H]
+    page_table: torch.Tensor      # [num_slots, MAX_RANK, pages_per_row]
+    ranks: torch.Tensor           # [num_slots]
+    scales: torch.Tensor          # [num_slots]
+
+
+def make_lora_pool(H: int, d_in: int, d_out: int, dtype, gen) -> LoraPool:
+    """One slot per rank of RANKS plus a slot of rank 0, rows on randomly permuted pages."""
+    ranks = list(RANKS) + [0]
+    n = math.ceil(max(d_in, d_out) / H)
+    used = sum(ranks) * n
+    num_pages = 2 * used + 7
+    pool = (torch.randn(num_pages, 2, H, device="cuda", generator=gen) * 0.05).to(dtype)
+    perm = torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32)
+    # Rows past a slot's rank point at random pages: the kernels must not read them.
+    table = torch.randint(0, num_pages, (len(ranks), MAX_RANK, n), device="cuda",
+                          generator=gen, dtype=torch.int32)
+    at = 0
+    for slot, r in enumerate(ranks):
+        table[slot, :r] = perm[at:at + r * n].view(r, n)
+        at += r * n
+    scales = torch.rand(len(ranks), device="cuda", generator=gen) * 1.5 + 0.5
+    return LoraPool(pool, table, torch.tensor(ranks, dtype=torch.int32, device="cuda"), scales)
+
+
+def make_token_slots(num_tokens: int, num_slots: int, gen) -> torch.Tensor:
+    """Every slot at least once, about a sixth of the tokens with no adapter, shuffled."""
+    slots = list(range(num_slots)) + [NO_ADAPTER] * max(1, num_tokens // 6)
+    extra = torch.randint(0, num_slots, (num_tokens - len(slots),), generator=gen,
+                          device="cuda").tolist()
+    slots = torch.tensor(slots + extra, dtype=torch.int32, device="cuda")
+    return slots[torch.randperm(num_tokens, device="cuda", generator=gen)].contiguous()
+
+
+def make_segments(first_row: int, lengths: list[int], num_slots: int, gen):
+    """Segments of the given lengths after `first_row` decode rows; slots include none."""
+    starts = [first_row]
+    for n in lengths:
+        starts.append(starts[-1] + n)
+    slots = [(i * 5 + 3) % (num_slots + 1) - 1 for i in range(len(lengths))]  # -1: NO_ADAPTER
+    token_slots = torch.full((starts[-1],), NO_ADAPTER, dtype=torch.int32)
+    for i, s in enumerate(slots):
+        token_slots[starts[i]:starts[i + 1]] = s
+    cuda = lambda v: torch.tensor(v, dtype=torch.int32, device="cuda")  # noqa: E731
+    return cuda(starts), cuda(slots), token_slots.cuda()
+
+
+SEG_LENGTHS = [1, 17, 64, 100, 130, 7, 200, 65]
+
+
+# ---- LoRA ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_shrink_matches_reference(L, gen, shape, module, dtype):
+    """Decode shrink: mixed ranks, no-adapter tokens, rank-0 slot; every v element written."""
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    slots = make_token_slots(64, lp.ranks.shape[0], gen)
+    x = torch.randn(64, d_in, device="cuda", generator=gen).to(dtype)
+    out = torch.full((64, MAX_RANK), float("nan"), device="cuda")
+    L.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots, out=out)
+    ref = torch_ref.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots)
+    # bf16/fp16 products are exact in float32: only the order of the sums differs.
+    assert_close(out, ref, torch.float32, f"{shape.name} {module} shrink")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_expand_matches_reference(L, gen, shape, module, dtype):
+    """Decode expand accumulates into y in place and leaves no-adapter rows untouched."""
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    slots = make_token_slots(64, lp.ranks.shape[0], gen)
+    v = torch.randn(64, MAX_RANK, device="cuda", generator=gen)
+    y0 = torch.randn(64, d_out, device="cuda", generator=gen).to(dtype)
+    y = y0.clone()
+    L.lora_expand(y, v, lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
+    ref = torch_ref.lora_expand(y0.clone(), v, lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
+    assert_close(y, ref, dtype, f"{shape.name} {module} expand")
+    untouched = (slots == NO_ADAPTER) | (lp.ranks[slots.clamp_min(0).long()] == 0)
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmm_shrink_segments_matches_reference(L, gen, shape, module, dtype):
+    """Prefill shrink on tensor cores over segments of odd lengths, one adapter each."""
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    seg_starts, seg_slots, token_slots = make_segments(5, SEG_LENGTHS, lp.ranks.shape[0], gen)
+    x = torch.randn(token_slots.shape[0], d_in, device="cuda", generator=gen).to(dtype)
+    out = L.lora_shrink_segments(x, lp.pool, lp.page_table, lp.ranks, seg_starts, seg_slots)
+    ref = torch_ref.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, token_slots)
+    assert_close(out, ref, torch.float32, f"{shape.name} {module} segment shrink")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmm_expand_segments_matches_reference(L, gen, shape, module, dtype):
+    """Prefill expand on tensor cores; rows outside segments and no-adapter segments untouched."""
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    seg_starts, seg_slots, token_slots = make_segments(5, SEG_LENGTHS, lp.ranks.shape[0], gen)
+    n = token_slots.shape[0]
+    v = torch.randn(n, MAX_RANK, device="cuda", generator=gen)
+    y0 = torch.randn(n, d_out, device="cuda", generator=gen).to(dtype)
+    y = y0.clone()
+    L.lora_expand_segments(y, v, lp.pool, lp.page_table, lp.ranks, lp.scales, seg_starts,
+                           seg_slots)
+    ref = torch_ref.lora_expand(y0.clone(), v, lp.pool, lp.page_table, lp.ranks, lp.scales,
+                                token_slots)
+    assert_close(y, ref, dtype, f"{shape.name} {module} segment expand")
+    untouched = token_slots == NO_ADAPTER
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_mbgmv_fp32_pool_matches_reference(L, gen):
+    """float32 pools run the same decode kernels (4 elements per 16-byte vector)."""
+    shape, dtype = LLAMA2_7B, torch.float32
+    d_in, d_out = shape.module_dims("down_proj")
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    slots = make_token_slots(32, lp.ranks.shape[0], gen)
+    x = torch.randn(32, d_in, device="cuda", generator=gen)
+    out = torch.full((32, MAX_RANK), float("nan"), device="cuda")
+    L.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots, out=out)
+    assert_close(out, torch_ref.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots), dtype,
+                 "fp32 shrink")
+    y0 = torch.randn(32, d_out, device="cuda", generator=gen)
+    y = L.lora_expand(y0.clone(), out, lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
+    ref = torch_ref.lora_expand(y0.clone(), out, lp.pool, lp.page_table, lp.ranks, lp.scales,
+                                slots)
+    assert_close(y, ref, dtype, "fp32 expand")
+
+
+# ---- attention ----------------------------------------------------------------------------
+
+def make_kv_pool(shape: ModelShape, context_lens: list[int], dtype, gen):
+    """A pool holding each request's context on randomly permuted pages, and its page table."""
+    total = sum(context_lens)
+    num_pages = total + 13
+    pool = torch.randn(num_pages, 2, shape.hidden, device="cuda", generator=gen).to(dtype)
+    perm = torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32)
+    max_ctx = max(context_lens)
+    table = torch.randint(0, num_pages, (len(context_lens), max_ctx + 3), device="cuda",
+                          generator=gen, dtype=torch.int32)
+    at = 0
+    for b, ctx in enumerate(context_lens):
+        table[b, :ctx] = perm[at:at + ctx]
+        at += ctx
+    return pool, table, torch.tensor(context_lens, dtype=torch.int32, device="cuda")
+
+
+DECODE_CONTEXTS = [1, 7, 64, 65, 300, 1024, 2000, 33, 4097]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: s.name)
+def test_decode_attention_matches_reference(L, gen, shape, dtype):
+    """One query per request over contexts of 1..4097 positions scattered over the pool."""
+    pool, table, lens = make_kv_pool(shape, DECODE_CONTEXTS, dtype, gen)
+    q = torch.randn(len(DECODE_CONTEXTS), shape.num_heads, shape.head_dim, device="cuda",
+                    generator=gen).to(dtype)
+    scale = shape.head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    L.paged_attention_decode(q, pool, table, lens, shape.num_kv_heads, scale, out=out)
+    ref = torch_ref.paged_attention_decode(q, pool, table, lens, shape.num_kv_heads, scale)
+    assert_close(out, ref, dtype, f"{shape.name} decode attention")
+
+
+def test_decode_attention_fp32_and_small_batch_split(L, gen):
+    """fp32 pool; a batch of 2 long contexts, which the launcher splits over many blocks."""
+    shape, dtype = LLAMA3_8B, torch.float32
+    pool, table, lens = make_kv_pool(shape, [3000, 5], dtype, gen)
+    q = torch.randn(2, shape.num_heads, shape.head_dim, device="cuda", generator=gen)
+    out = torch.full_like(q, float("nan"))
+    L.paged_attention_decode(q, pool, table, lens, shape.num_kv_heads, 0.1, out=out)
+    ref = torch_ref.paged_attention_decode(q, pool, table, lens, shape.num_kv_heads, 0.1)
+    assert_close(out, ref, dtype, "fp32 decode attention")
+
+
+PREFILL_REQS = [(1, 1), (70, 70), (300, 45), (129, 129), (1000, 200), (64, 64)]  # (ctx, q_len)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", ATTN_SHAPES, ids=lambda s: s.name)
+def test_prefill_attention_matches_reference(L, gen, shape, dtype):
+    """Causal attention of new tokens at the end of their contexts (some with a prefix)."""
+    pool, table, lens = make_kv_pool(shape, [c for c, _ in PREFILL_REQS], dtype, gen)
+    qsl = [0]
+    for _, n in PREFILL_REQS:
+        qsl.append(qsl[-1] + n)
+    qsl = torch.tensor(qsl, dtype=torch.int32, device="cuda")
+    q = torch.randn(int(qsl[-1]), shape.num_heads, shape.head_dim, device="cuda",
+                    generator=gen).to(dtype)
+    scale = shape.head_dim ** -0.5
+    out = torch.full_like(q, float("nan"))
+    L.paged_attention(q, pool, table, lens, qsl, shape.num_kv_heads, scale, out=out)
+    ref = torch_ref.paged_attention(q, pool, table, lens, qsl, shape.num_kv_heads, scale)
+    assert_close(out, ref, dtype, f"{shape.name} prefill attention")
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("shape", [LLAMA2_13B, LLAMA3_8B], ids=lambda s: s.name)
+def test_store_kv_writes_exactly_the_tokens_pages(L, gen, shape, dtype):
+    """store_kv writes K and V into the first kv_dim elements of each token's page, nothing else."""
+    num_pages, n = 300, 97
+    pool = torch.randn(num_pages, 2, shape.hidden, device="cuda", generator=gen).to(dtype)
+    pages = torch.randperm(num_pages, device="cuda", generator=gen)[:n].to(torch.int32)
+    k = torch.randn(n, shape.kv_dim, device="cuda", generator=gen).to(dtype)
+    v = torch.randn(n, shape.kv_dim, device="cuda", generator=gen).to(dtype)
+    expected = pool.clone()
+    torch_ref.store_kv(k, v, expected, pages)
+    L.store_kv(k, v, pool, pages)
+    assert torch.equal(pool, expected)
+
+
+# ---- the backend and CUDA graphs ----------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(gen, dtype):
+    """Decode tokens first, then prefill segments: LoRA and attention as the worker calls them."""
+    from slora.kernels.cuda_backend import CudaBackend
+    shape = LLAMA3_8B
+    d_in, d_out = shape.module_dims("q_proj")
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    num_decode = 12
+    decode_slots = make_token_slots(num_decode, lp.ranks.shape[0], gen)
+    seg_starts, seg_slots, token_slots = make_segments(num_decode, [40, 3, 90],
+                                                       lp.ranks.shape[0], gen)
+    token_slots[:num_decode] = decode_slots
+    n = token_slots.shape[0]
+    lora = LoraBatch(token_slots=token_slots, num_decode_tokens=num_decode,
+                     seg_starts=seg_starts, seg_slots=seg_slots, any_lora=True)
+    x = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
+    y0 = torch.randn(n, d_out, device="cuda", generator=gen).to(dtype)
+    cuda_be, torch_be = CudaBackend(), TorchBackend()
+    v = cuda_be.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, lora)
+    v_ref = torch_be.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, lora)
+    assert_close(v, v_ref, dtype, "backend shrink")
+    y = cuda_be.lora_expand(y0.clone(), v_ref, lp.pool, lp.page_table, lp.ranks, lp.scales, lora)
+    y_ref = torch_be.lora_expand(y0.clone(), v_ref, lp.pool, lp.page_table, lp.ranks, lp.scales,
+                                 lora)
+    assert_close(y, y_ref, dtype, "backend expand")
+
+    # Attention: 12 decode requests, then 3 prefills (one with a cached prefix).
+    lens = [int(c) for c in torch.randint(1, 900, (num_decode,), generator=gen,
+                                          device="cuda").tolist()] + [40, 50, 90]
+    q_lens = [1] * num_decode + [40, 3, 90]
+    pool, table, context_lens = make_kv_pool(shape, lens, dtype, gen)
+    qsl = torch.tensor([0] + torch.tensor(q_lens).cumsum(0).tolist(), dtype=torch.int32,
+                       device="cuda")
+    attn = AttentionBatch(kv_page_table=table, context_lens=context_lens, query_start_loc=qsl,
+                          token_page_ids=torch.zeros(n, dtype=torch.int32, device="cuda"),
+                          num_decode_reqs=num_decode, max_query_len=90,
+                          max_context_len=max(lens))
+    q = torch.randn(n, shape.num_heads, shape.head_dim, device="cuda", generator=gen).to(dtype)
+    out = cuda_be.paged_attention(q, pool, attn, shape.num_kv_heads, 0.088)
+    ref = torch_be.paged_attention(q, pool, attn, shape.num_kv_heads, 0.088)
+    assert_close(out, ref, dtype, "backend attention")
+
+
+def test_decode_step_kernels_replay_in_a_cuda_graph(L, gen):
+    """Shrink, expand and decode attention captured once, replayed on new inputs."""
+    shape, dtype = LLAMA2_7B, torch.bfloat16
+    d_in, d_out = shape.module_dims("q_proj")
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    num_reqs = 16
+    slots = make_token_slots(num_reqs, lp.ranks.shape[0], gen)
+    x = torch.randn(num_reqs, d_in, device="cuda", generator=gen).to(dtype)
+    y0 = torch.randn(num_reqs, d_out, device="cuda", generator=gen).to(dtype)
+    y = torch.empty_like(y0)
+    kv_pool, table, lens = make_kv_pool(shape, [500] * num_reqs, dtype, gen)
+    q = torch.randn(num_reqs, shape.num_heads, shape.head_dim, device="cuda",
+                    generator=gen).to(dtype)
+
+    def step():
+        y.copy_(y0)
+        v = L.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots)
+        L.lora_expand(y, v, lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
+        return L.paged_attention_decode(q, kv_pool, table, lens, shape.num_kv_heads, 0.088,
+                                        max_context_len=table.shape[1])
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # builds and loads the kernels outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        attn = step()
+
+    x.copy_(torch.randn(x.shape, device="cuda", generator=gen))
+    y0.copy_(torch.randn(y0.shape, device="cuda", generator=gen))
+    q.copy_(torch.randn(q.shape, device="cuda", generator=gen))
+    slots.copy_(slots.flip(0))
+    lens.copy_(torch.randint(1, 501, lens.shape, device="cuda", generator=gen, dtype=torch.int32))
+    attn.fill_(float("nan"))
+    graph.replay()
+    torch.cuda.synchronize()
+    v_ref = torch_ref.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots)
+    y_ref = torch_ref.lora_expand(y0.clone(), v_ref, lp.pool, lp.page_table, lp.ranks,
+                                  lp.scales, slots)
+    assert_close(y, y_ref, dtype, "graph-replayed LoRA")
+    ref = torch_ref.paged_attention_decode(q, kv_pool, table, lens, shape.num_kv_heads, 0.088)
+    assert_close(attn, ref, dtype, "graph-replayed decode attention")
+
+
+def test_launchers_name_the_argument_that_breaks_an_assumption(L, gen):
+    """Wrong dtype, device or layout fails before launch, naming the argument."""
+    lp = make_lora_pool(576, 576, 576, torch.bfloat16, gen)
+    slots = make_token_slots(8, lp.ranks.shape[0], gen)
+    x = torch.randn(8, 576, device="cuda", generator=gen).to(torch.bfloat16)
+    with pytest.raises(ValueError, match="x has dtype"):
+        L.lora_shrink(x.half(), lp.pool, lp.page_table, lp.ranks, slots)
+    with pytest.raises(ValueError, match="token_slots must be torch.int32"):
+        L.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots.long())
+    with pytest.raises(ValueError, match="x is on cpu"):
+        L.lora_shrink(x.cpu(), lp.pool, lp.page_table, lp.ranks, slots)
+    with pytest.raises(ValueError, match="lora_ranks has"):
+        L.lora_shrink(x, lp.pool, lp.page_table, lp.ranks[:-1], slots)
+    with pytest.raises(ValueError, match="y needs contiguous rows"):
+        y = torch.randn(576, 8, device="cuda").to(torch.bfloat16).T
+        L.lora_expand(y, torch.zeros(8, MAX_RANK, device="cuda"), lp.pool, lp.page_table,
+                      lp.ranks, lp.scales, slots)
+    q = torch.randn(2, 9, 64, device="cuda").to(torch.bfloat16)
+    table = torch.zeros(2, 4, dtype=torch.int32, device="cuda")
+    lens = torch.ones(2, dtype=torch.int32, device="cuda")
+    with pytest.raises(ValueError, match="num_kv_heads"):
+        L.paged_attention_decode(q, lp.pool, table, lens, 4, 0.125)
