@@ -79,6 +79,22 @@ class Scheduler:
         while self.running:
             self._preempt(self.running.pop())
 
+    def forget_worker_state(self) -> None:
+        """The worker holds nothing any more (it dropped its state after a failed step, or
+        a new Steps stream starts it empty): running requests go back to the queue, to be
+        recomputed from their tokens, and no adapter is resident."""
+        self.preempt_all()
+        self.residency.make_room(self.page_table.num_pages, StepCommand(step_id=-1))
+        self.freed_req_ids = []
+
+    def drop_adapter(self, adapter_id: str) -> bool:
+        """Evicts an adapter whose registration was deleted; False, changing nothing, while
+        a waiting or running request still uses it."""
+        if any(r.adapter_id == adapter_id for r in self.requests.values()):
+            return False
+        self.residency.drop(adapter_id, StepCommand(step_id=-1))
+        return True
+
     def has_unfinished(self) -> bool:
         return bool(self.requests)
 

@@ -1,0 +1,216 @@
+"""The engine's command line, and the one form of EngineConfig that crosses processes.
+
+Owner: engine/. Every process that builds an engine (the worker, the in-process tools)
+adds `add_engine_args` to its parser and calls `engine_config_from_args`. The scheduler
+never parses model or pool flags: it rebuilds the worker's EngineConfig from the worker's
+Info (`engine_config_from_model_info`), so the planner and the worker cannot disagree about
+the model or the pool.
+
+ModelInfo.model_config_json holds the model in Hugging Face config.json form (what
+`ModelConfig.from_hf_dict` reads, so a frontend validates adapters against it exactly as
+against a model folder), plus one key of ours, "slora", with the rest of the worker's
+EngineConfig: pool, scheduler limits, dtype, device, seed, host cache size. The flat fields
+of ModelInfo (num_pages, max_lora_rank, ...) repeat what a frontend needs without the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+from slora.common.config import (
+    DUMMY_MODELS, LORA_MODULES, EngineConfig, ModelConfig, PoolConfig, SchedulerConfig,
+    dummy_model_config,
+)
+from slora.common.errors import ConfigError
+from slora.v1 import scheduler_pb2
+
+SLORA_KEY = "slora"
+"""The key of model_config_json holding the worker's EngineConfig besides the model."""
+GPU_MEMORY_FRACTION = 0.9
+"""Share of the GPU's free memory the worker takes (weights, pool, activations)."""
+ACTIVATION_RESERVE_BYTES = 1 << 30
+"""Left free besides the weights and the pool, for activations and CUDA graphs."""
+DEFAULT_MAX_MODEL_LEN = 2048
+DEFAULT_MODEL = "default"
+"""--model value for SmolLM2-135M-Instruct, converted once into --data-dir."""
+
+
+def add_engine_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("model and pool")
+    g.add_argument("--model", required=True,
+                   help="a Hugging Face Llama folder (config.json + *.safetensors); "
+                        f"'{DEFAULT_MODEL}' for SmolLM2-135M-Instruct (converted once into "
+                        "--data-dir); or a dummy model with seeded random weights: "
+                        f"{', '.join(DUMMY_MODELS)}")
+    g.add_argument("--data-dir", default="~/.slora",
+                   help=f"where --model {DEFAULT_MODEL} is converted to (models/)")
+    g.add_argument("--dtype", default="auto",
+                   choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights and pool; auto: bfloat16 on CUDA, float32 on the CPU")
+    g.add_argument("--device", default=None,
+                   help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
+    g.add_argument("--num-pages", type=int, default=None,
+                   help="pages in the unified pool (default: on CUDA, what fits in "
+                        f"{GPU_MEMORY_FRACTION * 100:.0f}%% of free memory; on the CPU, room for 4 "
+                        "full-length requests and 4 adapters of the highest rank)")
+    g.add_argument("--max-lora-rank", type=int, default=64,
+                   help="highest adapter rank the pool accepts")
+    g.add_argument("--max-adapter-slots", type=int, default=64,
+                   help="adapters resident in the pool at once")
+    g.add_argument("--host-cache-gib", type=float, default=4.0,
+                   help="host memory for parsed adapters, GiB")
+    g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and sampling")
+    g = parser.add_argument_group("batching limits")
+    g.add_argument("--max-model-len", type=int, default=None,
+                   help="longest context of one request, prompt + output tokens (default: "
+                        f"the model's max_position_embeddings, at most {DEFAULT_MAX_MODEL_LEN})")
+    g.add_argument("--max-num-seqs", type=int, default=64,
+                   help="requests running at once (the largest decode batch)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="token budget of one step: decode tokens plus prefill chunks")
+
+
+def _pick_device(device: str | None) -> str:
+    import torch
+
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: CUDA is not available on this machine")
+    return device
+
+
+def _weight_bytes(model: ModelConfig, dtype_size: int) -> int:
+    per_layer = sum(i * o for i, o in map(model.module_shape, LORA_MODULES))
+    embeddings = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
+    return dtype_size * (model.num_layers * per_layer + embeddings)
+
+
+def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dtype: str,
+                      device: str) -> int:
+    """Pages for the pool when --num-pages is not given (see its help)."""
+    import torch
+
+    dtype_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    page_bytes = model.num_layers * 2 * model.hidden_size * dtype_size
+    max_adapter_pages = model.adapter_num_pages({m: pool_rank for m in LORA_MODULES})
+    if not device.startswith("cuda"):
+        return 4 * (max_model_len + max_adapter_pages)
+    free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
+    budget = (int(free_bytes * GPU_MEMORY_FRACTION) - _weight_bytes(model, dtype_size)
+              - ACTIVATION_RESERVE_BYTES)
+    num_pages = budget // page_bytes
+    if num_pages < max_model_len + max_adapter_pages:
+        raise ConfigError(
+            f"{device} has {free_bytes / 2**30:.1f} GiB free: room for {max(num_pages, 0)} "
+            f"pages after the weights, but one request of max_model_len {max_model_len} with "
+            f"an adapter of rank {pool_rank} needs {max_model_len + max_adapter_pages}")
+    return num_pages
+
+
+def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str | None]:
+    """(the config, the model folder or None for a dummy model). Raises ConfigError."""
+    if args.model in DUMMY_MODELS:
+        model, model_path = dummy_model_config(args.model), None
+    elif args.model == DEFAULT_MODEL:
+        from slora.models.gguf_convert import ensure_default_model
+
+        model_path = ensure_default_model(os.path.expanduser(args.data_dir))
+        model = ModelConfig.from_folder(model_path)
+    elif os.path.isdir(args.model):
+        model, model_path = ModelConfig.from_folder(args.model), args.model
+    else:
+        raise ConfigError(f"--model {args.model!r} is neither a folder, nor "
+                          f"{DEFAULT_MODEL!r}, nor a dummy model ({', '.join(DUMMY_MODELS)})")
+    device = _pick_device(args.device)
+    dtype = args.dtype if args.dtype != "auto" else (
+        "bfloat16" if device.startswith("cuda") else "float32")
+    max_model_len = args.max_model_len or min(model.max_position_embeddings,
+                                              DEFAULT_MAX_MODEL_LEN)
+    num_pages = args.num_pages or default_num_pages(model, args.max_lora_rank, max_model_len,
+                                                    dtype, device)
+    config = EngineConfig(
+        model=model,
+        pool=PoolConfig(num_pages=num_pages, max_adapter_slots=args.max_adapter_slots,
+                        max_lora_rank=args.max_lora_rank),
+        scheduler=SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_model_len=max_model_len,
+            max_queue_len=getattr(args, "max_queue_len", SchedulerConfig.max_queue_len)),
+        dtype=dtype, device=device, host_cache_bytes=int(args.host_cache_gib * 2**30),
+        seed=args.seed)
+    return config, model_path
+
+
+# -- the config across processes -----------------------------------------------------------
+
+def model_config_to_hf_dict(model: ModelConfig) -> dict:
+    """The model as a Hugging Face config.json; `ModelConfig.from_hf_dict(d, model.name)`
+    gives `model` back exactly."""
+    d = {
+        "model_type": "llama", "hidden_act": "silu", "vocab_size": model.vocab_size,
+        "hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
+        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads,
+        "num_key_value_heads": model.num_kv_heads, "head_dim": model.head_dim,
+        "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta,
+        "max_position_embeddings": model.max_position_embeddings,
+        "tie_word_embeddings": model.tie_word_embeddings, "bos_token_id": model.bos_token_id,
+        "eos_token_id": list(model.eos_token_ids),
+    }
+    if model.rope_scaling is not None:
+        d["rope_scaling"] = dict(model.rope_scaling)
+    return d
+
+
+def model_info_from_config(config: EngineConfig,
+                           model_path: str | None) -> scheduler_pb2.ModelInfo:
+    """`model_path`: the model folder, None for dummy weights."""
+    model = config.model
+    d = model_config_to_hf_dict(model)
+    d[SLORA_KEY] = {
+        "pool": dataclasses.asdict(config.pool),
+        "scheduler": dataclasses.asdict(config.scheduler),
+        "dtype": config.dtype, "device": config.device,
+        "host_cache_bytes": config.host_cache_bytes, "seed": config.seed,
+    }
+    return scheduler_pb2.ModelInfo(
+        model_name=model.name, vocab_size=model.vocab_size,
+        max_model_len=config.scheduler.max_model_len, max_lora_rank=config.pool.max_lora_rank,
+        num_pages=config.pool.num_pages, hidden_size=model.hidden_size,
+        eos_token_ids=list(model.eos_token_ids), model_config_json=json.dumps(d),
+        model_path=os.path.abspath(model_path) if model_path else "")
+
+
+def engine_config_from_model_info(info: scheduler_pb2.ModelInfo) -> EngineConfig:
+    """The worker's EngineConfig, exactly, from its Info. Raises ConfigError when the JSON
+    lacks our key (a worker of another version)."""
+    try:
+        d = json.loads(info.model_config_json)
+        ours = d.pop(SLORA_KEY)
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ConfigError(f"worker Info: model_config_json has no {SLORA_KEY!r} section "
+                          f"with the engine config ({e!r})") from None
+    return EngineConfig(
+        model=ModelConfig.from_hf_dict(d, name=info.model_name),
+        pool=PoolConfig(**ours["pool"]), scheduler=SchedulerConfig(**ours["scheduler"]),
+        dtype=ours["dtype"], device=ours["device"],
+        host_cache_bytes=ours["host_cache_bytes"], seed=ours["seed"])
+
+
+def with_scheduler_limits(config: EngineConfig, *, max_num_seqs: int | None = None,
+                          max_num_batched_tokens: int | None = None,
+                          max_queue_len: int | None = None) -> EngineConfig:
+    """The worker's config with the scheduler's own limits. The worker sized its memory for
+    its batch limits, so the scheduler may lower them, never raise them."""
+    worker = config.scheduler
+    for name, value in (("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+        if value is not None and value > getattr(worker, name):
+            raise ConfigError(f"--{name.replace('_', '-')} {value} exceeds the worker's "
+                              f"{getattr(worker, name)}; the scheduler may only lower it")
+    limits = {k: v for k, v in (("max_num_seqs", max_num_seqs),
+                                ("max_num_batched_tokens", max_num_batched_tokens),
+                                ("max_queue_len", max_queue_len)) if v is not None}
+    return dataclasses.replace(config, scheduler=dataclasses.replace(worker, **limits))

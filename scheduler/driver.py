@@ -1,0 +1,323 @@
+"""The scheduler process's step loop: drives the worker over a Steps stream and hands each
+request's events to the Submit stream waiting for them.
+
+Owner: scheduler/. The planner (planner.py) owns requests, pages and adapter residency, and
+is called only from the event loop's thread. This module owns the wire to the worker and the
+asyncio side: one event queue per live request, and the wake-up of the loop.
+
+The overlap loop. The worker holds at most MAX_STEPS_IN_FLIGHT = 2 commands: step N, which
+it is running, and step N+1, queued behind it. As soon as N is sent the loop plans N+1 (the
+planner counts N's tokens as placeholders) and sends it; then it sleeps until result N
+arrives, applies it (`update`, events out to the streams), and plans and sends N+2 while the
+worker runs N+1. So the worker finds its next command waiting whenever it finishes a step,
+and planning, protobuf and gRPC hide behind the step in flight. One asyncio.Event wakes the
+loop for everything: a result (set by the reader task), a submission, a cancel. With nothing
+to run the loop sleeps on it; there is no polling.
+
+Failures. A failed step result (the worker could not load an adapter) ends that adapter's
+requests with an error event; any other failed step ends the requests of that step with
+INTERNAL. Either way the worker dropped all its state (see worker/server.py), so the other
+running requests go back to the queue, no adapter counts as resident any more
+(`forget_worker_state`), and the loop opens a new Steps stream. If the stream breaks (the
+worker is gone), every request ends with UNAVAILABLE at once, submissions are refused with
+UNAVAILABLE, and the loop reconnects when a worker with the same config answers again.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+
+import grpc
+
+from slora.common.config import LORA_MODULES, EngineConfig
+from slora.common.errors import InvalidRequestError, SloraError
+from slora.engine.args import engine_config_from_model_info
+from slora.protos.convert import sampling_from_proto, step_command_to_proto, step_result_from_proto
+from slora.protos.step import StepCommand
+from slora.scheduler.adapter_residency import AdapterRef
+from slora.scheduler.planner import Scheduler
+from slora.scheduler.request import FinishReason, RequestOutput
+from slora.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
+
+log = logging.getLogger("slora.scheduler")
+
+MAX_STEPS_IN_FLIGHT = 2
+"""The step the worker runs and the one queued behind it."""
+MAX_REQUEST_ID_LEN = 256
+RECONNECT_DELAYS_S = (0.1, 0.25, 0.5, 1.0)
+"""Waits between attempts to reach a lost worker; the last one repeats."""
+WORKER_CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    # A worker whose host vanished (no TCP reset) is found dead within ~15 s.
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+"""Step commands carry whole prompts; worker/server.py allows the same sizes and pings."""
+WORKER_UP = ""
+"""`StepDriver.worker_down_reason` while the worker is reachable."""
+
+FINISH_REASON_TO_PROTO = {
+    None: common_pb2.FINISH_REASON_UNSPECIFIED,
+    FinishReason.STOP: common_pb2.FINISH_REASON_STOP,
+    FinishReason.LENGTH: common_pb2.FINISH_REASON_LENGTH,
+    FinishReason.CANCELLED: common_pb2.FINISH_REASON_CANCELLED,
+    FinishReason.ERROR: common_pb2.FINISH_REASON_ERROR,
+}
+
+
+class RequestIdInUseError(SloraError):
+    grpc_code = "ALREADY_EXISTS"
+
+
+class WorkerUnavailableError(SloraError):
+    grpc_code = "UNAVAILABLE"
+
+
+class StreamEnd:
+    """Put on a request's event queue instead of a last event: ends its Submit stream with
+    this gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        self.code, self.message = code, message
+
+
+class _WorkerLost(Exception):
+    pass
+
+
+class _StepFailed(Exception):
+    def __init__(self, result: worker_pb2.StepResult, cmd: StepCommand):
+        super().__init__(result.error)
+        self.result, self.cmd = result, cmd
+
+
+def event_from_output(out: RequestOutput) -> scheduler_pb2.RequestEvent:
+    return scheduler_pb2.RequestEvent(
+        token_ids=out.new_token_ids, logprobs=out.new_logprobs, finished=out.finished,
+        finish_reason=FINISH_REASON_TO_PROTO[out.finish_reason],
+        num_prompt_tokens=out.num_prompt_tokens, num_output_tokens=out.num_output_tokens,
+        error=out.error)
+
+
+def _has_work(cmd: StepCommand) -> bool:
+    return bool(cmd.new_requests or cmd.running_requests or cmd.finished_req_ids
+                or cmd.adapter_loads or cmd.adapter_evictions)
+
+
+class StepDriver:
+    def __init__(self, planner: Scheduler, worker_address: str, worker_config: EngineConfig):
+        self.planner = planner
+        self.config = planner.config
+        self.worker_address = worker_address
+        self._worker_config = worker_config
+        """The worker's own config (before the scheduler's limits): a reconnected worker
+        must have the same."""
+        self._channel = grpc.aio.insecure_channel(worker_address, options=WORKER_CHANNEL_OPTIONS)
+        self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._event_queues: dict[str, asyncio.Queue] = {}
+        self._wake = asyncio.Event()
+        self._requests_changed = asyncio.Event()
+        """Set, then replaced by a fresh one, whenever requests finish or are cancelled."""
+        self.worker_down_reason = WORKER_UP
+        self.num_steps = 0
+        self.max_adapter_pages = self.config.model.adapter_num_pages(
+            {m: self.config.pool.max_lora_rank for m in LORA_MODULES})
+
+    # -- requests in and out (called by the servicer) --------------------------------------
+
+    def submit(self, request: scheduler_pb2.SubmitRequest) -> asyncio.Queue:
+        """Validates and queues the request; returns the queue its events arrive on. Raises
+        a SloraError naming what is wrong."""
+        if self.worker_down_reason != WORKER_UP:
+            raise WorkerUnavailableError(self.worker_down_reason)
+        req_id = request.request_id
+        if not req_id or len(req_id) > MAX_REQUEST_ID_LEN:
+            raise InvalidRequestError(
+                f"request_id must have 1 to {MAX_REQUEST_ID_LEN} characters, got {len(req_id)}")
+        if req_id in self.planner.requests or req_id in self._event_queues:
+            raise RequestIdInUseError(f"request_id {req_id!r} is already in use")
+        sampling = sampling_from_proto(request.sampling)
+        adapter = self._check_adapter(request.adapter) if request.HasField("adapter") else None
+        self.planner.submit(req_id, list(request.prompt_token_ids), sampling, adapter)
+        queue = self._event_queues[req_id] = asyncio.Queue()
+        self._wake.set()
+        return queue
+
+    def _check_adapter(self, msg: scheduler_pb2.AdapterRef) -> AdapterRef:
+        ref = AdapterRef(msg.adapter_id, msg.path, msg.num_pages)
+        if not ref.adapter_id or not ref.path:
+            raise InvalidRequestError(
+                f"adapter needs an adapter_id and a path, got {ref.adapter_id!r} and {ref.path!r}")
+        if not 0 < ref.num_pages <= self.max_adapter_pages:
+            raise InvalidRequestError(
+                f"adapter {ref.adapter_id!r} has num_pages {ref.num_pages}; it must be in "
+                f"[1, {self.max_adapter_pages}] (rank {self.config.pool.max_lora_rank} on all "
+                "modules)")
+        known = self._known_adapter(ref.adapter_id)
+        if known is not None and known != ref:
+            raise InvalidRequestError(
+                f"adapter {ref.adapter_id!r} is in use from {known.path!r} ({known.num_pages} "
+                f"pages); drop it (DropAdapter) before serving it from {ref.path!r} "
+                f"({ref.num_pages} pages)")
+        return ref
+
+    def _known_adapter(self, adapter_id: str) -> AdapterRef | None:
+        entry = self.planner.residency.resident.get(adapter_id)
+        if entry is not None:
+            return entry.ref
+        return next((r.adapter for r in self.planner.requests.values()
+                     if r.adapter_id == adapter_id), None)
+
+    def release(self, req_id: str, queue: asyncio.Queue) -> None:
+        """The Submit stream reading `queue` ended (finished, or the client went away):
+        cancel its request if it is still live, freeing its pages now. (A finished or ended
+        request's queue is no longer registered; its id may already serve another stream.)"""
+        if self._event_queues.get(req_id) is queue:
+            del self._event_queues[req_id]
+            self.planner.cancel(req_id)
+            self._on_requests_changed()
+
+    def cancel(self, req_id: str) -> bool:
+        out = self.planner.cancel(req_id)
+        if out is None:
+            return False
+        self._deliver(out)
+        self._on_requests_changed()
+        return True
+
+    async def drop_adapter(self, adapter_id: str) -> None:
+        """Waits until no waiting or running request uses the adapter, then evicts it."""
+        while not self.planner.drop_adapter(adapter_id):
+            await self._requests_changed.wait()
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.planner.stats(), num_steps=self.num_steps,
+                    worker_available=int(self.worker_down_reason == WORKER_UP))
+
+    def _deliver(self, out: RequestOutput) -> None:
+        queue = self._event_queues.get(out.req_id)
+        if queue is not None:
+            queue.put_nowait(event_from_output(out))
+            if out.finished:
+                del self._event_queues[out.req_id]
+
+    def _end_request(self, req_id: str, code: grpc.StatusCode, message: str) -> None:
+        self.planner.cancel(req_id)
+        queue = self._event_queues.pop(req_id, None)
+        if queue is not None:
+            queue.put_nowait(StreamEnd(code, message))
+
+    def _on_requests_changed(self) -> None:
+        self._wake.set()  # freed pages may admit a waiting request
+        self._requests_changed.set()
+        self._requests_changed = asyncio.Event()
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Runs until cancelled: one Steps stream after another."""
+        while True:
+            call = self._stub.Steps()
+            results: asyncio.Queue = asyncio.Queue()
+            reader = asyncio.create_task(self._read_results(call, results))
+            try:
+                await self._drive(call, results)
+            except _StepFailed as failed:
+                self._recover_from_failed_step(failed)
+            except _WorkerLost as e:
+                self._fail_all(f"worker at {self.worker_address} is unavailable: {e}")
+                await self._reconnect()
+            finally:
+                reader.cancel()
+                call.cancel()
+
+    async def _drive(self, call, results: asyncio.Queue) -> None:
+        in_flight: collections.deque[StepCommand] = collections.deque()
+        while True:
+            self._wake.clear()
+            while not results.empty():
+                self._apply(results.get_nowait(), in_flight)
+            if len(in_flight) < MAX_STEPS_IN_FLIGHT:
+                cmd = self.planner.schedule()
+                if _has_work(cmd):
+                    try:
+                        await call.write(step_command_to_proto(cmd))
+                    except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                        raise _WorkerLost(
+                            f"{(await call.code()).name}: {await call.details()}") from None
+                    in_flight.append(cmd)
+                    self.num_steps += 1
+                    continue
+            await self._wake.wait()
+
+    async def _read_results(self, call, results: asyncio.Queue) -> None:
+        try:
+            while (msg := await call.read()) is not grpc.aio.EOF:
+                results.put_nowait(msg)
+                self._wake.set()
+            results.put_nowait(_WorkerLost("it ended the Steps stream"))
+        except grpc.aio.AioRpcError as e:
+            results.put_nowait(_WorkerLost(f"{e.code().name}: {e.details()}"))
+        self._wake.set()
+
+    def _apply(self, item, in_flight: collections.deque[StepCommand]) -> None:
+        if isinstance(item, _WorkerLost):
+            raise item
+        cmd = in_flight.popleft()
+        assert item.step_id == cmd.step_id, f"result of step {item.step_id}, expected {cmd.step_id}"
+        if item.error:
+            raise _StepFailed(item, cmd)
+        outputs = self.planner.update(step_result_from_proto(item))
+        for out in outputs:
+            self._deliver(out)
+        if any(out.finished for out in outputs):
+            self._on_requests_changed()
+
+    def _recover_from_failed_step(self, failed: _StepFailed) -> None:
+        adapter_id, error = failed.result.failed_adapter_id, failed.result.error
+        log.warning("step %d failed: %s", failed.cmd.step_id, error)
+        if adapter_id:
+            for out in self.planner.abort_adapter(adapter_id, error):
+                self._deliver(out)
+        else:
+            for req_id in [r.req_id for r in failed.cmd.new_requests] + \
+                          [r.req_id for r in failed.cmd.running_requests]:
+                self._end_request(req_id, grpc.StatusCode.INTERNAL, error)
+        self.planner.forget_worker_state()
+        self._on_requests_changed()
+
+    def _fail_all(self, reason: str) -> None:
+        log.error("%s; ending %d requests", reason, len(self.planner.requests))
+        self.worker_down_reason = reason
+        for req_id in list(self.planner.requests):
+            self._end_request(req_id, grpc.StatusCode.UNAVAILABLE, reason)
+        self.planner.forget_worker_state()
+        self._on_requests_changed()
+
+    async def _reconnect(self) -> None:
+        """Waits for a worker at the same address with the same config."""
+        for attempt in itertools.count():
+            await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
+            try:
+                info = await self._stub.Info(scheduler_pb2.InfoRequest(), timeout=5.0)
+            except grpc.aio.AioRpcError:
+                continue
+            try:
+                config = engine_config_from_model_info(info)
+            except SloraError as e:
+                config, reason = None, str(e)
+            if config == self._worker_config:
+                log.info("worker at %s is back", self.worker_address)
+                self.worker_down_reason = WORKER_UP
+                return
+            if config is not None:
+                reason = "it now serves another model or pool config; restart the scheduler"
+            self.worker_down_reason = f"worker at {self.worker_address}: {reason}"
+            log.error("%s", self.worker_down_reason)
+
+    async def close(self) -> None:
+        await self._channel.close()

@@ -1,0 +1,148 @@
+"""The scheduler process: slora.v1.Scheduler over grpc.aio, one per model replica.
+
+Owner: scheduler/. The servicer only translates: requests in through the StepDriver
+(driver.py, which holds the planner and drives the worker), events and errors out. Each
+SloraError becomes its `grpc_code` with its message. A Submit stream that ends early (the
+client cancelled or went away) cancels its request in the planner, freeing its pages at once.
+
+At start the scheduler asks the worker for its Info and rebuilds the worker's EngineConfig
+from it (engine/args.py), adding only its own limits: the planner's model and pool are the
+worker's by construction.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+import grpc
+
+from slora.common.aio import run_async
+from slora.common.errors import ConfigError, SloraError
+from slora.engine.args import (
+    engine_config_from_model_info, model_info_from_config, with_scheduler_limits,
+)
+from slora.scheduler.driver import StepDriver, StreamEnd
+from slora.scheduler.planner import Scheduler
+from slora.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
+
+log = logging.getLogger("slora.scheduler")
+
+
+async def _abort(context: grpc.aio.ServicerContext, error: SloraError):
+    await context.abort(getattr(grpc.StatusCode, error.grpc_code), str(error))
+
+
+class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
+    def __init__(self, driver: StepDriver, model_path: str):
+        self.driver = driver
+        self._info = model_info_from_config(driver.config, model_path)
+        """The worker's Info with this scheduler's limits."""
+
+    async def Submit(self, request, context):
+        try:
+            queue = self.driver.submit(request)
+        except SloraError as e:
+            await _abort(context, e)
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, StreamEnd):
+                    await context.abort(item.code, item.message)
+                yield item
+                if item.finished:
+                    return
+        finally:  # also on CancelledError: the client went away
+            self.driver.release(request.request_id, queue)
+
+    async def Cancel(self, request, context):
+        return scheduler_pb2.CancelResponse(cancelled=self.driver.cancel(request.request_id))
+
+    async def Stats(self, request, context):
+        return scheduler_pb2.StatsResponse(values=self.driver.stats())
+
+    async def DropAdapter(self, request, context):
+        if not request.adapter_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "adapter_id is empty")
+        await self.driver.drop_adapter(request.adapter_id)
+        return scheduler_pb2.DropAdapterResponse()
+
+    async def Info(self, request, context):
+        return self._info
+
+
+# -- the process ---------------------------------------------------------------------------
+
+async def serve(args: argparse.Namespace) -> None:
+    channel = grpc.aio.insecure_channel(args.worker_address)
+    try:
+        info = await worker_pb2_grpc.WorkerStub(channel).Info(
+            scheduler_pb2.InfoRequest(), wait_for_ready=True, timeout=args.connect_timeout)
+    except grpc.aio.AioRpcError as e:
+        raise ConfigError(f"worker at {args.worker_address} did not answer Info within "
+                          f"{args.connect_timeout:g} s: {e.code().name} {e.details()}") from None
+    finally:
+        await channel.close()
+    worker_config = engine_config_from_model_info(info)
+    config = with_scheduler_limits(
+        worker_config, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, max_queue_len=args.max_queue_len)
+    driver = StepDriver(Scheduler(config), args.worker_address, worker_config)
+    loop_task = asyncio.create_task(driver.run())
+
+    server = grpc.aio.server()
+    scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(driver, info.model_path), server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    if port == 0:
+        raise ConfigError(f"scheduler: cannot listen on {args.host}:{args.port}")
+    await server.start()
+    log.info("serving %s (%d pages) on %s:%d, worker %s", config.model.name,
+             config.pool.num_pages, args.host, port, args.worker_address)
+
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    # A launcher waits for this line; keep its form.
+    print(f"SLORA_READY scheduler port={port}", flush=True)
+    done, _ = await asyncio.wait([loop_task, asyncio.create_task(stop.wait())],
+                                 return_when=asyncio.FIRST_COMPLETED)
+    if loop_task in done:
+        loop_task.result()  # the loop never ends by itself: raise what ended it
+    log.info("stopping")
+    await server.stop(grace=1.0)
+    loop_task.cancel()
+    await driver.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="slora-scheduler",
+        description="Serve slora.v1.Scheduler: continuous batching over one worker.")
+    parser.add_argument("--worker-address", required=True, help="host:port of the worker")
+    parser.add_argument("--connect-timeout", type=float, default=120.0,
+                        help="seconds to wait at start for the worker to answer")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0,
+                        help="port to listen on; 0 picks a free one (printed on the "
+                             "SLORA_READY line)")
+    g = parser.add_argument_group("limits (default: the worker's; may only be lower)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests running at once")
+    g.add_argument("--max-num-batched-tokens", type=int, default=None,
+                   help="token budget of one step")
+    g.add_argument("--max-queue-len", type=int, default=1024,
+                   help="requests waiting to be admitted; past it Submit is refused "
+                        "(RESOURCE_EXHAUSTED)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        run_async(serve(args))
+    except SloraError as e:
+        parser.exit(1, f"slora-scheduler: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

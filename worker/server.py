@@ -1,0 +1,213 @@
+"""The worker process: slora.v1.Worker over grpc.aio around one `Worker` (executor.py).
+
+Owner: worker/. The scheduler drives it over one `Steps` stream. Commands run strictly in
+order on one executor thread, which owns the device (the Worker is built on it too), so the
+event loop keeps reading the next command, and sending the last result, while a step runs.
+One StepResult per command, in order.
+
+A Steps stream is a session. It starts from an empty worker: no request state and no
+adapter in any slot. A newer stream supersedes an older one, whose later commands are
+answered with an error and not run (a scheduler that restarted, or one that reset).
+
+When a step fails (an AdapterError: the adapter's files changed since registration; or
+anything else), the worker is part-way through it: finished ids dropped, some slots evicted
+or loaded, no request advanced. And the scheduler has already sent the next command, planned
+as if this one had succeeded. So the worker
+* answers the failed step with `error` (and `failed_adapter_id` for an adapter error);
+* drops all per-request state and empties every adapter slot, at once;
+* answers every later command of that stream with an error, running none of them.
+The scheduler, on the failed result, sends its running requests back to the queue (they are
+recomputed from their tokens), forgets which adapters are resident and opens a new stream,
+which finds the worker empty: both sides agree again without any extra message.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import itertools
+import logging
+import signal
+import sys
+
+import grpc
+
+from slora.common.aio import run_async
+from slora.common.config import EngineConfig
+from slora.common.errors import AdapterError, SloraError
+from slora.engine.args import add_engine_args, engine_config_from_args, model_info_from_config
+from slora.protos.convert import step_command_from_proto, step_result_to_proto
+from slora.protos.step import StepCommand, StepResult
+from slora.v1 import worker_pb2, worker_pb2_grpc
+from slora.worker.executor import Worker
+
+log = logging.getLogger("slora.worker")
+
+SERVER_OPTIONS = [
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.max_receive_message_length", 64 << 20),
+    # The scheduler pings every 10 s to find a vanished worker; allow it.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+NO_FAILED_STEP = -1
+END_OF_STREAM = None
+"""Put on a stream's result queue after its last command."""
+
+
+class _Session:
+    """One Steps stream as the executor thread sees it."""
+
+    def __init__(self, session_id: int):
+        self.session_id = session_id
+        self.failed_step_id = NO_FAILED_STEP
+
+
+class WorkerService(worker_pb2_grpc.WorkerServicer):
+    def __init__(self, worker: Worker, model_path: str | None,
+                 executor: concurrent.futures.ThreadPoolExecutor):
+        self.worker = worker
+        self._executor = executor
+        """One thread: runs every step, in order, and owns the device."""
+        self._session_ids = itertools.count(1)
+        self._active_session_id = 0
+        """Read and written on the executor thread only."""
+        self._info = model_info_from_config(worker.config, model_path)
+
+    async def Info(self, request, context):
+        return self._info
+
+    async def Steps(self, request_iterator, context):
+        session = _Session(next(self._session_ids))
+        loop = asyncio.get_running_loop()
+        self._executor.submit(self._start_session, session)  # runs before its commands
+        results: asyncio.Queue = asyncio.Queue()
+
+        async def read_commands():
+            try:
+                async for msg in request_iterator:
+                    # Converted here, while the executor runs the step before it.
+                    try:
+                        cmd = step_command_from_proto(msg)
+                    except Exception as e:  # fails in its turn, like a failed step
+                        cmd = e
+                    results.put_nowait(loop.run_in_executor(
+                        self._executor, self._run_step, session, msg.step_id, cmd))
+            except grpc.aio.AioRpcError as e:
+                log.info("Steps stream %d: reading ended: %s", session.session_id, e.code())
+            finally:
+                results.put_nowait(END_OF_STREAM)
+
+        log.info("Steps stream %d opened by %s", session.session_id, context.peer())
+        reader = asyncio.create_task(read_commands())
+        try:
+            while (future := await results.get()) is not END_OF_STREAM:
+                result = await future
+                yield result if isinstance(result, worker_pb2.StepResult) \
+                    else step_result_to_proto(result)
+        finally:
+            reader.cancel()
+            log.info("Steps stream %d closed", session.session_id)
+
+    # -- on the executor thread -----------------------------------------------------------
+
+    def _start_session(self, session: _Session) -> None:
+        self._active_session_id = session.session_id
+        self._drop_state()
+
+    def _drop_state(self) -> None:
+        self.worker.requests.clear()
+        self.worker.last_logits = {}
+        for slot in range(self.worker.config.pool.max_adapter_slots):
+            self.worker.pool.evict_adapter(slot)
+
+    def _run_step(self, session: _Session, step_id: int, cmd: StepCommand | Exception
+                  ) -> StepResult | worker_pb2.StepResult:
+        """The step's result, or a StepResult message with `error` when it was not run or
+        failed."""
+        if session.session_id != self._active_session_id:
+            return worker_pb2.StepResult(
+                step_id=step_id,
+                error=f"step {step_id} not run: a newer Steps stream replaced this one")
+        if session.failed_step_id != NO_FAILED_STEP:
+            return worker_pb2.StepResult(
+                step_id=step_id,
+                error=f"step {step_id} not run: step {session.failed_step_id} of this "
+                      "stream failed; open a new Steps stream")
+        try:
+            if isinstance(cmd, Exception):
+                raise cmd
+            return self.worker.execute(cmd)
+        except AdapterError as e:
+            log.warning("step %d: %s", step_id, e)
+            session.failed_step_id = step_id
+            self._drop_state()
+            return worker_pb2.StepResult(step_id=step_id, error=str(e),
+                                         failed_adapter_id=e.adapter_id)
+        except Exception as e:  # a bug: keep serving, the scheduler fails this step's requests
+            log.exception("step %d failed", step_id)
+            session.failed_step_id = step_id
+            self._drop_state()
+            return worker_pb2.StepResult(
+                step_id=step_id,
+                error=f"step {step_id} failed on the worker: {type(e).__name__}: {e}")
+
+
+# -- the process ---------------------------------------------------------------------------
+
+async def serve_until_signal(server: grpc.aio.Server, name: str, port: int) -> None:
+    """Prints the ready line, then serves until SIGINT or SIGTERM."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    # A launcher waits for this line; keep its form.
+    print(f"SLORA_READY {name} port={port}", flush=True)
+    await stop.wait()
+    log.info("stopping")
+    await server.stop(grace=1.0)
+
+
+async def serve(config: EngineConfig, model_path: str | None, host: str, port: int,
+                backend: str) -> None:
+    executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slora-step")
+    loop = asyncio.get_running_loop()
+    worker = await loop.run_in_executor(executor, Worker, config, model_path, backend)
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, model_path, executor), server)
+    bound_port = server.add_insecure_port(f"{host}:{port}")
+    if bound_port == 0:
+        raise OSError(f"worker: cannot listen on {host}:{port}")
+    await server.start()
+    log.info("serving %s (%d pages, %s on %s) on %s:%d", config.model.name,
+             config.pool.num_pages, config.dtype, config.device, host, bound_port)
+    try:
+        await serve_until_signal(server, "worker", bound_port)
+    finally:
+        executor.shutdown(wait=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="slora-worker",
+        description="Serve slora.v1.Worker: run the scheduler's step commands on one device.")
+    add_engine_args(parser)
+    parser.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda"],
+                        help="LoRA and attention kernels: CuPy on CUDA (auto when available) "
+                             "or the torch reference")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0,
+                        help="port to listen on; 0 picks a free one (printed on the "
+                             "SLORA_READY line)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        config, model_path = engine_config_from_args(args)
+        run_async(serve(config, model_path, args.host, args.port, args.backend))
+    except SloraError as e:  # a bad flag, model folder or config: say which and stop
+        parser.exit(1, f"slora-worker: error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
