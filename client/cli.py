@@ -28,7 +28,8 @@ def _up_parser(sub) -> None:
                         "(default: SmolLM2-135M-Instruct, converted once into --data-dir)")
     p.add_argument("--data-dir", default="~/.slora", help="models, adapters and redis data")
     p.add_argument("--host", default="127.0.0.1", help="public address of the frontend")
-    p.add_argument("--port", type=int, default=50051, help="public port (0: any free port)")
+    p.add_argument("--port", type=int, default=int(os.environ.get("SLORA_PORT", 50051)),
+                   help="public port (0: any free port; default $SLORA_PORT or 50051)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")

@@ -65,10 +65,11 @@ class Engine:
     def _recover_from_adapter_error(self, e: AdapterError) -> list[RequestOutput]:
         self.adapters.pop(e.adapter_id, None)
         outputs = self.scheduler.abort_adapter(e.adapter_id, str(e))
-        # The worker's state may be part-way through this step: restart every running
-        # request from its tokens, which is always correct.
-        self.scheduler.preempt_all()
-        self.worker.requests.clear()
+        # The worker stopped part-way through this step (later adapter loads never ran):
+        # both sides forget everything, and running requests are recomputed from their
+        # tokens, which is always correct.
+        self.scheduler.forget_worker_state()
+        self.worker.reset()
         return outputs
 
     def has_unfinished(self) -> bool:

@@ -151,3 +151,34 @@ def test_pool_too_small_for_one_request_is_a_config_error(folders):
         EngineConfig(model=ModelConfig.from_folder(base),
                      pool=PoolConfig(num_pages=100, max_lora_rank=16),
                      scheduler=SchedulerConfig(max_model_len=64))
+
+
+def test_adapter_broken_after_registration_fails_only_its_requests(folders, tmp_path):
+    """With no host cache, an adapter whose files break after registration ends its own
+    requests with an error naming it; the other requests (another adapter loaded in the
+    same step, and the base) still get their tokens."""
+    root, base, good = folders
+    fragile = str(tmp_path / "fragile")
+    shutil.copytree(good, fragile)
+    other = make_peft_adapter(base, str(tmp_path / "other"), r=2,
+                              target_modules=["k_proj", "up_proj"], seed=2)
+    want_engine = make_engine(base)
+    want_engine.add_adapter("other", other)
+    want = want_engine.generate([[3, 4], [5, 6, 7]], SP, ["other", None])
+
+    engine = make_engine(base)
+    engine.worker.host_cache.capacity_bytes = 0  # every load reads the files again
+    engine.add_adapter("fragile", fragile)
+    engine.add_adapter("other", other)
+    ids = [engine.submit(p, SP, a) for p, a in
+           [([1, 2], "fragile"), ([3, 4], "other"), ([5, 6, 7], None)]]
+    os.remove(os.path.join(fragile, "adapter_model.safetensors"))
+    got = {i: [] for i in ids}
+    errors = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.req_id] += out.new_token_ids
+            if out.error:
+                errors[out.req_id] = out.error
+    assert list(errors) == [ids[0]] and "fragile" in errors[ids[0]]
+    assert [got[ids[1]], got[ids[2]]] == want

@@ -68,6 +68,13 @@ class Worker:
         """Tests set this to read each step's logits back (`last_logits`)."""
         self.last_logits: dict[str, torch.Tensor] = {}
 
+    def reset(self) -> None:
+        """Drops every request and resident adapter: the state of a new Steps stream, and
+        of the worker after a failed step (the scheduler forgets its side too)."""
+        self.requests.clear()
+        self.last_logits = {}
+        self.pool.evict_all()
+
     def execute(self, cmd: StepCommand) -> StepResult:
         start = time.perf_counter()
         for req_id in cmd.finished_req_ids:

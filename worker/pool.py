@@ -66,3 +66,7 @@ class UnifiedPool:
     def evict_adapter(self, slot: int) -> None:
         self.lora_ranks[:, slot] = 0
         self.lora_scales[:, slot] = 0.0
+
+    def evict_all(self) -> None:
+        self.lora_ranks.zero_()
+        self.lora_scales.zero_()

@@ -116,10 +116,7 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._drop_state()
 
     def _drop_state(self) -> None:
-        self.worker.requests.clear()
-        self.worker.last_logits = {}
-        for slot in range(self.worker.config.pool.max_adapter_slots):
-            self.worker.pool.evict_adapter(slot)
+        self.worker.reset()
 
     def _run_step(self, session: _Session, step_id: int, cmd: StepCommand | Exception
                   ) -> StepResult | worker_pb2.StepResult:

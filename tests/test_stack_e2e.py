@@ -1,0 +1,288 @@
+"""The whole stack as real processes on loopback (embedded valkey, worker, scheduler,
+frontend), driven through the SDK: registrations, 50 concurrent streams equal to the
+in-process engine, cancels that give the pool back, restarts of Redis and the frontend,
+and every bad input answered with its status code while the servers keep serving."""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import json
+import os
+import shutil
+import time
+
+import grpc
+import pytest
+
+from helpers_peft import make_peft_adapter, make_tiny_llama
+from helpers_procs import slora_module, start_process, stop_process
+from slora.client import Client, SloraClientError
+from slora.common.sampling_params import SamplingParams
+from slora.engine.args import add_engine_args, engine_config_from_args
+from slora.engine.engine import Engine
+from slora.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+NUM_ADAPTERS = 20
+RANKS = [1, 2, 4, 8, 16]
+TARGETS = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"],
+           ["gate_proj", "up_proj", "down_proj"], "all-linear"]
+MAX_NEW = 8
+
+
+class Stack:
+    def __init__(self, root: str, base: str, worker_args: list[str],
+                 scheduler_args: list[str] = ()):
+        self.root, self.base, self.worker_args = root, base, worker_args
+        self.scheduler_args = list(scheduler_args)
+        self.procs: dict[str, object] = {}
+        self.ports: dict[str, int] = {}
+
+    def start(self, name: str) -> None:
+        if name == "redis":
+            args = slora_module("slora.adapter_store.embedded_redis", "--data-dir",
+                                os.path.join(self.root, "redis"),
+                                *(["--port", str(self.ports["redis"])]
+                                  if "redis" in self.ports else []))
+        elif name == "worker":
+            args = slora_module("slora.worker.server", "--port", "0", *self.worker_args)
+        elif name == "scheduler":
+            args = slora_module("slora.scheduler.server", "--port", "0", "--worker-address",
+                                f"127.0.0.1:{self.ports['worker']}", *self.scheduler_args)
+        else:
+            args = slora_module("slora.frontend.server", "--port",
+                                str(self.ports.get("frontend", 0)),
+                                "--scheduler-address", f"127.0.0.1:{self.ports['scheduler']}",
+                                "--redis-url", f"redis://127.0.0.1:{self.ports['redis']}/0",
+                                "--data-dir", os.path.join(self.root, "data"))
+        self.procs[name], self.ports[name] = start_process(args, "SLORA_READY", timeout=120)
+
+    def stop(self, name: str) -> None:
+        stop_process(self.procs.pop(name))
+
+    def start_all(self) -> "Stack":
+        for name in ("redis", "worker", "scheduler", "frontend"):
+            self.start(name)
+        return self
+
+    def stop_all(self) -> None:
+        for name in ("frontend", "scheduler", "worker", "redis"):
+            if name in self.procs:
+                self.stop(name)
+
+    def client(self) -> Client:
+        return Client(f"127.0.0.1:{self.ports['frontend']}", timeout_s=120, retries=2)
+
+    def stats(self) -> dict[str, int]:
+        with grpc.insecure_channel(f"127.0.0.1:{self.ports['scheduler']}") as ch:
+            stub = scheduler_pb2_grpc.SchedulerStub(ch)
+            return dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=10).values)
+
+
+def worker_argv(base: str) -> list[str]:
+    return ["--model", base, "--device", "cpu", "--dtype", "float32", "--num-pages", "2048",
+            "--max-lora-rank", "16", "--max-adapter-slots", "8", "--max-model-len", "96",
+            "--max-num-seqs", "32", "--max-num-batched-tokens", "256"]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stack")
+    base = make_tiny_llama(str(root / "base"), num_kv_heads=2, seed=9)
+    stack = Stack(str(root), base, worker_argv(base))
+    stack.adapters = {}
+    for i in range(NUM_ADAPTERS):
+        stack.adapters[f"ad-{i}"] = make_peft_adapter(
+            base, str(root / f"ad-{i}"), r=RANKS[i % len(RANKS)],
+            target_modules=TARGETS[i % len(TARGETS)], lora_alpha=8, seed=i)
+    stack.start_all()
+    yield stack
+    stack.stop_all()
+
+
+def in_process_engine(stack: Stack) -> Engine:
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    config, model_path = engine_config_from_args(parser.parse_args(stack.worker_args))
+    engine = Engine(config, model_path)
+    for adapter_id, path in stack.adapters.items():
+        engine.add_adapter(adapter_id, path)
+    return engine
+
+
+def prompts(n: int) -> list[tuple[list[int], str | None]]:
+    out = []
+    for i in range(n):
+        prompt = [(i * 37 + j * 11) % 250 + 3 for j in range(3 + i % 29)]
+        out.append((prompt, None if i % 6 == 5 else f"ad-{i % NUM_ADAPTERS}"))
+    return out
+
+
+def test_registered_adapters_stream_the_engines_tokens(stack):
+    """20 registrations, then 50 concurrent streams across them (and the base alone):
+    each gets exactly the in-process engine's greedy tokens."""
+    with stack.client() as c:
+        for adapter_id, path in stack.adapters.items():
+            record = c.register_adapter(adapter_id, path)
+            assert record.adapter_id == adapter_id and record.num_pages > 0
+        assert len(c.list_adapters()) == NUM_ADAPTERS
+        reqs = prompts(50)
+
+        def run(req):
+            prompt, adapter = req
+            return [t for e in c.stream(prompt, adapter_id=adapter, max_new_tokens=MAX_NEW,
+                                        ignore_eos=True) for t in e.token_ids]
+
+        with cf.ThreadPoolExecutor(50) as pool:
+            got = list(pool.map(run, reqs))
+    engine = in_process_engine(stack)
+    want = engine.generate([p for p, _ in reqs],
+                           SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True),
+                           [a for _, a in reqs])
+    for (prompt, adapter), g, w in zip(reqs, got, want):
+        assert g == w, f"adapter {adapter}, prompt {prompt}: stack {g} != engine {w}"
+
+
+def test_cancelled_streams_give_the_pool_back(stack):
+    """20 streams cancelled after their first token: the scheduler's pool returns to its
+    idle page count (no KV pages, nothing running)."""
+    with stack.client() as c:
+        def run_and_cancel(i):
+            stream = c.stream([5 + i, 6, 7], adapter_id=f"ad-{i}", max_new_tokens=80,
+                              ignore_eos=True)
+            first = next(stream)
+            stream.close()  # cancels the call
+            return first.token_ids
+
+        with cf.ThreadPoolExecutor(20) as pool:
+            assert all(pool.map(run_and_cancel, range(20)))
+    deadline = time.monotonic() + 10
+    while (stats := stack.stats())["pages_kv"] != 0 or stats["num_running"] != 0:
+        assert time.monotonic() < deadline, f"pool not idle after cancels: {stats}"
+        time.sleep(0.1)
+
+
+def test_registrations_survive_a_redis_restart(stack):
+    stack.stop("redis")
+    stack.start("redis")
+    with stack.client() as c:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                ids = {a.adapter_id for a in c.list_adapters()}
+                break
+            except SloraClientError:
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        assert ids == set(stack.adapters)
+        assert c.generate([7, 8, 9], adapter_id="ad-3", max_new_tokens=3).token_ids
+
+
+def test_a_restarted_frontend_keeps_serving(stack):
+    with stack.client() as c:
+        before = c.generate([9, 10, 11], adapter_id="ad-4", max_new_tokens=4).token_ids
+    stack.stop("frontend")
+    stack.start("frontend")
+    with stack.client() as c:
+        assert c.generate([9, 10, 11], adapter_id="ad-4", max_new_tokens=4).token_ids == before
+
+
+def pickled_upload(tmp, good):
+    path = os.path.join(tmp, "pickled")
+    shutil.copytree(good, path, dirs_exist_ok=True)
+    os.rename(os.path.join(path, "adapter_model.safetensors"),
+              os.path.join(path, "adapter_model.bin"))
+    return path
+
+
+def malformed(tmp, good):
+    path = os.path.join(tmp, "malformed")
+    shutil.copytree(good, path, dirs_exist_ok=True)
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        f.write("{oops")
+    return path
+
+
+def other_base(tmp, good):
+    path = os.path.join(tmp, "other-base")
+    shutil.copytree(good, path, dirs_exist_ok=True)
+    cfg_file = os.path.join(path, "adapter_config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    cfg["base_model_name_or_path"] = "meta-llama/Llama-2-13b-hf"
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f)
+    return path
+
+
+def upload_pickle(c: Client, tmp, good):
+    from slora.client.messages import upload_chunks
+    from slora.v1 import adapters_pb2
+
+    def chunks():
+        yield from list(upload_chunks("pickled-up", good, "rid"))[:1]
+        yield adapters_pb2.UploadAdapterChunk(chunk=adapters_pb2.FileChunk(
+            file_name="adapter_model.bin", data=b"\x80\x04pickle"))
+    try:
+        return c._adapters.Upload(chunks(), timeout=30)
+    except grpc.RpcError as e:
+        from slora.client.errors import from_rpc_error
+        raise from_rpc_error(e) from None
+
+
+# (case, call, status code, words in the message)
+BAD_INPUTS = [
+    ("unknown adapter", lambda c, t, g: c.generate([5], adapter_id="nope"),
+     grpc.StatusCode.NOT_FOUND, "nope"),
+    ("empty prompt", lambda c, t, g: c.generate(""), grpc.StatusCode.INVALID_ARGUMENT, "empty"),
+    ("prompt too long", lambda c, t, g: c.generate([5] * 96), grpc.StatusCode.INVALID_ARGUMENT,
+     "max_model_len"),
+    ("bad temperature", lambda c, t, g: c.generate([5], temperature=-2.0),
+     grpc.StatusCode.INVALID_ARGUMENT, "temperature"),
+    ("bad top_p", lambda c, t, g: c.generate([5], top_p=1.5), grpc.StatusCode.INVALID_ARGUMENT,
+     "top_p"),
+    ("token outside vocab", lambda c, t, g: c.generate([5, 100000]),
+     grpc.StatusCode.INVALID_ARGUMENT, "vocabulary"),
+    ("malformed adapter", lambda c, t, g: c.register_adapter("mal", malformed(t, g)),
+     grpc.StatusCode.INVALID_ARGUMENT, "adapter_config.json"),
+    ("pickled adapter by path", lambda c, t, g: c.register_adapter("pick", pickled_upload(t, g)),
+     grpc.StatusCode.INVALID_ARGUMENT, "pickle"),
+    ("pickled upload", upload_pickle, grpc.StatusCode.INVALID_ARGUMENT, "pickle"),
+    ("adapter of another base model", lambda c, t, g: c.register_adapter("other", other_base(t, g)),
+     grpc.StatusCode.FAILED_PRECONDITION, "Llama-2-13b"),
+]
+
+
+@pytest.mark.parametrize("case, call, code, words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
+def test_bad_input_gets_its_status_and_serving_goes_on(stack, tmp_path, case, call, code, words):
+    good = stack.adapters["ad-1"]
+    with stack.client() as c:
+        with pytest.raises(SloraClientError) as err:
+            call(c, str(tmp_path), good)
+        assert err.value.code == code, f"{case}: {err.value}"
+        assert words in err.value.details, f"{case}: {err.value.details}"
+        assert c.generate([5, 6], adapter_id="ad-1", max_new_tokens=2).token_ids
+
+
+def test_full_queue_is_resource_exhausted(tmp_path):
+    """A scheduler that runs one request and queues one more refuses a third at once."""
+    base = make_tiny_llama(str(tmp_path / "base"), num_kv_heads=2, seed=9)
+    argv = worker_argv(base)
+    argv[argv.index("--max-num-seqs") + 1] = "1"
+    argv[argv.index("--max-model-len") + 1] = "512"  # the first request runs long
+    stack = Stack(str(tmp_path), base, argv, ["--max-queue-len", "1"]).start_all()
+    try:
+        with stack.client() as c:
+            first = c.stream([5, 6], max_new_tokens=500, ignore_eos=True)
+            next(first)  # running
+            second = c.stream([5, 7], max_new_tokens=4, ignore_eos=True)
+            with cf.ThreadPoolExecutor(1) as pool:
+                waiting = pool.submit(lambda: [e.token_ids for e in second])
+                time.sleep(0.5)
+                with pytest.raises(SloraClientError) as err:
+                    c.generate([5, 8], max_new_tokens=2)
+                assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
+                assert "queue" in err.value.details
+                first.close()
+                assert waiting.result(timeout=60)
+    finally:
+        stack.stop_all()
