@@ -17,8 +17,10 @@ smaller layers are zero-padded; where they give it different scales, `module_sca
 first covered layer's and the ratio is folded into B at the others, so one scale per module
 is always exact.
 
-Pickles are never opened: `.bin` adapters are refused. Every refusal is an AdapterError
-naming the adapter, the file and what is wrong.
+Pickles are never opened: `.bin` adapters are refused, and the safetensors header is checked
+(safetensors_check.py) before the safetensors library reads the file, so a pickle renamed to
+.safetensors, or a hostile header, is refused unread. Every refusal is an AdapterError naming
+the adapter, the file and what is wrong.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from slora.adapter_store.safetensors_check import SafetensorsHeaderError, check_safetensors
 from slora.common.config import LORA_MODULES, ModelConfig
 from slora.common.errors import AdapterBaseModelMismatch, AdapterError
 
@@ -402,6 +405,18 @@ def load_peft_adapter(adapter_id: str, path: str, model: ModelConfig, max_rank: 
         d_in, d_out = model.module_shape(m)
         weights[m] = (torch.zeros(model.num_layers, r, d_in, dtype=dtype, pin_memory=pin),
                       torch.zeros(model.num_layers, d_out, r, dtype=dtype, pin_memory=pin))
+    try:
+        header = check_safetensors(file)
+    except (SafetensorsHeaderError, OSError) as e:
+        raise AdapterError(adapter_id, file, f"not a readable safetensors file ({e})") \
+            from None
+    for key, entry in header.tensors.items():  # every name and shape, before any tensor byte
+        layer, m, which = _parse_key(adapter_id, file, key, spec, model.num_layers)
+        r_l, (d_in, d_out) = spec.layer_ranks[m][layer], model.module_shape(m)
+        expected = (r_l, d_in) if which == "A" else (d_out, r_l)
+        if entry.shape != expected:
+            raise AdapterError(adapter_id, file, f"tensor {key!r} has shape {list(entry.shape)}; "
+                               f"expected {list(expected)}")
     seen: set[tuple[int, str, str]] = set()
     try:
         handle = safe_open(file, framework="pt", device="cpu")

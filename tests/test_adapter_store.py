@@ -323,7 +323,7 @@ REFUSALS = [  # (name, edit of a copy of the good adapter -> path to load, file,
     ("rank_differs_from_config", _edit_config(r=8), WEIGHTS_FILE,
      "has shape [4, 160]; expected [8, 160]"),
     ("integer_dtype", _edit_weights(_set(Q_B, torch.zeros(64, 4, dtype=torch.int32))),
-     WEIGHTS_FILE, "has dtype torch.int32; expected a floating-point dtype"),
+     WEIGHTS_FILE, "dtype 'I32' is not allowed; expected a floating-point dtype"),
     ("nan", _edit_weights(_poison(Q_A, float("nan"))), WEIGHTS_FILE, "has NaN or Inf values"),
     ("inf", _edit_weights(_poison(Q_B, float("-inf"))), WEIGHTS_FILE, "has NaN or Inf values"),
 ]
