@@ -39,6 +39,7 @@ class AdapterResidency:
         self.resident: OrderedDict[str, ResidentAdapter] = OrderedDict()
         self.num_loads = 0
         self.num_evictions = 0
+        self.num_prefetches = 0
 
     def slot_of(self, adapter_id: str) -> int | None:
         entry = self.resident.get(adapter_id)
@@ -89,6 +90,21 @@ class AdapterResidency:
                 return None
             self.resident.move_to_end(ref.adapter_id)
         return entry.slot
+
+    def prefetch(self, ref: AdapterRef, cmd: StepCommand, keep_free: int) -> bool:
+        """Loads an adapter a queued request will need, unpinned, only into a free slot
+        and free pages (never evicting, and leaving `keep_free` pages free), so its copy
+        to the GPU overlaps the steps before that request is admitted."""
+        if ref.adapter_id in self.resident or not self.free_slots or \
+                self.page_table.num_free < ref.num_pages + keep_free:
+            return False
+        slot = self.free_slots.pop()
+        page_ids = self.page_table.allocate(ref.num_pages, PageOwner("adapter", ref.adapter_id))
+        self.resident[ref.adapter_id] = ResidentAdapter(ref, slot, page_ids)
+        cmd.adapter_loads.append(AdapterLoad(ref.adapter_id, ref.path, slot, page_ids))
+        self.num_loads += 1
+        self.num_prefetches += 1
+        return True
 
     def release(self, adapter_id: str) -> None:
         entry = self.resident[adapter_id]

@@ -27,6 +27,10 @@ from slora.scheduler.page_table import PageOwner, PageTable
 from slora.scheduler.request import FinishReason, Request, RequestOutput, RequestStatus
 
 
+PREFETCH_DEPTH = 8
+"""Queued requests whose adapters are loaded ahead of their admission."""
+
+
 class Scheduler:
     def __init__(self, config: EngineConfig):
         self.config = config
@@ -143,8 +147,20 @@ class Scheduler:
             self.running.append(req)
             budget -= req.num_computed_tokens
 
+        self._prefetch_adapters(cmd)
         cmd.finished_req_ids, self.freed_req_ids = self.freed_req_ids, []
         return cmd
+
+    def _prefetch_adapters(self, cmd: StepCommand) -> None:
+        """Loads the adapters of the next queued requests while there is room to spare:
+        pages for the queue head's prompt and a decode token per running request stay
+        free."""
+        if not self.waiting:
+            return
+        keep_free = self.waiting[0].num_tokens + len(self.running)
+        for req in itertools.islice(self.waiting, PREFETCH_DEPTH):
+            if req.adapter is not None:
+                self.residency.prefetch(req.adapter, cmd, keep_free)
 
     def _admit(self, req: Request, budget: int, cmd: StepCommand) -> bool:
         """Admits the head of the queue if its adapter and all its tokens fit."""
@@ -238,6 +254,7 @@ class Scheduler:
             "adapters_resident": len(self.residency.resident),
             "adapter_loads": self.residency.num_loads,
             "adapter_evictions": self.residency.num_evictions,
+            "adapter_prefetches": self.residency.num_prefetches,
             "preemptions": self.num_preemptions,
         }
 
