@@ -16,8 +16,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S
+
 READY_PREFIX = "SLORA_READY"
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = DEFAULT_SHUTDOWN_GRACE_S + 5.0
+"""A child's drain on SIGTERM may take its grace period; after this it is killed."""
 
 
 @dataclass
@@ -26,6 +29,7 @@ class Child:
     args: list[str]
     proc: subprocess.Popen | None = None
     port: int = 0
+    metrics_port: int = 0
     ready: threading.Event = field(default_factory=threading.Event)
     restarts: int = 0
 
@@ -51,6 +55,7 @@ class Child:
             if line.startswith(READY_PREFIX):
                 fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
                 self.port = int(fields.get("port", 0))
+                self.metrics_port = int(fields.get("metrics_port", 0))
                 self.ready.set()
             print(f"[{self.name}] {line}", flush=True)
 
@@ -99,8 +104,21 @@ def build_children(args, model: str) -> list[Child]:
     children.append(Child("frontend", [
         "slora.frontend.server", "--host", args.host, "--port", str(args.port),
         "--data-dir", data_dir, "--scheduler-address", f"127.0.0.1:{scheduler_port}",
-        "--redis-url", redis_url]))
+        "--redis-url", redis_url, *frontend_security_args(args, data_dir)]))
     return children
+
+
+def frontend_security_args(args, data_dir: str) -> list[str]:
+    """Auth (the admin key made at first start goes to <data-dir>/admin.key, mode 0600,
+    where the CLI reads it), adapter roots (default: the user's home) and TLS."""
+    out = ["--no-auth"] if args.no_auth else [
+        "--admin-key-file", os.path.join(data_dir, "admin.key")]
+    for root in args.adapter_roots or [os.path.expanduser("~")]:
+        out += ["--adapter-roots", os.path.abspath(os.path.expanduser(root))]
+    for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(args, flag, None):
+            out += [f"--{flag.replace('_', '-')}", os.path.abspath(getattr(args, flag))]
+    return out
 
 
 def up(args) -> int:
@@ -123,6 +141,14 @@ def up(args) -> int:
             child.start(args.start_timeout)
         print(f"slora is serving {os.path.basename(model)} on {args.host}:{by_name['frontend'].port}"
               f"  (Ctrl-C stops it)", flush=True)
+        print("slora: AUTH IS OFF (--no-auth): anyone reaching the port may use it" if args.no_auth
+              else "slora: calls need an API key; the admin key is in "
+              f"{os.path.join(os.path.abspath(os.path.expanduser(args.data_dir)), 'admin.key')}"
+              " (the slora CLI reads it; `slora keys create TENANT` makes tenant keys)",
+              flush=True)
+        print("slora: Prometheus metrics at " + ", ".join(
+            f"{c.name} http://127.0.0.1:{c.metrics_port}/metrics" for c in children
+            if c.metrics_port > 0), flush=True)
         while not stopping.wait(0.5):
             for child in children:
                 if not child.alive() and not stopping.is_set():

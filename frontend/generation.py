@@ -1,6 +1,13 @@
 """The public Generation service: validate, tokenize, look the adapter up, forward to the
 scheduler, and stream text deltas back. Holds no state a restart would lose: each call
-lives only as long as its stream."""
+lives only as long as its stream.
+
+What is left of the client's deadline goes with the Submit to the scheduler, which uses it
+for early abort; when it passes, gRPC cancels both calls and the scheduler frees the
+request's pages. A client that goes away cancels the Submit the same way. The scheduler's
+status reaches the client unchanged (with its `grpc-retry-pushback-ms` trailer), except that
+a Submit cancelled under us (the scheduler stopping) becomes UNAVAILABLE.
+"""
 from __future__ import annotations
 
 import logging
@@ -10,6 +17,10 @@ import uuid
 import grpc
 
 from slora.common.errors import InvalidRequestError, SloraError
+from slora.common.logs import request_id_var
+from slora.frontend import metrics
+from slora.frontend.auth import principal
+from slora.frontend.adapter_records import StaleIfErrorCache
 from slora.frontend.stop_strings import (
     MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, StopStringMatcher,
 )
@@ -21,6 +32,8 @@ log = logging.getLogger("slora.frontend")
 
 MAX_REQUEST_ID_CHARS = 128
 MAX_PROMPT_CHARS = 1 << 20
+PASSED_TRAILERS = ("grpc-retry-pushback-ms",)
+"""Trailing metadata of the scheduler's answer that the client gets too."""
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: SloraError) -> None:
@@ -33,6 +46,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self.registry = registry
         self.tokenizer = tokenizer
         self.info = model_info
+        self.adapter_records = StaleIfErrorCache()
 
     # -- validation -----------------------------------------------------------------------
 
@@ -80,9 +94,12 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         submit.sampling.max_new_tokens = sampling.max_new_tokens
         submit.sampling.top_p = sampling.top_p
         if request.adapter_id:
-            record = await self.registry.get(request.adapter_id)
+            tenant = principal().tenant
+            record = await self.adapter_records.get(
+                (tenant, request.adapter_id),
+                lambda: self.registry.lookup(request.adapter_id, tenant))
             submit.adapter.CopyFrom(scheduler_pb2.AdapterRef(
-                adapter_id=record.adapter_id, path=record.path, num_pages=record.num_pages))
+                adapter_id=record.qualified_id, path=record.path, num_pages=record.num_pages))
         return submit, prompt_ids, stops
 
     # -- the calls ------------------------------------------------------------------------
@@ -94,15 +111,19 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         except SloraError as e:
             await abort_with(context, e)
             return
+        request_id_var.set(submit.request_id)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         matcher = StopStringMatcher(stops)
         first_token_at = None
         num_output = 0
-        call = self.scheduler.Submit(submit)
+        outcome = "CANCELLED"
+        """The status code this call ends with, for its log line."""
+        call = self.scheduler.Submit(submit, timeout=context.time_remaining())
         try:
             async for event in call:
                 if first_token_at is None and event.token_ids:
                     first_token_at = time.perf_counter()
+                    metrics.TIME_TO_FIRST_TOKEN.observe(first_token_at - arrival)
                 num_output = event.num_output_tokens
                 text = matcher.add(detok.add(list(event.token_ids)))
                 finish = event.finish_reason
@@ -125,20 +146,48 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         time_to_first_token_s=(first_token_at or now) - arrival,
                         total_s=now - arrival))
                 if event.error:
+                    outcome = "FAILED_PRECONDITION"
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION, event.error)
                     return
+                if done:
+                    outcome = "OK"
                 yield out
                 if done:
                     return
         except grpc.aio.AioRpcError as e:
             if e.code() == grpc.StatusCode.CANCELLED and matcher.stopped:
+                outcome = "OK"
                 return
             code = e.code()
-            if code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+            if code == grpc.StatusCode.CANCELLED:
                 code = grpc.StatusCode.UNAVAILABLE
+            outcome = code.name
+            trailers = tuple((k, v) for k, v in (e.trailing_metadata() or ())
+                             if k in PASSED_TRAILERS)
+            if trailers:
+                context.set_trailing_metadata(trailers)
             await context.abort(code, e.details() or "scheduler unavailable")
         finally:
             call.cancel()
+            self._finished(submit, request, outcome, arrival, first_token_at,
+                           len(prompt_ids), num_output)
+
+    @staticmethod
+    def _finished(submit, request, outcome: str, arrival: float, first_token_at,
+                  num_prompt: int, num_output: int) -> None:
+        """The call's log line and latency metrics."""
+        now = time.perf_counter()
+        if outcome == "OK":
+            metrics.OUTPUT_TOKENS.inc(num_output)
+            if first_token_at is not None and num_output >= 2:
+                metrics.TIME_PER_OUTPUT_TOKEN.observe(
+                    (now - first_token_at) / (num_output - 1))
+        log.info("request finished", extra={
+            "request_id": submit.request_id, "client_request_id": request.request_id,
+            "adapter_id": request.adapter_id, "code": outcome, "prompt_tokens": num_prompt,
+            "output_tokens": num_output, "total_s": round(now - arrival, 6),
+            "time_to_first_token_s": None if first_token_at is None
+            else round(first_token_at - arrival, 6)})
 
     async def Generate(self, request, context):
         response = generation_pb2.GenerateResponse()

@@ -2,31 +2,45 @@
 (grpc.health.v1) and server reflection, on grpc.aio with uvloop.
 
 It is stateless: the model's limits come from the scheduler's Info at start, adapter
-metadata from Redis on every call. Any number can run behind a load balancer.
+metadata from Redis on every call (with a short stale-if-error cache in memory,
+adapter_records.py). Any number can run behind a load balancer.
+
+Every public call carries an API key (auth.py; flags, admin key and TLS in security.py).
+
+Health is SERVING while the scheduler's health is (scheduler_watch.py). SIGTERM drains
+(common/lifecycle.py): NOT_SERVING, new calls refused with UNAVAILABLE, running calls finish
+within --shutdown-grace-s.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import os
-import signal
 import sys
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from slora.adapter_store.registry import AdapterRegistry, connect
 from slora.common.aio import run_async
 from slora.common.config import ModelConfig
+from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, Lifecycle, ready_line
+from slora.common.logs import add_log_args, setup_logging
+from slora.common.metrics import add_metrics_args, start_metrics_server
+from slora.frontend import metrics
 from slora.frontend.adapters import AdaptersService
 from slora.frontend.generation import GenerationService
+from slora.frontend.keys import KeysService
+from slora.frontend.scheduler_watch import SCHEDULER_CHANNEL_OPTIONS, watch_scheduler
+from slora.frontend.security import add_security_args, bind_public_port, setup_security
 from slora.frontend.tokenizer import load_tokenizer
 from slora.v1 import (
-    adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc, scheduler_pb2,
-    scheduler_pb2_grpc,
+    adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc, keys_pb2,
+    keys_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc,
 )
 
 log = logging.getLogger("slora.frontend")
@@ -46,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with tokenizer.json (default: the served model's folder)")
     p.add_argument("--max-upload-bytes", type=int, default=4 << 30,
                    help="largest adapter upload, in bytes")
+    p.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                   help="on SIGTERM, seconds that running calls get to finish")
+    add_security_args(p)
+    add_metrics_args(p)
+    add_log_args(p)
     return p
 
 
@@ -62,7 +81,7 @@ async def wait_for_scheduler(stub, timeout_s: float = 120.0) -> scheduler_pb2.Mo
 
 async def serve(args) -> None:
     channel = grpc.aio.insecure_channel(args.scheduler_address, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *SCHEDULER_CHANNEL_OPTIONS])
     scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
     info = await wait_for_scheduler(scheduler)
     model = ModelConfig.from_hf_dict(json.loads(info.model_config_json),
@@ -72,41 +91,45 @@ async def serve(args) -> None:
     store_dir = os.path.join(args.data_dir, "adapters")
     registry = AdapterRegistry(redis_client, store_dir, model, info.model_name,
                                info.max_lora_rank)
+    security = await setup_security(args, redis_client, store_dir)
 
-    server = grpc.aio.server(options=[
+    public_names = [generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
+                    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+                    keys_pb2.DESCRIPTOR.services_by_name["Keys"].full_name]
+    lifecycle = Lifecycle(public_names, on_call_done=metrics.on_call_done)
+    server = grpc.aio.server(interceptors=[lifecycle.calls, security.interceptor], options=[
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
     generation_pb2_grpc.add_GenerationServicer_to_server(
         GenerationService(scheduler, registry, tokenizer, info), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
-        AdaptersService(registry, scheduler, store_dir, args.max_upload_bytes), server)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    names = (generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,
-             adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
-             health.SERVICE_NAME, reflection.SERVICE_NAME)
-    reflection.enable_server_reflection(names, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
+        AdaptersService(registry, scheduler, store_dir, args.max_upload_bytes, security.roots,
+                        args.max_adapters_per_tenant), server)
+    if security.keys is not None:
+        keys_pb2_grpc.add_KeysServicer_to_server(KeysService(security.keys), server)
+    health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
+    reflection.enable_server_reflection(
+        (*public_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = bind_public_port(server, args)
+    metrics_port = start_metrics_server(args.metrics_host, args.metrics_port)
     await server.start()
-    for name in ("", *names[:2]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    print(f"SLORA_READY frontend port={port}", flush=True)
+    await lifecycle.set_serving(True)
+    watcher = asyncio.create_task(watch_scheduler(channel, lifecycle.set_serving))
+    lifecycle.stop_on_signals()
+    print(ready_line("frontend", port, metrics_port), flush=True)
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    for name in ("", *names[:2]):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-    await server.stop(grace=5)
+    await lifecycle.wait_for_stop()
+    await lifecycle.drain(server, args.shutdown_grace_s)
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
     await redis_client.aclose()
     await channel.close()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    setup_logging("frontend", args.log_level, args.log_format)
     run_async(serve(args))
     return 0
 

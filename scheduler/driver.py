@@ -21,6 +21,12 @@ running requests go back to the queue, no adapter counts as resident any more
 (`forget_worker_state`), and the loop opens a new Steps stream. If the stream breaks (the
 worker is gone), every request ends with UNAVAILABLE at once, submissions are refused with
 UNAVAILABLE, and the loop reconnects when a worker with the same config answers again.
+
+Deadlines and overload (see deadlines.py). The queue is bounded: past `max_queue_len` a
+submission is refused with RESOURCE_EXHAUSTED and a retry hint. A submission whose estimated
+finish is past its deadline is refused, and a waiting request that will miss its deadline is
+dropped, both with DEADLINE_EXCEEDED (early abort). `pause` stops planning steps, so
+submissions pile up in the queue: how tests make overload deterministic.
 """
 from __future__ import annotations
 
@@ -28,6 +34,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import time
 
 import grpc
 
@@ -36,9 +43,11 @@ from slora.common.errors import InvalidRequestError, SloraError
 from slora.engine.args import engine_config_from_model_info
 from slora.protos.convert import sampling_from_proto, step_command_to_proto, step_result_from_proto
 from slora.protos.step import StepCommand
+from slora.scheduler import metrics
 from slora.scheduler.adapter_residency import AdapterRef
+from slora.scheduler.deadlines import FinishEstimator, StepTimer
 from slora.scheduler.planner import Scheduler
-from slora.scheduler.request import FinishReason, RequestOutput
+from slora.scheduler.request import NO_DEADLINE, FinishReason, RequestOutput
 from slora.v1 import common_pb2, scheduler_pb2, worker_pb2, worker_pb2_grpc
 
 log = logging.getLogger("slora.scheduler")
@@ -55,6 +64,10 @@ WORKER_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
+    # A restarted worker is found within a second (the default backoff grows to 120 s).
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 """Step commands carry whole prompts; worker/server.py allows the same sizes and pings."""
 WORKER_UP = ""
@@ -75,6 +88,12 @@ class RequestIdInUseError(SloraError):
 
 class WorkerUnavailableError(SloraError):
     grpc_code = "UNAVAILABLE"
+
+
+class EarlyAbortError(SloraError):
+    """The request cannot finish before its deadline (deadlines.py's estimate)."""
+
+    grpc_code = "DEADLINE_EXCEEDED"
 
 
 class StreamEnd:
@@ -109,7 +128,8 @@ def _has_work(cmd: StepCommand) -> bool:
 
 
 class StepDriver:
-    def __init__(self, planner: Scheduler, worker_address: str, worker_config: EngineConfig):
+    def __init__(self, planner: Scheduler, worker_address: str, worker_config: EngineConfig,
+                 on_worker_available=None):
         self.planner = planner
         self.config = planner.config
         self.worker_address = worker_address
@@ -123,15 +143,24 @@ class StepDriver:
         self._requests_changed = asyncio.Event()
         """Set, then replaced by a fresh one, whenever requests finish or are cancelled."""
         self.worker_down_reason = WORKER_UP
+        self._on_worker_available = on_worker_available or (lambda available: None)
+        """Called with False when the worker is lost, True when it is back."""
         self.num_steps = 0
+        self.paused = False
+        self.timer = StepTimer()
+        self.estimator = FinishEstimator(planner, self.timer)
+        self._submitted_at: dict[str, float] = {}
+        """Submission time of requests not yet admitted once, for the queue-wait metric."""
         self.max_adapter_pages = self.config.model.adapter_num_pages(
             {m: self.config.pool.max_lora_rank for m in LORA_MODULES})
 
     # -- requests in and out (called by the servicer) --------------------------------------
 
-    def submit(self, request: scheduler_pb2.SubmitRequest) -> asyncio.Queue:
+    def submit(self, request: scheduler_pb2.SubmitRequest,
+               deadline_s: float = NO_DEADLINE) -> asyncio.Queue:
         """Validates and queues the request; returns the queue its events arrive on. Raises
-        a SloraError naming what is wrong."""
+        a SloraError naming what is wrong. `deadline_s`: when the client stops waiting
+        (time.monotonic())."""
         if self.worker_down_reason != WORKER_UP:
             raise WorkerUnavailableError(self.worker_down_reason)
         req_id = request.request_id
@@ -142,10 +171,55 @@ class StepDriver:
             raise RequestIdInUseError(f"request_id {req_id!r} is already in use")
         sampling = sampling_from_proto(request.sampling)
         adapter = self._check_adapter(request.adapter) if request.HasField("adapter") else None
-        self.planner.submit(req_id, list(request.prompt_token_ids), sampling, adapter)
+        now = time.monotonic()
+        self._abort_hopeless(now)
+        try:
+            req = self.planner.submit(req_id, list(request.prompt_token_ids), sampling, adapter)
+        except SloraError as e:
+            metrics.REQUESTS.labels("queue_full" if e.grpc_code == "RESOURCE_EXHAUSTED"
+                                    else "invalid").inc()
+            raise
+        req.deadline_s = deadline_s
+        if deadline_s != NO_DEADLINE:
+            needed_s = self.estimator.estimate_new(req, now)
+            if now + needed_s > deadline_s:
+                self.planner.cancel(req_id)
+                self.estimator.forget()
+                metrics.REQUESTS.labels("early_abort_submit").inc()
+                raise EarlyAbortError(
+                    f"early abort: request {req_id!r} needs about {needed_s:.2f} s "
+                    f"({len(self.planner.waiting)} waiting, {len(self.planner.running)} "
+                    f"running, {self.timer.seconds_per_step * 1000:.1f} ms a step); its "
+                    f"deadline is in {deadline_s - now:.2f} s")
+        self._submitted_at[req_id] = now
         queue = self._event_queues[req_id] = asyncio.Queue()
         self._wake.set()
         return queue
+
+    def retry_pushback_ms(self) -> int:
+        """How long a client refused for a full queue should wait (deadlines.py)."""
+        return self.estimator.retry_pushback_ms()
+
+    def pause(self, paused: bool) -> bool:
+        """Stops (or resumes) planning steps; returns whether it was paused."""
+        was, self.paused = self.paused, paused
+        log.info("paused" if paused else "resumed")
+        self._wake.set()
+        return was
+
+    def _abort_hopeless(self, now: float, force: bool = False) -> None:
+        """Early abort: ends the waiting requests that the estimate says will miss their
+        deadlines. Not while paused: nothing moves, the estimate means nothing."""
+        hopeless = self.estimator.refresh(now, force)
+        if self.paused:
+            return
+        for req in hopeless:
+            metrics.REQUESTS.labels("early_abort_queue").inc()
+            self._end_request(
+                req.req_id, grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"early abort: request {req.req_id!r} would miss its deadline (in "
+                f"{req.deadline_s - now:.2f} s) waiting behind {len(self.planner.running)} "
+                f"running requests; dropped from the queue", outcome=None)
 
     def _check_adapter(self, msg: scheduler_pb2.AdapterRef) -> AdapterRef:
         ref = AdapterRef(msg.adapter_id, msg.path, msg.num_pages)
@@ -178,7 +252,11 @@ class StepDriver:
         request's queue is no longer registered; its id may already serve another stream.)"""
         if self._event_queues.get(req_id) is queue:
             del self._event_queues[req_id]
-            self.planner.cancel(req_id)
+            self._submitted_at.pop(req_id, None)
+            if self.planner.cancel(req_id) is not None:
+                metrics.REQUESTS.labels("cancelled").inc()
+                log.info("request cancelled: its client went away",
+                         extra={"request_id": req_id})
             self._on_requests_changed()
 
     def cancel(self, req_id: str) -> bool:
@@ -196,7 +274,9 @@ class StepDriver:
 
     def stats(self) -> dict[str, int]:
         return dict(self.planner.stats(), num_steps=self.num_steps,
-                    worker_available=int(self.worker_down_reason == WORKER_UP))
+                    worker_available=int(self.worker_down_reason == WORKER_UP),
+                    paused=int(self.paused),
+                    step_time_us=round(self.timer.seconds_per_step * 1e6))
 
     def _deliver(self, out: RequestOutput) -> None:
         queue = self._event_queues.get(out.req_id)
@@ -204,12 +284,28 @@ class StepDriver:
             queue.put_nowait(event_from_output(out))
             if out.finished:
                 del self._event_queues[out.req_id]
+        if out.finished:
+            reason = out.finish_reason.value if out.finish_reason else "unknown"
+            metrics.REQUESTS.labels(reason).inc()
+            self._submitted_at.pop(out.req_id, None)
+            log.info("request finished", extra={
+                "request_id": out.req_id, "reason": reason, "error": out.error,
+                "prompt_tokens": out.num_prompt_tokens,
+                "output_tokens": out.num_output_tokens})
 
-    def _end_request(self, req_id: str, code: grpc.StatusCode, message: str) -> None:
+    def _end_request(self, req_id: str, code: grpc.StatusCode, message: str,
+                     outcome: str | None = "") -> None:
+        """Ends a request's stream with `code`; counts it under `outcome` (default: the
+        code's name; None: already counted)."""
         self.planner.cancel(req_id)
+        self._submitted_at.pop(req_id, None)
         queue = self._event_queues.pop(req_id, None)
         if queue is not None:
             queue.put_nowait(StreamEnd(code, message))
+        if outcome is not None:
+            metrics.REQUESTS.labels(outcome or code.name.lower()).inc()
+        log.info("request ended", extra={"request_id": req_id, "code": code.name,
+                                         "details": message})
 
     def _on_requests_changed(self) -> None:
         self._wake.set()  # freed pages may admit a waiting request
@@ -236,12 +332,15 @@ class StepDriver:
                 call.cancel()
 
     async def _drive(self, call, results: asyncio.Queue) -> None:
-        in_flight: collections.deque[StepCommand] = collections.deque()
+        in_flight: collections.deque[tuple[StepCommand, float]] = collections.deque()
+        """Commands sent and not answered yet, with when each was sent."""
         while True:
             self._wake.clear()
             while not results.empty():
                 self._apply(results.get_nowait(), in_flight)
-            if len(in_flight) < MAX_STEPS_IN_FLIGHT:
+            if self.planner.waiting:
+                self._abort_hopeless(time.monotonic())
+            if len(in_flight) < MAX_STEPS_IN_FLIGHT and not self.paused:
                 cmd = self.planner.schedule()
                 if _has_work(cmd):
                     try:
@@ -249,8 +348,13 @@ class StepDriver:
                     except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
                         raise _WorkerLost(
                             f"{(await call.code()).name}: {await call.details()}") from None
-                    in_flight.append(cmd)
+                    now = time.monotonic()
+                    in_flight.append((cmd, now))
                     self.num_steps += 1
+                    for new in cmd.new_requests:
+                        submitted_at = self._submitted_at.pop(new.req_id, None)
+                        if submitted_at is not None:
+                            metrics.QUEUE_WAIT.observe(now - submitted_at)
                     continue
             await self._wake.wait()
 
@@ -264,13 +368,18 @@ class StepDriver:
             results.put_nowait(_WorkerLost(f"{e.code().name}: {e.details()}"))
         self._wake.set()
 
-    def _apply(self, item, in_flight: collections.deque[StepCommand]) -> None:
+    def _apply(self, item, in_flight: collections.deque[tuple[StepCommand, float]]) -> None:
         if isinstance(item, _WorkerLost):
             raise item
-        cmd = in_flight.popleft()
+        cmd, sent_at = in_flight.popleft()
         assert item.step_id == cmd.step_id, f"result of step {item.step_id}, expected {cmd.step_id}"
         if item.error:
             raise _StepFailed(item, cmd)
+        num_requests = len(cmd.new_requests) + len(cmd.running_requests)
+        metrics.STEP_TIME.observe(
+            self.timer.on_result(sent_at, time.monotonic(), num_requests > 0))
+        if num_requests:
+            metrics.STEP_BATCH_SIZE.observe(num_requests)
         outputs = self.planner.update(step_result_from_proto(item))
         for out in outputs:
             self._deliver(out)
@@ -293,6 +402,7 @@ class StepDriver:
     def _fail_all(self, reason: str) -> None:
         log.error("%s; ending %d requests", reason, len(self.planner.requests))
         self.worker_down_reason = reason
+        self._on_worker_available(False)
         for req_id in list(self.planner.requests):
             self._end_request(req_id, grpc.StatusCode.UNAVAILABLE, reason)
         self.planner.forget_worker_state()
@@ -313,6 +423,7 @@ class StepDriver:
             if config == self._worker_config:
                 log.info("worker at %s is back", self.worker_address)
                 self.worker_down_reason = WORKER_UP
+                self._on_worker_available(True)
                 return
             if config is not None:
                 reason = "it now serves another model or pool config; restart the scheduler"

@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 
 from slora.common.sampling_params import SamplingParams
 from slora.scheduler.adapter_residency import AdapterRef
+
+NO_DEADLINE = math.inf
+"""Request.deadline_s of a request whose client set no deadline."""
 
 
 class RequestStatus(enum.Enum):
@@ -43,6 +47,8 @@ class Request:
     num_output_placeholders: int = 0
     """Tokens a step in flight will sample for this request, not yet received: the
     planner schedules step N+1 before step N's results are back."""
+    deadline_s: float = NO_DEADLINE
+    """When its client stops waiting, in time.monotonic() seconds (scheduler/deadlines.py)."""
 
     @property
     def num_tokens(self) -> int:

@@ -8,28 +8,41 @@ client cancelled or went away) cancels its request in the planner, freeing its p
 At start the scheduler asks the worker for its Info and rebuilds the worker's EngineConfig
 from it (engine/args.py), adding only its own limits: the planner's model and pool are the
 worker's by construction.
+
+A Submit carries the client's deadline (gRPC propagates what is left of it from the
+frontend); a full queue's RESOURCE_EXHAUSTED carries the retry hint in the
+`grpc-retry-pushback-ms` trailing metadata, the key gRPC's retry design reads. Health
+(grpc.health.v1) is SERVING while the worker answers; SIGTERM drains (common/lifecycle.py):
+NOT_SERVING, new submissions refused with UNAVAILABLE, requests already submitted run to
+their end within --shutdown-grace-s.
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import logging
-import signal
-import sys
+import time
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from slora.common.aio import run_async
 from slora.common.errors import ConfigError, SloraError
+from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, Lifecycle, ready_line
+from slora.common.logs import add_log_args, request_id_var, setup_logging
+from slora.common.metrics import add_metrics_args, start_metrics_server
 from slora.engine.args import (
     engine_config_from_model_info, model_info_from_config, with_scheduler_limits,
 )
 from slora.scheduler.driver import StepDriver, StreamEnd
+from slora.scheduler.metrics import register_driver_stats
 from slora.scheduler.planner import Scheduler
+from slora.scheduler.request import NO_DEADLINE
 from slora.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 
 log = logging.getLogger("slora.scheduler")
 
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 async def _abort(context: grpc.aio.ServicerContext, error: SloraError):
     await context.abort(getattr(grpc.StatusCode, error.grpc_code), str(error))
@@ -42,9 +55,16 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
         """The worker's Info with this scheduler's limits."""
 
     async def Submit(self, request, context):
+        request_id_var.set(request.request_id)
+        time_left_s = context.time_remaining()
+        deadline_s = NO_DEADLINE if time_left_s is None else time.monotonic() + time_left_s
         try:
-            queue = self.driver.submit(request)
+            queue = self.driver.submit(request, deadline_s)
         except SloraError as e:
+            if e.grpc_code == "RESOURCE_EXHAUSTED":
+                context.set_trailing_metadata(
+                    ((RETRY_PUSHBACK_KEY, str(self.driver.retry_pushback_ms())),))
+            log.info("request refused: %s", e, extra={"code": e.grpc_code})
             await _abort(context, e)
         try:
             while True:
@@ -72,6 +92,9 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
     async def Info(self, request, context):
         return self._info
 
+    async def Pause(self, request, context):
+        return scheduler_pb2.PauseResponse(was_paused=self.driver.pause(request.paused))
+
 
 # -- the process ---------------------------------------------------------------------------
 
@@ -89,29 +112,34 @@ async def serve(args: argparse.Namespace) -> None:
     config = with_scheduler_limits(
         worker_config, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_queue_len=args.max_queue_len)
-    driver = StepDriver(Scheduler(config), args.worker_address, worker_config)
+    lifecycle = Lifecycle([scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
+    driver = StepDriver(
+        Scheduler(config), args.worker_address, worker_config,
+        on_worker_available=lambda up: asyncio.ensure_future(lifecycle.set_serving(up)))
     loop_task = asyncio.create_task(driver.run())
 
-    server = grpc.aio.server()
+    server = grpc.aio.server(interceptors=[lifecycle.calls])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(driver, info.model_path), server)
+    health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     if port == 0:
         raise ConfigError(f"scheduler: cannot listen on {args.host}:{args.port}")
+    register_driver_stats(driver.stats)
+    metrics_port = start_metrics_server(args.metrics_host, args.metrics_port)
     await server.start()
+    await lifecycle.set_serving(True)
     log.info("serving %s (%d pages) on %s:%d, worker %s", config.model.name,
              config.pool.num_pages, args.host, port, args.worker_address)
 
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    lifecycle.stop_on_signals()
     # A launcher waits for this line; keep its form.
-    print(f"SLORA_READY scheduler port={port}", flush=True)
-    done, _ = await asyncio.wait([loop_task, asyncio.create_task(stop.wait())],
-                                 return_when=asyncio.FIRST_COMPLETED)
+    print(ready_line("scheduler", port, metrics_port), flush=True)
+    stop = asyncio.create_task(lifecycle.wait_for_stop())
+    done, _ = await asyncio.wait([loop_task, stop], return_when=asyncio.FIRST_COMPLETED)
     if loop_task in done:
         loop_task.result()  # the loop never ends by itself: raise what ended it
-    log.info("stopping")
-    await server.stop(grace=1.0)
+    log.info("stopping: %d requests to finish", len(driver.planner.requests))
+    await lifecycle.drain(server, args.shutdown_grace_s)
     loop_task.cancel()
     await driver.close()
 
@@ -135,9 +163,12 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--max-queue-len", type=int, default=1024,
                    help="requests waiting to be admitted; past it Submit is refused "
                         "(RESOURCE_EXHAUSTED)")
+    parser.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
+                        help="on SIGTERM, seconds that submitted requests get to finish")
+    add_metrics_args(parser)
+    add_log_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging("scheduler", args.log_level, args.log_format)
     try:
         run_async(serve(args))
     except SloraError as e:

@@ -28,17 +28,20 @@ import concurrent.futures
 import itertools
 import logging
 import signal
-import sys
 
 import grpc
 
 from slora.common.aio import run_async
 from slora.common.config import EngineConfig
 from slora.common.errors import AdapterError, SloraError
+from slora.common.lifecycle import ready_line
+from slora.common.logs import add_log_args, setup_logging
+from slora.common.metrics import add_metrics_args, start_metrics_server
 from slora.engine.args import add_engine_args, engine_config_from_args, model_info_from_config
 from slora.protos.convert import step_command_from_proto, step_result_to_proto
 from slora.protos.step import StepCommand, StepResult
 from slora.v1 import worker_pb2, worker_pb2_grpc
+from slora.worker import metrics
 from slora.worker.executor import Worker
 
 log = logging.getLogger("slora.worker")
@@ -134,7 +137,10 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         try:
             if isinstance(cmd, Exception):
                 raise cmd
-            return self.worker.execute(cmd)
+            self._log_command(cmd)
+            result = self.worker.execute(cmd)
+            metrics.STEP_TIME.observe(result.step_time_s)
+            return result
         except AdapterError as e:
             log.warning("step %d: %s", step_id, e)
             session.failed_step_id = step_id
@@ -150,23 +156,39 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 error=f"step {step_id} failed on the worker: {type(e).__name__}: {e}")
 
 
+    @staticmethod
+    def _log_command(cmd: StepCommand) -> None:
+        for new in cmd.new_requests:
+            log.info("request started", extra={
+                "request_id": new.req_id, "num_tokens": len(new.token_ids),
+                "num_prompt_tokens": new.num_prompt_tokens, "adapter_slot": new.adapter_slot,
+                "step_id": cmd.step_id})
+        for load in cmd.adapter_loads:
+            log.info("adapter loaded", extra={"adapter_id": load.adapter_id, "slot": load.slot,
+                                              "num_pages": len(load.page_ids)})
+        if log.isEnabledFor(logging.DEBUG):
+            for req_id in cmd.finished_req_ids:
+                log.debug("request state dropped", extra={"request_id": req_id})
+
+
 # -- the process ---------------------------------------------------------------------------
 
-async def serve_until_signal(server: grpc.aio.Server, name: str, port: int) -> None:
+async def serve_until_signal(server: grpc.aio.Server, name: str, port: int,
+                             metrics_port: int) -> None:
     """Prints the ready line, then serves until SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # A launcher waits for this line; keep its form.
-    print(f"SLORA_READY {name} port={port}", flush=True)
+    print(ready_line(name, port, metrics_port), flush=True)
     await stop.wait()
     log.info("stopping")
     await server.stop(grace=1.0)
 
 
 async def serve(config: EngineConfig, model_path: str | None, host: str, port: int,
-                backend: str) -> None:
+                backend: str, metrics_host: str = "127.0.0.1", metrics_port: int = -1) -> None:
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slora-step")
     loop = asyncio.get_running_loop()
     worker = await loop.run_in_executor(executor, Worker, config, model_path, backend)
@@ -178,8 +200,10 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
     await server.start()
     log.info("serving %s (%d pages, %s on %s) on %s:%d", config.model.name,
              config.pool.num_pages, config.dtype, config.device, host, bound_port)
+    metrics.register_worker_stats(worker)
+    metrics_port = start_metrics_server(metrics_host, metrics_port)
     try:
-        await serve_until_signal(server, "worker", bound_port)
+        await serve_until_signal(server, "worker", bound_port, metrics_port)
     finally:
         executor.shutdown(wait=True)
 
@@ -196,12 +220,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0,
                         help="port to listen on; 0 picks a free one (printed on the "
                              "SLORA_READY line)")
+    add_metrics_args(parser)
+    add_log_args(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    setup_logging("worker", args.log_level, args.log_format)
     try:
         config, model_path = engine_config_from_args(args)
-        run_async(serve(config, model_path, args.host, args.port, args.backend))
+        run_async(serve(config, model_path, args.host, args.port, args.backend,
+                        args.metrics_host, args.metrics_port))
     except SloraError as e:  # a bad flag, model folder or config: say which and stop
         parser.exit(1, f"slora-worker: error: {e}\n")
 

@@ -90,6 +90,18 @@ class InfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class PauseRequest(_message.Message):
+    __slots__ = ("paused",)
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    paused: bool
+    def __init__(self, paused: _Optional[bool] = ...) -> None: ...
+
+class PauseResponse(_message.Message):
+    __slots__ = ("was_paused",)
+    WAS_PAUSED_FIELD_NUMBER: _ClassVar[int]
+    was_paused: bool
+    def __init__(self, was_paused: _Optional[bool] = ...) -> None: ...
+
 class ModelInfo(_message.Message):
     __slots__ = ("model_name", "vocab_size", "max_model_len", "max_lora_rank", "num_pages", "hidden_size", "eos_token_ids", "model_config_json", "model_path")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]

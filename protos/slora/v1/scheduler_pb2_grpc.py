@@ -59,6 +59,11 @@ class SchedulerStub:
                 request_serializer=slora_dot_v1_dot_scheduler__pb2.InfoRequest.SerializeToString,
                 response_deserializer=slora_dot_v1_dot_scheduler__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.Pause = channel.unary_unary(
+                '/slora.v1.Scheduler/Pause',
+                request_serializer=slora_dot_v1_dot_scheduler__pb2.PauseRequest.SerializeToString,
+                response_deserializer=slora_dot_v1_dot_scheduler__pb2.PauseResponse.FromString,
+                _registered_method=True)
 
 
 class SchedulerServicer:
@@ -98,6 +103,14 @@ class SchedulerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Pause(self, request, context):
+        """Stops planning steps (the worker finishes the ones it holds), or starts again.
+        Submissions queue up meanwhile, within the queue's bound. For operators and tests.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_SchedulerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -125,6 +138,11 @@ def add_SchedulerServicer_to_server(servicer, server):
                     servicer.Info,
                     request_deserializer=slora_dot_v1_dot_scheduler__pb2.InfoRequest.FromString,
                     response_serializer=slora_dot_v1_dot_scheduler__pb2.ModelInfo.SerializeToString,
+            ),
+            'Pause': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pause,
+                    request_deserializer=slora_dot_v1_dot_scheduler__pb2.PauseRequest.FromString,
+                    response_serializer=slora_dot_v1_dot_scheduler__pb2.PauseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +280,33 @@ class Scheduler:
             '/slora.v1.Scheduler/Info',
             slora_dot_v1_dot_scheduler__pb2.InfoRequest.SerializeToString,
             slora_dot_v1_dot_scheduler__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pause(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/slora.v1.Scheduler/Pause',
+            slora_dot_v1_dot_scheduler__pb2.PauseRequest.SerializeToString,
+            slora_dot_v1_dot_scheduler__pb2.PauseResponse.FromString,
             options,
             channel_credentials,
             insecure,

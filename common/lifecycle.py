@@ -1,0 +1,181 @@
+"""How a slora gRPC server starts serving and stops: the ready line, health, the accounting
+of every call, and the graceful drain on SIGTERM. Used by the frontend and the scheduler.
+
+Health (grpc.health.v1) says SERVING only while the process can do its job (the frontend:
+its scheduler answers; the scheduler: its worker answers) and is not draining.
+
+Drain (SIGTERM or SIGINT): health goes NOT_SERVING at once, so load balancers and
+clients that watch it stop sending; every new call is refused with UNAVAILABLE ("shutting
+down", which the SDK retries, reaching another replica or this one restarted); calls already
+running go on until they end or the grace period runs out; then the server stops, cancelling
+whatever is left. Health checks and reflection are answered throughout and are not counted
+as running calls (a Watch stream lasts as long as its watcher).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+
+import grpc
+from grpc_health.v1 import health, health_pb2
+
+log = logging.getLogger("slora.lifecycle")
+
+EXEMPT_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+"""Calls neither refused while draining nor counted as running."""
+STOP_GRACE_S = 1.0
+"""What server.stop gives the calls still running when the drain's grace period is over."""
+DEFAULT_SHUTDOWN_GRACE_S = 25.0
+"""Running calls' time to finish after SIGTERM (Kubernetes' default kill comes after 30 s)."""
+
+
+def ready_line(name: str, port: int, metrics_port: int) -> str:
+    """The line a launcher waits for; keep its form: `SLORA_READY <name> port=N ...`."""
+    return f"SLORA_READY {name} port={port} metrics_port={metrics_port} pid={os.getpid()}"
+
+
+def _code_name(code) -> str:
+    if code is None:
+        return "OK"
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
+
+
+class ServerCalls(grpc.aio.ServerInterceptor):
+    """Counts running calls, refuses new ones while draining, and reports each call's
+    method, status code and duration to `on_done(method, code_name, seconds)`.
+
+    A handler that raises anything but an abort ends its call with UNKNOWN: a bug, which the
+    fuzz test fails on."""
+
+    def __init__(self, on_done=None):
+        self.draining = False
+        self.num_running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._on_done = on_done
+
+    async def intercept_service(self, continuation, details):
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(EXEMPT_METHOD_PREFIXES):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        kwargs = dict(request_deserializer=handler.request_deserializer,
+                      response_serializer=handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(handler.unary_unary, method), **kwargs)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(handler.stream_unary, method), **kwargs)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._streaming(handler.unary_stream, method), **kwargs)
+        return grpc.stream_stream_rpc_method_handler(
+            self._streaming(handler.stream_stream, method), **kwargs)
+
+    def _begin(self) -> float:
+        self.num_running += 1
+        self._idle.clear()
+        return time.perf_counter()
+
+    def _end(self, method: str, code: str, start: float) -> None:
+        self.num_running -= 1
+        if self.num_running == 0:
+            self._idle.set()
+        if self._on_done is not None:
+            self._on_done(method, code, time.perf_counter() - start)
+
+    async def _refuse_if_draining(self, context) -> None:
+        if self.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE,
+                                "shutting down: this server takes no new requests; retry")
+
+    def _unary(self, behavior, method: str):
+        async def call(request, context):
+            start, code = self._begin(), "UNKNOWN"
+            try:
+                await self._refuse_if_draining(context)
+                response = await behavior(request, context)
+                code = _code_name(context.code())
+                return response
+            except grpc.aio.AbortError:
+                code = _code_name(context.code())
+                raise
+            except asyncio.CancelledError:
+                code = "CANCELLED"
+                raise
+            finally:
+                self._end(method, code, start)
+        return call
+
+    def _streaming(self, behavior, method: str):
+        async def call(request, context):
+            start, code = self._begin(), "UNKNOWN"
+            try:
+                await self._refuse_if_draining(context)
+                async for response in behavior(request, context):
+                    yield response
+                code = _code_name(context.code())
+            except grpc.aio.AbortError:
+                code = _code_name(context.code())
+                raise
+            except (asyncio.CancelledError, GeneratorExit):
+                code = "CANCELLED"
+                raise
+            finally:
+                self._end(method, code, start)
+        return call
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """True once no call runs; False if some still run after `timeout_s`."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+
+class Lifecycle:
+    """Health and drain of one server. `set_serving` reports whether the process can do its
+    job; health says SERVING only while it can and is not draining."""
+
+    def __init__(self, service_names: list[str], on_call_done=None):
+        self.health = health.aio.HealthServicer()
+        self.service_names = ["", *service_names]
+        self.calls = ServerCalls(on_call_done)
+        self.able = False
+        self._stop = asyncio.Event()
+
+    @property
+    def draining(self) -> bool:
+        return self.calls.draining
+
+    async def set_serving(self, able: bool) -> None:
+        self.able = able
+        status = (health_pb2.HealthCheckResponse.SERVING if able and not self.draining
+                  else health_pb2.HealthCheckResponse.NOT_SERVING)
+        for name in self.service_names:
+            await self.health.set(name, status)
+
+    def stop_on_signals(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._stop.set)
+
+    async def wait_for_stop(self) -> None:
+        await self._stop.wait()
+
+    async def drain(self, server: grpc.aio.Server, grace_s: float) -> None:
+        """NOT_SERVING, refuse new calls, let running ones finish within `grace_s`, stop."""
+        self.calls.draining = True
+        await self.set_serving(False)
+        num_running = self.calls.num_running
+        log.info("draining: %d calls running, grace %.1f s", num_running, grace_s)
+        if not await self.calls.wait_idle(grace_s):
+            log.warning("grace period over: cancelling %d calls", self.calls.num_running)
+        await server.stop(grace=STOP_GRACE_S)
