@@ -38,7 +38,8 @@ def start_process(args: list[str], ready_prefix: str, timeout: float = 60.0,
                   env: dict[str, str] | None = None) -> tuple[subprocess.Popen, int]:
     """Runs `args` and waits up to `timeout` seconds for a stdout line starting with
     `ready_prefix`; returns (the process, the `port=N` of that line or NO_PORT). The
-    process's stderr goes to a file, `proc.stderr_path`, quoted when it fails to start."""
+    process's stderr goes to a file, `proc.stderr_path`, quoted when it fails to start; the
+    whole ready line is `proc.ready_line`."""
     stderr = tempfile.NamedTemporaryFile("w+", prefix="slora-proc-", suffix=".err",
                                          delete=False)
     proc = subprocess.Popen(
@@ -62,6 +63,7 @@ def start_process(args: list[str], ready_prefix: str, timeout: float = 60.0,
             stop_process(proc)
             raise RuntimeError(f"{' '.join(args)}: {why}; stderr ends with:\n{tail}")
         if line.startswith(ready_prefix):
+            proc.ready_line = line.strip()
             match = PORT_PATTERN.search(line)
             return proc, int(match.group(1)) if match else NO_PORT
 
