@@ -29,6 +29,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 
+from slora.adapter_store.intake import AdapterRoots, copy_adapter_files
 from slora.adapter_store.peft import (
     CONFIG_FILE,
     WEIGHTS_FILE,
@@ -85,15 +86,15 @@ class ContentStore:
     def folder(self, sha256: str) -> str:
         return os.path.join(self.store_dir, sha256)
 
-    def stage_path(self, adapter_id: str, path: str) -> StagedAdapter:
-        """Copy the PEFT folder at `path` into the store and validate the copy."""
-        # Checking the source first gives errors that name the user's files (missing
-        # config, pickle weights) before anything is copied.
-        read_adapter_config(adapter_id, path, self.model, self.max_rank)
+    def stage_path(self, adapter_id: str, path: str, roots: AdapterRoots | None = None,
+                   max_bytes: int | None = None) -> StagedAdapter:
+        """Copy the PEFT folder at `path` into the store and validate the copy. With `roots`,
+        only a folder inside them is read (intake.py); nothing is parsed before the copy."""
+        if roots is not None:
+            roots.resolve_folder(path)  # refused before the store is touched
         folder = self._new_incoming()
         try:
-            for name in ADAPTER_FILES:
-                shutil.copyfile(os.path.join(path, name), os.path.join(folder, name))
+            copy_adapter_files(adapter_id, path, folder, roots, max_bytes)
             return self._validate(adapter_id, folder, shown_as=path)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

@@ -1,14 +1,19 @@
 """The adapter registry: metadata in Redis; the files in the content store (content_store.py).
 
 Redis schema. Every key starts with `slora:`; no tensor or file byte is ever stored in Redis.
+Adapters are keyed by their qualified id, `<owner>/<adapter_id>` (tenancy.py: ids are
+namespaced per tenant; just `<adapter_id>` for the owner of auth-off registrations).
 
-    slora:adapter:<adapter_id>   hash, one per registered adapter; AdapterRecord's fields as
-                                 strings (target_modules and module_ranks as JSON, use_rslora
-                                 "1" / "0", state "ready" | "deleting") plus request_id, the
-                                 idempotency token of the call that wrote it
-    slora:adapters               set of every registered adapter id
-    slora:owner:<hex(owner)>     set of one owner's adapter ids (owners are free text, hence hex)
-    slora:blob:<sha256>          set of the adapter ids whose files are store_dir/<sha256>/
+    slora:adapter:<qualified_id> hash, one per registered adapter; AdapterRecord's fields as
+                                 strings (target_modules, module_ranks and shared_with as JSON,
+                                 use_rslora and public "1" / "0", state "ready" | "deleting")
+                                 plus request_id, the idempotency token of the call that wrote it
+    slora:adapters               set of every registered qualified id
+    slora:owner:<hex(owner)>     set of one owner's qualified ids (its count is the owner's
+                                 quota); owners are free text, hence hex
+    slora:public                 set of the qualified ids of public adapters
+    slora:shared:<hex(tenant)>   set of the qualified ids shared with that tenant by name
+    slora:blob:<sha256>          set of the qualified ids whose files are store_dir/<sha256>/
     slora:request:<hex(owner)>:<request_id>
                                  string, the adapter id a client's registration request made;
                                  expires after a day (REQUEST_TTL_S)
@@ -57,12 +62,17 @@ from redis.exceptions import ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from slora.adapter_store.content_store import ContentStore, StagedAdapter
+from slora.adapter_store.intake import AdapterRoots
+from slora.adapter_store.tenancy import (
+    NO_TENANT, TENANT_RE, check_sharing, qualified_id, split_ref, visible_to,
+)
 from slora.common.config import LORA_MODULES, ModelConfig
 from slora.common.errors import (
     AdapterDeletingError,
     AdapterExistsError,
     AdapterNotFoundError,
     InvalidRequestError,
+    QuotaExceededError,
     RegistryUnavailableError,
 )
 
@@ -70,6 +80,7 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "slora:"
 IDS_KEY = f"{PREFIX}adapters"
+PUBLIC_KEY = f"{PREFIX}public"
 REQUEST_TTL_S = 24 * 3600
 """How long a client's request_id is remembered for retries."""
 DURABILITY_TIMEOUT_MS = 5000
@@ -77,6 +88,8 @@ DURABILITY_TIMEOUT_MS = 5000
 STATE_READY = "ready"
 STATE_DELETING = "deleting"
 ADAPTER_ID_RE = re.compile(r"[A-Za-z0-9._-]{1,128}")
+QUALIFIED_ID_RE = re.compile(r"(?:[A-Za-z0-9._-]{1,64}/)?[A-Za-z0-9._-]{1,128}")
+"""An adapter id, or owner/adapter id (tenancy.qualified_id)."""
 REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
 """A request id: 1 to 128 visible ASCII characters (a UUID fits)."""
 _UNAVAILABLE_REPLIES = ("LOADING", "MISCONF", "READONLY", "MASTERDOWN", "TRYAGAIN")
@@ -90,12 +103,30 @@ def owner_key(owner: str) -> str:
     return f"{PREFIX}owner:{owner.encode().hex()}"
 
 
+def shared_key(tenant: str) -> str:
+    return f"{PREFIX}shared:{tenant.encode().hex()}"
+
+
 def blob_key(sha256: str) -> str:
     return f"{PREFIX}blob:{sha256}"
 
 
 def request_key(owner: str, request_id: str) -> str:
     return f"{PREFIX}request:{owner.encode().hex()}:{request_id}"
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """Who besides its owner may use an adapter (tenancy.py)."""
+
+    public: bool = False
+    shared_with: tuple[str, ...] = ()
+
+    def checked(self, owner: str) -> "Sharing":
+        return Sharing(self.public, check_sharing(self.public, self.shared_with, owner))
+
+
+PRIVATE = Sharing()
 
 
 @dataclass(frozen=True)
@@ -123,12 +154,26 @@ class AdapterRecord:
     """Pages of the unified pool it takes when resident."""
     state: str = STATE_READY
     """STATE_READY, or STATE_DELETING once a delete waits for the requests still using it."""
+    public: bool = False
+    """Every tenant may use it."""
+    shared_with: tuple[str, ...] = ()
+    """Tenants, besides the owner, that may use it (sorted)."""
+
+    @property
+    def qualified_id(self) -> str:
+        """The id the servers know it by (tenancy.qualified_id)."""
+        return qualified_id(self.owner, self.adapter_id)
+
+    def visible_to(self, tenant: str) -> bool:
+        return visible_to(self.owner, self.public, self.shared_with, tenant)
 
     def to_hash(self) -> dict[str, str]:
         d = asdict(self)
         d["use_rslora"] = "1" if self.use_rslora else "0"
+        d["public"] = "1" if self.public else "0"
         d["target_modules"] = json.dumps(list(self.target_modules))
         d["module_ranks"] = json.dumps(self.module_ranks)
+        d["shared_with"] = json.dumps(list(self.shared_with))
         return {k: str(v) for k, v in d.items()}
 
     @classmethod
@@ -140,7 +185,9 @@ class AdapterRecord:
             module_ranks={m: int(r) for m, r in json.loads(h["module_ranks"]).items()},
             base_model=h["base_model"], path=h["path"], sha256=h["sha256"],
             size_bytes=int(h["size_bytes"]), created_unix=float(h["created_unix"]),
-            num_pages=int(h["num_pages"]), state=h.get("state", STATE_READY))
+            num_pages=int(h["num_pages"]), state=h.get("state", STATE_READY),
+            public=h.get("public") == "1",
+            shared_with=tuple(json.loads(h.get("shared_with") or "[]")))
 
 
 def connect(url: str, *, socket_timeout_s: float = 10.0) -> aioredis.Redis:
@@ -153,11 +200,13 @@ def connect(url: str, *, socket_timeout_s: float = 10.0) -> aioredis.Redis:
         retry_on_error=[RedisConnectionError, RedisTimeoutError], health_check_interval=15)
 
 
-# KEYS: adapter hash, ids set, owner set, blob set, request key.
-# ARGV: adapter_id, sha256, owner, token, request TTL (0: no client request id), then the
-# hash's field/value pairs.
+# KEYS: adapter hash, ids set, owner set, blob set, request key, public set, then the shared
+# sets of the tenants it is shared with.
+# ARGV: qualified id, sha256, owner, token, request TTL (0: no client request id), the owner's
+# adapter quota (0: none), public "1" | "0", then the hash's field/value pairs.
 _REGISTER_LUA = """
 local ttl = tonumber(ARGV[5])
+local quota = tonumber(ARGV[6])
 if ttl > 0 then
   local prev = redis.call('GET', KEYS[5])
   if prev and prev ~= ARGV[1] then return {'request_reused', prev} end
@@ -172,23 +221,32 @@ if cur[1] then
   end
   return {'taken', cur[1], cur[2], cur[4]}
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+if quota > 0 then
+  local num = redis.call('SCARD', KEYS[3])
+  if num >= quota then return {'quota', num} end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8))
 redis.call('SADD', KEYS[2], ARGV[1])
 redis.call('SADD', KEYS[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
+if ARGV[7] == '1' then redis.call('SADD', KEYS[6], ARGV[1]) end
+for i = 7, #KEYS do redis.call('SADD', KEYS[i], ARGV[1]) end
 if ttl > 0 then redis.call('SET', KEYS[5], ARGV[1], 'EX', ttl) end
 return {'created'}
 """
 
-# KEYS: adapter hash, ids set, owner set, blob set. ARGV: adapter_id, sha256, owner.
+# KEYS: adapter hash, ids set, owner set, blob set, public set, then the shared sets named
+# by the record as read. ARGV: qualified id, sha256, owner, request_id, shared_with as read.
 # Returns the adapters left on the blob, -1 if gone, -2 if re-registered since it was read.
 _DELETE_LUA = """
-local cur = redis.call('HMGET', KEYS[1], 'sha256', 'owner')
+local cur = redis.call('HMGET', KEYS[1], 'sha256', 'owner', 'request_id', 'shared_with')
 if not cur[1] then return -1 end
-if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] then return -2 end
+if cur[1] ~= ARGV[2] or cur[2] ~= ARGV[3] or cur[3] ~= ARGV[4] or
+   (cur[4] or '[]') ~= ARGV[5] then return -2 end
 redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[1])
-redis.call('SREM', KEYS[3], ARGV[1])
+for i = 2, #KEYS do
+  if i ~= 4 then redis.call('SREM', KEYS[i], ARGV[1]) end
+end
 redis.call('SREM', KEYS[4], ARGV[1])
 return redis.call('SCARD', KEYS[4])
 """
@@ -265,28 +323,37 @@ class AdapterRegistry:
 
     # ---- registration --------------------------------------------------------------------
 
-    async def register_path(self, adapter_id: str, path: str, *, owner: str = "",
-                            request_id: str = "") -> AdapterRecord:
-        """Register the PEFT folder at `path` (read here; copied into the store)."""
+    async def register_path(self, adapter_id: str, path: str, *, owner: str = NO_TENANT,
+                            request_id: str = "", sharing: Sharing = PRIVATE,
+                            roots: AdapterRoots | None = None, max_bytes: int | None = None,
+                            max_adapters: int = 0) -> AdapterRecord:
+        """Register the PEFT folder at `path` (read here; copied into the store) as `owner`'s.
+        `roots`: the folders a client may name (None: any, for in-process use); `max_bytes`:
+        the largest adapter; `max_adapters`: the owner's quota (0: none)."""
         _check_adapter_id(adapter_id)
         _check_request_id(request_id)
-        staged = await asyncio.to_thread(self.store.stage_path, adapter_id, path)
-        return await self._commit(staged, owner, request_id)
+        sharing = sharing.checked(owner)
+        staged = await asyncio.to_thread(self.store.stage_path, adapter_id, path, roots,
+                                         max_bytes)
+        return await self._commit(staged, owner, request_id, sharing, max_adapters)
 
-    async def register_dir_upload(self, adapter_id: str, tmp_dir: str, *, owner: str = "",
-                                  request_id: str = "") -> AdapterRecord:
+    async def register_dir_upload(self, adapter_id: str, tmp_dir: str, *,
+                                  owner: str = NO_TENANT, request_id: str = "",
+                                  sharing: Sharing = PRIVATE,
+                                  max_adapters: int = 0) -> AdapterRecord:
         """Register the folder an upload wrote (UploadWriter.finish()); the folder is moved
         into the store, or removed when refused: the caller no longer owns it."""
         try:
             _check_adapter_id(adapter_id)
             _check_request_id(request_id)
+            sharing = sharing.checked(owner)
         except InvalidRequestError:
             shutil.rmtree(tmp_dir, ignore_errors=True)
             raise
         staged = await asyncio.to_thread(self.store.stage_upload, adapter_id, tmp_dir)
-        return await self._commit(staged, owner, request_id)
+        return await self._commit(staged, owner, request_id, sharing, max_adapters)
 
-    def _record(self, staged: StagedAdapter, owner: str) -> AdapterRecord:
+    def _record(self, staged: StagedAdapter, owner: str, sharing: Sharing) -> AdapterRecord:
         spec = staged.spec
         return AdapterRecord(
             adapter_id=spec.adapter_id, owner=owner, rank=spec.rank, lora_alpha=spec.lora_alpha,
@@ -295,18 +362,21 @@ class AdapterRegistry:
             module_ranks=dict(spec.module_ranks), base_model=spec.base_model_name or "",
             path=self.store.folder(staged.sha256), sha256=staged.sha256,
             size_bytes=sum(staged.file_sizes), created_unix=time.time(),
-            num_pages=spec.num_pages(self.model))
+            num_pages=spec.num_pages(self.model), public=sharing.public,
+            shared_with=sharing.shared_with)
 
-    async def _commit(self, staged: StagedAdapter, owner: str,
-                      request_id: str) -> AdapterRecord:
+    async def _commit(self, staged: StagedAdapter, owner: str, request_id: str,
+                      sharing: Sharing, max_adapters: int) -> AdapterRecord:
         """Place the files and write the metadata, under the store's lock for the content."""
-        record = self._record(staged, owner)
+        record = self._record(staged, owner, sharing)
         token = request_id or f"srv-{uuid.uuid4().hex}"
-        keys = [adapter_key(record.adapter_id), IDS_KEY, owner_key(owner),
-                blob_key(record.sha256), request_key(owner, request_id)]
+        keys = [adapter_key(record.qualified_id), IDS_KEY, owner_key(owner),
+                blob_key(record.sha256), request_key(owner, request_id), PUBLIC_KEY]
+        keys += [shared_key(t) for t in record.shared_with]
         fields = dict(record.to_hash(), state=STATE_READY, request_id=token)
-        args = [record.adapter_id, record.sha256, owner, token,
-                REQUEST_TTL_S if request_id else 0]
+        args = [record.qualified_id, record.sha256, owner, token,
+                REQUEST_TTL_S if request_id else 0, max_adapters,
+                "1" if record.public else "0"]
         args += [x for kv in fields.items() for x in kv]
         async with self.store.lock(record.sha256):
             created_folder = await asyncio.to_thread(self.store.place, staged)
@@ -325,15 +395,19 @@ class AdapterRegistry:
             return record
         if outcome == "replayed":
             return AdapterRecord.from_hash(_as_dict(reply[1]))
+        if outcome == "quota":
+            who = f"tenant {owner!r}" if owner else "this server"
+            raise QuotaExceededError(
+                f"{who} has {_str(reply[1])} adapters registered; the limit is {max_adapters}"
+                "; delete one first")
         if outcome == "request_reused":
             raise InvalidRequestError(
-                f"request id {request_id!r} already registered adapter {_str(reply[1])!r}; "
+                f"request id {request_id!r} already registered adapter "
+                f"{split_ref(_str(reply[1]), owner)[1]!r}; "
                 f"use a new request id to register {record.adapter_id!r}")
         sha, taken_by, state = (_str(x) for x in reply[1:4])
         if state == STATE_DELETING:
             reason = "is being deleted; register it again once the delete has finished"
-        elif taken_by != owner:
-            reason = "is already registered by another owner"
         elif sha != record.sha256:
             reason = (f"is already registered with other content (sha256 {sha[:12]}..., this "
                       f"one {record.sha256[:12]}...); delete it first or choose another id")
@@ -364,9 +438,10 @@ class AdapterRegistry:
     # ---- look-ups ------------------------------------------------------------------------
 
     async def get(self, adapter_id: str, *, include_deleting: bool = False) -> AdapterRecord:
-        """The record; AdapterNotFoundError if absent, AdapterDeletingError (also NOT_FOUND)
-        while a delete waits, unless include_deleting."""
-        if not isinstance(adapter_id, str) or not ADAPTER_ID_RE.fullmatch(adapter_id):
+        """The record of a qualified id (`owner/id`, or `id` for NO_TENANT);
+        AdapterNotFoundError if absent, AdapterDeletingError (also NOT_FOUND) while a delete
+        waits, unless include_deleting. No visibility check: see `lookup`."""
+        if not isinstance(adapter_id, str) or not QUALIFIED_ID_RE.fullmatch(adapter_id):
             raise AdapterNotFoundError(adapter_id)
         with _redis_errors(f"look-up of adapter {adapter_id!r}"):
             h = await self.redis.hgetall(adapter_key(adapter_id))
@@ -377,12 +452,47 @@ class AdapterRegistry:
             raise AdapterDeletingError(adapter_id)
         return record
 
+    async def lookup(self, ref: str, tenant: str, *,
+                     include_deleting: bool = False) -> AdapterRecord:
+        """The adapter a client of `tenant` names by `ref` (`id`: its own; `owner/id`:
+        another's), if that tenant may see it. A reference to an adapter it may not see is
+        answered exactly as one to an adapter that does not exist (tenancy.py)."""
+        owner, adapter_id = split_ref(ref, tenant) if isinstance(ref, str) else ("", "")
+        if not ADAPTER_ID_RE.fullmatch(adapter_id) or (
+                owner != NO_TENANT and not TENANT_RE.fullmatch(owner)):
+            raise AdapterNotFoundError(ref)
+        try:
+            record = await self.get(qualified_id(owner, adapter_id), include_deleting=True)
+        except AdapterNotFoundError:
+            raise AdapterNotFoundError(ref) from None
+        if not record.visible_to(tenant):
+            raise AdapterNotFoundError(ref)
+        if record.state == STATE_DELETING and not include_deleting:
+            raise AdapterDeletingError(ref)
+        return record
+
+    async def list_visible(self, tenant: str) -> list[AdapterRecord]:
+        """The adapters `tenant` may use: its own, public ones and those shared with it,
+        sorted by qualified id."""
+        with _redis_errors("listing adapters"):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for key in (owner_key(tenant), PUBLIC_KEY, shared_key(tenant)):
+                    pipe.smembers(key)
+                sets = await pipe.execute()
+        ids = set().union(*({_str(i) for i in ids} for ids in sets))
+        records = await self._records(sorted(ids))
+        return [r for r in records if r.visible_to(tenant) and r.state != STATE_DELETING]
+
     async def list(self, owner: str | None = None, *,
                    include_deleting: bool = False) -> list[AdapterRecord]:
-        """Every adapter (or one owner's), sorted by id."""
+        """Every adapter (or one owner's), sorted by qualified id. No visibility check."""
         with _redis_errors("listing adapters"):
             ids = await self.redis.smembers(IDS_KEY if owner is None else owner_key(owner))
-            ids = sorted(_str(i) for i in ids)
+        records = await self._records(sorted(_str(i) for i in ids))
+        return [r for r in records if include_deleting or r.state != STATE_DELETING]
+
+    async def _records(self, ids: list[str]) -> list[AdapterRecord]:
+        with _redis_errors("listing adapters"):
             records = []
             for start in range(0, len(ids), 512):
                 async with self.redis.pipeline(transaction=False) as pipe:
@@ -390,7 +500,7 @@ class AdapterRegistry:
                         pipe.hgetall(adapter_key(adapter_id))
                     hashes = await pipe.execute()
                 records += [AdapterRecord.from_hash(_decoded(h)) for h in hashes if h]
-        return [r for r in records if include_deleting or r.state != STATE_DELETING]
+        return records
 
     # ---- deletion ------------------------------------------------------------------------
 
@@ -405,7 +515,7 @@ class AdapterRegistry:
         return await self._set_state(adapter_id, STATE_READY)
 
     async def _set_state(self, adapter_id: str, state: str) -> AdapterRecord:
-        if not ADAPTER_ID_RE.fullmatch(adapter_id):
+        if not QUALIFIED_ID_RE.fullmatch(adapter_id):
             raise AdapterNotFoundError(adapter_id)
         with _redis_errors(f"marking adapter {adapter_id!r} {state}"):
             async with self.redis.client() as conn:
@@ -419,16 +529,25 @@ class AdapterRegistry:
     async def delete(self, adapter_id: str) -> AdapterRecord:
         """Remove the adapter's metadata, then its files if no other adapter shares them.
         Does not wait for requests: the caller drains them first (see mark_deleting)."""
+        if not isinstance(adapter_id, str) or not QUALIFIED_ID_RE.fullmatch(adapter_id):
+            raise AdapterNotFoundError(adapter_id)
         for _ in range(3):
-            record = await self.get(adapter_id, include_deleting=True)
+            with _redis_errors(f"look-up of adapter {adapter_id!r}"):
+                h = _decoded(await self.redis.hgetall(adapter_key(adapter_id)))
+            if not h:
+                raise AdapterNotFoundError(adapter_id)
+            record = AdapterRecord.from_hash(h)
+            shared_as_read = h.get("shared_with") or "[]"
             keys = [adapter_key(adapter_id), IDS_KEY, owner_key(record.owner),
-                    blob_key(record.sha256)]
+                    blob_key(record.sha256), PUBLIC_KEY]
+            keys += [shared_key(t) for t in json.loads(shared_as_read)]
+            args = [adapter_id, record.sha256, record.owner, h.get("request_id", ""),
+                    shared_as_read]
             async with self.store.lock(record.sha256):
                 with _redis_errors(f"deletion of adapter {adapter_id!r}"):
                     async with self.redis.client() as conn:
-                        num_left = int(await self._delete_script(
-                            keys=keys, args=[adapter_id, record.sha256, record.owner],
-                            client=conn))
+                        num_left = int(await self._delete_script(keys=keys, args=args,
+                                                                 client=conn))
                         if num_left == -2:
                             continue  # re-registered since we read it: read it again
                         if num_left == -1:

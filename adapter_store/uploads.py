@@ -3,7 +3,8 @@
 The Adapters.Upload RPC sends a header, then chunks that each name one of the two files of a
 PEFT folder and carry its next bytes. UploadWriter appends each chunk to its file as it
 arrives (nothing is held in memory), refuses any other file name (pickles by name, with the
-message every path of slora gives them), and bounds the total bytes. `finish()` hands back
+message every path of slora gives them), and bounds the total bytes (RESOURCE_EXHAUSTED past
+the limit, at the chunk that crosses it). `finish()` hands back
 the folder for `AdapterRegistry.register_dir_upload`, which validates it and moves it into
 the store; the folder sits in the store's file system so that move is a rename.
 """
@@ -15,7 +16,7 @@ import uuid
 from typing import BinaryIO
 
 from slora.adapter_store.peft import CONFIG_FILE, WEIGHTS_FILE
-from slora.common.errors import InvalidRequestError
+from slora.common.errors import InvalidRequestError, UploadTooLargeError
 
 UPLOADS_DIR = ".uploads"
 """Folder of the store holding uploads in progress, one sub-folder each."""
@@ -58,7 +59,7 @@ class UploadWriter:
                 f"{WEIGHTS_FILE}")
         if self.num_bytes + len(data) > self.max_bytes:
             self.abort()
-            raise InvalidRequestError(
+            raise UploadTooLargeError(
                 f"upload: more than {self.max_bytes} bytes (the limit of one upload) "
                 f"arrived, at {file_name!r}")
         f = self._files.get(file_name)

@@ -3,6 +3,7 @@
     slora up                          start the whole stack (SmolLM2-135M-Instruct by default)
     slora generate "Hi" --chat        stream an answer
     slora adapters add|list|get|rm    manage adapters
+    slora keys create|list|revoke     manage API keys (admin); `keys generate` makes one offline
     slora demo-adapters N --model M   write N PEFT adapters for a model and register them
     slora worker|scheduler|frontend|redis ...   run one service (compose uses these)
 """
@@ -13,6 +14,9 @@ import os
 import sys
 
 DEFAULT_ADDRESS = os.environ.get("SLORA_ADDRESS", "localhost:50051")
+DEFAULT_DATA_DIR = os.environ.get("SLORA_DATA_DIR", "~/.slora")
+ADMIN_KEY_FILE = "admin.key"
+"""In the data dir: the admin key `slora up` made at first start (mode 0600)."""
 SERVICES = {
     "worker": "slora.worker.server",
     "scheduler": "slora.scheduler.server",
@@ -26,7 +30,9 @@ def _up_parser(sub) -> None:
     p.add_argument("--model", default=None,
                    help="HF-format Llama folder or a dummy name such as dummy-llama-7b "
                         "(default: SmolLM2-135M-Instruct, converted once into --data-dir)")
-    p.add_argument("--data-dir", default="~/.slora", help="models, adapters and redis data")
+    p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
+                   help="models, adapters, redis data and the admin key (default $SLORA_DATA_DIR "
+                        "or ~/.slora)")
     p.add_argument("--host", default="127.0.0.1", help="public address of the frontend")
     p.add_argument("--port", type=int, default=int(os.environ.get("SLORA_PORT", 50051)),
                    help="public port (0: any free port; default $SLORA_PORT or 50051)")
@@ -39,12 +45,42 @@ def _up_parser(sub) -> None:
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds each service may take to start")
+    p.add_argument("--no-auth", action="store_true",
+                   help="serve without API keys (local play only)")
+    p.add_argument("--adapter-roots", action="append", default=None,
+                   help="folder that registration by path may read from (repeatable; "
+                        "default: your home folder)")
+    p.add_argument("--tls-cert", default=None, help="PEM certificate of the public port")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
+    p.add_argument("--tls-client-ca", default=None,
+                   help="PEM CA that client certificates must be signed by (mTLS)")
 
 
 def _client_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--address", default=DEFAULT_ADDRESS, help="frontend host:port")
+    p.add_argument("--api-key", default=None,
+                   help="API key (default: $SLORA_API_KEY, else the admin key `slora up` "
+                        f"wrote to $SLORA_DATA_DIR/{ADMIN_KEY_FILE} or ~/.slora/{ADMIN_KEY_FILE})")
+    p.add_argument("--tls", action="store_true", help="TLS, trusting the system's CAs")
+    p.add_argument("--tls-ca", default=None, help="PEM CA bundle to trust (implies --tls)")
+    p.add_argument("--tls-cert", default=None, help="PEM client certificate (mTLS)")
+    p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     return p
+
+
+def default_api_key() -> str | None:
+    """$SLORA_API_KEY, else the admin key file of the default data dir, else None."""
+    from slora.client.messages import API_KEY_ENV
+
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    path = os.path.join(os.path.expanduser(DEFAULT_DATA_DIR), ADMIN_KEY_FILE)
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def _generate_parser(sub, parent) -> None:
@@ -68,11 +104,30 @@ def _adapters_parser(sub, parent) -> None:
     add.add_argument("path")
     add.add_argument("--upload", action="store_true",
                      help="upload the folder's files instead of passing its path")
+    add.add_argument("--public", action="store_true", help="every tenant may use it")
+    add.add_argument("--share-with", action="append", default=[], metavar="TENANT",
+                     help="a tenant that may use it (repeatable)")
     asub.add_parser("list", parents=[parent], help="list adapters")
     get = asub.add_parser("get", parents=[parent], help="show one adapter")
     get.add_argument("adapter_id")
     rm = asub.add_parser("rm", parents=[parent], help="delete an adapter")
     rm.add_argument("adapter_id")
+
+
+def _keys_parser(sub, parent) -> None:
+    p = sub.add_parser("keys", help="create, list and revoke API keys (needs the admin key)")
+    ksub = p.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", parents=[parent], help="make a key for a tenant")
+    create.add_argument("tenant")
+    create.add_argument("--admin", action="store_true", help="may manage keys")
+    create.add_argument("--description", default="")
+    lst = ksub.add_parser("list", parents=[parent], help="list keys (never their secrets)")
+    lst.add_argument("--tenant", default="")
+    lst.add_argument("--all", action="store_true", help="include revoked keys")
+    revoke = ksub.add_parser("revoke", parents=[parent], help="revoke a key by its id")
+    revoke.add_argument("key_id")
+    ksub.add_parser("generate", help="print a new well-formed key, offline (e.g. for "
+                                     "SLORA_ADMIN_KEY); the server stores it when first used")
 
 
 def _demo_parser(sub, parent) -> None:
@@ -93,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     _up_parser(sub)
     _generate_parser(sub, parent)
     _adapters_parser(sub, parent)
+    _keys_parser(sub, parent)
     _demo_parser(sub, parent)
     for name, module in SERVICES.items():
         sub.add_parser(name, add_help=False, help=f"run the {name} service ({module})")
@@ -100,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_adapter(a) -> None:
-    print(f"{a.adapter_id}\trank={a.rank}\talpha={a.lora_alpha:g}\t"
+    print(f"{a.ref or a.adapter_id}\trank={a.rank}\talpha={a.lora_alpha:g}\t"
           f"targets={','.join(a.target_modules)}\tpages={a.num_pages}\t"
           f"sha256={a.sha256[:12]}\tbytes={a.size_bytes}")
 
@@ -108,8 +164,10 @@ def _print_adapter(a) -> None:
 def _run_client(args) -> int:
     from slora.client import Client, SloraClientError
 
+    api_key = args.api_key if args.api_key is not None else default_api_key()
     try:
-        with Client(args.address) as client:
+        with Client(args.address, api_key=api_key, tls=args.tls, tls_ca=args.tls_ca,
+                    tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
             if args.command == "generate":
                 for event in client.stream(
                         args.prompt, adapter_id=args.adapter, chat=args.chat,
@@ -121,8 +179,9 @@ def _run_client(args) -> int:
                 cmd = args.adapters_command
                 if cmd == "add":
                     path = os.path.abspath(os.path.expanduser(args.path))
-                    a = (client.upload_adapter(args.adapter_id, path) if args.upload
-                         else client.register_adapter(args.adapter_id, path))
+                    sharing = dict(public=args.public, shared_with=args.share_with)
+                    a = (client.upload_adapter(args.adapter_id, path, **sharing) if args.upload
+                         else client.register_adapter(args.adapter_id, path, **sharing))
                     _print_adapter(a)
                 elif cmd == "list":
                     for a in client.list_adapters():
@@ -132,12 +191,33 @@ def _run_client(args) -> int:
                 elif cmd == "rm":
                     client.delete_adapter(args.adapter_id)
                     print(f"deleted {args.adapter_id}")
+            elif args.command == "keys":
+                _keys(args, client)
             elif args.command == "demo-adapters":
                 return _demo(args, client)
     except SloraClientError as e:
         print(f"slora: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def _print_key(k) -> None:
+    state = "active" if not k.revoked_unix else "revoked"
+    print(f"{k.key_id}\ttenant={k.tenant}\t{'admin' if k.admin else 'user'}\t{state}\t"
+          f"{k.description}")
+
+
+def _keys(args, client) -> None:
+    cmd = args.keys_command
+    if cmd == "create":
+        made = client.create_key(args.tenant, admin=args.admin, description=args.description)
+        _print_key(made.key)
+        print(f"key (shown once, keep it secret): {made.secret}")
+    elif cmd == "list":
+        for k in client.list_keys(args.tenant, include_revoked=args.all):
+            _print_key(k)
+    elif cmd == "revoke":
+        _print_key(client.revoke_key(args.key_id))
 
 
 def _demo(args, client) -> int:
@@ -165,6 +245,11 @@ def main(argv: list[str] | None = None) -> int:
         from slora.client.launcher import up
 
         return up(args)
+    if args.command == "keys" and args.keys_command == "generate":
+        from slora.adapter_store.keys import new_key
+
+        print(new_key()[1])
+        return 0
     return _run_client(args)
 
 

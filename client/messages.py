@@ -16,6 +16,8 @@ FINISH_REASONS = {
     common_pb2.FINISH_REASON_LENGTH: "length", common_pb2.FINISH_REASON_CANCELLED: "cancelled",
     common_pb2.FINISH_REASON_ERROR: "error",
 }
+API_KEY_ENV = "SLORA_API_KEY"
+"""Where the SDK finds the API key when none is given."""
 UPLOAD_CHUNK_BYTES = 1 << 20
 RETRY_ATTEMPTS = 4
 RETRY_BASE_S = 0.2
@@ -83,15 +85,45 @@ def generation_from_proto(r: generation_pb2.GenerateResponse) -> Generation:
                       r.timings.total_s, r.request_id)
 
 
-def upload_chunks(adapter_id: str, folder: str, request_id: str):
+def upload_chunks(adapter_id: str, folder: str, request_id: str, public: bool = False,
+                  shared_with: Sequence[str] = ()):
     """The Upload stream of a PEFT folder: the header, then each file in 1 MiB chunks."""
-    yield adapters_pb2.UploadAdapterChunk(
-        header=adapters_pb2.UploadHeader(adapter_id=adapter_id, request_id=request_id))
+    yield adapters_pb2.UploadAdapterChunk(header=adapters_pb2.UploadHeader(
+        adapter_id=adapter_id, request_id=request_id, public=public,
+        shared_with=list(shared_with)))
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         with open(os.path.join(folder, name), "rb") as f:
             while data := f.read(UPLOAD_CHUNK_BYTES):
                 yield adapters_pb2.UploadAdapterChunk(
                     chunk=adapters_pb2.FileChunk(file_name=name, data=data))
+
+
+def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
+    """The call metadata carrying the API key (`api_key`, else $SLORA_API_KEY); none if
+    neither is set (a server running with --no-auth)."""
+    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    return (("authorization", f"Bearer {key.strip()}"),) if key else ()
+
+
+def _pem(x: str | bytes | os.PathLike | None) -> bytes | None:
+    """PEM bytes, given as bytes or as the path of a file."""
+    if x is None or isinstance(x, bytes):
+        return x
+    with open(x, "rb") as f:
+        return f.read()
+
+
+def channel_credentials(tls: bool, tls_ca, tls_cert, tls_key) -> grpc.ChannelCredentials | None:
+    """TLS credentials if any TLS option is set (None: a plaintext channel). `tls_ca`: the
+    CA bundle to trust (default: the system's); `tls_cert`/`tls_key`: a client certificate
+    for mTLS. Each is PEM bytes or a file path."""
+    if not (tls or tls_ca or tls_cert or tls_key):
+        return None
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("tls_cert and tls_key go together")
+    return grpc.ssl_channel_credentials(root_certificates=_pem(tls_ca),
+                                        private_key=_pem(tls_key),
+                                        certificate_chain=_pem(tls_cert))
 
 
 def new_request_id() -> str:

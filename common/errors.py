@@ -70,3 +70,45 @@ class RegistryUnavailableError(SloraError):
 
 class QueueFullError(SloraError):
     grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class UploadTooLargeError(InvalidRequestError):
+    """An adapter upload (or a folder registered by path) larger than the server's limit."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class PathNotAllowedError(SloraError):
+    """A path registration that would read outside the configured adapter roots (after
+    resolving `..` and symlinks), or inside the adapter store itself."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class QuotaExceededError(SloraError):
+    """A tenant is at one of its limits (registered adapters, concurrent requests)."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class AuthenticationError(SloraError):
+    """A missing, malformed, unknown or revoked API key."""
+
+    grpc_code = "UNAUTHENTICATED"
+
+
+class PermissionDeniedError(SloraError):
+    """A valid key asking for what its tenant may not do (an admin call, another tenant's
+    adapter it can see but not change)."""
+
+    grpc_code = "PERMISSION_DENIED"
+
+
+class KeyNotFoundError(SloraError):
+    grpc_code = "NOT_FOUND"
+
+
+class LastAdminKeyError(SloraError):
+    """Revoking the only active admin key would leave nobody able to manage keys."""
+
+    grpc_code = "FAILED_PRECONDITION"

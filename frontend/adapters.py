@@ -1,42 +1,58 @@
 """The public Adapters service: registration (by path or chunked upload), lookup, delete.
-Metadata lives in Redis (adapter_store.registry), files in the store's folder."""
+Metadata lives in Redis (adapter_store.registry), files in the store's folder.
+
+Every call acts for the calling tenant (frontend/auth.py): registrations belong to it (within
+its adapter quota), look-ups see what it may see (adapter_store/tenancy.py), and only the
+owner deletes. Paths are read only inside the adapter roots (adapter_store/intake.py)."""
 from __future__ import annotations
 
 import grpc
 
-from slora.adapter_store.registry import AdapterRecord
+from slora.adapter_store.intake import AdapterRoots
+from slora.adapter_store.registry import AdapterRecord, Sharing
 from slora.adapter_store.uploads import UploadWriter
-from slora.common.errors import InvalidRequestError, SloraError
+from slora.common.errors import InvalidRequestError, PermissionDeniedError, SloraError
+from slora.frontend.auth import principal
 from slora.frontend.generation import abort_with
 from slora.v1 import adapters_pb2, adapters_pb2_grpc, scheduler_pb2
 
 
-def record_to_proto(r: AdapterRecord) -> adapters_pb2.Adapter:
+def record_to_proto(r: AdapterRecord, viewer: str) -> adapters_pb2.Adapter:
+    """The record as `viewer` (a tenant) sees it: whom it is shared with is the owner's
+    business only."""
     return adapters_pb2.Adapter(
         adapter_id=r.adapter_id, owner=r.owner, rank=r.rank, lora_alpha=r.lora_alpha,
         target_modules=list(r.target_modules), base_model=r.base_model or "",
         sha256=r.sha256, size_bytes=r.size_bytes, created_unix=r.created_unix,
-        num_pages=r.num_pages, use_rslora=r.use_rslora)
+        num_pages=r.num_pages, use_rslora=r.use_rslora, public=r.public,
+        shared_with=list(r.shared_with) if viewer == r.owner else [], ref=r.qualified_id)
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry, scheduler_stub, store_dir: str, max_upload_bytes: int):
+    def __init__(self, registry, scheduler_stub, store_dir: str, max_upload_bytes: int,
+                 roots: AdapterRoots | None = None, max_adapters_per_tenant: int = 0):
         self.registry = registry
         self.scheduler = scheduler_stub
         self.store_dir = store_dir
         self.max_upload_bytes = max_upload_bytes
+        self.roots = roots if roots is not None else AdapterRoots((), store_dir)
+        self.max_adapters = max_adapters_per_tenant
 
     async def Register(self, request, context):
+        tenant = principal().tenant
         try:
             if not request.path:
                 raise InvalidRequestError("path is empty: give a PEFT folder the servers can read")
             record = await self.registry.register_path(
-                request.adapter_id, request.path, request_id=request.request_id)
+                request.adapter_id, request.path, owner=tenant, request_id=request.request_id,
+                sharing=Sharing(request.public, tuple(request.shared_with)), roots=self.roots,
+                max_bytes=self.max_upload_bytes, max_adapters=self.max_adapters)
         except SloraError as e:
             await abort_with(context, e)
-        return record_to_proto(record)
+        return record_to_proto(record, tenant)
 
     async def Upload(self, request_iterator, context):
+        tenant = principal().tenant
         writer = None
         try:
             header = None
@@ -54,42 +70,56 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             if writer is None:
                 raise InvalidRequestError("upload: no header was sent")
             tmp_dir = writer.finish()
-            record = await self.registry.register_dir_upload(
-                header.adapter_id, tmp_dir, request_id=header.request_id)
             writer = None
+            record = await self.registry.register_dir_upload(
+                header.adapter_id, tmp_dir, owner=tenant, request_id=header.request_id,
+                sharing=Sharing(header.public, tuple(header.shared_with)),
+                max_adapters=self.max_adapters)
         except SloraError as e:
             await abort_with(context, e)
         finally:
             if writer is not None:
                 writer.abort()
-        return record_to_proto(record)
+        return record_to_proto(record, tenant)
 
     async def Get(self, request, context):
+        tenant = principal().tenant
         try:
-            return record_to_proto(await self.registry.get(request.adapter_id))
+            return record_to_proto(await self.registry.lookup(request.adapter_id, tenant),
+                                   tenant)
         except SloraError as e:
             await abort_with(context, e)
 
     async def List(self, request, context):
+        tenant = principal().tenant
         try:
-            records = await self.registry.list()
+            records = await self.registry.list_visible(tenant)
         except SloraError as e:
             await abort_with(context, e)
-        return adapters_pb2.ListAdaptersResponse(adapters=[record_to_proto(r) for r in records])
+        return adapters_pb2.ListAdaptersResponse(
+            adapters=[record_to_proto(r, tenant) for r in records])
 
     async def Delete(self, request, context):
         """New requests for the adapter are refused at once; the delete completes when the
         scheduler has no request left that uses it."""
+        tenant = principal().tenant
         try:
-            await self.registry.mark_deleting(request.adapter_id)
+            record = await self.registry.lookup(request.adapter_id, tenant,
+                                                include_deleting=True)
+            if record.owner != tenant:
+                raise PermissionDeniedError(
+                    f"adapter {request.adapter_id!r} belongs to tenant {record.owner!r}; only "
+                    "its owner may delete it")
+            adapter_id = record.qualified_id
+            await self.registry.mark_deleting(adapter_id)
         except SloraError as e:
             await abort_with(context, e)
         try:
             await self.scheduler.DropAdapter(
-                scheduler_pb2.DropAdapterRequest(adapter_id=request.adapter_id))
-            await self.registry.delete(request.adapter_id)
+                scheduler_pb2.DropAdapterRequest(adapter_id=adapter_id))
+            await self.registry.delete(adapter_id)
         except (SloraError, grpc.aio.AioRpcError) as e:
-            await self.registry.cancel_delete(request.adapter_id)
+            await self.registry.cancel_delete(adapter_id)
             if isinstance(e, SloraError):
                 await abort_with(context, e)
             await context.abort(grpc.StatusCode.UNAVAILABLE,

@@ -124,8 +124,9 @@ def test_register_path_records_every_field(redis_url, tmp_path, model, base_dir,
         before = time.time()
         record = await reg.register_path("acme.large_1", src, owner="acme")
         after = time.time()
-        assert await reg.get("acme.large_1") == record
-        h = await reg.redis.hgetall(adapter_key("acme.large_1"))
+        assert await reg.get("acme/acme.large_1") == record
+        assert await reg.lookup("acme.large_1", "acme") == record
+        h = await reg.redis.hgetall(adapter_key("acme/acme.large_1"))
         stats = await reg.redis.info("commandstats")
         return record, before, after, h, stats
 
@@ -169,16 +170,17 @@ def test_a_client_without_decode_responses_works_the_same(redis_url, tmp_path, m
 
 def test_list_returns_every_adapter_sorted_and_filters_by_owner(redis_url, tmp_path, model,
                                                                  adapters):
-    """list() gives every registered adapter by id; list(owner) only that owner's."""
+    """list() gives every registered adapter by qualified id (owner/id); list(owner) only
+    that owner's."""
     async def fn(reg: AdapterRegistry):
         await reg.register_path("list-b", adapters["small"], owner="bob")
         await reg.register_path("list-a", adapters["small_other"], owner="ann")
         await reg.register_path("list-c", adapters["large"], owner="ann")
-        everyone = [r.adapter_id for r in await reg.list() if r.adapter_id.startswith("list-")]
+        everyone = [r.qualified_id for r in await reg.list() if r.adapter_id.startswith("list-")]
         return everyone, await reg.list("ann"), await reg.list("nobody")
 
     everyone, ann, nobody = with_registry(redis_url, tmp_path, model, fn)
-    assert everyone == ["list-a", "list-b", "list-c"]
+    assert everyone == ["ann/list-a", "ann/list-c", "bob/list-b"]
     assert [r.adapter_id for r in ann] == ["list-a", "list-c"]
     assert all(r.owner == "ann" for r in ann) and nobody == []
 
@@ -307,7 +309,8 @@ def test_retry_with_the_same_request_id_registers_once(redis_url, tmp_path, mode
     """A retried registration (same request id, same content) returns the first record,
     unchanged; the request id is kept for a day. The same content under a new request id is
     a second registration of a taken id, ALREADY_EXISTS; a request id reused for another
-    adapter id is INVALID_ARGUMENT."""
+    adapter id is INVALID_ARGUMENT. Ids and request ids are per owner: another owner
+    registers the same id with the same request id as its own adapter."""
     async def fn(reg: AdapterRegistry):
         first = await reg.register_path("idem", adapters["large"], owner="acme",
                                         request_id="req-7f3a")
@@ -319,8 +322,9 @@ def test_retry_with_the_same_request_id_registers_once(redis_url, tmp_path, mode
             "idem", adapters["large"], owner="acme", request_id="req-other"))
         reused = await raises(InvalidRequestError, lambda: reg.register_path(
             "idem-2", adapters["large"], owner="acme", request_id="req-7f3a"))
-        other_owner = await raises(AdapterExistsError, lambda: reg.register_path(
-            "idem", adapters["large"], owner="mallory", request_id="req-7f3a"))
+        other_owner = await reg.register_path("idem", adapters["large"], owner="mallory",
+                                              request_id="req-7f3a")
+        assert await reg.lookup("idem", "acme") == first
         return first, again, ttl, num_idem, taken, reused, other_owner
 
     first, again, ttl, num_idem, taken, reused, other_owner = with_registry(
@@ -329,7 +333,7 @@ def test_retry_with_the_same_request_id_registers_once(redis_url, tmp_path, mode
     assert REQUEST_TTL_S - 60 < ttl <= REQUEST_TTL_S
     assert "same content" in str(taken)
     assert "req-7f3a" in str(reused) and "'idem'" in str(reused)
-    assert "another owner" in str(other_owner)
+    assert (other_owner.owner, other_owner.qualified_id) == ("mallory", "mallory/idem")
 
 
 def test_upload_registers_and_moves_the_folder(redis_url, tmp_path, model, adapters):
@@ -496,3 +500,60 @@ def test_acknowledged_registrations_survive_sigkill_of_redis(tmp_path, model, ad
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=10) == 0, "SIGTERM stops valkey cleanly"
+
+
+# ---- tenants -----------------------------------------------------------------------------------
+
+def test_adapters_are_seen_by_owner_public_and_shared_tenants_only(redis_url, tmp_path, model,
+                                                                   adapters):
+    """lookup() by id (one's own) or owner/id answers for visible adapters only, and a hidden
+    adapter's error is word for word that of one that does not exist; list_visible() is one's
+    own plus public plus shared-with-me; a delete leaves no set entry behind."""
+    from slora.adapter_store.registry import PUBLIC_KEY, Sharing, shared_key
+
+    async def fn(reg: AdapterRegistry):
+        await reg.register_path("p", adapters["small"], owner="ann")
+        await reg.register_path("s", adapters["small"], owner="ann",
+                                sharing=Sharing(shared_with=("cy", "ann", "cy")))
+        await reg.register_path("o", adapters["small"], owner="ann", sharing=Sharing(True))
+        await reg.register_path("p", adapters["large"], owner="bob")
+        hidden = await raises(AdapterNotFoundError, lambda: reg.lookup("ann/p", "bob"))
+        absent = await raises(AdapterNotFoundError, lambda: reg.lookup("ann/zz", "bob"))
+        seen = {t: [r.qualified_id for r in await reg.list_visible(t)]
+                for t in ("ann", "bob", "cy")}
+        shared = await reg.lookup("ann/s", "cy")
+        assert (await reg.lookup("p", "bob")).owner == "bob"
+        assert (await reg.lookup("ann/o", "bob")).public
+        await raises(AdapterNotFoundError, lambda: reg.lookup("ann/s", "bob"))
+        await raises(AdapterNotFoundError, lambda: reg.lookup("../p", "bob"))
+        for q in ("ann/s", "ann/o"):
+            await reg.delete(q)
+        sets = (await reg.redis.smembers(PUBLIC_KEY), await reg.redis.smembers(shared_key("cy")))
+        return hidden, absent, seen, shared, sets
+
+    hidden, absent, seen, shared, sets = with_registry(redis_url, tmp_path, model, fn)
+    assert str(hidden) == str(absent).replace("zz", "p")
+    assert seen == {"ann": ["ann/o", "ann/p", "ann/s"], "bob": ["ann/o", "bob/p"],
+                    "cy": ["ann/o", "ann/s"]}
+    assert shared.shared_with == ("cy",), "sorted, de-duplicated, without the owner"
+    assert sets == (set(), set())
+
+
+def test_a_tenant_at_its_adapter_quota_is_refused_and_retries_still_replay(redis_url, tmp_path,
+                                                                        model, adapters):
+    from slora.common.errors import QuotaExceededError
+
+    async def fn(reg: AdapterRegistry):
+        first = await reg.register_path("q1", adapters["small"], owner="t", request_id="r1",
+                                        max_adapters=2)
+        await reg.register_path("q2", adapters["small"], owner="t", max_adapters=2)
+        full = await raises(QuotaExceededError, lambda: reg.register_path(
+            "q3", adapters["small"], owner="t", max_adapters=2))
+        replay = await reg.register_path("q1", adapters["small"], owner="t", request_id="r1",
+                                         max_adapters=2)
+        other = await reg.register_path("q3", adapters["small"], owner="u", max_adapters=2)
+        return first, full, replay, other
+
+    first, full, replay, other = with_registry(redis_url, tmp_path, model, fn)
+    assert full.grpc_code == "RESOURCE_EXHAUSTED" and "tenant 't' has 2" in str(full)
+    assert replay == first and other.owner == "u"

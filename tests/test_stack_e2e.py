@@ -1,7 +1,8 @@
 """The whole stack as real processes on loopback (embedded valkey, worker, scheduler,
 frontend), driven through the SDK: registrations, 50 concurrent streams equal to the
 in-process engine, cancels that give the pool back, restarts of Redis and the frontend,
-and every bad input answered with its status code while the servers keep serving."""
+and every bad input answered with its status code while the servers keep serving. The
+frontend runs with auth on; the client uses the admin key (helpers_stack.py)."""
 from __future__ import annotations
 
 import argparse
@@ -15,12 +16,11 @@ import grpc
 import pytest
 
 from helpers_peft import make_peft_adapter, make_tiny_llama
-from helpers_procs import slora_module, start_process, stop_process
+from helpers_stack import Stack, worker_argv
 from slora.client import Client, SloraClientError
 from slora.common.sampling_params import SamplingParams
 from slora.engine.args import add_engine_args, engine_config_from_args
 from slora.engine.engine import Engine
-from slora.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 NUM_ADAPTERS = 20
 RANKS = [1, 2, 4, 8, 16]
@@ -29,66 +29,13 @@ TARGETS = [["q_proj", "v_proj"], ["q_proj", "k_proj", "v_proj", "o_proj"],
 MAX_NEW = 8
 
 
-class Stack:
-    def __init__(self, root: str, base: str, worker_args: list[str],
-                 scheduler_args: list[str] = ()):
-        self.root, self.base, self.worker_args = root, base, worker_args
-        self.scheduler_args = list(scheduler_args)
-        self.procs: dict[str, object] = {}
-        self.ports: dict[str, int] = {}
-
-    def start(self, name: str) -> None:
-        if name == "redis":
-            args = slora_module("slora.adapter_store.embedded_redis", "--data-dir",
-                                os.path.join(self.root, "redis"),
-                                *(["--port", str(self.ports["redis"])]
-                                  if "redis" in self.ports else []))
-        elif name == "worker":
-            args = slora_module("slora.worker.server", "--port", "0", *self.worker_args)
-        elif name == "scheduler":
-            args = slora_module("slora.scheduler.server", "--port", "0", "--worker-address",
-                                f"127.0.0.1:{self.ports['worker']}", *self.scheduler_args)
-        else:
-            args = slora_module("slora.frontend.server", "--port",
-                                str(self.ports.get("frontend", 0)),
-                                "--scheduler-address", f"127.0.0.1:{self.ports['scheduler']}",
-                                "--redis-url", f"redis://127.0.0.1:{self.ports['redis']}/0",
-                                "--data-dir", os.path.join(self.root, "data"))
-        self.procs[name], self.ports[name] = start_process(args, "SLORA_READY", timeout=120)
-
-    def stop(self, name: str) -> None:
-        stop_process(self.procs.pop(name))
-
-    def start_all(self) -> "Stack":
-        for name in ("redis", "worker", "scheduler", "frontend"):
-            self.start(name)
-        return self
-
-    def stop_all(self) -> None:
-        for name in ("frontend", "scheduler", "worker", "redis"):
-            if name in self.procs:
-                self.stop(name)
-
-    def client(self) -> Client:
-        return Client(f"127.0.0.1:{self.ports['frontend']}", timeout_s=120, retries=2)
-
-    def stats(self) -> dict[str, int]:
-        with grpc.insecure_channel(f"127.0.0.1:{self.ports['scheduler']}") as ch:
-            stub = scheduler_pb2_grpc.SchedulerStub(ch)
-            return dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=10).values)
-
-
-def worker_argv(base: str) -> list[str]:
-    return ["--model", base, "--device", "cpu", "--dtype", "float32", "--num-pages", "2048",
-            "--max-lora-rank", "16", "--max-adapter-slots", "8", "--max-model-len", "96",
-            "--max-num-seqs", "32", "--max-num-batched-tokens", "256"]
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
     root = tmp_path_factory.mktemp("stack")
     base = make_tiny_llama(str(root / "base"), num_kv_heads=2, seed=9)
-    stack = Stack(str(root), base, worker_argv(base))
+    # Adapters are registered by path from this test's folders (and tmp_path of each case).
+    stack = Stack(str(root), base, worker_argv(base),
+                  adapter_roots=[str(tmp_path_factory.getbasetemp())])
     stack.adapters = {}
     for i in range(NUM_ADAPTERS):
         stack.adapters[f"ad-{i}"] = make_peft_adapter(
@@ -223,7 +170,7 @@ def upload_pickle(c: Client, tmp, good):
         yield adapters_pb2.UploadAdapterChunk(chunk=adapters_pb2.FileChunk(
             file_name="adapter_model.bin", data=b"\x80\x04pickle"))
     try:
-        return c._adapters.Upload(chunks(), timeout=30)
+        return c._adapters.Upload(chunks(), timeout=30, metadata=c._metadata)
     except grpc.RpcError as e:
         from slora.client.errors import from_rpc_error
         raise from_rpc_error(e) from None

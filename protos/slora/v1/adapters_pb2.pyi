@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Adapter(_message.Message):
-    __slots__ = ("adapter_id", "owner", "rank", "lora_alpha", "target_modules", "base_model", "sha256", "size_bytes", "created_unix", "num_pages", "use_rslora")
+    __slots__ = ("adapter_id", "owner", "rank", "lora_alpha", "target_modules", "base_model", "sha256", "size_bytes", "created_unix", "num_pages", "use_rslora", "public", "shared_with", "ref")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -19,6 +19,9 @@ class Adapter(_message.Message):
     CREATED_UNIX_FIELD_NUMBER: _ClassVar[int]
     NUM_PAGES_FIELD_NUMBER: _ClassVar[int]
     USE_RSLORA_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
+    REF_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     owner: str
     rank: int
@@ -30,25 +33,36 @@ class Adapter(_message.Message):
     created_unix: float
     num_pages: int
     use_rslora: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., owner: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[float] = ..., num_pages: _Optional[int] = ..., use_rslora: _Optional[bool] = ...) -> None: ...
+    public: bool
+    shared_with: _containers.RepeatedScalarFieldContainer[str]
+    ref: str
+    def __init__(self, adapter_id: _Optional[str] = ..., owner: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[float] = ..., num_pages: _Optional[int] = ..., use_rslora: _Optional[bool] = ..., public: _Optional[bool] = ..., shared_with: _Optional[_Iterable[str]] = ..., ref: _Optional[str] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "path", "request_id")
+    __slots__ = ("adapter_id", "path", "request_id", "public", "shared_with")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     path: str
     request_id: str
-    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    public: bool
+    shared_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., path: _Optional[str] = ..., request_id: _Optional[str] = ..., public: _Optional[bool] = ..., shared_with: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UploadHeader(_message.Message):
-    __slots__ = ("adapter_id", "request_id")
+    __slots__ = ("adapter_id", "request_id", "public", "shared_with")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_FIELD_NUMBER: _ClassVar[int]
+    SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     request_id: str
-    def __init__(self, adapter_id: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    public: bool
+    shared_with: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., request_id: _Optional[str] = ..., public: _Optional[bool] = ..., shared_with: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class UploadAdapterChunk(_message.Message):
     __slots__ = ("header", "chunk")

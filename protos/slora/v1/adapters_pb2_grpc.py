@@ -91,7 +91,7 @@ class AdaptersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Deletes an adapter once no request still uses it.
+        """Deletes an adapter once no request still uses it. Only its owner may.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -1,0 +1,187 @@
+"""Who is calling: API keys checked on every public call, and per-tenant request limits.
+
+AuthInterceptor runs before every handler of the public port. It reads
+`authorization: Bearer <key>`, verifies the key (adapter_store/keys.py) and then:
+missing, malformed, unknown or revoked key -> UNAUTHENTICATED; a Keys (admin) call with a
+non-admin key -> PERMISSION_DENIED; Redis unable to say -> UNAVAILABLE. Health checking and
+reflection stay open (load balancers and grpcurl call them without keys). A refused call's
+handler never runs: the interceptor answers with a handler of the same shape that aborts.
+
+An accepted call runs its handler with the caller's Principal in the `current_principal`
+context variable; handlers read it with `principal()`, which fails closed (INTERNAL) if the
+interceptor did not run. Generation calls also take one of the tenant's concurrent-request
+slots for as long as they run; past the limit they get RESOURCE_EXHAUSTED at once. The count
+is per frontend process (N frontends allow a tenant N times the limit): exact, free of
+Redis round trips, and gone with the process, so a crash never leaks a slot.
+
+With auth off (`--no-auth`) every caller is ANONYMOUS: tenant NO_TENANT, admin.
+"""
+from __future__ import annotations
+
+import contextvars
+import logging
+from dataclasses import dataclass
+
+import grpc
+
+from slora.adapter_store.keys import KeyStore
+from slora.adapter_store.tenancy import NO_TENANT
+from slora.common.errors import AuthenticationError, RegistryUnavailableError
+
+log = logging.getLogger("slora.frontend")
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
+                 "/grpc.reflection.v1.ServerReflection/")
+"""Method prefixes callable without a key."""
+ADMIN_SERVICES = ("/slora.v1.Keys/",)
+LIMITED_METHODS = ("/slora.v1.Generation/Generate", "/slora.v1.Generation/GenerateStream")
+"""Calls that hold one of the tenant's concurrent-request slots while they run."""
+AUTH_HEADER = "authorization"
+BEARER = "bearer "
+
+
+@dataclass(frozen=True)
+class Principal:
+    tenant: str
+    admin: bool
+    key_id: str
+    """"" when auth is off."""
+
+
+ANONYMOUS = Principal(tenant=NO_TENANT, admin=True, key_id="")
+current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+
+
+def principal() -> Principal:
+    """The caller of the running handler (set by AuthInterceptor)."""
+    try:
+        return current_principal.get()
+    except LookupError:
+        raise RuntimeError("no principal: the call did not pass AuthInterceptor") from None
+
+
+class TenantLimiter:
+    """Concurrent-request slots per tenant, in this process."""
+
+    def __init__(self, max_per_tenant: int):
+        self.max_per_tenant = max_per_tenant
+        """0: no limit."""
+        self.num_running: dict[str, int] = {}
+
+    def try_acquire(self, tenant: str) -> bool:
+        n = self.num_running.get(tenant, 0)
+        if self.max_per_tenant and n >= self.max_per_tenant:
+            return False
+        self.num_running[tenant] = n + 1
+        return True
+
+    def release(self, tenant: str) -> None:
+        n = self.num_running[tenant] - 1
+        if n:
+            self.num_running[tenant] = n
+        else:
+            del self.num_running[tenant]
+
+
+def bearer_key(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == AUTH_HEADER:
+            if isinstance(value, bytes):
+                value = value.decode("latin-1")
+            return value[len(BEARER):].strip() if value.lower().startswith(BEARER) else ""
+    return None
+
+
+def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str):
+    """A handler of the same shape as `handler` that only aborts."""
+    async def refuse(request, context):
+        await context.abort(code, details)
+
+    async def refuse_stream(request, context):
+        await context.abort(code, details)
+        yield  # unreachable: makes this an async generator, as a streaming handler is
+
+    kind = ("stream" if handler.request_streaming else "unary") + "_" + \
+        ("stream" if handler.response_streaming else "unary")
+    behavior = refuse_stream if handler.response_streaming else refuse
+    return getattr(grpc, f"{kind}_rpc_method_handler")(
+        behavior, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
+def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter | None):
+    """`handler` run as `who`, holding a request slot of its tenant if `limiter`."""
+    def busy() -> str:
+        return (f"tenant {who.tenant!r} has {limiter.max_per_tenant} requests running, its "
+                "limit; retry when one has finished")
+
+    # The context variable is set inside the behavior, which runs in the call's own task, and
+    # never reset: the task (and its context) ends with the call.
+    if handler.response_streaming:
+        inner = handler.unary_stream or handler.stream_stream
+
+        async def behavior(request, context):
+            current_principal.set(who)
+            if limiter is not None and not limiter.try_acquire(who.tenant):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy())
+            try:
+                async for response in inner(request, context):
+                    yield response
+            finally:
+                if limiter is not None:
+                    limiter.release(who.tenant)
+    else:
+        inner = handler.unary_unary or handler.stream_unary
+
+        async def behavior(request, context):
+            current_principal.set(who)
+            if limiter is not None and not limiter.try_acquire(who.tenant):
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy())
+            try:
+                return await inner(request, context)
+            finally:
+                if limiter is not None:
+                    limiter.release(who.tenant)
+
+    kind = ("stream" if handler.request_streaming else "unary") + "_" + \
+        ("stream" if handler.response_streaming else "unary")
+    return getattr(grpc, f"{kind}_rpc_method_handler")(
+        behavior, request_deserializer=handler.request_deserializer,
+        response_serializer=handler.response_serializer)
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    """`keys` None: auth is off, every caller is ANONYMOUS."""
+
+    def __init__(self, keys: KeyStore | None, limiter: TenantLimiter):
+        self.keys = keys
+        self.limiter = limiter
+
+    async def _who(self, metadata) -> Principal:
+        if self.keys is None:
+            return ANONYMOUS
+        key = bearer_key(metadata)
+        if key is None:
+            raise AuthenticationError(
+                f"missing API key: send metadata '{AUTH_HEADER}: Bearer <key>'")
+        record = await self.keys.verify(key)
+        return Principal(tenant=record.tenant, admin=record.admin, key_id=record.key_id)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        if handler is None or method.startswith(OPEN_SERVICES):
+            return handler
+        try:
+            who = await self._who(handler_call_details.invocation_metadata)
+        except (AuthenticationError, RegistryUnavailableError) as e:
+            log.info("refused %s: %s", method, e)
+            return _refusing(handler, getattr(grpc.StatusCode, e.grpc_code), str(e))
+        except Exception:  # a bug of ours: never let it through as an authenticated call
+            log.exception("checking the API key of a %s call failed", method)
+            return _refusing(handler, grpc.StatusCode.INTERNAL, "checking the API key failed")
+        if method.startswith(ADMIN_SERVICES) and not who.admin:
+            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED,
+                             f"{method} needs an admin key; this key belongs to tenant "
+                             f"{who.tenant!r}")
+        return _as(handler, who, self.limiter if method in LIMITED_METHODS else None)
