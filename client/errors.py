@@ -3,12 +3,18 @@ from __future__ import annotations
 
 import grpc
 
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
+NO_RETRY_HINT = None
+
 
 class SloraClientError(Exception):
-    """A call failed; `code` is the gRPC status code, `details` the server's message."""
+    """A call failed; `code` is the gRPC status code, `details` the server's message, and
+    `retry_after_s` the server's hint of when to try again (a full queue's
+    RESOURCE_EXHAUSTED carries one), or None."""
 
-    def __init__(self, code: grpc.StatusCode, details: str):
-        self.code, self.details = code, details
+    def __init__(self, code: grpc.StatusCode, details: str,
+                 retry_after_s: float | None = NO_RETRY_HINT):
+        self.code, self.details, self.retry_after_s = code, details, retry_after_s
         super().__init__(f"{code.name}: {details}")
 
 
@@ -38,7 +44,19 @@ _BY_CODE = {
 }
 
 
+def retry_hint_s(e: grpc.RpcError) -> float | None:
+    """The `grpc-retry-pushback-ms` trailer of a failed call, in seconds, or None."""
+    trailers = e.trailing_metadata() if hasattr(e, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(int(value), 0) / 1000
+            except ValueError:
+                return NO_RETRY_HINT
+    return NO_RETRY_HINT
+
+
 def from_rpc_error(e: grpc.RpcError) -> SloraClientError:
     code = e.code() if hasattr(e, "code") else grpc.StatusCode.UNKNOWN
     details = e.details() if hasattr(e, "details") else str(e)
-    return _BY_CODE.get(code, SloraClientError)(code, details or "")
+    return _BY_CODE.get(code, SloraClientError)(code, details or "", retry_hint_s(e))

@@ -16,12 +16,13 @@ import re
 import signal
 import time
 import urllib.request
+from dataclasses import dataclass, field
 
 import grpc
 
 from helpers_procs import slora_module, start_process, stderr_tail, stop_process
 from slora.client import Client
-from slora.v1 import scheduler_pb2, scheduler_pb2_grpc
+from slora.v1 import common_pb2, generation_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 START_TIMEOUT_S = 120.0
 ORDER = ("redis", "worker", "scheduler", "frontend")
@@ -191,3 +192,51 @@ class Stack:
     def rss_bytes(self, name: str) -> int:
         with open(f"/proc/{self.procs[name].pid}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+# -- raw gRPC calls, for status codes, trailers and timings -------------------------------
+
+@dataclass
+class Outcome:
+    """How one call to the frontend ended."""
+
+    code: grpc.StatusCode
+    details: str = ""
+    trailers: dict[str, str] = field(default_factory=dict)
+    token_ids: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+    """From the call to its end."""
+    first_token_s: float | None = None
+    """From the call to its first token; None without one."""
+
+
+def generate_request(prompt_token_ids: list[int], max_new_tokens: int, *, adapter_id: str = "",
+                     ignore_eos: bool = True, request_id: str = ""
+                     ) -> generation_pb2.GenerateRequest:
+    return generation_pb2.GenerateRequest(
+        request_id=request_id, adapter_id=adapter_id,
+        prompt_token_ids=generation_pb2.TokenIds(ids=prompt_token_ids),
+        sampling=common_pb2.SamplingParams(max_new_tokens=max_new_tokens,
+                                           ignore_eos=ignore_eos))
+
+
+async def stream_outcome(stub, request, *, metadata=(), timeout: float | None = None,
+                         on_first_token=None) -> Outcome:
+    """Runs GenerateStream to its end; `on_first_token()` is awaited after the first token."""
+    start = time.monotonic()
+    out = Outcome(grpc.StatusCode.OK)
+    call = stub.GenerateStream(request, metadata=metadata, timeout=timeout)
+    try:
+        async for event in call:
+            if event.token_ids and out.first_token_s is None:
+                out.first_token_s = time.monotonic() - start
+                out.token_ids += event.token_ids
+                if on_first_token is not None:
+                    await on_first_token()
+                continue
+            out.token_ids += event.token_ids
+    except grpc.aio.AioRpcError as e:
+        out.code, out.details = e.code(), e.details() or ""
+        out.trailers = dict(e.trailing_metadata() or ())
+    out.seconds = time.monotonic() - start
+    return out
