@@ -12,7 +12,8 @@ answer to the call that created it (and in the admin key file `slora up` writes,
     slora:keys             set of every key id
     slora:admin_keys       set of the active admin keys' ids (the bootstrap checks it is empty)
 
-scrypt takes ~40 ms by design, too slow to pay on every request: a frontend remembers, per
+scrypt is slow by design (about 0.1 s a hash on a busy 2-core box), too slow to pay on every
+request: a frontend remembers, per
 presented key (by its SHA-256, never the key itself), the stored hash it matched. Each call
 still reads the key's Redis hash (one round trip), so a revocation applies to the very next
 call on every frontend; only a key whose stored hash changed is hashed again. While Redis is
@@ -54,7 +55,7 @@ KEY_RE = re.compile(r"slora_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 ADMIN_TENANT = "admin"
 """The tenant of the admin key made at first start."""
 SCRYPT_N, SCRYPT_R, SCRYPT_P, HASH_BYTES = 1 << 14, 8, 1, 32
-"""scrypt's cost: 16 MiB and ~40 ms per hash (the interactive-login setting)."""
+"""scrypt's cost: 16 MiB and ~0.1 s per hash (the interactive-login setting)."""
 KDF = f"scrypt-n{SCRYPT_N}-r{SCRYPT_R}-p{SCRYPT_P}"
 MAX_DESCRIPTION_CHARS = 256
 VERIFIED_CACHE_SIZE = 10_000

@@ -75,7 +75,8 @@ def adapter_roots(args, store_dir: str) -> AdapterRoots:
     folders = [f for arg in args.adapter_roots for f in arg.split(os.pathsep) if f]
     for folder in folders:
         if not os.path.isdir(os.path.expanduser(folder)):
-            raise ConfigError(f"--adapter-roots {folder!r} is not a folder")
+            log.warning("adapter root %r is not a folder (yet): nothing can be registered "
+                        "from it until it is", folder)
     return AdapterRoots(folders, store_dir)
 
 
