@@ -1,0 +1,314 @@
+"""The serving benchmark (bench/): the paper's workload drawn as its code draws it, dummy
+adapters in host memory and as PEFT folders, metrics counted as the paper counts them, the
+PEFT baseline on the same weights as the engine, the roofline, and the one command run end
+to end on a tiny model on the CPU (every phase, real processes)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from slora.adapter_store import load_peft_adapter
+from slora.bench import baselines, driver
+from slora.bench.driver import RequestRecord, RunResult
+from slora.bench.workload import (
+    BANK_WINDOWS, DUMMY_TARGETS, PRESETS, DummyAdapterFactory, Workload, WorkloadConfig,
+    adapter_bytes, adapter_popularity, dummy_adapter_loader, generate_requests,
+    parse_dummy_path, preset_adapters, write_peft_adapters,
+)
+from slora.common.config import dummy_model_config
+from slora.common.errors import ConfigError
+from slora.common.sampling_params import SamplingParams
+
+TINY = dummy_model_config("dummy-tiny")
+LLAMA_7B = dummy_model_config("dummy-llama-7b")
+
+
+# -- the workload --------------------------------------------------------------------------
+
+def test_trace_is_drawn_as_the_papers_code_draws_it():
+    """One legacy RandomState(seed): Power(alpha) adapter draws, then input lengths, then
+    output lengths (randint, upper bound exclusive), then Gamma(1/cv^2, cv^2/rate) gaps whose
+    running sum is each arrival time."""
+    cfg = WorkloadConfig(num_adapters=37, num_requests=300, rate=7.5, cv=2.0, alpha=0.6,
+                         input_range=(8, 512), output_range=(16, 128), seed=42)
+    reqs = generate_requests(cfg, vocab_size=32000)
+
+    rng = np.random.RandomState(42)
+    x = rng.power(0.6, 300)
+    inputs = rng.randint(8, 512, 300)
+    outputs = rng.randint(16, 128, 300)
+    gaps = rng.gamma(1 / 4.0, 4.0 / 7.5, 300)
+
+    assert [r.adapter_index for r in reqs] == list((x * 37).astype(int))
+    assert [len(r.prompt_token_ids) for r in reqs] == list(inputs)
+    assert [r.output_len for r in reqs] == list(outputs)
+    assert np.allclose([r.arrival_s for r in reqs], np.cumsum(gaps))
+    assert all(3 <= t < 32000 for r in reqs for t in r.prompt_token_ids)
+    assert generate_requests(cfg, 32000) == reqs  # seeded
+
+
+def test_zipf_popularity_keeps_the_lengths_and_arrivals_of_the_power_trace():
+    """Both popularity options take one uniform per request, so only the adapters differ;
+    Zipf's most popular adapter is index 0."""
+    power = WorkloadConfig(num_adapters=50, num_requests=4000, rate=10.0)
+    zipf = WorkloadConfig(num_adapters=50, num_requests=4000, rate=10.0, popularity="zipf",
+                          zipf_s=1.2)
+    a, b = generate_requests(power, 512), generate_requests(zipf, 512)
+    assert [(r.arrival_s, r.output_len, r.prompt_token_ids) for r in a] == \
+        [(r.arrival_s, r.output_len, r.prompt_token_ids) for r in b]
+    counts = np.bincount([r.adapter_index for r in b], minlength=50)
+    p = adapter_popularity(zipf)
+    assert counts.argmax() == 0 and np.all(np.diff(p) < 0)
+    assert np.abs(counts / 4000 - p).max() < 0.03
+
+
+@pytest.mark.parametrize("alpha", [1.0, 0.3])
+def test_adapter_frequencies_follow_the_power_law(alpha):
+    """floor(n X) with X ~ Power(alpha): uniform at alpha = 1, crowded onto low indices
+    below; empirical frequencies match adapter_popularity."""
+    cfg = WorkloadConfig(num_adapters=20, num_requests=40000, rate=1.0, alpha=alpha)
+    counts = np.bincount([r.adapter_index for r in generate_requests(cfg, 512)], minlength=20)
+    p = adapter_popularity(cfg)
+    assert math.isclose(p.sum(), 1.0)
+    assert np.abs(counts / counts.sum() - p).max() < 0.01
+    if alpha == 1.0:
+        assert np.allclose(p, 1 / 20)
+    else:
+        assert p[0] > 5 * p[-1]
+
+
+def test_arrivals_have_the_rate_and_the_coefficient_of_variation():
+    cfg = WorkloadConfig(num_adapters=1, num_requests=50000, rate=4.0, cv=3.0)
+    gaps = np.diff([0.0] + [r.arrival_s for r in generate_requests(cfg, 64)])
+    assert math.isclose(gaps.mean(), 1 / 4.0, rel_tol=0.05)
+    assert math.isclose(gaps.std() / gaps.mean(), 3.0, rel_tol=0.1)
+    burst = generate_requests(WorkloadConfig(num_adapters=1, num_requests=5, rate=math.inf), 64)
+    assert [r.arrival_s for r in burst] == [0.0] * 5
+
+
+def test_bad_workload_settings_name_the_value():
+    with pytest.raises(ConfigError, match="rate must be > 0"):
+        WorkloadConfig(num_adapters=1, num_requests=1, rate=0)
+    with pytest.raises(ConfigError, match=r"input_range \[9, 9\)"):
+        WorkloadConfig(num_adapters=1, num_requests=1, rate=1, input_range=(9, 9))
+    with pytest.raises(ConfigError, match="popularity 'flat'"):
+        WorkloadConfig(num_adapters=1, num_requests=1, rate=1, popularity="flat")
+
+
+def test_preset_ranks_go_round_robin_and_a_larger_count_extends_a_smaller():
+    s2 = preset_adapters(PRESETS["S2"], 9)
+    assert [a.rank for a in s2] == [64, 32, 16, 8, 64, 32, 16, 8, 64]
+    assert preset_adapters(PRESETS["S2"], 4) == s2[:4]
+    assert {a.rank for a in preset_adapters(PRESETS["S1"], 5)} == {8}
+    assert len({a.adapter_id for a in s2}) == 9 and len({a.path for a in s2}) == 9
+
+
+# -- dummy adapters ------------------------------------------------------------------------
+
+def test_dummy_adapters_are_seeded_contiguous_windows_in_host_memory():
+    """Made from the path's rank and seed: contiguous [L, r, d_in] / [L, d_out, r] views of a
+    shared bank, the same seed gives the same weights, another window other weights."""
+    factory = DummyAdapterFactory(TINY, torch.float32, pin_memory=False, seed=3)
+    load = dummy_adapter_loader(factory, max_rank=16, pin_memory=False)
+    a0, a1, a2 = preset_adapters(PRESETS["S1"], 3)
+    x0, x0_again, x1 = load(a0.adapter_id, a0.path), load("other", a0.path), \
+        load(a1.adapter_id, a1.path)
+    assert x0.module_ranks == {m: 8 for m in DUMMY_TARGETS}
+    assert x0.num_bytes == adapter_bytes(TINY, 8, 4)
+    assert x0.module_scales["q_proj"] == 2.0
+    for m in DUMMY_TARGETS:
+        (a, b), d_in_out = x0.weights[m], TINY.module_shape(m)
+        assert a.shape == (TINY.num_layers, 8, d_in_out[0]) and a.is_contiguous()
+        assert b.shape == (TINY.num_layers, d_in_out[1], 8) and b.is_contiguous()
+        assert torch.equal(a, x0_again.weights[m][0])
+        assert not torch.equal(a, x1.weights[m][0])
+    assert parse_dummy_path(a2.path) == (8, a2.seed) and a2.seed % BANK_WINDOWS == 2
+    assert parse_dummy_path("/some/folder") is None
+    with pytest.raises(ConfigError, match="is not dummy-adapter://"):
+        parse_dummy_path("dummy-adapter://rank8")
+    with pytest.raises(ConfigError, match="rank 64; this pool allows 16"):
+        load("big", preset_adapters(PRESETS["S2"], 1)[0].path)
+
+
+def test_peft_folders_hold_the_host_memory_weights(tmp_path):
+    """write_peft_adapters writes what the host-memory mode makes, as PEFT folders our
+    loader accepts; writing again keeps a folder made from the same seeds."""
+    factory = DummyAdapterFactory(TINY, torch.float32, pin_memory=False, seed=0)
+    adapters = preset_adapters(PRESETS["S2"], 4)
+    paths = write_peft_adapters(str(tmp_path), factory, adapters)
+    for a in adapters:
+        loaded = load_peft_adapter(a.adapter_id, paths[a.adapter_id], TINY, 64)
+        made = factory.make(a.adapter_id, a.path, a.rank, a.seed)
+        assert loaded.module_ranks == made.module_ranks
+        assert loaded.module_scales == made.module_scales
+        for m in DUMMY_TARGETS:
+            assert torch.equal(loaded.weights[m][0], made.weights[m][0])
+            assert torch.equal(loaded.weights[m][1], made.weights[m][1])
+    weights = os.path.join(paths["s2-0"], "adapter_model.safetensors")
+    mtime = os.stat(weights).st_mtime_ns
+    write_peft_adapters(str(tmp_path), factory, adapters)
+    assert os.stat(weights).st_mtime_ns == mtime
+
+
+# -- the baselines -------------------------------------------------------------------------
+
+ENGINE_ARGV = ["--model", "dummy-tiny", "--device", "cpu", "--dtype", "float32",
+               "--max-lora-rank", "64", "--max-model-len", "40", "--max-num-seqs", "8",
+               "--host-cache-gib", "1"]
+
+
+def _tiny_s2_workload(num_requests: int = 5) -> Workload:
+    cfg = WorkloadConfig(num_adapters=4, num_requests=num_requests, rate=math.inf,
+                         input_range=(3, 14), output_range=(2, 7), seed=7)
+    return Workload("tiny S2", cfg, generate_requests(cfg, TINY.vocab_size),
+                    preset_adapters(PRESETS["S2"], 4))
+
+
+def _engine_tokens(engine, w: Workload) -> list[list[int]]:
+    return [engine.generate([list(r.prompt_token_ids)],
+                            SamplingParams(max_new_tokens=r.output_len, ignore_eos=True),
+                            [w.adapter_id(r)])[0] for r in w.requests]
+
+
+def test_peft_baseline_generates_the_engines_tokens_on_the_same_weights(tmp_path):
+    """HF PEFT, mixed-adapter batches, on LlamaForCausalLM built from the worker's dummy
+    weights, greedy: the same tokens as the in-process engine, with the adapters made in
+    host memory and with them read from the PEFT folders; one record per request."""
+    w = _tiny_s2_workload()
+    peft = baselines.run_peft(TINY, 0, torch.float32, torch.device("cpu"), w, batch_size=3)
+    host = baselines.build_engine(ENGINE_ARGV, w.adapters)
+    factory = DummyAdapterFactory(TINY, torch.float32, pin_memory=False, seed=0)
+    paths = write_peft_adapters(str(tmp_path), factory, w.adapters)
+    folders = baselines.build_engine(ENGINE_ARGV, w.adapters, peft_paths=paths)
+    assert len({w.adapter_id(r) for r in w.requests}) > 1
+    assert peft.outputs == _engine_tokens(host, w) == _engine_tokens(folders, w)
+    metrics = driver.summarize(peft)
+    assert metrics["num_completed"] == len(w.requests)
+    assert metrics["num_output_tokens"] == w.num_output_tokens
+
+
+def test_engine_run_sends_at_arrival_times_and_records_every_token():
+    cfg = WorkloadConfig(num_adapters=4, num_requests=6, rate=50.0, input_range=(3, 14),
+                         output_range=(2, 7), seed=1)
+    w = Workload("tiny", cfg, generate_requests(cfg, TINY.vocab_size),
+                 preset_adapters(PRESETS["S1"], 4))
+    result = driver.run_engine(baselines.build_engine(ENGINE_ARGV, w.adapters), w)
+    for rec, req in zip(result.records, w.requests):
+        assert rec.completed and rec.num_output_tokens == req.output_len
+        assert rec.sent_s >= req.arrival_s and rec.first_token_s <= rec.end_s
+    assert result.stats["num_steps"] > 0
+    assert result.wall_s >= max(r.end_s for r in result.records)
+
+
+def test_roofline_of_llama_7b_leaves_adapters_the_issues_share():
+    """At batch 64 with 1,000 adapters: rank 8 keeps about 96% of the base's decode roofline,
+    ranks 64/32/16/8 about 85-89% (the extra adapter rows)."""
+    cfg = WorkloadConfig(num_adapters=1000, num_requests=400, rate=40.0)
+    reqs = generate_requests(cfg, LLAMA_7B.vocab_size)
+    bw = 3.0e12
+    base = baselines.decode_roofline(LLAMA_7B, 2, Workload("b", cfg, reqs), 64, bw)
+    s1 = baselines.decode_roofline(
+        LLAMA_7B, 2, Workload("s1", cfg, reqs, preset_adapters(PRESETS["S1"], 1000)), 64, bw)
+    s2 = baselines.decode_roofline(
+        LLAMA_7B, 2, Workload("s2", cfg, reqs, preset_adapters(PRESETS["S2"], 1000)), 64, bw)
+    assert 0.95 < s1["output_tokens_per_s"] / base["output_tokens_per_s"] < 0.98
+    assert 0.84 < s2["output_tokens_per_s"] / base["output_tokens_per_s"] < 0.90
+    assert 12.5e9 < base["weight_bytes"] < 13.6e9
+    assert base["adapter_bytes"] == 0 and 50 < s1["distinct_adapters"] <= 64
+    assert math.isclose(base["step_s"], base["step_bytes"] / bw)
+
+
+def test_metrics_count_completed_requests_over_the_whole_wall_time():
+    """Throughput = completed / wall (drain included); a failed request misses the SLO;
+    TPOT = (end - first token) / (tokens - 1)."""
+    records = [
+        RequestRecord(0, "a", 4, 5, 0.0, 0.0, 1.0, 3.0, 5),
+        RequestRecord(1, None, 4, 3, 0.5, 0.5, 7.5, 8.5, 3),
+        RequestRecord(2, "a", 4, 3, 1.0, 1.0, None, None, 0, error="RuntimeError: boom"),
+    ]
+    m = driver.summarize(RunResult("r", "grpc", "S1", 1, records, wall_s=10.0,
+                                   stats={"num_steps": 4}), slo_ttft_s=6.0)
+    assert set(m) == set(driver.METRIC_KEYS)
+    assert m["throughput_rps"] == 0.2 and m["output_tokens_per_s"] == 0.8
+    assert m["num_failed"] == 1 and m["slo_attainment"] == pytest.approx(1 / 3)
+    assert m["latency_mean_s"] == pytest.approx(5.5) and m["ttft_p50_s"] == pytest.approx(4.0)
+    assert m["tpot_mean_s"] == pytest.approx((0.5 + 0.5) / 2)
+    assert m["output_tokens_per_step"] == 2.0
+
+
+# -- the one command -----------------------------------------------------------------------
+
+TINY_COMMAND = ["--model", "dummy-tiny", "--device", "cpu", "--num-adapters", "4",
+                "--num-requests", "6", "--rate", "100", "--input-range", "4", "16",
+                "--output-range", "2", "8", "--warmup-requests", "2", "--max-num-seqs", "8"]
+
+
+def _run_serving(out_dir, *extra: str) -> tuple[dict, str]:
+    proc = subprocess.run(
+        [sys.executable, "-m", "slora.bench.serving", *TINY_COMMAND, "--out", str(out_dir),
+         *extra], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(os.path.join(out_dir, "serving.json")) as f:
+        return json.load(f), proc.stdout
+
+
+@pytest.mark.slow
+def test_one_command_runs_the_benchmark_and_its_baselines_and_prints_the_table(tmp_path):
+    """Every phase on the CPU: in-process engine, the stack as processes with host-memory
+    adapters (base, S1, S2, two more adapter counts), PEFT, roofline; every request served,
+    every metric in the JSON, and the table of targets printed last."""
+    payload, stdout = _run_serving(tmp_path, "--adapter-counts", "2,8", "--peft-requests", "3")
+    names = [(r["via"], r["name"]) for r in payload["results"]]
+    assert names == [("engine", "S1 4 adapters, in-process"), ("grpc", "base (no adapters)"),
+                     ("grpc", "S1 4 adapters"), ("grpc", "S2 4 adapters"),
+                     ("grpc", "S1 2 adapters"), ("grpc", "S1 8 adapters"),
+                     ("peft", "PEFT sample of S1")]
+    for r in payload["results"]:
+        assert set(driver.METRIC_KEYS) <= set(r["metrics"]), r["name"]
+        assert r["metrics"]["num_failed"] == 0 and r["metrics"]["num_completed"] > 0, r["name"]
+        assert all(rec["num_output_tokens"] == rec["output_len"] for rec in r["records"])
+        if r["via"] != "peft":
+            assert r["roofline"]["output_tokens_per_s"] > 0
+    grpc_runs = [r for r in payload["results"] if r["via"] == "grpc"]
+    assert all(r["stats"]["num_steps"] > 0 for r in grpc_runs)
+    for key in ("command", "date", "device", "copy_bytes_per_s", "engine_argv", "checks"):
+        assert payload[key], key
+    checks = [c["check"] for c in payload["checks"]]
+    assert checks == ["S1 4 adapters vs base, req/s", "S2 4 adapters vs base, req/s",
+                      "8 vs 2 adapters, req/s", "S1 4 adapters vs PEFT (its sample), req/s",
+                      "gRPC vs in-process, S1 4 adapters, req/s",
+                      "S1 4 adapters output tok/s vs its roofline"]
+    assert all(c["ours"] is not None for c in payload["checks"])
+    last = stdout.strip().splitlines()
+    assert last[-8].startswith("| target | ours | roofline | needed |")
+    assert last[-1].startswith("| S1 4 adapters output tok/s vs its roofline |")
+    assert "| base (no adapters) | grpc | 0 |" in stdout
+    for name in ("serving.md", "stack.log"):
+        assert os.path.getsize(tmp_path / name) > 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return
+    for name in ("throughput_vs_adapters.png", "latency.png"):
+        assert os.path.getsize(tmp_path / name) > 0
+
+
+@pytest.mark.slow
+def test_peft_folder_mode_uploads_the_adapters_through_the_api(tmp_path):
+    """--adapter-mode peft writes PEFT folders and uploads them to the frontend; the stack
+    then serves them."""
+    payload, _ = _run_serving(tmp_path, "--adapter-mode", "peft", "--presets", "S2",
+                              "--skip", "inprocess,base,counts,peft")
+    [result] = payload["results"]
+    assert result["name"] == "S2 4 adapters" and result["metrics"]["num_failed"] == 0
+    with open(tmp_path / "stack.log") as f:
+        log = f.read()
+    assert log.count("registered adapter") >= 4
