@@ -27,6 +27,9 @@ from slora.v1 import common_pb2, generation_pb2, scheduler_pb2, scheduler_pb2_gr
 START_TIMEOUT_S = 120.0
 ORDER = ("redis", "worker", "scheduler", "frontend")
 """Start order; stop order is the reverse."""
+PROCESS_ENV = {"OMP_NUM_THREADS": "1"}
+"""Four processes and the test share a CI machine's few cores: torch's OpenMP pool would
+spin on cores the others need (a step of the tiny model then takes 10x longer)."""
 METRICS_PORT_PATTERN = re.compile(r"\bmetrics_port=(-?\d+)")
 PID_PATTERN = re.compile(r"\bpid=(\d+)")
 
@@ -79,7 +82,7 @@ class Stack:
 
     def start(self, name: str) -> None:
         proc, self.ports[name] = start_process(self._argv(name), f"SLORA_READY {name}",
-                                               timeout=START_TIMEOUT_S)
+                                               timeout=START_TIMEOUT_S, env=PROCESS_ENV)
         self.procs[name] = proc
         match = METRICS_PORT_PATTERN.search(proc.ready_line)
         if match:
