@@ -70,6 +70,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="requests running at once (the largest decode batch)")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step: decode tokens plus prefill chunks")
+    g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
+                   help="run decode steps eagerly instead of replaying CUDA graphs "
+                        "(graphs are captured at start-up on CUDA only)")
 
 
 def _pick_device(device: str | None) -> str:

@@ -1,23 +1,30 @@
 """The worker: executes step commands on one device and returns step results.
 
 It owns the pool's memory, the model, the host-memory adapter cache and per-request state
-(token ids, pages, progress), so a running request costs the command only its new page ids.
-Each step it turns the command into the model's batch: decode requests (one new token)
-first, then prefill chunks, as kernels/backend.py requires.
+(token ids, progress, a row of the device page table), so a running request costs the command
+only its new page ids. Each step it turns the command into the model's batch (worker/batch.py:
+decode requests first, then prefill chunks, as kernels/backend.py requires), runs it, as a
+CUDA-graph replay when every request decodes and the backend is CUDA (worker/cuda_graphs.py),
+eagerly otherwise, and samples.
+
+Nothing a step does on the host grows with the requests' contexts or with the number of
+registered adapters: the page table stays on the device and takes only the step's new page
+ids; adapters are known to the worker only by the slots the scheduler loads.
 """
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
 import torch
 
 from slora.adapter_store import HostAdapterCache, load_peft_adapter
 from slora.common.config import EngineConfig
-from slora.kernels.backend import AttentionBatch, LoraBatch, get_backend
-from slora.protos.step import NO_ADAPTER_SLOT, StepCommand, StepResult
 from slora.common.sampling_params import SamplingParams
-from slora.worker.model import ForwardBatch, LlamaModel
+from slora.kernels.backend import get_backend
+from slora.protos.step import StepCommand, StepResult
+from slora.worker.batch import RequestState, ScheduledRequest, StepBatch, StepInputs
+from slora.worker.cuda_graphs import DecodeGraphs
+from slora.worker.model import LlamaModel
 from slora.worker.pool import UnifiedPool
 from slora.worker.sampling import sample
 from slora.worker.weights import dummy_weights, load_hf_weights
@@ -26,30 +33,15 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
 
 
-@dataclass
-class RequestState:
-    req_id: str
-    token_ids: list[int]
-    num_prompt_tokens: int
-    page_ids: list[int]
-    num_computed_tokens: int
-    adapter_slot: int
-    sampling: SamplingParams
-
-
-@dataclass
-class _Scheduled:
-    state: RequestState
-    num_new: int
-
-
 class Worker:
     def __init__(self, config: EngineConfig, model_path: str | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", cuda_graphs: bool = True):
+        """`cuda_graphs`: replay decode-only steps from CUDA graphs (captured here) when the
+        backend is CUDA; False runs every step eagerly."""
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = TORCH_DTYPES[config.dtype]
-        cfg = config.model
+        cfg, sched = config.model, config.scheduler
         if model_path is None:
             weights = dummy_weights(cfg, config.seed, self.dtype, self.device)
         else:
@@ -63,6 +55,18 @@ class Worker:
             lambda adapter_id, path: load_peft_adapter(
                 adapter_id, path, cfg, config.pool.max_lora_rank, self.dtype, pin_memory=pin))
         self.requests: dict[str, RequestState] = {}
+        self.inputs = StepInputs(sched.max_num_seqs, sched.max_num_batched_tokens,
+                                 sched.max_model_len, self.pool.scratch_page, self.device)
+        self.graphs: DecodeGraphs | None = None
+        if cuda_graphs and self.backend.name == "cuda":
+            self.graphs = DecodeGraphs(self._padded_decode_forward,
+                                       min(sched.max_num_seqs, sched.max_num_batched_tokens),
+                                       self.device)
+            self.inputs.write_padding(self.graphs.max_size)
+            with torch.inference_mode():
+                self.graphs.capture()
+        self.use_cuda_graphs = self.graphs is not None
+        """Benchmarks turn this off to time the same worker eagerly."""
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.keep_logits = False
         """Tests set this to read each step's logits back (`last_logits`)."""
@@ -72,13 +76,33 @@ class Worker:
         """Drops every request and resident adapter: the state of a new Steps stream, and
         of the worker after a failed step (the scheduler forgets its side too)."""
         self.requests.clear()
+        self.inputs.free_all_rows()
         self.last_logits = {}
         self.pool.evict_all()
+
+    def adopt_request(self, req_id: str, token_ids: list[int], num_prompt_tokens: int,
+                      page_ids: list[int], adapter_slot: int,
+                      sampling: SamplingParams) -> None:
+        """Holds a request whose first len(page_ids) tokens already have their K/V in those
+        pages, as if it had been prefilled (benchmarks time decode steps this way, without
+        running the prefill). Its next step computes token_ids[len(page_ids)]."""
+        assert len(page_ids) < len(token_ids), "a request needs a token to compute next"
+        self._drop_request(req_id)
+        state = RequestState(req_id, list(token_ids), num_prompt_tokens, len(page_ids),
+                             adapter_slot, sampling, self.inputs.assign_row())
+        self.inputs.kv_page_table[state.row, :len(page_ids)] = torch.tensor(
+            page_ids, dtype=torch.int32)
+        self.requests[req_id] = state
+
+    def _drop_request(self, req_id: str) -> None:
+        state = self.requests.pop(req_id, None)
+        if state is not None:
+            self.inputs.free_row(state.row)
 
     def execute(self, cmd: StepCommand) -> StepResult:
         start = time.perf_counter()
         for req_id in cmd.finished_req_ids:
-            self.requests.pop(req_id, None)
+            self._drop_request(req_id)
         for slot in cmd.adapter_evictions:
             self.pool.evict_adapter(slot)
         for load in cmd.adapter_loads:
@@ -87,28 +111,37 @@ class Worker:
 
         scheduled = []
         for new in cmd.new_requests:
-            state = RequestState(new.req_id, list(new.token_ids), new.num_prompt_tokens,
-                                 list(new.page_ids), 0, new.adapter_slot, new.sampling)
+            self._drop_request(new.req_id)
+            state = RequestState(new.req_id, list(new.token_ids), new.num_prompt_tokens, 0,
+                                 new.adapter_slot, new.sampling, self.inputs.assign_row())
             self.requests[new.req_id] = state
-            scheduled.append(_Scheduled(state, new.num_scheduled_tokens))
+            scheduled.append(ScheduledRequest(state, new.num_scheduled_tokens, new.page_ids))
         for run in cmd.running_requests:
             state = self.requests[run.req_id]
             assert state.num_computed_tokens == run.num_computed_tokens, (
                 f"{run.req_id}: worker has {state.num_computed_tokens} tokens computed, "
                 f"scheduler says {run.num_computed_tokens}")
-            state.page_ids += run.new_page_ids
-            scheduled.append(_Scheduled(state, run.num_scheduled_tokens))
+            scheduled.append(ScheduledRequest(state, run.num_scheduled_tokens,
+                                              run.new_page_ids))
         if not scheduled:
+            self.pool.commit_loads()
             return StepResult(cmd.step_id, step_time_s=time.perf_counter() - start)
 
         # Decode requests first, then prefill chunks (the kernels' order).
         scheduled.sort(key=lambda s: s.num_new != 1)
-        batch, sampled = self._build_batch(scheduled)
-        logits = self.model.forward(batch, self.pool)
+        graphs = self.graphs if self.use_cuda_graphs else None
+        with torch.inference_mode():
+            step = self.inputs.build(scheduled, graphs.bucket if graphs else None)
+            # Adapters this step uses land in their pages first; the others (prefetched for
+            # later steps) after its forward pass, so their copies overlap it.
+            self.pool.commit_loads({s.state.adapter_slot for s in scheduled})
+            logits = self._forward(step)
+            self.pool.commit_loads()
         for s in scheduled:
             s.state.num_computed_tokens += s.num_new
 
         result = StepResult(cmd.step_id)
+        sampled = step.sampled
         if sampled:
             params = [s.sampling for s in sampled]
             out_idx = [len(s.token_ids) - s.num_prompt_tokens for s in sampled]
@@ -122,46 +155,21 @@ class Worker:
         result.step_time_s = time.perf_counter() - start
         return result
 
-    def _build_batch(self, scheduled: list[_Scheduled]):
-        input_ids, positions, token_page_ids, token_slots = [], [], [], []
-        context_lens, query_start_loc, logits_indices = [], [0], []
-        seg_starts, seg_slots = [], []
-        sampled: list[RequestState] = []
-        num_decode = 0
-        for s in scheduled:
-            st, start = s.state, s.state.num_computed_tokens
-            end = start + s.num_new
-            if s.num_new == 1:
-                num_decode += 1
-            else:
-                seg_starts.append(len(input_ids))
-                seg_slots.append(st.adapter_slot)
-            input_ids += st.token_ids[start:end]
-            positions += range(start, end)
-            token_page_ids += st.page_ids[start:end]
-            token_slots += [st.adapter_slot] * s.num_new
-            context_lens.append(end)
-            query_start_loc.append(len(input_ids))
-            if end == len(st.token_ids):
-                logits_indices.append(len(input_ids) - 1)
-                sampled.append(st)
-        seg_starts.append(len(input_ids))
-        max_ctx = max(context_lens)
-        kv_page_table = [s.state.page_ids[:max_ctx] + [0] * (max_ctx - len(s.state.page_ids))
-                         for s in scheduled]
+    def _forward(self, step: StepBatch) -> torch.Tensor:
+        """float32 logits [len(step.sampled), vocab] of the step's sampled requests."""
+        num_sampled = len(step.sampled)
+        if step.graph_size:
+            logits = self.graphs.replay(step.graph_size, step.any_lora)
+            if num_sampled == step.num_tokens:
+                return logits[:num_sampled]
+            return logits.index_select(0, self.inputs.logits_indices(num_sampled))
+        batch = self.inputs.forward_batch(
+            step.num_tokens, step.num_reqs, step.num_decode, step.num_segs,
+            step.max_query_len, step.max_context_len, step.any_lora, num_sampled)
+        return self.model.forward(batch, self.pool)
 
-        def t(values, dtype=torch.int32):
-            return torch.tensor(values, dtype=dtype, device=self.device)
-
-        attn = AttentionBatch(
-            kv_page_table=t(kv_page_table), context_lens=t(context_lens),
-            query_start_loc=t(query_start_loc), token_page_ids=t(token_page_ids),
-            num_decode_reqs=num_decode,
-            max_query_len=max(s.num_new for s in scheduled), max_context_len=max_ctx)
-        lora = LoraBatch(
-            token_slots=t(token_slots), num_decode_tokens=num_decode,
-            seg_starts=t(seg_starts), seg_slots=t(seg_slots),
-            any_lora=any(slot != NO_ADAPTER_SLOT for slot in token_slots))
-        batch = ForwardBatch(t(input_ids, torch.int64), t(positions, torch.int64), attn, lora,
-                             t(logits_indices, torch.int64))
-        return batch, sampled
+    def _padded_decode_forward(self, size: int, any_lora: bool) -> torch.Tensor:
+        """The decode step a graph of `size` rows captures: logits of every row."""
+        batch = self.inputs.forward_batch(size, size, size, 0, 1, self.inputs.row_width,
+                                          any_lora, None)
+        return self.model.forward(batch, self.pool)

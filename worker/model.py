@@ -38,78 +38,102 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 @dataclass
 class ForwardBatch:
-    """Everything one forward pass needs, as device tensors (built by the worker)."""
+    """Everything one forward pass needs, as device tensors (worker/batch.py builds it)."""
 
     input_ids: torch.Tensor
-    """[num_tokens] int64"""
+    """[num_tokens] int32"""
     positions: torch.Tensor
-    """[num_tokens] int64"""
+    """[num_tokens] int32"""
     attn: AttentionBatch
     lora: LoraBatch
-    logits_indices: torch.Tensor
-    """[num_sampled] int64: the tokens whose next-token logits are needed."""
+    logits_indices: torch.Tensor | None
+    """[num_sampled] int32: the tokens whose next-token logits are needed; None for every
+    token (a CUDA graph's decode batch: sampling picks its rows afterwards)."""
 
 
 class LlamaModel:
+    """Takes ownership of `weights`: the q, k, v projections are fused into one matrix
+    ("qkv_proj") and gate and up into another ("gate_up_proj"), so that a layer is four
+    GEMMs; the LoRA of each module adds into its columns of the fused output."""
+
     def __init__(self, cfg: ModelConfig, weights: LlamaWeights, backend):
         self.cfg = cfg
         self.w = weights
         self.backend = backend
+        for layer in weights.layers:  # one layer at a time: memory grows by a layer at most
+            layer["qkv_proj"] = torch.cat(
+                [layer.pop("q_proj"), layer.pop("k_proj"), layer.pop("v_proj")])
+            layer["gate_up_proj"] = torch.cat([layer.pop("gate_proj"), layer.pop("up_proj")])
+        self.qkv_split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
         device = weights.embed.device
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float64),
                             rope_inv_freq(cfg))
-        # [max_pos, head_dim]: the halves repeated, as rotate_half expects.
-        emb = torch.cat([freqs, freqs], dim=-1)
-        self.cos = emb.cos().to(device=device, dtype=torch.float32)
-        self.sin = emb.sin().to(device=device, dtype=torch.float32)
+        # [max_pos, head_dim]: the halves repeated, as rotate_half expects; the sine's
+        # first half negated, so that rotate_half(x) * sin == roll(x, half) * sin_signed.
+        self.cos = torch.cat([freqs, freqs], dim=-1).cos().to(device=device, dtype=torch.float32)
+        self.sin_signed = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(
+            device=device, dtype=torch.float32)
         self.attn_scale = cfg.head_dim ** -0.5
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.cfg.rms_norm_eps)
+        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.rms_norm_eps)
         return weight * xf.to(x.dtype)
 
-    def rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """x [num_tokens, heads, head_dim]."""
-        cos = self.cos[positions].unsqueeze(1).to(x.dtype)
-        sin = self.sin[positions].unsqueeze(1).to(x.dtype)
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+        """x [num_tokens, heads, head_dim]; cos, sin_signed [num_tokens, 1, head_dim]."""
+        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str,
+                 pool: UnifiedPool, lora: LoraBatch) -> None:
+        """y += each token's adapter's LoRA of `module` applied to x, in place (y may be a
+        module's columns of a fused projection's output)."""
+        m = LORA_MODULE_INDEX[module]
+        pages = pool.layer(layer)
+        table, ranks = pool.lora_page_table[m], pool.lora_ranks[m]
+        v = self.backend.lora_shrink(x, pages, table, ranks, lora)
+        self.backend.lora_expand(y, v, pages, table, ranks, pool.lora_scales[m], lora)
 
     def linear(self, x: torch.Tensor, layer: int, module: str, pool: UnifiedPool,
                lora: LoraBatch) -> torch.Tensor:
         y = x @ self.w.layers[layer][module].T
         if lora.any_lora:
-            m = LORA_MODULE_INDEX[module]
-            pages = pool.layer(layer)
-            table, ranks = pool.lora_page_table[m], pool.lora_ranks[m]
-            v = self.backend.lora_shrink(x, pages, table, ranks, lora)
-            self.backend.lora_expand(y, v, pages, table, ranks, pool.lora_scales[m], lora)
+            self.add_lora(y, x, layer, module, pool, lora)
         return y
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool: UnifiedPool) -> torch.Tensor:
-        """Returns float32 logits [num_sampled, vocab]."""
-        cfg = self.cfg
+        """Returns float32 logits [num_sampled, vocab] ([num_tokens, vocab] when
+        batch.logits_indices is None)."""
+        cfg, lora = self.cfg, batch.lora
         num_tokens = batch.input_ids.shape[0]
+        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         h = self.w.embed[batch.input_ids]  # [num_tokens, H]
+        cos = self.cos[batch.positions].to(h.dtype).unsqueeze(1)  # [num_tokens, 1, hd]
+        sin = self.sin_signed[batch.positions].to(h.dtype).unsqueeze(1)
         for i, lw in enumerate(self.w.layers):
             x = self.rms_norm(h, lw["input_norm"])
-            q = self.linear(x, i, "q_proj", pool, batch.lora)
-            k = self.linear(x, i, "k_proj", pool, batch.lora)
-            v = self.linear(x, i, "v_proj", pool, batch.lora)
-            q = self.rope(q.view(num_tokens, cfg.num_heads, cfg.head_dim), batch.positions)
-            k = self.rope(k.view(num_tokens, cfg.num_kv_heads, cfg.head_dim), batch.positions)
+            qkv = x @ lw["qkv_proj"].T  # [num_tokens, q_dim + 2 kv_dim]
+            q, k, v = qkv.split(self.qkv_split, dim=1)
+            if lora.any_lora:
+                for module, y in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
+                    self.add_lora(y, x, i, module, pool, lora)
+            # q and k rotated together: [num_tokens, nh + nkv, hd]
+            qk = self.rope(qkv[:, :cfg.q_dim + cfg.kv_dim].view(num_tokens, nh + nkv, hd),
+                           cos, sin)
+            q = qk[:, :nh].contiguous()
             pages = pool.layer(i)
-            self.backend.store_kv(k.reshape(num_tokens, cfg.kv_dim), v, pages, batch.attn)
-            attn = self.backend.paged_attention(q, pages, batch.attn, cfg.num_kv_heads,
-                                                self.attn_scale)
-            h = h + self.linear(attn.reshape(num_tokens, cfg.q_dim), i, "o_proj", pool,
-                                batch.lora)
+            self.backend.store_kv(qk[:, nh:].reshape(num_tokens, cfg.kv_dim), v, pages,
+                                  batch.attn)
+            attn = self.backend.paged_attention(q, pages, batch.attn, nkv, self.attn_scale)
+            h = h + self.linear(attn.reshape(num_tokens, cfg.q_dim), i, "o_proj", pool, lora)
             x = self.rms_norm(h, lw["post_norm"])
-            gate = self.linear(x, i, "gate_proj", pool, batch.lora)
-            up = self.linear(x, i, "up_proj", pool, batch.lora)
-            h = h + self.linear(F.silu(gate) * up, i, "down_proj", pool, batch.lora)
-        h = self.rms_norm(h[batch.logits_indices], self.w.norm)
+            gate_up = x @ lw["gate_up_proj"].T  # [num_tokens, 2 intermediate]
+            gate, up = gate_up.split(cfg.intermediate_size, dim=1)
+            if lora.any_lora:
+                self.add_lora(gate, x, i, "gate_proj", pool, lora)
+                self.add_lora(up, x, i, "up_proj", pool, lora)
+            h = h + self.linear(F.silu(gate) * up, i, "down_proj", pool, lora)
+        if batch.logits_indices is not None:
+            h = h[batch.logits_indices]
+        h = self.rms_norm(h, self.w.norm)
         return (h @ self.w.lm_head.T).float()

@@ -1,12 +1,24 @@
 """The unified pool's memory, owned by the worker: one tensor of pages for the KV cache
 and the resident adapters' rows, and the LoRA page tables of the resident adapters.
 
-`pages` [num_layers, num_pages, 2, H]: a page is the same index at every layer, so one
+`pages` [num_layers, num_pages + 1, 2, H]: a page is the same index at every layer, so one
 page id holds a token's K and V at all layers, or one rank-row of an adapter module at all
 layers (A's row in half 0, B's column in half 1; kernels/torch_ref.py has the layout).
-The scheduler says which page ids to use; this class only writes them.
+The scheduler says which page ids to use; this class only writes them. The extra page,
+`scratch_page` (= num_pages), is the worker's own: padding tokens of a CUDA-graph batch
+write their K/V there and the scheduler never hands it out.
+
+Adapter loads come in two halves, so that the copy over PCIe overlaps compute. On CUDA,
+`load_adapter` queues the host-to-device copy of the adapter's (pinned) weights into a
+staging buffer on a side stream and returns at once; `commit_loads` later makes the
+current stream wait for that copy (a GPU-side wait, the host does not block) and writes
+the rows into their pages and the slot's page-table entries there. The pages themselves
+are only ever written on the current stream, in step order, because the previous step may
+still be reading pages that the scheduler has since freed and handed to this adapter.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -14,13 +26,33 @@ from slora.adapter_store import LoraAdapter
 from slora.common.config import LORA_MODULE_INDEX, LORA_MODULES, ModelConfig, PoolConfig
 
 
+@dataclass
+class _PendingLoad:
+    """An adapter whose rows are on their way to the device (or, on the CPU, ready)."""
+
+    adapter: LoraAdapter
+    """Held so its pinned host memory outlives the copy."""
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """module -> (A [L, r, d_in], B [L, d_out, r]) on the pool's device (staging)."""
+    page_ids: torch.Tensor
+    """[num_pages] int64 on the device: the adapter's pages, LORA_MODULES order."""
+    ranks: torch.Tensor
+    """[num_modules] int32 on the device: the slot's new lora_ranks column."""
+    scales: torch.Tensor
+    """[num_modules] float32 on the device: the slot's new lora_scales column."""
+    copied: torch.cuda.Event | None
+    """Recorded on the copy stream after the last copy; None on the CPU."""
+
+
 class UnifiedPool:
     def __init__(self, model: ModelConfig, pool: PoolConfig, dtype: torch.dtype,
                  device: torch.device):
         self.model = model
         self.num_pages = pool.num_pages
+        self.scratch_page = pool.num_pages
+        """A page outside the scheduler's range, for the padding of graph batches."""
         h = model.hidden_size
-        self.pages = torch.zeros(model.num_layers, pool.num_pages, 2, h, dtype=dtype,
+        self.pages = torch.zeros(model.num_layers, pool.num_pages + 1, 2, h, dtype=dtype,
                                  device=device)
         num_modules, slots = len(LORA_MODULES), pool.max_adapter_slots
         self.max_pages_per_row = model.max_lora_pages_per_row
@@ -30,43 +62,84 @@ class UnifiedPool:
                                            device=device)
         self.lora_ranks = torch.zeros(num_modules, slots, dtype=torch.int32, device=device)
         self.lora_scales = torch.zeros(num_modules, slots, dtype=torch.float32, device=device)
+        self._cuda = self.pages.device.type == "cuda"
+        self._copy_stream = torch.cuda.Stream(self.pages.device) if self._cuda else None
+        self._pending: dict[int, _PendingLoad] = {}
+        """slot -> its load, between load_adapter and commit_loads."""
 
     def layer(self, i: int) -> torch.Tensor:
-        """[num_pages, 2, H] view of layer i."""
+        """[num_pages + 1, 2, H] view of layer i."""
         return self.pages[i]
 
+    # -- adapters -------------------------------------------------------------------------
+
     def load_adapter(self, slot: int, adapter: LoraAdapter, page_ids: list[int]) -> None:
-        """Writes the adapter's rows into its pages and fills its page-table entries."""
-        h, num_layers = self.model.hidden_size, self.model.num_layers
-        device = self.pages.device
-        offset = 0
+        """Starts copying the adapter's rows to the device (side stream on CUDA); they
+        reach their pages, and the slot its page-table entries, at `commit_loads`. Until
+        then the slot reads as empty (rank 0)."""
+        needed = self.model.adapter_num_pages(adapter.module_ranks)
+        assert needed == len(page_ids), (
+            f"adapter {adapter.adapter_id!r}: {len(page_ids)} pages given, {needed} needed")
         self.evict_adapter(slot)
+        device = self.pages.device
+        ranks = torch.zeros(len(LORA_MODULES), dtype=torch.int32)
+        scales = torch.zeros(len(LORA_MODULES), dtype=torch.float32)
+        for module, rank in adapter.module_ranks.items():
+            ranks[LORA_MODULE_INDEX[module]] = rank
+            scales[LORA_MODULE_INDEX[module]] = adapter.module_scales[module]
+        small = (torch.tensor(page_ids, dtype=torch.int64), ranks, scales)
+        if not self._cuda:
+            self._pending[slot] = _PendingLoad(adapter, dict(adapter.weights), *small, None)
+            return
+        small = tuple(t.pin_memory() for t in small)
+        with torch.cuda.stream(self._copy_stream):
+            rows = {m: (a.to(device, non_blocking=True), b.to(device, non_blocking=True))
+                    for m, (a, b) in adapter.weights.items()}
+            page_ids_t, ranks_t, scales_t = (t.to(device, non_blocking=True) for t in small)
+            copied = torch.cuda.Event()
+            copied.record(self._copy_stream)
+        self._pending[slot] = _PendingLoad(adapter, rows, page_ids_t, ranks_t, scales_t, copied)
+
+    def commit_loads(self, slots=None) -> None:
+        """Writes the rows of the pending loads (of `slots`, or all) into their pages and
+        fills their slots' page-table entries, on the current stream."""
+        for slot in [s for s in self._pending if slots is None or s in slots]:
+            load = self._pending.pop(slot)
+            if load.copied is not None:
+                stream = torch.cuda.current_stream(self.pages.device)
+                stream.wait_event(load.copied)
+                # Staged on the copy stream, read here: keep the memory until this stream is done.
+                for t in (load.page_ids, load.ranks, load.scales,
+                          *(x for ab in load.rows.values() for x in ab)):
+                    t.record_stream(stream)
+            self._write_rows(slot, load)
+
+    def _write_rows(self, slot: int, load: _PendingLoad) -> None:
+        h, num_layers = self.model.hidden_size, self.model.num_layers
+        offset = 0
         for module in LORA_MODULES:
-            rank = adapter.module_ranks.get(module, 0)
-            if rank == 0:
+            if module not in load.rows:
                 continue
+            a, b = load.rows[module]  # [L, r, d_in], [L, d_out, r]
+            rank = a.shape[1]
             n = self.model.lora_pages_per_row(module)
-            pages = torch.tensor(page_ids[offset:offset + rank * n], dtype=torch.int64,
-                                 device=device).view(rank, n)
+            pages = load.page_ids[offset:offset + rank * n].view(rank, n)
             offset += rank * n
-            a, b = adapter.weights[module]  # [L, r, d_in], [L, d_out, r]
             for half, rows in ((0, a), (1, b.transpose(1, 2))):
                 padded = torch.zeros(num_layers, rank, n * h, dtype=self.pages.dtype,
-                                     device=device)
-                padded[:, :, :rows.shape[2]] = rows.to(device=device, dtype=self.pages.dtype,
-                                                       non_blocking=True)
+                                     device=self.pages.device)
+                padded[:, :, :rows.shape[2]] = rows
                 self.pages[:, pages, half] = padded.view(num_layers, rank, n, h)
-            m = LORA_MODULE_INDEX[module]
-            self.lora_page_table[m, slot, :rank, :n] = pages.to(torch.int32)
-            self.lora_ranks[m, slot] = rank
-            self.lora_scales[m, slot] = adapter.module_scales[module]
-        assert offset == len(page_ids), (
-            f"adapter {adapter.adapter_id!r}: {len(page_ids)} pages given, {offset} needed")
+            self.lora_page_table[LORA_MODULE_INDEX[module], slot, :rank, :n] = pages
+        self.lora_ranks[:, slot] = load.ranks
+        self.lora_scales[:, slot] = load.scales
 
     def evict_adapter(self, slot: int) -> None:
+        self._pending.pop(slot, None)
         self.lora_ranks[:, slot] = 0
         self.lora_scales[:, slot] = 0.0
 
     def evict_all(self) -> None:
+        self._pending.clear()
         self.lora_ranks.zero_()
         self.lora_scales.zero_()

@@ -188,10 +188,12 @@ async def serve_until_signal(server: grpc.aio.Server, name: str, port: int,
 
 
 async def serve(config: EngineConfig, model_path: str | None, host: str, port: int,
-                backend: str, metrics_host: str = "127.0.0.1", metrics_port: int = -1) -> None:
+                backend: str, metrics_host: str = "127.0.0.1", metrics_port: int = -1,
+                cuda_graphs: bool = True) -> None:
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slora-step")
     loop = asyncio.get_running_loop()
-    worker = await loop.run_in_executor(executor, Worker, config, model_path, backend)
+    worker = await loop.run_in_executor(executor, Worker, config, model_path, backend,
+                                        cuda_graphs)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, model_path, executor), server)
     bound_port = server.add_insecure_port(f"{host}:{port}")
@@ -227,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         config, model_path = engine_config_from_args(args)
         run_async(serve(config, model_path, args.host, args.port, args.backend,
-                        args.metrics_host, args.metrics_port))
+                        args.metrics_host, args.metrics_port, args.cuda_graphs))
     except SloraError as e:  # a bad flag, model folder or config: say which and stop
         parser.exit(1, f"slora-worker: error: {e}\n")
 
