@@ -28,6 +28,9 @@ class LoraBatch:
     """[num_segments] int32: the adapter slot of each prefill segment."""
     any_lora: bool
     """False when no token uses an adapter: the LoRA path is skipped."""
+    modules: frozenset[str] | None = None
+    """The projections some token's adapter targets (the others skip LoRA); None: all of
+    them, as a CUDA graph captures it."""
 
 
 @dataclass

@@ -249,7 +249,8 @@ class StepInputs:
 
     def forward_batch(self, num_tokens: int, num_reqs: int, num_decode: int, num_segs: int,
                       max_query_len: int, max_context_len: int, any_lora: bool,
-                      num_sampled: int | None) -> ForwardBatch:
+                      num_sampled: int | None,
+                      lora_modules: frozenset[str] | None = None) -> ForwardBatch:
         """Writes the step's new page ids into kv_page_table, then returns the forward
         pass's batch as views of the device inputs (num_sampled None: logits of every
         token). Queues device work only, so a CUDA graph captures it."""
@@ -264,7 +265,8 @@ class StepInputs:
         lora = LoraBatch(
             token_slots=self._view("token_slots", num_tokens), num_decode_tokens=num_decode,
             seg_starts=self._view("seg_starts", num_segs + 1),
-            seg_slots=self._view("seg_slots", num_segs), any_lora=any_lora)
+            seg_slots=self._view("seg_slots", num_segs), any_lora=any_lora,
+            modules=lora_modules)
         return ForwardBatch(
             self._view("input_ids", num_tokens), self._view("positions", num_tokens), attn,
             lora, None if num_sampled is None else self.logits_indices(num_sampled))

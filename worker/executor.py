@@ -135,7 +135,8 @@ class Worker:
             # Adapters this step uses land in their pages first; the others (prefetched for
             # later steps) after its forward pass, so their copies overlap it.
             self.pool.commit_loads({s.state.adapter_slot for s in scheduled})
-            logits = self._forward(step)
+            logits = self._forward(step, self.pool.modules_of(
+                {s.state.adapter_slot for s in scheduled}))
             self.pool.commit_loads()
         for s in scheduled:
             s.state.num_computed_tokens += s.num_new
@@ -155,8 +156,9 @@ class Worker:
         result.step_time_s = time.perf_counter() - start
         return result
 
-    def _forward(self, step: StepBatch) -> torch.Tensor:
-        """float32 logits [len(step.sampled), vocab] of the step's sampled requests."""
+    def _forward(self, step: StepBatch, lora_modules: frozenset[str]) -> torch.Tensor:
+        """float32 logits [len(step.sampled), vocab] of the step's sampled requests; the
+        eager path runs LoRA only for `lora_modules` (graphs for every projection)."""
         num_sampled = len(step.sampled)
         if step.graph_size:
             logits = self.graphs.replay(step.graph_size, step.any_lora)
@@ -165,7 +167,7 @@ class Worker:
             return logits.index_select(0, self.inputs.logits_indices(num_sampled))
         batch = self.inputs.forward_batch(
             step.num_tokens, step.num_reqs, step.num_decode, step.num_segs,
-            step.max_query_len, step.max_context_len, step.any_lora, num_sampled)
+            step.max_query_len, step.max_context_len, step.any_lora, num_sampled, lora_modules)
         return self.model.forward(batch, self.pool)
 
     def _padded_decode_forward(self, size: int, any_lora: bool) -> torch.Tensor:

@@ -89,6 +89,8 @@ class LlamaModel:
         module's columns of a fused projection's output)."""
         m = LORA_MODULE_INDEX[module]
         pages = pool.layer(layer)
+        if lora.modules is not None and module not in lora.modules:
+            return
         table, ranks = pool.lora_page_table[m], pool.lora_ranks[m]
         v = self.backend.lora_shrink(x, pages, table, ranks, lora)
         self.backend.lora_expand(y, v, pages, table, ranks, pool.lora_scales[m], lora)

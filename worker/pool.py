@@ -64,6 +64,8 @@ class UnifiedPool:
         self.lora_scales = torch.zeros(num_modules, slots, dtype=torch.float32, device=device)
         self._cuda = self.pages.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.pages.device) if self._cuda else None
+        self.slot_modules: list[frozenset[str]] = [frozenset()] * slots
+        """Host copy of the projections each slot's adapter targets (no device sync)."""
         self._pending: dict[int, _PendingLoad] = {}
         """slot -> its load, between load_adapter and commit_loads."""
 
@@ -81,6 +83,7 @@ class UnifiedPool:
         assert needed == len(page_ids), (
             f"adapter {adapter.adapter_id!r}: {len(page_ids)} pages given, {needed} needed")
         self.evict_adapter(slot)
+        self.slot_modules[slot] = frozenset(adapter.module_ranks)
         device = self.pages.device
         ranks = torch.zeros(len(LORA_MODULES), dtype=torch.int32)
         scales = torch.zeros(len(LORA_MODULES), dtype=torch.float32)
@@ -134,12 +137,18 @@ class UnifiedPool:
         self.lora_ranks[:, slot] = load.ranks
         self.lora_scales[:, slot] = load.scales
 
+    def modules_of(self, slots) -> frozenset[str]:
+        """The projections targeted by the adapters in these slots (NO_ADAPTER ignored)."""
+        return frozenset().union(*(self.slot_modules[s] for s in slots if s >= 0))
+
     def evict_adapter(self, slot: int) -> None:
+        self.slot_modules[slot] = frozenset()
         self._pending.pop(slot, None)
         self.lora_ranks[:, slot] = 0
         self.lora_scales[:, slot] = 0.0
 
     def evict_all(self) -> None:
+        self.slot_modules = [frozenset()] * len(self.slot_modules)
         self._pending.clear()
         self.lora_ranks.zero_()
         self.lora_scales.zero_()
