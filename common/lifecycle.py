@@ -14,6 +14,7 @@ as running calls (a Watch stream lasts as long as its watcher).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import os
 import signal
@@ -25,7 +26,8 @@ from grpc_health.v1 import health, health_pb2
 log = logging.getLogger("slora.lifecycle")
 
 EXEMPT_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
-"""Calls neither refused while draining nor counted as running."""
+"""Calls neither refused while draining nor counted as running (their messages are
+checked all the same)."""
 STOP_GRACE_S = 1.0
 """What server.stop gives the calls still running when the drain's grace period is over."""
 DEFAULT_SHUTDOWN_GRACE_S = 25.0
@@ -45,12 +47,44 @@ def _code_name(code) -> str:
     return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
 
 
+class _Unparseable:
+    """Stands for a request message that did not parse."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _parse_or_flag(deserialize):
+    if deserialize is None:
+        return None
+
+    def parse(data: bytes):
+        try:
+            return deserialize(data)
+        except Exception as e:  # protobuf's DecodeError, and anything a parser may raise
+            return _Unparseable(e)
+    return parse
+
+
+async def _abort_unparseable(context, request: _Unparseable) -> None:
+    await context.abort(grpc.StatusCode.INTERNAL,
+                        f"the request message does not parse: {request.error}")
+
+
+async def _checked(requests, context):
+    async for request in requests:
+        if isinstance(request, _Unparseable):
+            await _abort_unparseable(context, request)
+        yield request
+
+
 class ServerCalls(grpc.aio.ServerInterceptor):
     """Counts running calls, refuses new ones while draining, and reports each call's
     method, status code and duration to `on_done(method, code_name, seconds)`.
 
-    A handler that raises anything but an abort ends its call with UNKNOWN: a bug, which the
-    fuzz test fails on."""
+    A request message that does not parse gets INTERNAL (grpc.aio on its own answers UNKNOWN,
+    the code of a handler that raised); so UNKNOWN stays the sign of a bug, which the fuzz
+    test fails on."""
 
     def __init__(self, on_done=None):
         self.draining = False
@@ -61,45 +95,57 @@ class ServerCalls(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, details):
         handler = await continuation(details)
-        if handler is None or details.method.startswith(EXEMPT_METHOD_PREFIXES):
+        if handler is None:
             return handler
+        counted = not details.method.startswith(EXEMPT_METHOD_PREFIXES)
         method = details.method.rsplit("/", 1)[-1]
-        kwargs = dict(request_deserializer=handler.request_deserializer,
+        kwargs = dict(request_deserializer=_parse_or_flag(handler.request_deserializer),
                       response_serializer=handler.response_serializer)
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(
-                self._unary(handler.unary_unary, method), **kwargs)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(
-                self._unary(handler.stream_unary, method), **kwargs)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(
-                self._streaming(handler.unary_stream, method), **kwargs)
-        return grpc.stream_stream_rpc_method_handler(
-            self._streaming(handler.stream_stream, method), **kwargs)
+        for kind, make, request_streaming in (
+                ("unary_unary", grpc.unary_unary_rpc_method_handler, False),
+                ("stream_unary", grpc.stream_unary_rpc_method_handler, True),
+                ("unary_stream", grpc.unary_stream_rpc_method_handler, False),
+                ("stream_stream", grpc.stream_stream_rpc_method_handler, True)):
+            behavior = getattr(handler, kind)
+            if behavior:
+                # A streaming response comes from an async generator or from a coroutine
+                # that calls context.write; grpc tells them apart by the function's kind.
+                wrap = self._streaming if inspect.isasyncgenfunction(behavior) else self._unary
+                return make(wrap(behavior, method, request_streaming, counted), **kwargs)
+        return handler
 
-    def _begin(self) -> float:
-        self.num_running += 1
-        self._idle.clear()
+    def _begin(self, counted: bool) -> float:
+        if counted:
+            self.num_running += 1
+            self._idle.clear()
         return time.perf_counter()
 
-    def _end(self, method: str, code: str, start: float) -> None:
+    def _end(self, counted: bool, method: str, code: str, start: float) -> None:
+        if not counted:
+            return
         self.num_running -= 1
         if self.num_running == 0:
             self._idle.set()
         if self._on_done is not None:
             self._on_done(method, code, time.perf_counter() - start)
 
-    async def _refuse_if_draining(self, context) -> None:
-        if self.draining:
+    async def _admit(self, request, context, request_streaming: bool, counted: bool):
+        """The request (iterator) for the handler, after refusing the call while draining
+        or when its message does not parse."""
+        if self.draining and counted:
             await context.abort(grpc.StatusCode.UNAVAILABLE,
                                 "shutting down: this server takes no new requests; retry")
+        if request_streaming:
+            return _checked(request, context)
+        if isinstance(request, _Unparseable):
+            await _abort_unparseable(context, request)
+        return request
 
-    def _unary(self, behavior, method: str):
+    def _unary(self, behavior, method: str, request_streaming: bool, counted: bool):
         async def call(request, context):
-            start, code = self._begin(), "UNKNOWN"
+            start, code = self._begin(counted), "UNKNOWN"
             try:
-                await self._refuse_if_draining(context)
+                request = await self._admit(request, context, request_streaming, counted)
                 response = await behavior(request, context)
                 code = _code_name(context.code())
                 return response
@@ -110,14 +156,14 @@ class ServerCalls(grpc.aio.ServerInterceptor):
                 code = "CANCELLED"
                 raise
             finally:
-                self._end(method, code, start)
+                self._end(counted, method, code, start)
         return call
 
-    def _streaming(self, behavior, method: str):
+    def _streaming(self, behavior, method: str, request_streaming: bool, counted: bool):
         async def call(request, context):
-            start, code = self._begin(), "UNKNOWN"
+            start, code = self._begin(counted), "UNKNOWN"
             try:
-                await self._refuse_if_draining(context)
+                request = await self._admit(request, context, request_streaming, counted)
                 async for response in behavior(request, context):
                     yield response
                 code = _code_name(context.code())
@@ -128,7 +174,7 @@ class ServerCalls(grpc.aio.ServerInterceptor):
                 code = "CANCELLED"
                 raise
             finally:
-                self._end(method, code, start)
+                self._end(counted, method, code, start)
         return call
 
     async def wait_idle(self, timeout_s: float) -> bool:
