@@ -59,6 +59,10 @@ SCRYPT_N, SCRYPT_R, SCRYPT_P, HASH_BYTES = 1 << 14, 8, 1, 32
 KDF = f"scrypt-n{SCRYPT_N}-r{SCRYPT_R}-p{SCRYPT_P}"
 MAX_DESCRIPTION_CHARS = 256
 VERIFIED_CACHE_SIZE = 10_000
+MAX_CONCURRENT_HASHES = 2
+"""scrypt runs at most this many at once per process: wrong secrets sent for a known key id
+cost the server a hash each, and this bounds what they can take (calls with a verified key
+never hash)."""
 OUTAGE_GRACE_S = 300.0
 """How long a verified key keeps working while Redis cannot be reached."""
 NOT_REVOKED = "0"
@@ -164,6 +168,10 @@ class KeyStore:
         # sha256(presented key) -> (stored hash hex, ApiKey, monotonic time verified)
         self._verified: collections.OrderedDict[bytes, tuple[str, ApiKey, float]] = \
             collections.OrderedDict()
+        # (sha256(presented key), stored hash hex) -> the scrypt comparison under way, so that
+        # a burst of first calls with one key pays one hash, not one each
+        self._hashing: dict[tuple[bytes, str], asyncio.Future] = {}
+        self._hash_slots = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
 
     # ---- creation ------------------------------------------------------------------------
 
@@ -239,29 +247,54 @@ class KeyStore:
         here within OUTAGE_GRACE_S)."""
         key_id, secret = parse_key(key)
         fingerprint = hashlib.sha256(key.encode()).digest()
-        cached = self._verified.get(fingerprint)
         try:
             with _redis_errors("checking an API key"):
                 h = _decoded(await self.redis.hgetall(key_hash_key(key_id)))
         except RegistryUnavailableError:
+            cached = self._verified.get(fingerprint)
             if cached is not None and time.monotonic() - cached[2] < OUTAGE_GRACE_S:
                 return cached[1]
             raise
         if not h:
             raise AuthenticationError(INVALID_KEY)
+        cached = self._verified.get(fingerprint)
+        flight = (fingerprint, h["hash"])
         if cached is None or not hmac.compare_digest(cached[0], h["hash"]):
-            digest = await asyncio.to_thread(_scrypt, secret, bytes.fromhex(h["salt"]))
-            if not hmac.compare_digest(digest, bytes.fromhex(h["hash"])):
+            if not await self._matches(flight, secret, h["salt"]):
+                self._hashing.pop(flight, None)
                 raise AuthenticationError(INVALID_KEY)
         record = ApiKey.from_hash(h)
         if not record.active:
             self._verified.pop(fingerprint, None)
+            self._hashing.pop(flight, None)
             raise AuthenticationError(f"API key {key_id} was revoked")
+        # Cached before the flight is dropped, so a call arriving now finds one or the other.
         self._verified[fingerprint] = (h["hash"], record, time.monotonic())
         self._verified.move_to_end(fingerprint)
+        self._hashing.pop(flight, None)
         while len(self._verified) > VERIFIED_CACHE_SIZE:
             self._verified.popitem(last=False)
         return record
+
+    async def _matches(self, flight: tuple[bytes, str], secret: str, salt_hex: str) -> bool:
+        """scrypt(secret, salt) == the stored hash (flight[1]), in constant time; one hash
+        per flight (presented key, stored hash) however many calls ask at once. The caller
+        drops the flight once it has cached the outcome."""
+        future = self._hashing.get(flight)
+        if future is None:
+            async def compare() -> bool:
+                async with self._hash_slots:
+                    digest = await asyncio.to_thread(_scrypt, secret, bytes.fromhex(salt_hex))
+                return hmac.compare_digest(digest, bytes.fromhex(flight[1]))
+            future = self._hashing[flight] = asyncio.ensure_future(compare())
+
+            def drop_unless_matched(done: asyncio.Future) -> None:
+                # A wrong secret's flight goes at once, even if every caller went away; a
+                # matching one stays until a caller has cached it (bounded by the valid keys).
+                if done.cancelled() or done.exception() is not None or not done.result():
+                    self._hashing.pop(flight, None)
+            future.add_done_callback(drop_unless_matched)
+        return await asyncio.shield(future)
 
     # ---- listing and revocation ------------------------------------------------------------
 

@@ -66,14 +66,26 @@ logger = logging.getLogger(__name__)
 _UNAVAILABLE_REPLIES = ("LOADING", "MISCONF", "READONLY", "MASTERDOWN", "TRYAGAIN")
 
 
+MAX_CONNECTIONS = 512
+"""Redis connections of one process. Every public call reads Redis (its API key), so a burst
+of calls shares them; past this many at once a call waits up to POOL_TIMEOUT_S."""
+POOL_TIMEOUT_S = 5.0
+
+
 def connect(url: str, *, socket_timeout_s: float = 10.0) -> aioredis.Redis:
     """A redis-py asyncio client for the registry: strings in and out, a few quick retries
-    with backoff on a dropped connection (a Redis restart), then RegistryUnavailableError."""
-    return aioredis.Redis.from_url(
-        url, decode_responses=True, socket_connect_timeout=2.0,
+    with backoff on a dropped connection (a Redis restart), then RegistryUnavailableError.
+    Its pool blocks when all MAX_CONNECTIONS are in use (redis-py's default pool raises
+    "Too many connections" past 100, which a burst of calls reaches)."""
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=MAX_CONNECTIONS, timeout=POOL_TIMEOUT_S, decode_responses=True,
+        socket_connect_timeout=2.0,
         socket_timeout=max(socket_timeout_s, DURABILITY_TIMEOUT_MS / 1000 + 1),
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
         retry_on_error=[RedisConnectionError, RedisTimeoutError], health_check_interval=15)
+    client = aioredis.Redis(connection_pool=pool)
+    client.auto_close_connection_pool = True  # aclose() closes the pool, as from_url's does
+    return client
 
 
 def _str(x) -> str:

@@ -197,6 +197,10 @@ def _run_client(args) -> int:
                 return _demo(args, client)
     except SloraClientError as e:
         print(f"slora: {e}", file=sys.stderr)
+        if e.code.name == "UNAUTHENTICATED":
+            print(f"slora: give a key with --api-key or $SLORA_API_KEY; `slora up` keeps its "
+                  f"admin key in {os.path.join(DEFAULT_DATA_DIR, ADMIN_KEY_FILE)}",
+                  file=sys.stderr)
         return 1
     return 0
 

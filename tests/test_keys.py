@@ -140,3 +140,26 @@ def test_a_verified_key_outlives_a_redis_outage_and_others_get_unavailable(valke
         finally:
             valkey.start()
     run(url, fn)
+
+
+def test_a_burst_of_first_calls_with_one_key_pays_one_hash(url, monkeypatch):
+    """100 concurrent first verifications of one key: every one succeeds, scrypt runs once
+    (a wrong key in the same burst is still refused)."""
+    import slora.adapter_store.keys as keys_module
+
+    calls = []
+    real = keys_module._scrypt
+    monkeypatch.setattr(keys_module, "_scrypt", lambda *a: calls.append(1) or real(*a))
+
+    async def fn(keys: KeyStore, client):
+        _, key = await keys.create("alice")
+        calls.clear()
+        wrong = key[:-1] + ("A" if key[-1] != "A" else "B")
+        results = await asyncio.gather(*(keys.verify(key) for _ in range(100)),
+                                       keys.verify(wrong), return_exceptions=True)
+        return results
+
+    results = run(url, fn)
+    assert all(r.tenant == "alice" for r in results[:100])
+    assert isinstance(results[100], AuthenticationError)
+    assert len(calls) == 2, "one hash for the key's burst, one for the wrong key"
