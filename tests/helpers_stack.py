@@ -116,10 +116,14 @@ class Stack:
     def alive(self, name: str) -> bool:
         return name in self.procs and self.procs[name].poll() is None
 
+    def stderr(self, name: str) -> str:
+        """All the process has written on stderr so far."""
+        return stderr_tail(self.procs[name], num_chars=1 << 30)
+
     def log_lines(self, name: str) -> list[dict]:
         """The process's JSON log lines so far (stderr lines that are not JSON are skipped)."""
         lines = []
-        for line in stderr_tail(self.procs[name], num_chars=1 << 30).splitlines():
+        for line in self.stderr(name).splitlines():
             try:
                 entry = json.loads(line)
             except ValueError:
