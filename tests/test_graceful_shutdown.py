@@ -89,6 +89,9 @@ def test_sigterm_finishes_running_requests_and_refuses_new_ones(stack, name):
     for s in streams:
         assert s.code == grpc.StatusCode.OK and len(s.token_ids) == NUM_TOKENS, s
     assert proc.wait(GRACE_S + 5) == 0
+    print(f"FIGURE SIGTERM {name}: NOT_SERVING after {health_s:.3f} s; {len(streams)} "
+          f"running streams finished with {NUM_TOKENS} tokens each; new request "
+          f"{refused.code.name}")
     stack.procs.pop(name)
     stack.start(name)
     wait_health(stack.ports["frontend"], health_pb2.HealthCheckResponse.SERVING)
@@ -128,4 +131,6 @@ def test_the_grace_period_bounds_the_drain(stack):
         stack.start("frontend")
     assert outcome.code != grpc.StatusCode.OK, outcome
     assert SHORT_GRACE_S - 0.5 < seconds < SHORT_GRACE_S + 3.0, f"drained for {seconds:.2f} s"
+    print(f"FIGURE SIGTERM frontend, grace {SHORT_GRACE_S} s, a stuck request: it ended "
+          f"({outcome.code.name}) after {seconds:.2f} s")
     assert stack.wait_pool_idle()["num_waiting"] == 0
