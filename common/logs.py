@@ -57,7 +57,9 @@ def add_log_args(parser: argparse.ArgumentParser) -> None:
 
 
 def setup_logging(process_name: str, level: str = "INFO", fmt: str = "json") -> None:
-    """Sends every logger's records to stderr in `fmt`, replacing earlier handlers."""
+    """Sends every logger's records to stderr in `fmt`, replacing earlier handlers; Python
+    warnings and an uncaught exception become log records too, so that stderr stays one
+    JSON object a line."""
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter(process_name))
@@ -67,3 +69,10 @@ def setup_logging(process_name: str, level: str = "INFO", fmt: str = "json") -> 
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    logging.captureWarnings(True)
+
+    def log_uncaught(kind, value, traceback):
+        logging.getLogger(f"slora.{process_name}").critical(
+            "uncaught %s: %s", kind.__name__, value, exc_info=(kind, value, traceback))
+
+    sys.excepthook = log_uncaught
