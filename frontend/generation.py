@@ -26,6 +26,7 @@ from slora.frontend.stop_strings import (
 )
 from slora.frontend.tokenizer import IncrementalDetokenizer
 from slora.protos.convert import sampling_from_proto
+from slora.scheduler.admission import check_prompt
 from slora.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_pb2
 
 log = logging.getLogger("slora.frontend")
@@ -78,16 +79,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             prompt_ids = []
         if not prompt_ids:
             raise InvalidRequestError("prompt is empty: give a prompt or prompt_token_ids")
-        if len(prompt_ids) >= self.info.max_model_len:
-            raise InvalidRequestError(
-                f"prompt has {len(prompt_ids)} tokens; max_model_len is "
-                f"{self.info.max_model_len}, so at most {self.info.max_model_len - 1}")
-        bad = [t for t in prompt_ids if t >= self.info.vocab_size]
-        if bad:
-            raise InvalidRequestError(
-                f"prompt token ids {bad[:8]} are outside the vocabulary [0, "
-                f"{self.info.vocab_size})")
-        sampling.check_vocab(self.info.vocab_size)
+        check_prompt(prompt_ids, sampling, self.info.max_model_len, self.info.vocab_size)
         submit = scheduler_pb2.SubmitRequest(
             request_id=f"{request.request_id or 'req'}-{uuid.uuid4().hex[:12]}",
             prompt_token_ids=prompt_ids, sampling=request.sampling)

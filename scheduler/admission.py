@@ -17,14 +17,20 @@ def check_request(config: EngineConfig, prompt_token_ids: list[int],
         raise InvalidRequestError(f"sampling must be SamplingParams, got {type(sampling)}")
     if len(prompt_token_ids) == 0:
         raise InvalidRequestError("prompt is empty: at least one token is needed")
-    max_len = config.scheduler.max_model_len
-    if len(prompt_token_ids) >= max_len:
+    check_prompt(prompt_token_ids, sampling, config.scheduler.max_model_len,
+                 config.model.vocab_size)
+
+
+def check_prompt(prompt_token_ids: list[int], sampling: SamplingParams, max_model_len: int,
+                 vocab_size: int) -> None:
+    """The prompt fits the context and, with the stop tokens, the vocabulary. The frontend
+    runs it too, before a round trip to the scheduler."""
+    if len(prompt_token_ids) >= max_model_len:
         raise InvalidRequestError(
-            f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_len}, "
-            f"so a prompt may have at most {max_len - 1}")
-    vocab = config.model.vocab_size
-    bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab]
+            f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_model_len}, "
+            f"so a prompt may have at most {max_model_len - 1}")
+    bad = [t for t in prompt_token_ids if not isinstance(t, int) or not 0 <= t < vocab_size]
     if bad:
         raise InvalidRequestError(
-            f"prompt token ids {bad[:8]} are outside the vocabulary [0, {vocab})")
-    sampling.check_vocab(vocab)
+            f"prompt token ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
+    sampling.check_vocab(vocab_size)

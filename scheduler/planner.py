@@ -78,16 +78,12 @@ class Scheduler:
         self.residency.drop(adapter_id, StepCommand(step_id=-1))
         return outs
 
-    def preempt_all(self) -> None:
-        """Sends every running request back to the queue (after a worker failure)."""
-        while self.running:
-            self._preempt(self.running.pop())
-
     def forget_worker_state(self) -> None:
         """The worker holds nothing any more (it dropped its state after a failed step, or
         a new Steps stream starts it empty): running requests go back to the queue, to be
         recomputed from their tokens, and no adapter is resident."""
-        self.preempt_all()
+        while self.running:
+            self._preempt(self.running.pop())
         self.residency.make_room(self.page_table.num_pages, StepCommand(step_id=-1))
         self.freed_req_ids = []
 
