@@ -194,6 +194,7 @@ class Bench:
 
     def run(self, batch: int, with_adapters: bool, graphs: bool, num_steps: int) -> dict:
         from slora.protos.step import RunningRequest, StepCommand
+        from slora.worker.cuda_graphs import DECODE, NO_MODULES
 
         self.worker.use_cuda_graphs = graphs
         total = WARMUP_STEPS + num_steps
@@ -212,11 +213,14 @@ class Bench:
         replay = None
         if graphs:
             size = self.worker.graphs.bucket(batch)
+            # The warm-up steps captured the adapters' LoRA set.
+            modules = (self.worker.graphs.lora_set(frozenset(TARGETS)) if with_adapters
+                       else NO_MODULES)
             reps = []
             for _ in range(10):
                 a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 a.record()
-                self.worker.graphs.replay(size, with_adapters)
+                self.worker.graphs.replay(DECODE, size, modules)
                 b.record()
                 b.synchronize()
                 reps.append(a.elapsed_time(b) / 1e3)

@@ -1,11 +1,12 @@
 """The worker's step inputs (worker/batch.py) on the CPU: the persistent device page table
-follows the scheduler's pages with only each step's new page ids, and a decode batch padded
-to a CUDA-graph bucket (padding rows on the scratch page and row) gives its real rows the
-tokens and logits of the unpadded batch.
+follows the scheduler's pages with only each step's new page ids, and steps padded to a
+CUDA-graph bucket (decode batches to a number of requests, mixed steps to a number of tokens
+and max_num_seqs requests; padding on the scratch page and row) give their real rows the
+tokens and logits of the unpadded steps.
 
 Without a GPU there is no graph to capture; the padded step is run eagerly through the very
-function a graph captures (`Worker._padded_decode_forward`), which is what a replay
-re-executes. tests/gpu/test_worker_gpu.py replays real graphs.
+function a graph captures (`Worker._padded_forward`), which is what a replay re-executes.
+tests/gpu/test_worker_gpu.py replays real graphs.
 """
 from __future__ import annotations
 
@@ -17,9 +18,11 @@ from helpers_peft import make_peft_adapter, make_tiny_llama
 from slora.common.config import EngineConfig, ModelConfig, PoolConfig, SchedulerConfig
 from slora.common.sampling_params import SamplingParams
 from slora.engine.engine import Engine
-from slora.worker.cuda_graphs import DecodeGraphs, bucket_sizes
+from slora.worker.cuda_graphs import DECODE, StepGraphs, bucket_sizes, mixed_bucket_sizes
 
 MAX_NUM_SEQS = 8
+MAX_NUM_BATCHED_TOKENS = 32
+"""Mixed-step buckets 16 and 32 tokens."""
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +44,7 @@ def make_engine(folders) -> Engine:
     config = EngineConfig(
         model=ModelConfig.from_folder(base),
         pool=PoolConfig(num_pages=2048, max_adapter_slots=4, max_lora_rank=8),
-        scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=32,
+        scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                                   max_model_len=128))
     engine = Engine(config, base)
     for name, path in adapters.items():
@@ -49,18 +52,23 @@ def make_engine(folders) -> Engine:
     return engine
 
 
-def emulate_graphs(engine: Engine) -> DecodeGraphs:
-    """Decode-only steps take the graph path (padded inputs, static buffers), each
-    'replay' running the captured function eagerly."""
+def emulate_graphs(engine: Engine) -> StepGraphs:
+    """Steps take the graph path (padded inputs, static buffers), each 'replay' running the
+    captured function eagerly; 'capturing' a LoRA set pads the inputs as a capture does."""
     worker = engine.worker
-    graphs = DecodeGraphs(worker._padded_decode_forward, MAX_NUM_SEQS, worker.device)
+    graphs = StepGraphs(worker._padded_forward, worker.inputs.write_padding, MAX_NUM_SEQS,
+                        MAX_NUM_BATCHED_TOKENS, worker.device)
 
-    def replay(size: int, any_lora: bool):
-        graphs.num_replays[size] += 1
-        return graphs._forward(size, any_lora)
+    def replay(kind: str, size: int, modules: frozenset):
+        (graphs.num_replays if kind == DECODE else graphs.num_mixed_replays)[size] += 1
+        return graphs._forward(kind, size, modules)
 
-    graphs.replay = replay
-    worker.inputs.write_padding(graphs.max_size)
+    def capture(modules: frozenset):
+        graphs._prepare()
+        graphs.lora_sets.append(modules)
+
+    graphs.replay, graphs.capture = replay, capture
+    graphs.capture_startup()
     worker.graphs, worker.use_cuda_graphs = graphs, True
     return graphs
 
@@ -95,6 +103,9 @@ def test_bucket_sizes_cover_every_batch_up_to_the_largest():
     assert bucket_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert bucket_sizes(48) == [1, 2, 4, 8, 16, 32, 48]
     assert bucket_sizes(1) == [1]
+    assert mixed_bucket_sizes(32) == [16, 32]
+    assert mixed_bucket_sizes(300) == [16, 32, 64, 128, 256, 300]
+    assert mixed_bucket_sizes(8192)[-1] == 2048  # larger steps run eagerly
 
 
 def test_device_page_table_follows_the_scheduler_with_only_new_page_ids(folders):
@@ -118,14 +129,18 @@ def test_device_page_table_follows_the_scheduler_with_only_new_page_ids(folders)
     assert len(rows) == len(set(rows))
 
 
-def test_padded_decode_batches_give_the_unpadded_tokens_and_logits(folders):
-    """Decode batches of 7 down to 1 requests, padded to buckets 8, 4, 2 and 1, give the
-    same greedy tokens as eager steps, and logits within float32 rounding."""
+def test_padded_steps_give_the_unpadded_tokens_and_logits(folders):
+    """Decode batches of 7 down to 1 requests, padded to buckets 8, 4, 2 and 1, and the
+    prefill steps, padded to 16 or 32 tokens and 8 requests, give the same greedy tokens as
+    eager steps, and logits within float32 rounding; the adapters' projections got a LoRA
+    set of their own."""
     eager_tokens, eager_logits = run_with_logits(make_engine(folders), seed=4)
     engine = make_engine(folders)
     graphs = emulate_graphs(engine)
     padded_tokens, padded_logits = run_with_logits(engine, seed=4)
     assert set(graphs.num_replays) >= {8, 4, 2, 1}, dict(graphs.num_replays)
+    assert set(graphs.num_mixed_replays) & {16, 32}, dict(graphs.num_mixed_replays)
+    assert len(graphs.lora_sets) > 2, graphs.lora_sets  # none, all, and the adapters' sets
     assert padded_tokens == eager_tokens
     for a, b in zip(padded_logits, eager_logits):
         assert len(a) == len(b)

@@ -79,6 +79,8 @@ class StepBatch:
     """Requests that sample a token, in the order of logits_indices."""
     graph_size: int
     """The CUDA-graph bucket this step replays (rows past num_tokens are padding); 0: eager."""
+    graph_kind: str = ""
+    """"decode" (graph_size requests) or "mixed" (graph_size tokens); "" when eager."""
 
 
 _FIELDS_PER_TOKEN = ("input_ids", "positions", "token_page_ids", "token_slots", "kv_flat_index")
@@ -147,16 +149,32 @@ class StepInputs:
         event.record()
         self._copied[self._turn] = event
 
-    def build(self, scheduled: list[ScheduledRequest], graph_sizes=None) -> StepBatch:
+    def build(self, scheduled: list[ScheduledRequest], graphs=None) -> StepBatch:
         """Fills the step's inputs from `scheduled` (decode requests first) and copies them
-        to the device. `graph_sizes(n)` gives the graph bucket of a decode-only batch of n
-        (0 for none): the batch is then padded to it."""
+        to the device. With `graphs` (worker/cuda_graphs.py StepGraphs) a step that fits a
+        bucket is padded to it: a decode-only batch to `graphs.bucket(n)` requests, any
+        other step to `graphs.mixed_bucket(num_tokens)` tokens and max_num_seqs requests,
+        every request one LoRA segment."""
         h, o, width = self._host_buffer(), self.offsets, self.row_width
         num_reqs = len(scheduled)
         assert num_reqs <= self.max_num_reqs, f"{num_reqs} requests in one step"
         nd = 0
         while nd < num_reqs and scheduled[nd].num_new == 1:
             nd += 1
+        num_tokens = nd + sum(s.num_new for s in scheduled[nd:])
+        assert num_tokens <= self.max_num_tokens, (
+            f"{num_tokens} tokens in one step; at most {self.max_num_tokens}")
+        graph_kind, graph_size = "", 0
+        if graphs is not None:
+            if nd == num_reqs:
+                graph_kind, graph_size = "decode", graphs.bucket(nd)
+            else:
+                graph_kind, graph_size = "mixed", graphs.mixed_bucket(num_tokens)
+            if not graph_size:
+                graph_kind = ""
+        mixed = graph_kind == "mixed"
+        # Segment i is request seg0 + i: the prefill requests, or in a mixed graph all.
+        seg0 = 0 if mixed else nd
         sampled: list[RequestState] = []
         logits_indices: list[int] = []
         any_lora = False
@@ -177,6 +195,9 @@ class StepInputs:
             h[o["context_lens"]:o["context_lens"] + nd] = pos + 1
             h[o["req_rows"]:o["req_rows"] + nd] = rows
             h[o["query_start_loc"]:o["query_start_loc"] + nd + 1] = np.arange(nd + 1)
+            if mixed:
+                h[o["seg_starts"]:o["seg_starts"] + nd + 1] = np.arange(nd + 1)
+                h[o["seg_slots"]:o["seg_slots"] + nd] = slots
             for i, st in enumerate(states):
                 if st.num_computed_tokens + 1 == len(st.token_ids):
                     logits_indices.append(i)
@@ -184,12 +205,11 @@ class StepInputs:
             any_lora = any(slot != NO_ADAPTER_SLOT for slot in slots)
             max_context_len = int(pos.max()) + 1
 
-        num_tokens = nd
+        b = nd
         for i, s in enumerate(scheduled[nd:], start=nd):
             st, n = s.state, s.num_new
             start, end = st.num_computed_tokens, st.num_computed_tokens + n
-            a, b = num_tokens, num_tokens + n
-            assert b <= self.max_num_tokens, f"more than {self.max_num_tokens} tokens in one step"
+            a, b = b, b + n
             positions = np.arange(start, end, dtype=np.int32)
             h[o["input_ids"] + a:o["input_ids"] + b] = st.token_ids[start:end]
             h[o["positions"] + a:o["positions"] + b] = positions
@@ -199,44 +219,69 @@ class StepInputs:
             h[o["context_lens"] + i] = end
             h[o["req_rows"] + i] = st.row
             h[o["query_start_loc"] + i + 1] = b
-            h[o["seg_starts"] + i - nd] = a
-            h[o["seg_slots"] + i - nd] = st.adapter_slot
+            h[o["seg_starts"] + i - seg0] = a
+            h[o["seg_slots"] + i - seg0] = st.adapter_slot
             if end == len(st.token_ids):
                 logits_indices.append(b - 1)
                 sampled.append(st)
             any_lora = any_lora or st.adapter_slot != NO_ADAPTER_SLOT
             max_context_len = max(max_context_len, end)
             max_query_len = max(max_query_len, n)
-            num_tokens = b
-        num_segs = num_reqs - nd
+        num_segs = num_reqs - seg0
         h[o["query_start_loc"]] = 0
         h[o["seg_starts"] + num_segs] = num_tokens
         h[o["logits_indices"]:o["logits_indices"] + len(logits_indices)] = logits_indices
 
-        graph_size = graph_sizes(nd) if graph_sizes is not None and nd == num_reqs else 0
-        if graph_size:
-            self._write_padding(h, nd, graph_size)
+        if graph_kind == "decode":
+            self._pad_tokens(h, nd, graph_size)
+            self._pad_decode_requests(h, nd, graph_size)
+        elif mixed:
+            self._pad_tokens(h, num_tokens, graph_size)
+            self._pad_requests(h, num_reqs, self.max_num_reqs, num_tokens)
+            li = o["logits_indices"]
+            h[li + len(logits_indices):li + self.max_num_reqs] = 0
         self._upload()
         return StepBatch(num_tokens, num_reqs, nd, num_segs, max_query_len, max_context_len,
-                         any_lora, sampled, graph_size)
+                         any_lora, sampled, graph_size, graph_kind)
 
-    def _write_padding(self, h: np.ndarray, start: int, end: int) -> None:
-        """Rows [start, end) of a decode batch as padding: no adapter, K/V to the scratch
-        page, the scratch row with a context of one token."""
+    def _pad_tokens(self, h: np.ndarray, start: int, end: int) -> None:
+        """Tokens [start, end) as padding: token 0 at position 0, no adapter, K/V to the
+        scratch page (through the scratch row)."""
         o = self.offsets
         for name, value in (("input_ids", PAD_TOKEN_ID), ("positions", 0),
                             ("token_page_ids", self.scratch_page),
                             ("token_slots", NO_ADAPTER_SLOT),
-                            ("kv_flat_index", self.scratch_row * self.row_width),
-                            ("context_lens", 1), ("req_rows", self.scratch_row)):
+                            ("kv_flat_index", self.scratch_row * self.row_width)):
             h[o[name] + start:o[name] + end] = value
+
+    def _pad_decode_requests(self, h: np.ndarray, start: int, end: int) -> None:
+        """Decode rows [start, end) as padding: the scratch row with a context of one
+        token (their tokens padded by _pad_tokens)."""
+        o = self.offsets
+        h[o["context_lens"] + start:o["context_lens"] + end] = 1
+        h[o["req_rows"] + start:o["req_rows"] + end] = self.scratch_row
         qsl = o["query_start_loc"]
         h[qsl + start + 1:qsl + end + 1] = np.arange(start + 1, end + 1)
 
-    def write_padding(self, num_rows: int) -> None:
-        """Makes rows [0, num_rows) of the device inputs padding (before graph capture)."""
+    def _pad_requests(self, h: np.ndarray, start: int, end: int, num_tokens: int) -> None:
+        """Requests and LoRA segments [start, end) as padding of a mixed graph: no tokens
+        (they start and end at num_tokens), the scratch row, no adapter."""
+        o = self.offsets
+        h[o["context_lens"] + start:o["context_lens"] + end] = 1
+        h[o["req_rows"] + start:o["req_rows"] + end] = self.scratch_row
+        h[o["query_start_loc"] + start + 1:o["query_start_loc"] + end + 1] = num_tokens
+        h[o["seg_starts"] + start + 1:o["seg_starts"] + end + 1] = num_tokens
+        h[o["seg_slots"] + start:o["seg_slots"] + end] = NO_ADAPTER_SLOT
+
+    def write_padding(self) -> None:
+        """Makes every token and request of the device inputs padding (before a graph
+        capture: whatever shape it captures, it touches no request's pages)."""
         h = self._host_buffer()
-        self._write_padding(h, 0, num_rows)
+        o = self.offsets
+        self._pad_tokens(h, 0, self.max_num_tokens)
+        self._pad_requests(h, 0, self.max_num_reqs, 0)
+        h[o["query_start_loc"]] = h[o["seg_starts"]] = 0
+        h[o["logits_indices"]:o["logits_indices"] + self.max_num_reqs] = 0
         self._upload()
 
     # -- device views ---------------------------------------------------------------------

@@ -1,29 +1,43 @@
-"""CUDA graphs of decode-only steps: one per batch-size bucket, with and without LoRA.
+"""CUDA graphs of whole steps: decode-only steps by batch size, and steps with prefill
+tokens ("mixed": prefill chunks, with or without decode tokens) by token count; each for a
+set of LoRA projections.
 
-Why: a Llama-7B decode step is over a thousand kernel launches. Launched one by one from
-Python (about 24 µs each for a CuPy kernel, several µs for a torch op) they take longer than
-the step's memory floor; replayed from a graph they cost a few µs each on the GPU and nothing
-on the host. So every decode-only step replays a graph; prefill and mixed steps, whose shapes
-vary and whose work is large next to their launches, run eagerly.
+Why: a Llama-7B step is over a thousand kernel launches. Launched one by one from Python
+(about 24 µs each for a CuPy kernel, several µs for a torch op) they take longer than a
+decode step's memory floor, and with LoRA longer than a prefill chunk of a few hundred
+tokens takes on the tensor cores. Replayed from a graph they cost a few µs each on the GPU
+and nothing on the host. Steps larger than every bucket run eagerly (their GEMMs hide the
+launches).
 
-What a graph holds: the step's page-table write (its new tokens' page ids), the gather of the
-batch's page-table rows, and the model's forward pass to float32 logits of every row
-(worker/batch.py `StepInputs.forward_batch`, then `LlamaModel.forward`). Its inputs are views
-of StepInputs' device buffer at fixed offsets, so a replay reads whatever the step copied
-there; the LoRA tables and the pool are persistent tensors. Sampling stays outside: it is per
-request (greedy, temperature, top-k/p, seeded generators) and reads the rows of the graph's
-logits that the step needs.
+What a graph holds: the step's page-table write (its new tokens' page ids), the gather of
+the batch's page-table rows, and the model's forward pass to float32 logits (worker/batch.py
+`StepInputs.forward_batch`, then `LlamaModel.forward`). Its inputs are views of StepInputs'
+device buffer at fixed offsets, so a replay reads whatever the step copied there; the LoRA
+tables and the pool are persistent tensors. Sampling stays outside: it is per request
+(greedy, temperature, top-k/p, seeded generators) and reads the rows of the graph's logits
+that the step needs.
 
-Buckets and padding: a batch of n decode requests replays the smallest bucket >= n (1, 2, 4,
-..., up to the largest decode batch, max_num_seqs). Rows past n are padding that the worker
-wrote (StepInputs.write_padding): token 0 at position 0, no adapter, K/V into the pool's
-scratch page, page-table row `scratch_row`, context of one token; their logits are ignored.
-Each bucket is captured twice: with the LoRA kernels (any token with an adapter) and without
-(the base model alone), since a graph cannot skip its kernels.
+Decode graphs: a batch of n decode requests replays the smallest bucket >= n (1, 2, 4, ...,
+up to max_num_seqs); rows past n are padding (StepInputs writes them): token 0 at position 0,
+no adapter, K/V into the pool's scratch page, page-table row `scratch_row`, context of one
+token; their logits are ignored. Decode attention splits each context over blocks by
+`max_context_len`; a graph keeps that split fixed, so it is captured with max_context_len =
+max_model_len and the kernel's blocks past a request's context exit at once.
 
-Decode attention splits each context over blocks by `max_context_len`; a graph keeps that
-split fixed, so it is captured with max_context_len = max_model_len and the kernel's blocks
-past a request's context exit at once.
+Mixed graphs: a step of T tokens replays the smallest token bucket >= T. Its shapes are
+fixed by the bucket and by `max_reqs` (= max_num_seqs): every request counts as a prefill
+request (a decode token is a query of length one; the causal attention kernel handles it)
+and as a LoRA segment (MBGMM), with the request and segment lists padded to max_reqs by
+empty entries and the tokens past T padded as above; the logits are those of max_reqs rows,
+the step's sampled rows first. The kernels find their tiles through the segment and query
+offsets on the device, so padding costs blocks that exit at once.
+
+LoRA sets: a graph cannot skip kernels, so each bucket is captured per set of projections
+that carry LoRA: at start-up with none (the base model alone) and with all seven; on first
+use, for the set of projections that a step's adapters target (S-LoRA's workloads target
+q, k, v, o, say), all buckets at once, up to `MAX_LORA_SETS` sets. A step whose set has no
+graphs replays the all-projection graphs: LoRA kernels of a projection no adapter targets
+find rank 0 and exit.
 
 Memory: all graphs share one memory pool, captured from the largest bucket down so that the
 smaller ones reuse its blocks. That is safe because replays are serial on one stream and each
@@ -32,65 +46,139 @@ replay's logits are consumed (sampled) before the next replay is queued.
 from __future__ import annotations
 
 import bisect
+import logging
 import time
 from collections import Counter
 from typing import Callable
 
 import torch
 
-BUCKET_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+from slora.common.config import LORA_MODULES
+
+log = logging.getLogger(__name__)
+
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+MIXED_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
+"""Token counts of mixed graphs. Above 2048 tokens a step's GEMMs take longer than
+launching it eagerly, and padding would cost more than a graph saves."""
+MAX_LORA_SETS = 4
+"""Sets of LoRA projections with graphs of their own, besides none and all."""
+ALL_MODULES = frozenset(LORA_MODULES)
+NO_MODULES: frozenset[str] = frozenset()
+
+DECODE, MIXED = "decode", "mixed"
 
 
 def bucket_sizes(max_batch: int) -> list[int]:
     """The buckets for decode batches of up to `max_batch` requests (max_batch included)."""
-    return [b for b in BUCKET_SIZES if b < max_batch] + [max_batch]
+    return [b for b in DECODE_BUCKETS if b < max_batch] + [max_batch]
 
 
-class DecodeGraphs:
-    """Captured decode steps, keyed by (bucket size, any_lora).
+def mixed_bucket_sizes(max_num_tokens: int) -> list[int]:
+    """The token buckets of mixed steps of up to `max_num_tokens` tokens."""
+    sizes = [b for b in MIXED_BUCKETS if b < max_num_tokens]
+    if max_num_tokens <= MIXED_BUCKETS[-1]:
+        sizes.append(max_num_tokens)
+    return sizes
 
-    `forward(size, any_lora)` queues one padded decode step of `size` rows on the current
-    stream and returns its logits [size, vocab]; the worker gives it, with its inputs already
-    holding valid (padding) rows up to the largest bucket."""
 
-    def __init__(self, forward: Callable[[int, bool], torch.Tensor], max_batch: int,
+def _bucket(sizes: list[int], n: int) -> int:
+    i = bisect.bisect_left(sizes, n)
+    return sizes[i] if i < len(sizes) else 0
+
+
+GraphKey = tuple[str, int, frozenset]
+
+
+class StepGraphs:
+    """Captured steps, keyed by (kind, bucket size, LoRA projections).
+
+    `forward(kind, size, modules)` queues one padded step of that shape on the current stream
+    and returns its logits (decode: [size, vocab]; mixed: [max_reqs, vocab]); `prepare()`
+    makes the worker's inputs all padding, so that capturing reads and writes nothing a
+    request owns."""
+
+    def __init__(self, forward: Callable[[str, int, frozenset], torch.Tensor],
+                 prepare: Callable[[], None], max_batch: int, max_num_tokens: int,
                  device: torch.device):
         self.sizes = bucket_sizes(max_batch)
+        self.mixed_sizes = mixed_bucket_sizes(max_num_tokens)
         self.device = device
         self._forward = forward
-        self._graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._prepare = prepare
+        self._pool = None
+        self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.lora_sets: list[frozenset] = []
+        """The LoRA projection sets captured, in order."""
         self.num_replays: Counter[int] = Counter()
-        """Replays per bucket size (tests check that batches hit the buckets they expect)."""
+        """Decode replays per bucket size (tests check the buckets batches hit)."""
+        self.num_mixed_replays: Counter[int] = Counter()
         self.capture_time_s = 0.0
 
     @property
     def max_size(self) -> int:
         return self.sizes[-1]
 
+    @property
+    def max_tokens(self) -> int:
+        return max(self.sizes[-1], self.mixed_sizes[-1] if self.mixed_sizes else 0)
+
     def bucket(self, num_reqs: int) -> int:
         """The bucket a decode batch of num_reqs replays; 0 when it is larger than all."""
-        i = bisect.bisect_left(self.sizes, num_reqs)
-        return self.sizes[i] if i < len(self.sizes) else 0
+        return _bucket(self.sizes, num_reqs)
 
-    def capture(self) -> None:
+    def mixed_bucket(self, num_tokens: int) -> int:
+        """The bucket a mixed step of num_tokens replays; 0 when it is larger than all."""
+        return _bucket(self.mixed_sizes, num_tokens)
+
+    def lora_set(self, modules: frozenset) -> frozenset:
+        """The captured set a step whose adapters target `modules` replays; captures the
+        set's graphs first when there is room for it (inputs become padding: call this
+        before building the step)."""
+        if not modules:
+            return NO_MODULES
+        if modules in self.lora_sets:
+            return modules
+        if len(self.lora_sets) >= MAX_LORA_SETS + 2:
+            return ALL_MODULES
+        self.capture(modules)
+        return modules
+
+    def capture(self, modules: frozenset) -> None:
+        """Captures every bucket of both kinds for one LoRA set."""
         start = time.perf_counter()
-        pool = torch.cuda.graph_pool_handle()
-        for any_lora in (True, False):
-            for size in reversed(self.sizes):
+        self._prepare()
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        shapes = [(MIXED, s) for s in reversed(self.mixed_sizes)] + [
+            (DECODE, s) for s in reversed(self.sizes)]
+        shapes.sort(key=lambda ks: -ks[1])  # largest first: the others reuse its memory
+        with torch.inference_mode():
+            for kind, size in shapes:
                 # One eager run first: kernels loaded, cuBLAS set up for this shape.
-                self._forward(size, any_lora)
+                self._forward(kind, size, modules)
                 torch.cuda.synchronize(self.device)
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(size, any_lora)
-                self._graphs[(size, any_lora)] = (graph, logits)
+                with torch.cuda.graph(graph, pool=self._pool,
+                                      capture_error_mode="thread_local"):
+                    logits = self._forward(kind, size, modules)
+                self._graphs[(kind, size, modules)] = (graph, logits)
         torch.cuda.synchronize(self.device)
-        self.capture_time_s = time.perf_counter() - start
+        self.lora_sets.append(modules)
+        took = time.perf_counter() - start
+        self.capture_time_s += took
+        log.info("captured %d step graphs for LoRA on %s in %.2f s", len(shapes),
+                 ",".join(sorted(modules)) or "no projection", took)
 
-    def replay(self, size: int, any_lora: bool) -> torch.Tensor:
-        """Replays a bucket's graph on the current stream; returns its logits buffer
-        [size, vocab] float32 (valid until the next replay)."""
-        graph, logits = self._graphs[(size, any_lora)]
+    def capture_startup(self) -> None:
+        """The graphs every worker has: the base model alone, and LoRA on every projection."""
+        self.capture(ALL_MODULES)
+        self.capture(NO_MODULES)
+
+    def replay(self, kind: str, size: int, modules: frozenset) -> torch.Tensor:
+        """Replays a graph on the current stream; returns its logits buffer (valid until
+        the next replay)."""
+        graph, logits = self._graphs[(kind, size, modules)]
         graph.replay()
-        self.num_replays[size] += 1
+        (self.num_replays if kind == DECODE else self.num_mixed_replays)[size] += 1
         return logits

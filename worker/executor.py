@@ -4,8 +4,8 @@ It owns the pool's memory, the model, the host-memory adapter cache and per-requ
 (token ids, progress, a row of the device page table), so a running request costs the command
 only its new page ids. Each step it turns the command into the model's batch (worker/batch.py:
 decode requests first, then prefill chunks, as kernels/backend.py requires), runs it, as a
-CUDA-graph replay when every request decodes and the backend is CUDA (worker/cuda_graphs.py),
-eagerly otherwise, and samples.
+CUDA-graph replay when the backend is CUDA and the step fits a graph bucket
+(worker/cuda_graphs.py), eagerly otherwise, and samples.
 
 Nothing a step does on the host grows with the requests' contexts or with the number of
 registered adapters: the page table stays on the device and takes only the step's new page
@@ -23,7 +23,7 @@ from slora.common.sampling_params import SamplingParams
 from slora.kernels.backend import get_backend
 from slora.protos.step import StepCommand, StepResult
 from slora.worker.batch import RequestState, ScheduledRequest, StepBatch, StepInputs
-from slora.worker.cuda_graphs import DecodeGraphs
+from slora.worker.cuda_graphs import DECODE, NO_MODULES, StepGraphs
 from slora.worker.model import LlamaModel
 from slora.worker.pool import UnifiedPool
 from slora.worker.sampling import sample
@@ -36,8 +36,8 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
 class Worker:
     def __init__(self, config: EngineConfig, model_path: str | None = None,
                  backend: str = "auto", cuda_graphs: bool = True):
-        """`cuda_graphs`: replay decode-only steps from CUDA graphs (captured here) when the
-        backend is CUDA; False runs every step eagerly."""
+        """`cuda_graphs`: replay steps from CUDA graphs (captured here) when the backend is
+        CUDA; False runs every step eagerly."""
         self.config = config
         self.device = torch.device(config.device)
         self.dtype = TORCH_DTYPES[config.dtype]
@@ -57,14 +57,12 @@ class Worker:
         self.requests: dict[str, RequestState] = {}
         self.inputs = StepInputs(sched.max_num_seqs, sched.max_num_batched_tokens,
                                  sched.max_model_len, self.pool.scratch_page, self.device)
-        self.graphs: DecodeGraphs | None = None
+        self.graphs: StepGraphs | None = None
         if cuda_graphs and self.backend.name == "cuda":
-            self.graphs = DecodeGraphs(self._padded_decode_forward,
-                                       min(sched.max_num_seqs, sched.max_num_batched_tokens),
-                                       self.device)
-            self.inputs.write_padding(self.graphs.max_size)
-            with torch.inference_mode():
-                self.graphs.capture()
+            self.graphs = StepGraphs(self._padded_forward, self.inputs.write_padding,
+                                     min(sched.max_num_seqs, sched.max_num_batched_tokens),
+                                     sched.max_num_batched_tokens, self.device)
+            self.graphs.capture_startup()
         self.use_cuda_graphs = self.graphs is not None
         """Benchmarks turn this off to time the same worker eagerly."""
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -129,14 +127,18 @@ class Worker:
 
         # Decode requests first, then prefill chunks (the kernels' order).
         scheduled.sort(key=lambda s: s.num_new != 1)
+        slots = {s.state.adapter_slot for s in scheduled}
+        lora_modules = self.pool.modules_of(slots)
         graphs = self.graphs if self.use_cuda_graphs else None
+        if graphs is not None:
+            # May capture this set's graphs first, over padding inputs: before building.
+            lora_modules = graphs.lora_set(lora_modules)
         with torch.inference_mode():
-            step = self.inputs.build(scheduled, graphs.bucket if graphs else None)
+            step = self.inputs.build(scheduled, graphs)
             # Adapters this step uses land in their pages first; the others (prefetched for
             # later steps) after its forward pass, so their copies overlap it.
-            self.pool.commit_loads({s.state.adapter_slot for s in scheduled})
-            logits = self._forward(step, self.pool.modules_of(
-                {s.state.adapter_slot for s in scheduled}))
+            self.pool.commit_loads(slots)
+            logits = self._forward(step, lora_modules)
             self.pool.commit_loads()
         for s in scheduled:
             s.state.num_computed_tokens += s.num_new
@@ -157,21 +159,30 @@ class Worker:
         return result
 
     def _forward(self, step: StepBatch, lora_modules: frozenset[str]) -> torch.Tensor:
-        """float32 logits [len(step.sampled), vocab] of the step's sampled requests; the
-        eager path runs LoRA only for `lora_modules` (graphs for every projection)."""
+        """float32 logits [len(step.sampled), vocab] of the step's sampled requests, with
+        LoRA on the projections `lora_modules`."""
         num_sampled = len(step.sampled)
-        if step.graph_size:
-            logits = self.graphs.replay(step.graph_size, step.any_lora)
-            if num_sampled == step.num_tokens:
-                return logits[:num_sampled]
+        if step.graph_kind:
+            logits = self.graphs.replay(step.graph_kind, step.graph_size,
+                                        lora_modules if step.any_lora else NO_MODULES)
+            if step.graph_kind != DECODE or num_sampled == step.num_tokens:
+                return logits[:num_sampled]  # a mixed graph's rows are the sampled ones
             return logits.index_select(0, self.inputs.logits_indices(num_sampled))
         batch = self.inputs.forward_batch(
             step.num_tokens, step.num_reqs, step.num_decode, step.num_segs,
             step.max_query_len, step.max_context_len, step.any_lora, num_sampled, lora_modules)
         return self.model.forward(batch, self.pool)
 
-    def _padded_decode_forward(self, size: int, any_lora: bool) -> torch.Tensor:
-        """The decode step a graph of `size` rows captures: logits of every row."""
-        batch = self.inputs.forward_batch(size, size, size, 0, 1, self.inputs.row_width,
-                                          any_lora, None)
+    def _padded_forward(self, kind: str, size: int, lora_modules: frozenset) -> torch.Tensor:
+        """The step a graph captures. Decode: `size` requests, logits of every row. Mixed:
+        `size` tokens of max_num_seqs requests, all of them prefill requests and LoRA
+        segments (padding is empty), logits of max_num_seqs rows."""
+        inputs, any_lora = self.inputs, bool(lora_modules)
+        if kind == DECODE:
+            batch = inputs.forward_batch(size, size, size, 0, 1, inputs.row_width, any_lora,
+                                         None, lora_modules)
+        else:
+            n = inputs.max_num_reqs
+            batch = inputs.forward_batch(size, n, 0, n, size, inputs.row_width, any_lora, n,
+                                         lora_modules)
         return self.model.forward(batch, self.pool)
