@@ -4,10 +4,14 @@
 
 1. Copy bandwidth (a 1 GiB device-to-device copy, bytes read + written) and the dense bf16
    GEMM rate (8192^3 torch.matmul): the two ceilings every other figure is a percentage of.
-2. Decode LoRA (MBGMV shrink + expand, Llama-2-7B q_proj 4096 -> 4096) at batch 1, 8, 64,
-   256, 512 with 1, 32 and batch-many distinct adapters, ranks 16 and 64, pool max rank 64.
-   Bytes count each adapter row and each activation once (A and B^T rows of the distinct
-   adapters, x read, y read and written, v written and read). Timed as CUDA-graph replays
+2. Decode LoRA (MBGMV, Llama-2-7B q_proj 4096 -> 4096) at batch 1, 8, 64, 256, 512 with 1,
+   32 and batch-many distinct adapters, ranks 16 and 64, pool max rank 64: shrink then
+   expand (two launches, what the worker runs for a single module), and beside it the fused
+   kernel (one launch, `lora_shrink_expand`). Bytes count each adapter row and each
+   activation once (A and B^T rows of the distinct adapters, x read, y read and written, v
+   written and read; the fused kernel keeps v on chip). Then a group, q, k and v together
+   (what the worker runs for them): the fused kernel against three modules' two launches.
+   Timed as CUDA-graph replays
    cycling over several page tables on disjoint pages (more bytes than L2 holds, so rows come
    from HBM), median over replays. Speedup is over the torch reference (torch_ref, eager).
 3. Prefill LoRA (MBGMM shrink + expand on tensor cores), 4096 tokens in 8 segments of distinct
@@ -127,13 +131,18 @@ def bench_decode_lora(pool, copy_bw, quick):
                 x = torch.randn(batch, d_in, device=DEV, dtype=DTYPE)
                 y = torch.randn(batch, d_out, device=DEV, dtype=DTYPE)
                 v = torch.empty(batch, max_rank, device=DEV)
+                group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV)
 
-                def ours(t):
+                def two(t):
                     return lambda: (L.lora_shrink(x, pool, t, ranks, slots, out=v),
                                     L.lora_expand(y, v, pool, t, ranks, scales, slots))
-                t_ours = graph_time([ours(t) for t in tables], reps=10 if quick else 30)
-                t_shrink = graph_time([lambda t=t: L.lora_shrink(x, pool, t, ranks, slots, out=v)
-                                       for t in tables], reps=10 if quick else 30)
+
+                def fused(t):  # one module: the tables of a group of one
+                    t4, r2, s2 = t.unsqueeze(0), ranks.unsqueeze(0), scales.unsqueeze(0)
+                    return lambda: L.lora_shrink_expand(y, x, pool, t4, r2, s2, slots, group,
+                                                        max_d_out=d_out)
+                t_ours = graph_time([two(t) for t in tables], reps=10 if quick else 30)
+                t_fused = graph_time([fused(t) for t in tables], reps=10 if quick else 30)
 
                 def ref():
                     vr = torch_ref.lora_shrink(x, pool, tables[0], ranks, slots)
@@ -145,11 +154,64 @@ def bench_decode_lora(pool, copy_bw, quick):
                     config=f"r{rank} batch {batch} adapters {num_adapters}",
                     time_us=t_ours * 1e6, rate=nbytes / t_ours / 1e9, unit="GB/s",
                     pct=100 * nbytes / t_ours / copy_bw, speedup=t_ref / t_ours,
-                    ref_us=t_ref * 1e6, shrink_us=t_shrink * 1e6))
+                    ref_us=t_ref * 1e6, fused_us=t_fused * 1e6,
+                    fused_pct=100 * (adapter_bytes + batch * (d_in * 2 + d_out * 4)) / t_fused
+                    / copy_bw))
                 print(f"decode LoRA {rows[-1]['config']}: {t_ours * 1e6:.1f} us "
-                      f"(shrink alone {t_shrink * 1e6:.1f}), "
+                      f"(fused {t_fused * 1e6:.1f} us, {rows[-1]['fused_pct']:.0f}%), "
                       f"{rows[-1]['rate']:.0f} GB/s ({rows[-1]['pct']:.0f}%), "
                       f"{rows[-1]['speedup']:.1f}x torch ref", flush=True)
+    return rows
+
+
+def bench_decode_lora_group(pool, copy_bw, quick):
+    """q, k and v of Llama-2-7B (three 4096 -> 4096 modules), rank 16, one adapter per
+    token: the fused kernel (one launch) against shrink + expand per module (six)."""
+    rows = []
+    rank, max_rank, num_modules = 16, 64, 3
+    for batch in (1, 64, 256):
+        rows_per_set = batch * rank * num_modules
+        perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
+        num_sets = max(1, min(8, pool.shape[0] // rows_per_set))
+        tables = []
+        for s in range(num_sets):
+            t = torch.zeros(num_modules, batch, max_rank, 1, dtype=torch.int32, device=DEV)
+            t[:, :, :rank, 0] = perm[s * rows_per_set:(s + 1) * rows_per_set].view(
+                num_modules, batch, rank)
+            tables.append(t)
+        ranks = torch.full((num_modules, batch), rank, dtype=torch.int32, device=DEV)
+        scales = torch.full((num_modules, batch), 0.5, device=DEV)
+        slots = torch.randperm(batch, device=DEV).to(torch.int32)
+        group = torch.tensor([[m, m * H, H] for m in range(num_modules)], dtype=torch.int32,
+                             device=DEV)
+        x = torch.randn(batch, H, device=DEV, dtype=DTYPE)
+        y = torch.randn(batch, num_modules * H, device=DEV, dtype=DTYPE)
+        v = torch.empty(batch, max_rank, device=DEV)
+
+        def fused(t):
+            return lambda: L.lora_shrink_expand(y, x, pool, t, ranks, scales, slots, group,
+                                                max_d_out=H)
+
+        def per_module(t):
+            def f():
+                for m in range(num_modules):
+                    L.lora_shrink(x, pool, t[m], ranks[m], slots, out=v)
+                    L.lora_expand(y[:, m * H:(m + 1) * H], v, pool, t[m], ranks[m], scales[m],
+                                  slots)
+            return f
+        reps = 10 if quick else 30
+        t_ours = graph_time([fused(t) for t in tables], reps=reps)
+        t_per = graph_time([per_module(t) for t in tables], reps=reps)
+        t_ref = events_time(lambda: torch_ref.lora_shrink_expand(
+            y, x, pool, tables[0], ranks, scales, slots, group), 2, warmup=1)
+        nbytes = rows_per_set * 2 * H * 2 + batch * (H * 2 + num_modules * H * 4)
+        rows.append(dict(
+            section="decode LoRA group", rank=rank, batch=batch, adapters=batch,
+            config=f"q,k,v r{rank} batch {batch} adapters {batch}", time_us=t_ours * 1e6,
+            rate=nbytes / t_ours / 1e9, unit="GB/s", pct=100 * nbytes / t_ours / copy_bw,
+            speedup=t_ref / t_ours, ref_us=t_ref * 1e6, per_module_us=t_per * 1e6))
+        print(f"decode LoRA group {rows[-1]['config']}: fused {t_ours * 1e6:.1f} us, per "
+              f"module {t_per * 1e6:.1f} us, {rows[-1]['pct']:.0f}% copy BW", flush=True)
     return rows
 
 
@@ -261,6 +323,10 @@ def table(rows, copy_bw, gemm, gpu) -> str:
     for r in rows:
         limit = "copy BW" if r["unit"] == "GB/s" else "GEMM"
         extra = f" ({r['pct_roofline']:.0f}% of roofline)" if "pct_roofline" in r else ""
+        if "fused_us" in r:
+            extra = f" (fused: {r['fused_us']:.1f} us, {r['fused_pct']:.0f}%)"
+        if "per_module_us" in r:
+            extra = f" (per module, 6 launches: {r['per_module_us']:.1f} us)"
         lines.append(f"| {r['section']} | {r['config']} | {r['time_us']:.1f} | "
                      f"{r['rate']:.1f} {r['unit']} | {r['pct']:.1f}% {limit}{extra} | "
                      f"{r['speedup']:.1f}x | {judge(r)} |")
@@ -308,6 +374,7 @@ def main(argv=None) -> int:
           flush=True)
     pool = fill_pool(65536, H)  # 1 GiB of pages
     rows = bench_decode_lora(pool, copy_bw, args.quick)
+    rows += bench_decode_lora_group(pool, copy_bw, args.quick)
     rows += bench_prefill_lora(pool, copy_bw, gemm, args.quick)
     del pool
     torch.cuda.empty_cache()

@@ -33,6 +33,21 @@ class LoraBatch:
     them, as a CUDA graph captures it."""
 
 
+@dataclass(frozen=True)
+class LoraGroup:
+    """Projections that read the same input and write columns of one output (q, k and v
+    into the fused qkv projection's output; gate and up): their LoRA runs as one group."""
+
+    members: tuple[tuple[int, int, int], ...]
+    """(module index, first column, width) of each member."""
+    table: torch.Tensor
+    """[num_members, 3] int32 on the device: `members`, for the kernels."""
+
+    @property
+    def max_d_out(self) -> int:
+        return max(width for _, _, width in self.members)
+
+
 @dataclass
 class AttentionBatch:
     """Where each request's context lives. Built once per step by the worker."""
@@ -63,6 +78,17 @@ class TorchBackend:
                     batch: LoraBatch):
         return torch_ref.lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales,
                                      batch.token_slots)
+
+    def lora_group(self, y, x, pool, lora_page_table, lora_ranks, lora_scales,
+                   group: LoraGroup, batch: LoraBatch):
+        """y[:, col:col + width] += each member's LoRA of x, in place (every module's
+        tables: lora_page_table [num_modules, ...])."""
+        for m, col, width in group.members:
+            v = torch_ref.lora_shrink(x, pool, lora_page_table[m], lora_ranks[m],
+                                      batch.token_slots)
+            torch_ref.lora_expand(y[:, col:col + width], v, pool, lora_page_table[m],
+                                  lora_ranks[m], lora_scales[m], batch.token_slots)
+        return y
 
     def store_kv(self, k, v, pool, batch: AttentionBatch):
         torch_ref.store_kv(k, v, pool, batch.token_page_ids)

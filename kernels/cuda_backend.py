@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from slora.kernels import launchers
-from slora.kernels.backend import AttentionBatch, LoraBatch
+from slora.kernels.backend import AttentionBatch, LoraBatch, LoraGroup
 
 
 class CudaBackend:
@@ -45,6 +45,36 @@ class CudaBackend:
         if nd < num_tokens:
             launchers.lora_expand_segments(y, v, pool, lora_page_table, lora_ranks, lora_scales,
                                            batch.seg_starts, batch.seg_slots)
+        return y
+
+    def lora_group(self, y, x, pool, lora_page_table, lora_ranks, lora_scales,
+                   group: LoraGroup, batch: LoraBatch):
+        """y[:, col:col + width] += each member's LoRA of x, in place. Decode tokens: a
+        group of several modules by one fused shrink + expand launch (fewer launches), a
+        single module by MBGMV shrink then expand (faster per module: see mbgmv_fused in
+        lora_mbgmv.cu). Prefill segments: MBGMM per member."""
+        num_tokens, nd = y.shape[0], batch.num_decode_tokens
+        if nd and len(group.members) > 1:
+            launchers.lora_shrink_expand(
+                y[:nd], x[:nd], pool, lora_page_table, lora_ranks, lora_scales,
+                batch.token_slots[:nd], group.table, max_d_out=group.max_d_out)
+        elif nd:
+            (m, col, width), = group.members
+            v = launchers.lora_shrink(x[:nd], pool, lora_page_table[m], lora_ranks[m],
+                                      batch.token_slots[:nd])
+            launchers.lora_expand(y[:nd, col:col + width], v, pool, lora_page_table[m],
+                                  lora_ranks[m], lora_scales[m], batch.token_slots[:nd])
+        if nd < num_tokens:
+            max_rank = lora_page_table.shape[2]
+            for m, col, width in group.members:
+                # The MBGMM blocks add their split of d_in into v: it starts at zero.
+                v = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
+                launchers.lora_shrink_segments(x, pool, lora_page_table[m], lora_ranks[m],
+                                               batch.seg_starts, batch.seg_slots, out=v)
+                launchers.lora_expand_segments(y[:, col:col + width], v, pool,
+                                               lora_page_table[m], lora_ranks[m],
+                                               lora_scales[m], batch.seg_starts,
+                                               batch.seg_slots)
         return y
 
     def store_kv(self, k, v, pool, batch: AttentionBatch):

@@ -195,6 +195,63 @@ def lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slot
     return y
 
 
+FUSED_THREADS = 128
+
+
+def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
+                       group, *, max_d_out, num_chunks=None):
+    """For each member (m, col, d_out) of group: y[:, col:col + d_out] += scale * (x @ A^T)
+    @ B^T of module m, per token's adapter, in place, in one launch (v never leaves the
+    block); returns y.
+
+    y [num_tokens, width] and x [num_tokens, d_in] in the pool's dtype; lora_page_table
+    [num_modules, num_slots, max_rank, pages_per_row]; lora_ranks, lora_scales [num_modules,
+    num_slots]; group [num_members, 3] int32 on the device. `max_d_out`: the widest member
+    (the grid's bound; the launcher does not read `group`). `num_chunks`: blocks per token
+    and member, each computing the shrink and its share of the expand (default: as few as
+    fill the GPU).
+    """
+    _check_rows("y", y, pool)
+    _check_rows("x", x, pool)
+    num_tokens, d_in = x.shape
+    if y.shape[0] != num_tokens:
+        raise ValueError(f"y has {y.shape[0]} tokens; x has {num_tokens}")
+    _check_int("lora_page_table", lora_page_table, pool, 4)
+    num_modules, num_slots, max_rank, ppr = lora_page_table.shape
+    H = _check_pool(pool)
+    for name, t, dtype in (("lora_ranks", lora_ranks, torch.int32),
+                           ("lora_scales", lora_scales, torch.float32)):
+        _check_int(name, t, pool, 2, dtype)
+        if tuple(t.shape) != (num_modules, num_slots):
+            raise ValueError(f"{name} must be [{num_modules}, {num_slots}], got {tuple(t.shape)}")
+    if max(d_in, max_d_out) > ppr * H:
+        raise ValueError(f"rows of {max(d_in, max_d_out)} need {math.ceil(max(d_in, max_d_out) / H)} "
+                         f"pages; lora_page_table has {ppr} per row (H={H})")
+    if max_d_out > y.shape[1]:
+        raise ValueError(f"max_d_out={max_d_out} is wider than y ({y.shape[1]} columns)")
+    _check_int("token_slots", token_slots, pool, 1)
+    if token_slots.shape[0] != num_tokens:
+        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
+    _check_int("group", group, pool, 2)
+    if group.shape[1] != 3 or not 1 <= group.shape[0] <= 65535:
+        raise ValueError(f"group must be [num_members, 3], got {tuple(group.shape)}")
+    if num_tokens == 0 or max_rank == 0 or max_d_out == 0:
+        return y
+    dev = pool.device.index
+    unit = FUSED_THREADS * _vec(pool.dtype)
+    max_units = math.ceil(max_d_out / H) * math.ceil(H / unit)
+    if num_chunks is None:
+        num_chunks = math.ceil(2 * _num_sms(dev) / (num_tokens * group.shape[0]))
+    num_chunks = max(1, min(num_chunks, max_units))
+    launch(get_kernel(MBGMV, pool.dtype, "mbgmv_fused", dev),
+           (num_tokens, num_chunks, group.shape[0]), (FUSED_THREADS,),
+           (ptr(y), i64(y.stride(0)), ptr(x), i64(x.stride(0)), ptr(pool), i32(H),
+            ptr(lora_page_table), i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks),
+            ptr(lora_scales), ptr(token_slots), ptr(group), i32(d_in)),
+           dev, shared_mem=3 * max_rank * 4)
+    return y
+
+
 # ---- LoRA prefill (MBGMM) -----------------------------------------------------------------
 
 def _segment_token_slots(num_tokens, seg_starts, seg_slots):

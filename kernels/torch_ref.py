@@ -12,6 +12,9 @@ Page tables:
 * `lora_ranks` [num_slots] int32: that module's rank per slot (0: not targeted).
 * `lora_scales` [num_slots] float32: that module's scaling per slot.
 * `token_slots` [num_tokens] int32: the slot of each token's adapter, NO_ADAPTER (-1) for none.
+* A module group (lora_shrink_expand) takes every module's tables at once,
+  [num_modules, ...], and `group` [num_members, 3] int32: (module index, first column of y,
+  width) of each member.
 * `kv_page_table` [num_reqs, max_pages] int32: page of each context position of a request.
 
 Every CUDA launcher in this package has the same signature and argument names.
@@ -68,6 +71,25 @@ def lora_expand(y: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
         b = _lora_rows(pool, lora_page_table[slot, :rank], 1, d_out).float()  # [r, d_out]
         delta = float(lora_scales[slot]) * (v[idx, :rank] @ b)
         y[idx] = (y[idx].float() + delta).to(y.dtype)
+    return y
+
+
+def lora_shrink_expand(y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor,
+                       lora_page_table: torch.Tensor, lora_ranks: torch.Tensor,
+                       lora_scales: torch.Tensor, token_slots: torch.Tensor,
+                       group: torch.Tensor) -> torch.Tensor:
+    """For each member (m, col, d_out) of group: y[:, col:col + d_out] += module m's LoRA of
+    x (lora_expand of lora_shrink), per token's adapter, in place; returns y.
+
+    The members read the same x and write their own columns of y (q, k, v into the fused
+    qkv output; gate and up). x [num_tokens, d_in]; y [num_tokens, width];
+    lora_page_table [num_modules, num_slots, max_rank, n]; lora_ranks, lora_scales
+    [num_modules, num_slots]; group [num_members, 3] int32.
+    """
+    for m, col, d_out in group.tolist():
+        v = lora_shrink(x, pool, lora_page_table[m], lora_ranks[m], token_slots)
+        lora_expand(y[:, col:col + d_out], v, pool, lora_page_table[m], lora_ranks[m],
+                    lora_scales[m], token_slots)
     return y
 
 

@@ -3,10 +3,13 @@
 Base and LoRA compute stay separate (never merged): for each projection
 `y = x W^T + scale_i * (x A_i^T) B_i^T`, where `x W^T` is one dense GEMM for the whole
 batch and the LoRA part is the backend's shrink / expand over the adapters' pages, with
-every token free to use its own adapter and rank.
+every token free to use its own adapter and rank. The projections that share an input and a
+fused output (q, k, v; gate, up) run their LoRA as one group (`LORA_GROUPS`): for decode
+tokens one kernel launch per group and layer.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -14,9 +17,19 @@ import torch
 import torch.nn.functional as F
 
 from slora.common.config import LORA_MODULE_INDEX, ModelConfig
-from slora.kernels.backend import AttentionBatch, LoraBatch
+from slora.kernels.backend import AttentionBatch, LoraBatch, LoraGroup
 from slora.worker.pool import UnifiedPool
 from slora.worker.weights import LlamaWeights
+
+
+LORA_GROUPS: dict[str, tuple[str, ...]] = {
+    "qkv_proj": ("q_proj", "k_proj", "v_proj"),
+    "o_proj": ("o_proj",),
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "down_proj": ("down_proj",),
+}
+"""Each (fused) projection of a layer, and the LoRA modules whose outputs are its columns,
+in order."""
 
 
 def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
@@ -64,7 +77,6 @@ class LlamaModel:
             layer["qkv_proj"] = torch.cat(
                 [layer.pop("q_proj"), layer.pop("k_proj"), layer.pop("v_proj")])
             layer["gate_up_proj"] = torch.cat([layer.pop("gate_proj"), layer.pop("up_proj")])
-        self.qkv_split = [cfg.q_dim, cfg.kv_dim, cfg.kv_dim]
         device = weights.embed.device
         freqs = torch.outer(torch.arange(cfg.max_position_embeddings, dtype=torch.float64),
                             rope_inv_freq(cfg))
@@ -74,6 +86,29 @@ class LlamaModel:
         self.sin_signed = torch.cat([-freqs.sin(), freqs.sin()], dim=-1).to(
             device=device, dtype=torch.float32)
         self.attn_scale = cfg.head_dim ** -0.5
+        self.lora_groups = self._lora_groups(device)
+
+    def _lora_groups(self, device) -> dict[str, dict[frozenset[str], LoraGroup]]:
+        """Per fused projection, a LoraGroup for every non-empty subset of its modules (a
+        step runs LoRA only for the modules its adapters target); made here, since a CUDA
+        graph capture cannot copy them to the device."""
+        cfg = self.cfg
+        widths = {"q_proj": cfg.q_dim, "k_proj": cfg.kv_dim, "v_proj": cfg.kv_dim,
+                  "o_proj": cfg.hidden_size, "gate_proj": cfg.intermediate_size,
+                  "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size}
+        groups = {}
+        for name, modules in LORA_GROUPS.items():
+            cols, col = {}, 0
+            for module in modules:
+                cols[module] = (LORA_MODULE_INDEX[module], col, widths[module])
+                col += widths[module]
+            groups[name] = {}
+            for n in range(1, len(modules) + 1):
+                for subset in itertools.combinations(modules, n):
+                    members = tuple(cols[m] for m in subset)
+                    table = torch.tensor(members, dtype=torch.int32, device=device)
+                    groups[name][frozenset(subset)] = LoraGroup(members, table)
+        return groups
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.rms_norm_eps)
@@ -83,23 +118,23 @@ class LlamaModel:
         """x [num_tokens, heads, head_dim]; cos, sin_signed [num_tokens, 1, head_dim]."""
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
 
-    def add_lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, module: str,
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str,
                  pool: UnifiedPool, lora: LoraBatch) -> None:
-        """y += each token's adapter's LoRA of `module` applied to x, in place (y may be a
-        module's columns of a fused projection's output)."""
-        m = LORA_MODULE_INDEX[module]
-        pages = pool.layer(layer)
-        if lora.modules is not None and module not in lora.modules:
+        """y += each token's adapter's LoRA of the modules of `projection` (LORA_GROUPS)
+        applied to x, in place, each into its columns of y."""
+        modules = frozenset(LORA_GROUPS[projection])
+        if lora.modules is not None:
+            modules &= lora.modules
+        if not modules:
             return
-        table, ranks = pool.lora_page_table[m], pool.lora_ranks[m]
-        v = self.backend.lora_shrink(x, pages, table, ranks, lora)
-        self.backend.lora_expand(y, v, pages, table, ranks, pool.lora_scales[m], lora)
+        self.backend.lora_group(y, x, pool.layer(layer), pool.lora_page_table, pool.lora_ranks,
+                                pool.lora_scales, self.lora_groups[projection][modules], lora)
 
-    def linear(self, x: torch.Tensor, layer: int, module: str, pool: UnifiedPool,
+    def linear(self, x: torch.Tensor, layer: int, projection: str, pool: UnifiedPool,
                lora: LoraBatch) -> torch.Tensor:
-        y = x @ self.w.layers[layer][module].T
+        y = x @ self.w.layers[layer][projection].T
         if lora.any_lora:
-            self.add_lora(y, x, layer, module, pool, lora)
+            self.add_lora(y, x, layer, projection, pool, lora)
         return y
 
     @torch.inference_mode()
@@ -114,11 +149,8 @@ class LlamaModel:
         sin = self.sin_signed[batch.positions].to(h.dtype).unsqueeze(1)
         for i, lw in enumerate(self.w.layers):
             x = self.rms_norm(h, lw["input_norm"])
-            qkv = x @ lw["qkv_proj"].T  # [num_tokens, q_dim + 2 kv_dim]
-            q, k, v = qkv.split(self.qkv_split, dim=1)
-            if lora.any_lora:
-                for module, y in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
-                    self.add_lora(y, x, i, module, pool, lora)
+            qkv = self.linear(x, i, "qkv_proj", pool, lora)  # [num_tokens, q_dim + 2 kv_dim]
+            v = qkv[:, cfg.q_dim + cfg.kv_dim:]
             # q and k rotated together: [num_tokens, nh + nkv, hd]
             qk = self.rope(qkv[:, :cfg.q_dim + cfg.kv_dim].view(num_tokens, nh + nkv, hd),
                            cos, sin)
@@ -129,11 +161,8 @@ class LlamaModel:
             attn = self.backend.paged_attention(q, pages, batch.attn, nkv, self.attn_scale)
             h = h + self.linear(attn.reshape(num_tokens, cfg.q_dim), i, "o_proj", pool, lora)
             x = self.rms_norm(h, lw["post_norm"])
-            gate_up = x @ lw["gate_up_proj"].T  # [num_tokens, 2 intermediate]
+            gate_up = self.linear(x, i, "gate_up_proj", pool, lora)  # [num_tokens, 2 inter]
             gate, up = gate_up.split(cfg.intermediate_size, dim=1)
-            if lora.any_lora:
-                self.add_lora(gate, x, i, "gate_proj", pool, lora)
-                self.add_lora(up, x, i, "up_proj", pool, lora)
             h = h + self.linear(F.silu(gate) * up, i, "down_proj", pool, lora)
         if batch.logits_indices is not None:
             h = h[batch.logits_indices]

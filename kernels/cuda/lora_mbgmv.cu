@@ -141,3 +141,143 @@ mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
     for (int e = 0; e < VEC; ++e) yf[e] += acc[e];
     st_vec(yp, pack(yf));
 }
+
+// Shrink and expand in one launch, for a group of modules that read the same x (q, k, v of
+// a fused projection, or gate and up): for each member z of the group, (m, col, d_out) =
+// group[z], y[t, col : col + d_out] += scale_m[s] * (x[t] . A_{m,s}^T) @ B_{m,s}^T with
+// s = token_slots[t]; v stays in shared memory.
+//
+// grid (num_tokens, num_chunks, group_size); block THREADS. Block (t, c, z) first computes
+// the whole v = x[t] . A^T: each thread holds XU 16-byte vectors of a stretch of x in
+// registers and loads those of RG rows of A at once (RG * XU loads in flight), the warps'
+// sums added per row into shared memory. Then the expand units c, c + num_chunks, ... of
+// the module's output (a unit: THREADS * VEC outputs inside one page column, one vector per
+// thread, its rows' page ids staged in shared memory). With several chunks per token each
+// computes the shrink (its A rows then mostly come from L2); the launcher takes as few
+// chunks as fill the GPU.
+//
+// Against the two launches (mbgmv_shrink, mbgmv_expand) for one module it is slower at
+// small batches (H100, rank 16: 10.7 us at batch 1 against 5.9; 14.7 against 12.2 at batch
+// 64 with 64 adapters): one block runs a token's whole shrink, where mbgmv_shrink spreads its
+// rows over many blocks. It wins where it saves launches: a group of several modules (one
+// launch for q, k and v), and batches of 256 and more. A 512-thread shape (16 rows of A in
+// flight) measured no better at batch 64 and worse above.
+// page_table [M, num_slots, max_rank, pages_per_row], ranks and scales [M, num_slots]: every
+// module's tables, m picks one. Dynamic shared memory: 3 * max_rank * 4 bytes.
+template <int THREADS, int XU, int RG>
+__device__ __forceinline__ void
+mbgmv_fused_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restrict__ x,
+                 i64 x_stride, const elem_t* __restrict__ pool, int H,
+                 const int* __restrict__ page_table, int num_slots, int max_rank,
+                 int pages_per_row, const int* __restrict__ ranks,
+                 const float* __restrict__ scales, const int* __restrict__ token_slots,
+                 const int* __restrict__ group, int d_in)
+{
+    constexpr int UNIT = THREADS * VEC;  // output elements of one expand unit
+    extern __shared__ float fused_smem[];
+    float* v_sum = fused_smem;                         // [max_rank]
+    float* v_scaled = fused_smem + max_rank;           // [max_rank]
+    int* page_ids = (int*)(v_scaled + max_rank);       // [max_rank]
+    const int t = blockIdx.x, z = blockIdx.z;
+    const int lane = threadIdx.x & 31;
+    const int slot = token_slots[t];
+    if (slot < 0 || slot >= num_slots) return;
+    const int m = group[3 * z], col = group[3 * z + 1], d_out = group[3 * z + 2];
+    const int rank = min(ranks[(i64)m * num_slots + slot], max_rank);
+    if (rank <= 0) return;
+    const float scale = scales[(i64)m * num_slots + slot];
+    const int* pt = page_table + ((i64)m * num_slots + slot) * max_rank * pages_per_row;
+    const elem_t* xt = x + (i64)t * x_stride;
+    for (int i = threadIdx.x; i < rank; i += THREADS) v_sum[i] = 0.f;
+    __syncthreads();
+
+    // ---- shrink: v[i] = x[t] . A[i], i < rank
+    for (int j = 0, base = 0; base < d_in; ++j, base += H) {
+        const int len = min(H, d_in - base);
+        for (int k0 = 0; k0 < len; k0 += THREADS * VEC * XU) {
+            vec_t xv[XU];
+#pragma unroll
+            for (int u = 0; u < XU; ++u) {
+                const int k = k0 + (u * THREADS + threadIdx.x) * VEC;
+                xv[u] = k < len ? ld_vec(xt + base + k) : vzero();
+            }
+            for (int i0 = 0; i0 < rank; i0 += RG) {
+                vec_t av[RG][XU];
+#pragma unroll
+                for (int r = 0; r < RG; ++r) {
+                    const bool row_ok = i0 + r < rank;
+                    const elem_t* a = pool + (i64)(row_ok ? pt[(i64)(i0 + r) * pages_per_row + j] : 0) * 2 * H;
+#pragma unroll
+                    for (int u = 0; u < XU; ++u) {
+                        const int k = k0 + (u * THREADS + threadIdx.x) * VEC;
+                        av[r][u] = row_ok && k < len ? ld_stream(a + k) : vzero();
+                    }
+                }
+#pragma unroll
+                for (int r = 0; r < RG; ++r) {
+                    float acc = 0.f;
+#pragma unroll
+                    for (int u = 0; u < XU; ++u) acc += dot_vec(xv[u], av[r][u]);
+                    acc = warp_sum(acc);
+                    if (lane == 0 && i0 + r < rank) atomicAdd(&v_sum[i0 + r], acc);
+                }
+            }
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < rank; i += THREADS) v_scaled[i] = v_sum[i] * scale;
+
+    // ---- expand: y[t, col + o] += v_scaled . B^T[:, o] over this block's units
+    const int units_per_col = (H + UNIT - 1) / UNIT;
+    const int num_units = (d_out + H - 1) / H * units_per_col;
+    elem_t* yt = y + (i64)t * y_stride + col;
+    for (int unit = blockIdx.y; unit < num_units; unit += gridDim.y) {
+        const int jc = unit / units_per_col;
+        const int in_page = (unit % units_per_col) * UNIT + threadIdx.x * VEC;
+        const int o = jc * H + in_page;
+        const bool active = in_page < H && o < d_out;
+        __syncthreads();  // v_scaled written; the last unit's page ids read
+        for (int i = threadIdx.x; i < rank; i += THREADS)
+            page_ids[i] = pt[(i64)i * pages_per_row + jc];
+        __syncthreads();
+        if (!active) continue;
+        const vec_t y_old = ld_rw(yt + o);
+        const elem_t* colp = pool + H + in_page;  // V half of the page, this thread's vector
+        float acc[VEC];
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+        for (int i = 0; i < rank; i += EXPAND_UNROLL) {
+            vec_t b[EXPAND_UNROLL];
+#pragma unroll
+            for (int u = 0; u < EXPAND_UNROLL; ++u)
+                b[u] = i + u < rank ? ld_stream(colp + (i64)page_ids[i + u] * 2 * H) : vzero();
+#pragma unroll
+            for (int u = 0; u < EXPAND_UNROLL; ++u) {
+                float f[VEC];
+                unpack(b[u], f);
+                const float w = i + u < rank ? v_scaled[i + u] : 0.f;
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) acc[e] = fmaf(w, f[e], acc[e]);
+            }
+        }
+        float yf[VEC];
+        unpack(y_old, yf);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e) yf[e] += acc[e];
+        st_vec(yt + o, pack(yf));
+    }
+}
+
+#define FUSED_ARGS                                                                           \
+    elem_t* __restrict__ y, i64 y_stride, const elem_t* __restrict__ x, i64 x_stride,        \
+    const elem_t* __restrict__ pool, int H, const int* __restrict__ page_table,              \
+    int num_slots, int max_rank, int pages_per_row, const int* __restrict__ ranks,           \
+    const float* __restrict__ scales, const int* __restrict__ token_slots,                   \
+    const int* __restrict__ group, int d_in
+#define FUSED_PASS y, y_stride, x, x_stride, pool, H, page_table, num_slots, max_rank,        \
+    pages_per_row, ranks, scales, token_slots, group, d_in
+
+extern "C" __global__ void __launch_bounds__(128) mbgmv_fused(FUSED_ARGS)
+{
+    mbgmv_fused_body<128, 4, 4>(FUSED_PASS);
+}

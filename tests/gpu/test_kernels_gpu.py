@@ -174,6 +174,82 @@ def test_mbgmv_expand_matches_reference(L, gen, shape, module, dtype):
     assert torch.equal(y[untouched], y0[untouched])
 
 
+def make_group_pool(H: int, d_in: int, widths: list[int], dtype, gen):
+    """One module per width in one pool, every module's tables stacked; the slots' ranks
+    (RANKS and 0) rotate from module to module, rows on randomly permuted pages, rows past a
+    rank on random pages."""
+    ranks_list = list(RANKS) + [0]
+    num_modules, num_slots = len(widths), len(ranks_list)
+    n = math.ceil(max(d_in, *widths) / H)
+    ranks = [[ranks_list[(s + m) % num_slots] for s in range(num_slots)]
+             for m in range(num_modules)]
+    num_pages = 2 * sum(map(sum, ranks)) * n + 7
+    pool = (torch.randn(num_pages, 2, H, device="cuda", generator=gen) * 0.05).to(dtype)
+    perm = torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32)
+    table = torch.randint(0, num_pages, (num_modules, num_slots, MAX_RANK, n), device="cuda",
+                          generator=gen, dtype=torch.int32)
+    at = 0
+    for m in range(num_modules):
+        for s, r in enumerate(ranks[m]):
+            table[m, s, :r] = perm[at:at + r * n].view(r, n)
+            at += r * n
+    scales = torch.rand(num_modules, num_slots, device="cuda", generator=gen) * 1.5 + 0.5
+    members, col = [], 0
+    for m, w in enumerate(widths):
+        members.append((m, col, w))
+        col += w
+    group = torch.tensor(members, dtype=torch.int32, device="cuda")
+    return pool, table, torch.tensor(ranks, dtype=torch.int32, device="cuda"), scales, group, col
+
+
+def group_dims(shape: ModelShape, group: str) -> tuple[int, list[int]]:
+    """(d_in, member widths) of a fused projection's LoRA group."""
+    return {"qkv": (shape.hidden, [shape.hidden, shape.kv_dim, shape.kv_dim]),
+            "gate_up": (shape.hidden, [shape.intermediate, shape.intermediate]),
+            "o": (shape.hidden, [shape.hidden]),
+            "down": (shape.intermediate, [shape.hidden])}[group]
+
+
+def check_fused(L, gen, shape, group_name, dtype, num_tokens, num_chunks=None):
+    d_in, widths = group_dims(shape, group_name)
+    pool, table, ranks, scales, group, width = make_group_pool(shape.hidden, d_in, widths,
+                                                               dtype, gen)
+    slots = make_token_slots(num_tokens, ranks.shape[1], gen)
+    x = torch.randn(num_tokens, d_in, device="cuda", generator=gen).to(dtype)
+    # Small y: the output is mostly the LoRA delta, so a delta left out shows.
+    y0 = (torch.randn(num_tokens, width, device="cuda", generator=gen) * 0.01).to(dtype)
+    y = y0.clone()
+    L.lora_shrink_expand(y, x, pool, table, ranks, scales, slots, group,
+                         max_d_out=max(widths), num_chunks=num_chunks)
+    ref = torch_ref.lora_shrink_expand(y0.clone(), x, pool, table, ranks, scales, slots, group)
+    what = f"{shape.name} {group_name} fused, {num_tokens} tokens, chunks {num_chunks}"
+    assert_close(y, ref, dtype, what)
+    worst = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+    assert worst < 2 * TOL[dtype], f"{what}: an element is off by {worst:.2e} of the largest"
+    assert torch.equal(y[slots == NO_ADAPTER], y0[slots == NO_ADAPTER])
+
+
+@pytest.mark.parametrize("num_tokens", [13, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_name", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_fused_group_matches_reference(L, gen, shape, group_name, dtype, num_tokens):
+    """Decode shrink + expand in one launch for a module group (q, k, v into the fused
+    output's columns; gate and up; down with d_in 11008..14336): ranks differ per module and
+    slot, rank-0 modules and no-adapter tokens are left as they were."""
+    check_fused(L, gen, shape, group_name, dtype, num_tokens)
+
+
+@pytest.mark.parametrize("num_chunks", [1, 3, 1000])
+def test_mbgmv_fused_any_number_of_chunks(L, gen, num_chunks):
+    """Whatever the blocks per token (1: one block computes everything; 1000: clamped to a
+    unit each), the result is the same; also for the fp32 pool and the 13B shapes
+    (H = 5120, down's d_in 13824 over three page columns)."""
+    check_fused(L, gen, LLAMA2_7B, "qkv", torch.bfloat16, 13, num_chunks)
+    check_fused(L, gen, LLAMA2_13B, "down", torch.float16, 13, num_chunks)
+    check_fused(L, gen, LLAMA3_8B, "o", torch.float32, 13, num_chunks)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
@@ -336,6 +412,20 @@ def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(gen, dtype):
     y_ref = torch_be.lora_expand(y0.clone(), v_ref, lp.pool, lp.page_table, lp.ranks, lp.scales,
                                  lora)
     assert_close(y, y_ref, dtype, "backend expand")
+
+    # A LoRA group (q, k, v of the GQA shape): fused decode launch plus MBGMM per member.
+    from slora.kernels.backend import LoraGroup
+    d_in, widths = group_dims(shape, "qkv")
+    gpool, gtable, granks, gscales, group, width = make_group_pool(shape.hidden, d_in, widths,
+                                                                   dtype, gen)
+    members = tuple(tuple(r) for r in group.tolist())
+    xg = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
+    yg0 = (torch.randn(n, width, device="cuda", generator=gen) * 0.01).to(dtype)
+    yg = cuda_be.lora_group(yg0.clone(), xg, gpool, gtable, granks, gscales,
+                            LoraGroup(members, group), lora)
+    yg_ref = torch_be.lora_group(yg0.clone(), xg, gpool, gtable, granks, gscales,
+                                 LoraGroup(members, group), lora)
+    assert_close(yg, yg_ref, dtype, "backend LoRA group")
 
     # Attention: 12 decode requests, then 3 prefills (one with a cached prefix).
     lens = [int(c) for c in torch.randint(1, 900, (num_decode,), generator=gen,
