@@ -71,8 +71,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step: decode tokens plus prefill chunks")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
-                   help="run decode steps eagerly instead of replaying CUDA graphs "
-                        "(graphs are captured at start-up on CUDA only)")
+                   help="run every step eagerly instead of replaying CUDA graphs (on "
+                        "CUDA, graphs of decode and mixed steps are captured at start-up, "
+                        "and for a new set of LoRA projections on first use)")
 
 
 def _pick_device(device: str | None) -> str:

@@ -79,6 +79,37 @@ mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
 #define EXPAND_THREADS 128
 #define EXPAND_UNROLL 16
 
+// y_old + sum_{i < rank} v_scaled[i] * (the vector at `col` of row i's page): one thread's 16
+// bytes of an expand, EXPAND_UNROLL rows in flight. `col` points into page 0's V half at the
+// thread's offset; page_ids[i] is row i's page for this page column.
+__device__ __forceinline__ vec_t add_expand(const vec_t& y_old, const elem_t* __restrict__ col,
+                                            const int* page_ids, const float* v_scaled,
+                                            int rank, int H)
+{
+    float acc[VEC];
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
+    for (int i = 0; i < rank; i += EXPAND_UNROLL) {
+        vec_t b[EXPAND_UNROLL];
+#pragma unroll
+        for (int u = 0; u < EXPAND_UNROLL; ++u)
+            b[u] = i + u < rank ? ld_stream(col + (i64)page_ids[i + u] * 2 * H) : vzero();
+#pragma unroll
+        for (int u = 0; u < EXPAND_UNROLL; ++u) {
+            float f[VEC];
+            unpack(b[u], f);
+            const float w = i + u < rank ? v_scaled[i + u] : 0.f;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) acc[e] = fmaf(w, f[e], acc[e]);
+        }
+    }
+    float yf[VEC];
+    unpack(y_old, yf);
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) yf[e] += acc[e];
+    return pack(yf);
+}
+
 // y[t, o] += scale[s] * sum_{i < rank[s]} v[t, i] * B_s^T[i, o], in place; tokens with no
 // adapter are left untouched. grid (num_tokens, ceil(d_out / H) * chunks_per_page) with
 // chunks_per_page = ceil(H / (EXPAND_THREADS * VEC)): a block covers one chunk of one page
@@ -116,30 +147,7 @@ mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
     }
     __syncthreads();
     if (rank <= 0 || !active) return;
-    const elem_t* col = pool + H + in_page;  // V half of the page, this thread's vector
-
-    float acc[VEC];
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
-    for (int i = 0; i < rank; i += EXPAND_UNROLL) {
-        vec_t b[EXPAND_UNROLL];
-#pragma unroll
-        for (int u = 0; u < EXPAND_UNROLL; ++u)
-            b[u] = i + u < rank ? ld_stream(col + (i64)page_ids[i + u] * 2 * H) : vzero();
-#pragma unroll
-        for (int u = 0; u < EXPAND_UNROLL; ++u) {
-            float f[VEC];
-            unpack(b[u], f);
-            const float w = i + u < rank ? v_scaled[i + u] : 0.f;
-#pragma unroll
-            for (int e = 0; e < VEC; ++e) acc[e] = fmaf(w, f[e], acc[e]);
-        }
-    }
-    float yf[VEC];
-    unpack(y_old, yf);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) yf[e] += acc[e];
-    st_vec(yp, pack(yf));
+    st_vec(yp, add_expand(y_old, pool + H + in_page, page_ids, v_scaled, rank, H));
 }
 
 // Shrink and expand in one launch, for a group of modules that read the same x (q, k, v of
@@ -242,29 +250,7 @@ mbgmv_fused_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restrict_
         __syncthreads();
         if (!active) continue;
         const vec_t y_old = ld_rw(yt + o);
-        const elem_t* colp = pool + H + in_page;  // V half of the page, this thread's vector
-        float acc[VEC];
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
-        for (int i = 0; i < rank; i += EXPAND_UNROLL) {
-            vec_t b[EXPAND_UNROLL];
-#pragma unroll
-            for (int u = 0; u < EXPAND_UNROLL; ++u)
-                b[u] = i + u < rank ? ld_stream(colp + (i64)page_ids[i + u] * 2 * H) : vzero();
-#pragma unroll
-            for (int u = 0; u < EXPAND_UNROLL; ++u) {
-                float f[VEC];
-                unpack(b[u], f);
-                const float w = i + u < rank ? v_scaled[i + u] : 0.f;
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) acc[e] = fmaf(w, f[e], acc[e]);
-            }
-        }
-        float yf[VEC];
-        unpack(y_old, yf);
-#pragma unroll
-        for (int e = 0; e < VEC; ++e) yf[e] += acc[e];
-        st_vec(yt + o, pack(yf));
+        st_vec(yt + o, add_expand(y_old, pool + H + in_page, page_ids, v_scaled, rank, H));
     }
 }
 
