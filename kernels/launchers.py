@@ -134,6 +134,21 @@ def _check_segments(seg_starts, seg_slots, pool) -> int:
     return seg_slots.shape[0]
 
 
+def _check_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales):
+    """The checks of an expand's arguments; returns (num_tokens, d_out, H, num_slots,
+    max_rank, pages_per_row)."""
+    _check_rows("y", y, pool)
+    num_tokens, d_out = y.shape
+    H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_out,
+                                                     "d_out")
+    _check_v(v, pool, num_tokens, max_rank)
+    _check_cuda("lora_scales", lora_scales, pool.device)
+    if lora_scales.dtype != torch.float32 or tuple(lora_scales.shape) != (num_slots,):
+        raise ValueError(f"lora_scales must be float32 [{num_slots}], "
+                         f"got {lora_scales.dtype} {tuple(lora_scales.shape)}")
+    return num_tokens, d_out, H, num_slots, max_rank, ppr
+
+
 # ---- LoRA decode (MBGMV) ------------------------------------------------------------------
 
 def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None):
@@ -170,14 +185,8 @@ def lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slot
 
     y [num_tokens, d_out] (model dtype); v [num_tokens, max_rank] float32.
     """
-    _check_rows("y", y, pool)
-    num_tokens, d_out = y.shape
-    H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_out, "d_out")
-    _check_v(v, pool, num_tokens, max_rank)
-    _check_cuda("lora_scales", lora_scales, pool.device)
-    if lora_scales.dtype != torch.float32 or tuple(lora_scales.shape) != (num_slots,):
-        raise ValueError(f"lora_scales must be float32 [{num_slots}], "
-                         f"got {lora_scales.dtype} {tuple(lora_scales.shape)}")
+    num_tokens, d_out, H, num_slots, max_rank, ppr = _check_expand(
+        y, v, pool, lora_page_table, lora_ranks, lora_scales)
     _check_int("token_slots", token_slots, pool, 1)
     if token_slots.shape[0] != num_tokens:
         raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; y has {num_tokens}")
@@ -224,9 +233,10 @@ def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, tok
         _check_int(name, t, pool, 2, dtype)
         if tuple(t.shape) != (num_modules, num_slots):
             raise ValueError(f"{name} must be [{num_modules}, {num_slots}], got {tuple(t.shape)}")
-    if max(d_in, max_d_out) > ppr * H:
-        raise ValueError(f"rows of {max(d_in, max_d_out)} need {math.ceil(max(d_in, max_d_out) / H)} "
-                         f"pages; lora_page_table has {ppr} per row (H={H})")
+    width = max(d_in, max_d_out)
+    if width > ppr * H:
+        raise ValueError(f"rows of {width} need {math.ceil(width / H)} pages; "
+                         f"lora_page_table has {ppr} per row (H={H})")
     if max_d_out > y.shape[1]:
         raise ValueError(f"max_d_out={max_d_out} is wider than y ({y.shape[1]} columns)")
     _check_int("token_slots", token_slots, pool, 1)
@@ -311,14 +321,8 @@ def lora_expand_segments(y, v, pool, lora_page_table, lora_ranks, lora_scales, s
 
     y [num_tokens, d_out] (model dtype); v [num_tokens, max_rank] float32; returns y.
     """
-    _check_rows("y", y, pool)
-    num_tokens, d_out = y.shape
-    H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_out, "d_out")
-    _check_v(v, pool, num_tokens, max_rank)
-    _check_cuda("lora_scales", lora_scales, pool.device)
-    if lora_scales.dtype != torch.float32 or tuple(lora_scales.shape) != (num_slots,):
-        raise ValueError(f"lora_scales must be float32 [{num_slots}], "
-                         f"got {lora_scales.dtype} {tuple(lora_scales.shape)}")
+    num_tokens, d_out, H, num_slots, max_rank, ppr = _check_expand(
+        y, v, pool, lora_page_table, lora_ranks, lora_scales)
     num_segs = _check_segments(seg_starts, seg_slots, pool)
     if num_segs == 0 or num_tokens == 0 or max_rank == 0 or d_out == 0:
         return y

@@ -44,7 +44,8 @@ def make_engine(folders) -> Engine:
     config = EngineConfig(
         model=ModelConfig.from_folder(base),
         pool=PoolConfig(num_pages=2048, max_adapter_slots=4, max_lora_rank=8),
-        scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
+        scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS,
+                                  max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
                                   max_model_len=128))
     engine = Engine(config, base)
     for name, path in adapters.items():

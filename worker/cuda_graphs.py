@@ -49,7 +49,7 @@ import bisect
 import logging
 import time
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
@@ -115,14 +115,6 @@ class StepGraphs:
         self.num_mixed_replays: Counter[int] = Counter()
         self.capture_time_s = 0.0
 
-    @property
-    def max_size(self) -> int:
-        return self.sizes[-1]
-
-    @property
-    def max_tokens(self) -> int:
-        return max(self.sizes[-1], self.mixed_sizes[-1] if self.mixed_sizes else 0)
-
     def bucket(self, num_reqs: int) -> int:
         """The bucket a decode batch of num_reqs replays; 0 when it is larger than all."""
         return _bucket(self.sizes, num_reqs)
@@ -150,9 +142,9 @@ class StepGraphs:
         self._prepare()
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        shapes = [(MIXED, s) for s in reversed(self.mixed_sizes)] + [
-            (DECODE, s) for s in reversed(self.sizes)]
-        shapes.sort(key=lambda ks: -ks[1])  # largest first: the others reuse its memory
+        # Largest first: the others reuse its memory.
+        shapes = sorted([(MIXED, s) for s in self.mixed_sizes] +
+                        [(DECODE, s) for s in self.sizes], key=lambda shape: -shape[1])
         with torch.inference_mode():
             for kind, size in shapes:
                 # One eager run first: kernels loaded, cuBLAS set up for this shape.
