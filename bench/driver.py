@@ -16,6 +16,7 @@ default); a failed request counts as a miss.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import itertools
 import json
@@ -50,6 +51,8 @@ class RequestRecord:
     end_s: float | None = NOT_YET
     num_output_tokens: int = 0
     error: str | None = None
+    token_times: list[float] = field(default_factory=list, repr=False)
+    """When each output token came back (seconds from the start); not written to JSON."""
 
     @property
     def completed(self) -> bool:
@@ -93,7 +96,8 @@ class RunResult:
 
     def to_json(self) -> dict:
         d = asdict(self)
-        d["records"] = [asdict(r) for r in self.records]
+        d["records"] = [{k: v for k, v in asdict(r).items() if k != "token_times"}
+                        for r in self.records]
         return d
 
 
@@ -140,9 +144,11 @@ async def _send_one(client, workload: Workload, req: Request, start: float,
                                          max_new_tokens=req.output_len, ignore_eos=True,
                                          temperature=0.0):
             if event.token_ids:
+                t = time.perf_counter() - start
                 if rec.first_token_s is NOT_YET:
-                    rec.first_token_s = time.perf_counter() - start
+                    rec.first_token_s = t
                 rec.num_output_tokens += len(event.token_ids)
+                rec.token_times += [t] * len(event.token_ids)
             if event.finish_reason is not None:
                 rec.end_s = time.perf_counter() - start
                 if event.finish_reason in ("error", "cancelled"):
@@ -235,6 +241,7 @@ def run_engine(engine, workload: Workload, label: str | None = None) -> RunResul
                     if rec.first_token_s is NOT_YET:
                         rec.first_token_s = t
                     rec.num_output_tokens += len(out.new_token_ids)
+                    rec.token_times += [t] * len(out.new_token_ids)
                 if out.finished:
                     rec.end_s = t
                     reason = getattr(out.finish_reason, "value", out.finish_reason)
@@ -267,11 +274,55 @@ METRIC_KEYS = (
     "output_tokens_per_s", "num_output_tokens", "latency_mean_s", "latency_p50_s",
     "latency_p99_s", "ttft_mean_s", "ttft_p50_s", "ttft_p99_s", "tpot_mean_s", "tpot_p50_s",
     "tpot_p99_s", "slo_ttft_s", "slo_attainment", "output_tokens_per_step",
+    "saturation_batch", "saturated_s", "saturated_output_tokens_per_s",
 )
 
 
-def summarize(result: RunResult, slo_ttft_s: float = DEFAULT_SLO_TTFT_S) -> dict:
-    """The run's metrics (METRIC_KEYS; see the module docstring); also kept on `result`."""
+def saturated_intervals(records: list[RequestRecord], batch: int) -> list[tuple[float, float]]:
+    """The times when at least `batch` requests were in flight (sent, not yet ended): the
+    server had a full batch of work, or more waiting. A failed request with no end counts
+    until its last token, if any."""
+    events = []
+    for r in records:
+        end = r.end_s if r.end_s is not NOT_YET else (r.token_times[-1] if r.token_times
+                                                       else None)
+        if end is not None and end > r.sent_s:
+            events += [(r.sent_s, 1), (end, -1)]
+    events.sort(key=lambda e: (e[0], e[1]))  # an end before a send at the same instant
+    intervals, count, since = [], 0, None
+    for t, d in events:
+        count += d
+        if count >= batch and since is None:
+            since = t
+        elif count < batch and since is not None:
+            if t > since:
+                intervals.append((since, t))
+            since = None
+    return intervals
+
+
+def saturated_rate(records: list[RequestRecord], batch: int) -> tuple[float, float]:
+    """(seconds saturated, output tokens/s over those seconds): the tokens that came back
+    while at least `batch` requests were in flight, over that time (NaN when never)."""
+    intervals = saturated_intervals(records, batch)
+    seconds = sum(b - a for a, b in intervals)
+    if seconds <= 0:
+        return 0.0, math.nan
+    starts = [a for a, _ in intervals]
+    tokens = 0
+    for r in records:
+        for t in r.token_times:
+            i = bisect.bisect_right(starts, t) - 1
+            if i >= 0 and t <= intervals[i][1]:
+                tokens += 1
+    return seconds, tokens / seconds
+
+
+def summarize(result: RunResult, slo_ttft_s: float = DEFAULT_SLO_TTFT_S,
+              saturation_batch: int | None = None) -> dict:
+    """The run's metrics (METRIC_KEYS; see the module docstring); also kept on `result`.
+    With `saturation_batch` (the server's max_num_seqs), also the output tokens/s while the
+    server was saturated (`saturated_rate`)."""
     done = [r for r in result.records if r.completed]
     num_tokens = sum(r.num_output_tokens for r in done)
     wall = result.wall_s
@@ -290,6 +341,10 @@ def summarize(result: RunResult, slo_ttft_s: float = DEFAULT_SLO_TTFT_S) -> dict
     metrics["slo_attainment"] = met / len(result.records) if result.records else math.nan
     steps = result.stats.get("num_steps", 0)
     metrics["output_tokens_per_step"] = num_tokens / steps if steps else math.nan
+    metrics["saturation_batch"] = saturation_batch
+    metrics["saturated_s"], metrics["saturated_output_tokens_per_s"] = (
+        saturated_rate(result.records, saturation_batch) if saturation_batch
+        else (0.0, math.nan))
     result.metrics = metrics
     return metrics
 
@@ -305,20 +360,22 @@ def _fmt(x, spec: str = ".2f", scale: float = 1.0) -> str:
 def results_table(results: list[RunResult]) -> str:
     """One markdown row per run."""
     head = ("| setting | via | adapters | req/s | out tok/s | latency mean / p50 / p99 (s) "
-            "| TTFT mean / p99 (s) | TPOT mean (ms) | SLO | failed | roofline tok/s "
-            "| % of roofline |")
-    lines = [head, "|" + "---|" * 2 + "---:|" * 10]
+            "| TTFT mean / p99 (s) | TPOT mean (ms) | SLO | failed | tok/s saturated (s) "
+            "| roofline tok/s | saturated / roofline |")
+    lines = [head, "|" + "---|" * 2 + "---:|" * 11]
     for r in results:
         m, roof = r.metrics, r.roofline
         roof_tps = roof.get("output_tokens_per_s")
-        share = (m["output_tokens_per_s"] / roof_tps) if roof_tps else None
+        sat = m.get("saturated_output_tokens_per_s")
+        share = (sat / roof_tps) if roof_tps and sat is not None else None
         lines.append(
             f"| {r.name} | {r.via} | {r.num_adapters} | {_fmt(m['throughput_rps'])} "
             f"| {_fmt(m['output_tokens_per_s'], '.0f')} "
             f"| {_fmt(m['latency_mean_s'])} / {_fmt(m['latency_p50_s'])} / "
             f"{_fmt(m['latency_p99_s'])} | {_fmt(m['ttft_mean_s'])} / {_fmt(m['ttft_p99_s'])} "
             f"| {_fmt(m['tpot_mean_s'], '.1f', 1e3)} | {_fmt(m['slo_attainment'], '.0%')} "
-            f"| {m['num_failed']} | {_fmt(roof_tps, '.0f')} | {_fmt(share, '.0%')} |")
+            f"| {m['num_failed']} | {_fmt(sat, '.0f')} ({_fmt(m.get('saturated_s'), '.1f')}) "
+            f"| {_fmt(roof_tps, '.0f')} | {_fmt(share, '.0%')} |")
     return "\n".join(lines)
 
 

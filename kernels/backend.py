@@ -93,6 +93,17 @@ class TorchBackend:
     def store_kv(self, k, v, pool, batch: AttentionBatch):
         torch_ref.store_kv(k, v, pool, batch.token_page_ids)
 
+    def add_rms_norm(self, h, delta, weight, eps: float):
+        return torch_ref.add_rms_norm(h, delta, weight, eps)
+
+    def rope_store_kv(self, qkv, positions, cos, sin_signed, pool, batch: AttentionBatch,
+                      num_heads: int, num_kv_heads: int):
+        return torch_ref.rope_store_kv(qkv, positions, cos, sin_signed, pool,
+                                       batch.token_page_ids, num_heads, num_kv_heads)
+
+    def silu_mul(self, gate_up):
+        return torch_ref.silu_mul(gate_up)
+
     def paged_attention(self, q, pool, batch: AttentionBatch, num_kv_heads: int, scale: float):
         return torch_ref.paged_attention(q, pool, batch.kv_page_table, batch.context_lens,
                                          batch.query_start_loc, num_kv_heads, scale)

@@ -80,6 +80,17 @@ class CudaBackend:
     def store_kv(self, k, v, pool, batch: AttentionBatch):
         launchers.store_kv(k, v, pool, batch.token_page_ids)
 
+    def add_rms_norm(self, h, delta, weight, eps: float):
+        return launchers.add_rms_norm(h, delta, weight, eps)
+
+    def rope_store_kv(self, qkv, positions, cos, sin_signed, pool, batch: AttentionBatch,
+                      num_heads: int, num_kv_heads: int):
+        return launchers.rope_store_kv(qkv, positions, cos, sin_signed, pool,
+                                       batch.token_page_ids, num_heads, num_kv_heads)
+
+    def silu_mul(self, gate_up):
+        return launchers.silu_mul(gate_up)
+
     def paged_attention(self, q, pool, batch: AttentionBatch, num_kv_heads: int, scale: float):
         """[num_tokens, num_heads, head_dim]: decode requests by the split-context kernel,
         the others by the causal tensor-core kernel."""

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 SOURCE_DIR = Path(__file__).parent / "cuda"
-SOURCES = ("lora_mbgmv.cu", "lora_mbgmm.cu", "attention.cu")
+SOURCES = ("lora_mbgmv.cu", "lora_mbgmm.cu", "attention.cu", "layer_ops.cu")
 DTYPE_DEFINES = {
     torch.bfloat16: "SLORA_BF16",
     torch.float16: "SLORA_FP16",

@@ -27,6 +27,7 @@ from slora.kernels.cuda_compile import f32, get_kernel, i32, i64, launch, ptr
 MBGMV = "lora_mbgmv.cu"
 MBGMM = "lora_mbgmm.cu"
 ATTENTION = "attention.cu"
+LAYER_OPS = "layer_ops.cu"
 POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HEAD_DIMS = (64, 128)
 _sm_counts: dict[int, int] = {}
@@ -481,4 +482,102 @@ def paged_attention(q, pool, kv_page_table, context_lens, query_start_loc, num_k
             ptr(context_lens), ptr(query_start_loc), i32(num_reqs), i32(num_heads),
             i32(num_kv_heads), f32(scale_log2), ptr(out)),
            dev)
+    return out
+
+
+# ---- the small steps between a layer's GEMMs ------------------------------------------------
+
+NORM_THREADS, NORM_MAXV = 256, 8  # as in layer_ops.cu
+
+
+def _check_act(name: str, t: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    """A CUDA activation [rows, cols] in a kernel dtype, contiguous, 16-byte aligned."""
+    if not isinstance(t, torch.Tensor) or t.device.type != "cuda":
+        raise ValueError(f"{name} must be a CUDA tensor, got {getattr(t, 'device', type(t))}")
+    if t.dtype not in POOL_DTYPES or (dtype is not None and t.dtype != dtype):
+        raise ValueError(f"{name} has dtype {t.dtype}; expected {dtype or POOL_DTYPES}")
+    if t.dim() != 2 or not t.is_contiguous() or t.data_ptr() % 16:
+        raise ValueError(f"{name} must be a contiguous, 16-byte aligned 2-D tensor, got shape "
+                         f"{tuple(t.shape)} strides {t.stride()}")
+
+
+def add_rms_norm(h, delta, weight, eps):
+    """h += delta in place (delta None: no add), then weight * RMSNorm(h) (torch_ref)."""
+    _check_act("h", h)
+    hidden = h.shape[1]
+    if delta is not None:
+        _check_act("delta", delta, h.dtype)
+        if delta.shape != h.shape:
+            raise ValueError(f"delta has shape {tuple(delta.shape)}; h has {tuple(h.shape)}")
+    _check_cuda("weight", weight, h.device)
+    if weight.dtype != h.dtype or tuple(weight.shape) != (hidden,) or weight.stride(0) != 1:
+        raise ValueError(f"weight must be a contiguous {h.dtype} [{hidden}] tensor, got "
+                         f"{weight.dtype} {tuple(weight.shape)}")
+    vec = _vec(h.dtype)
+    if hidden % vec or hidden > NORM_THREADS * NORM_MAXV * vec or weight.data_ptr() % 16:
+        return torch_ref.add_rms_norm(h, delta, weight, eps)
+    out = torch.empty_like(h)
+    if h.shape[0] == 0:
+        return out
+    dev = h.device.index
+    launch(get_kernel(LAYER_OPS, h.dtype, "add_rms_norm", dev), (h.shape[0],), (NORM_THREADS,),
+           (ptr(h), ptr(delta if delta is not None else h), i32(delta is not None),
+            ptr(weight), ptr(out), i32(hidden), f32(eps)),
+           dev)
+    return out
+
+
+def rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids, num_heads,
+                  num_kv_heads):
+    """Rotary q and k, k and v stored into each token's page; returns q (torch_ref)."""
+    H = _check_pool(pool)
+    _check_rows("qkv", qkv, pool)
+    num_tokens = qkv.shape[0]
+    nq = num_heads + num_kv_heads
+    head_dim, rest = divmod(qkv.shape[1], nq + num_kv_heads)
+    if rest or head_dim % 2:
+        raise ValueError(f"qkv has {qkv.shape[1]} columns: not (num_heads + 2 * num_kv_heads "
+                         f"= {nq + num_kv_heads}) heads of an even head_dim")
+    if num_kv_heads * head_dim > H:
+        raise ValueError(f"kv_dim={num_kv_heads * head_dim} does not fit a page half of H={H}")
+    _check_int("positions", positions, pool, 1)
+    _check_int("token_page_ids", token_page_ids, pool, 1)
+    for name, t in (("positions", positions), ("token_page_ids", token_page_ids)):
+        if t.shape[0] != num_tokens:
+            raise ValueError(f"{name} has {t.shape[0]} entries; qkv has {num_tokens} tokens")
+    for name, t in (("cos", cos), ("sin_signed", sin_signed)):
+        _check_cuda(name, t, pool.device)
+        if t.dtype != torch.float32 or t.dim() != 2 or t.shape[1] != head_dim \
+                or not t.is_contiguous():
+            raise ValueError(f"{name} must be a contiguous float32 [max_positions, {head_dim}] "
+                             f"tensor, got {t.dtype} {tuple(t.shape)}")
+    if (head_dim // 2) % _vec(pool.dtype):
+        return torch_ref.rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids,
+                                       num_heads, num_kv_heads)
+    q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
+    if num_tokens == 0:
+        return q
+    dev = pool.device.index
+    launch(get_kernel(LAYER_OPS, pool.dtype, "rope_store_kv", dev), (num_tokens,), (128,),
+           (ptr(qkv), i64(qkv.stride(0)), ptr(positions), ptr(cos), ptr(sin_signed), ptr(q),
+            ptr(pool), i32(H), ptr(token_page_ids), i32(num_heads), i32(num_kv_heads),
+            i32(head_dim)),
+           dev)
+    return q
+
+
+def silu_mul(gate_up):
+    """silu(gate) * up of [num_tokens, 2 * inter] (gate first) (torch_ref)."""
+    _check_act("gate_up", gate_up)
+    num_tokens, width = gate_up.shape
+    inter = width // 2
+    if width % 2 or inter % _vec(gate_up.dtype):
+        return torch_ref.silu_mul(gate_up)
+    out = torch.empty(num_tokens, inter, dtype=gate_up.dtype, device=gate_up.device)
+    items = num_tokens * inter // _vec(gate_up.dtype)
+    if items == 0:
+        return out
+    dev = gate_up.device.index
+    launch(get_kernel(LAYER_OPS, gate_up.dtype, "silu_mul", dev), (math.ceil(items / 256),),
+           (256,), (ptr(gate_up), ptr(out), i64(num_tokens), i32(inter)), dev)
     return out

@@ -105,6 +105,51 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
     pool[pages, 1, :kv_dim] = v.to(pool.dtype)
 
 
+def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> torch.Tensor:
+    """h += delta in place (when delta is given; the residual stream), then returns
+    weight * RMSNorm(h) in h's dtype, computed as Hugging Face Llama does: the norm in
+    float32, rounded to h's dtype, then times the weight.
+
+    h, delta [num_tokens, hidden]; weight [hidden].
+    """
+    if delta is not None:
+        h.add_(delta)
+    xf = torch.nn.functional.rms_norm(h.float(), (h.shape[-1],), eps=eps)
+    return weight * xf.to(h.dtype)
+
+
+def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                  sin_signed: torch.Tensor, pool: torch.Tensor, token_page_ids: torch.Tensor,
+                  num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Rotary embedding of the q and k heads of the fused projection's output, the rotated
+    k and the v of each token stored into its page (as store_kv); returns the rotated q.
+
+    qkv [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim] (rows may be strided);
+    positions [num_tokens] int; cos, sin_signed [max_positions, head_dim] float32 tables
+    (the halves repeated; the sine's first half negated), rounded to qkv's dtype as Hugging
+    Face Llama does: x * cos + rotate_half(x) * sin. Returns q [num_tokens, num_heads,
+    head_dim], contiguous.
+    """
+    num_tokens = qkv.shape[0]
+    head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+    nq = num_heads + num_kv_heads
+    c = cos[positions.long()].to(qkv.dtype).unsqueeze(1)
+    s = sin_signed[positions.long()].to(qkv.dtype).unsqueeze(1)
+    x = qkv[:, :nq * head_dim].view(num_tokens, nq, head_dim)
+    qk = torch.addcmul(x * c, x.roll(head_dim // 2, dims=-1), s)
+    store_kv(qk[:, num_heads:].reshape(num_tokens, num_kv_heads * head_dim),
+             qkv[:, nq * head_dim:], pool, token_page_ids)
+    return qk[:, :num_heads].contiguous()
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of the fused gate/up projection's output [num_tokens, 2 * inter]
+    (gate first), rounded after each op as torch does in gate_up's dtype."""
+    gate, up = gate_up.chunk(2, dim=1)
+    return torch.nn.functional.silu(gate) * up
+
+
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, kv_page_table: torch.Tensor,
                     context_lens: torch.Tensor, query_start_loc: torch.Tensor,
                     num_kv_heads: int, scale: float) -> torch.Tensor:

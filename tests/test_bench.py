@@ -243,11 +243,34 @@ def test_metrics_count_completed_requests_over_the_whole_wall_time():
     assert m["output_tokens_per_step"] == 2.0
 
 
+def test_saturated_rate_counts_tokens_while_a_full_batch_is_in_flight():
+    """Batch 2: saturated while two requests are in flight, [1, 4) and [6, 7); the tokens
+    that came back then, over those 4 s."""
+    def rec(i, sent, end, times):
+        r = RequestRecord(i, None, 4, len(times), sent, sent, times[0], end, len(times))
+        r.token_times = list(times)
+        return r
+
+    records = [rec(0, 0.0, 4.0, [0.5, 1.5, 2.5, 3.5]),   # in flight [0, 4)
+               rec(1, 1.0, 7.0, [2.0, 3.0, 5.0, 6.5]),   # [1, 7)
+               rec(2, 6.0, 9.0, [6.2, 6.8, 8.0, 8.5])]   # [6, 9)
+    assert driver.saturated_intervals(records, 2) == [(1.0, 4.0), (6.0, 7.0)]
+    seconds, rate = driver.saturated_rate(records, 2)
+    assert seconds == 4.0
+    # In [1, 4]: 1.5, 2.5, 3.5, 2.0, 3.0; in [6, 7]: 6.5, 6.2, 6.8.
+    assert rate == pytest.approx(8 / 4.0)
+    assert driver.saturated_rate(records, 4) == (0.0, pytest.approx(float("nan"), nan_ok=True))
+    m = driver.summarize(RunResult("r", "grpc", "S1", 1, records, wall_s=9.0), 6.0,
+                         saturation_batch=2)
+    assert m["saturated_output_tokens_per_s"] == pytest.approx(2.0)
+
+
 # -- the one command -----------------------------------------------------------------------
 
 TINY_COMMAND = ["--model", "dummy-tiny", "--device", "cpu", "--num-adapters", "4",
                 "--num-requests", "6", "--rate", "100", "--input-range", "4", "16",
-                "--output-range", "2", "8", "--warmup-requests", "2", "--max-num-seqs", "8"]
+                "--output-range", "2", "8", "--warmup-requests", "2", "--max-num-seqs", "4"]
+"""Six requests at once against four sequences: the server is saturated for a while."""
 
 
 def _run_serving(out_dir, *extra: str) -> tuple[dict, str]:
@@ -285,11 +308,14 @@ def test_one_command_runs_the_benchmark_and_its_baselines_and_prints_the_table(t
     assert checks == ["S1 4 adapters vs base, req/s", "S2 4 adapters vs base, req/s",
                       "8 vs 2 adapters, req/s", "S1 4 adapters vs PEFT (its sample), req/s",
                       "gRPC vs in-process, S1 4 adapters, req/s",
-                      "S1 4 adapters output tok/s vs its roofline"]
+                      "S1 4 adapters output tok/s at saturation vs its roofline"]
     assert all(c["ours"] is not None for c in payload["checks"])
     last = stdout.strip().splitlines()
     assert last[-8].startswith("| target | ours | roofline | needed |")
-    assert last[-1].startswith("| S1 4 adapters output tok/s vs its roofline |")
+    assert last[-1].startswith("| S1 4 adapters output tok/s at saturation vs its roofline |")
+    for r in payload["results"]:
+        if r["via"] != "peft":
+            assert r["metrics"]["saturated_s"] > 0, r["name"]
     assert "| base (no adapters) | grpc | 0 |" in stdout
     for name in ("serving.md", "stack.log"):
         assert os.path.getsize(tmp_path / name) > 0

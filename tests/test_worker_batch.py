@@ -1,7 +1,7 @@
 """The worker's step inputs (worker/batch.py) on the CPU: the persistent device page table
 follows the scheduler's pages with only each step's new page ids, and steps padded to a
-CUDA-graph bucket (decode batches to a number of requests, mixed steps to a number of tokens
-and max_num_seqs requests; padding on the scratch page and row) give their real rows the
+CUDA-graph bucket (decode batches to a number of requests, mixed steps to a number of decode
+rows and of prefill tokens; padding on the scratch page and row) give their real rows the
 tokens and logits of the unpadded steps.
 
 Without a GPU there is no graph to capture; the padded step is run eagerly through the very
@@ -132,7 +132,7 @@ def test_device_page_table_follows_the_scheduler_with_only_new_page_ids(folders)
 
 def test_padded_steps_give_the_unpadded_tokens_and_logits(folders):
     """Decode batches of 7 down to 1 requests, padded to buckets 8, 4, 2 and 1, and the
-    prefill steps, padded to 16 or 32 tokens and 8 requests, give the same greedy tokens as
+    prefill steps, padded to 8 decode rows and 16 or 32 prefill rows, give the same greedy tokens as
     eager steps, and logits within float32 rounding; the adapters' projections got a LoRA
     set of their own."""
     eager_tokens, eager_logits = run_with_logits(make_engine(folders), seed=4)
@@ -140,7 +140,9 @@ def test_padded_steps_give_the_unpadded_tokens_and_logits(folders):
     graphs = emulate_graphs(engine)
     padded_tokens, padded_logits = run_with_logits(engine, seed=4)
     assert set(graphs.num_replays) >= {8, 4, 2, 1}, dict(graphs.num_replays)
-    assert set(graphs.num_mixed_replays) & {16, 32}, dict(graphs.num_mixed_replays)
+    # Mixed shapes (decode rows, prefill rows): the decode rows padded to max_num_seqs.
+    assert {s for _, s in graphs.num_mixed_replays} & {16, 32}, dict(graphs.num_mixed_replays)
+    assert {d for d, _ in graphs.num_mixed_replays} == {MAX_NUM_SEQS}
     assert len(graphs.lora_sets) > 2, graphs.lora_sets  # none, all, and the adapters' sets
     assert padded_tokens == eager_tokens
     for a, b in zip(padded_logits, eager_logits):

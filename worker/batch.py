@@ -16,9 +16,9 @@ last row, `scratch_row`, and the pool's scratch page serve the padding rows of a
 batch.
 
 **One copy per step.** Every integer of a step goes into one pinned host buffer at fixed
-offsets (a field of max_num_batched_tokens or max_num_seqs entries each), then one
-host-to-device copy into a device buffer of the same layout; the batch's tensors are views of
-it. Fixed offsets give CUDA graphs static input addresses (worker/cuda_graphs.py). Two host
+offsets (a field per token or per request, sized for the largest padded graph step), then
+one host-to-device copy into a device buffer of the same layout; the batch's tensors are
+views of it. Fixed offsets give CUDA graphs static input addresses (worker/cuda_graphs.py). Two host
 buffers take turns, each guarded by an event, so filling step N+1 never overwrites what step
 N's copy has not read yet.
 """
@@ -77,10 +77,11 @@ class StepBatch:
     any_lora: bool
     sampled: list[RequestState]
     """Requests that sample a token, in the order of logits_indices."""
-    graph_size: int
-    """The CUDA-graph bucket this step replays (rows past num_tokens are padding); 0: eager."""
+    graph_size: int | tuple[int, int]
+    """The CUDA-graph bucket this step replays: a decode batch size, or a mixed graph's
+    (decode rows, prefill rows); 0: eager."""
     graph_kind: str = ""
-    """"decode" (graph_size requests) or "mixed" (graph_size tokens); "" when eager."""
+    """"decode" or "mixed"; "" when eager."""
 
 
 _FIELDS_PER_TOKEN = ("input_ids", "positions", "token_page_ids", "token_slots", "kv_flat_index")
@@ -101,11 +102,15 @@ class StepInputs:
         self.kv_page_table = torch.full((max_num_seqs + 1, max_model_len), scratch_page,
                                         dtype=torch.int32, device=device)
         self._free_rows = list(range(max_num_seqs - 1, -1, -1))
-        self.max_num_tokens = max_num_batched_tokens
+        self.max_step_tokens = max_num_batched_tokens
         self.max_num_reqs = max_num_seqs
-        sizes = {**{f: max_num_batched_tokens for f in _FIELDS_PER_TOKEN},
-                 **{f: max_num_seqs for f in _FIELDS_PER_REQUEST},
-                 **{f: max_num_seqs + 1 for f in _FIELDS_PER_REQUEST_PLUS_ONE}}
+        # Room for a mixed graph's padding: up to max_num_seqs decode rows before the prefill
+        # tokens, and as many prefill requests after the decode requests.
+        self.max_num_tokens = max_num_batched_tokens + max_num_seqs
+        self.max_rows = 2 * max_num_seqs
+        sizes = {**{f: self.max_num_tokens for f in _FIELDS_PER_TOKEN},
+                 **{f: self.max_rows for f in _FIELDS_PER_REQUEST},
+                 **{f: self.max_rows + 1 for f in _FIELDS_PER_REQUEST_PLUS_ONE}}
         self.offsets: dict[str, int] = {}
         size = 0
         for name, n in sizes.items():
@@ -152,29 +157,31 @@ class StepInputs:
     def build(self, scheduled: list[ScheduledRequest], graphs=None) -> StepBatch:
         """Fills the step's inputs from `scheduled` (decode requests first) and copies them
         to the device. With `graphs` (worker/cuda_graphs.py StepGraphs) a step that fits a
-        bucket is padded to it: a decode-only batch to `graphs.bucket(n)` requests, any
-        other step to `graphs.mixed_bucket(num_tokens)` tokens and max_num_seqs requests,
-        every request one LoRA segment."""
+        bucket is padded to it: a decode-only batch to `graphs.bucket(n)` requests; any other
+        step to a mixed shape (D, S): its decode tokens padded to D rows (decode attention,
+        MBGMV), then its prefill tokens from row D padded to S rows, its prefill requests
+        (one LoRA segment each) padded to `graphs.mixed_prefill_reqs(S)`."""
         h, o, width = self._host_buffer(), self.offsets, self.row_width
         num_reqs = len(scheduled)
         assert num_reqs <= self.max_num_reqs, f"{num_reqs} requests in one step"
         nd = 0
         while nd < num_reqs and scheduled[nd].num_new == 1:
             nd += 1
-        num_tokens = nd + sum(s.num_new for s in scheduled[nd:])
-        assert num_tokens <= self.max_num_tokens, (
-            f"{num_tokens} tokens in one step; at most {self.max_num_tokens}")
+        num_prefill = sum(s.num_new for s in scheduled[nd:])
+        num_tokens = nd + num_prefill
+        assert num_tokens <= self.max_step_tokens, (
+            f"{num_tokens} tokens in one step; at most {self.max_step_tokens}")
         graph_kind, graph_size = "", 0
         if graphs is not None:
             if nd == num_reqs:
                 graph_kind, graph_size = "decode", graphs.bucket(nd)
             else:
-                graph_kind, graph_size = "mixed", graphs.mixed_bucket(num_tokens)
+                graph_kind, graph_size = "mixed", graphs.mixed_bucket(nd, num_prefill)
             if not graph_size:
-                graph_kind = ""
+                graph_kind, graph_size = "", 0
         mixed = graph_kind == "mixed"
-        # Segment i is request seg0 + i: the prefill requests, or in a mixed graph all.
-        seg0 = 0 if mixed else nd
+        # The prefill tokens and requests start at row `first`: nd, or D in a mixed graph.
+        first = graph_size[0] if mixed else nd
         sampled: list[RequestState] = []
         logits_indices: list[int] = []
         any_lora = False
@@ -195,19 +202,20 @@ class StepInputs:
             h[o["context_lens"]:o["context_lens"] + nd] = pos + 1
             h[o["req_rows"]:o["req_rows"] + nd] = rows
             h[o["query_start_loc"]:o["query_start_loc"] + nd + 1] = np.arange(nd + 1)
-            if mixed:
-                h[o["seg_starts"]:o["seg_starts"] + nd + 1] = np.arange(nd + 1)
-                h[o["seg_slots"]:o["seg_slots"] + nd] = slots
             for i, st in enumerate(states):
                 if st.num_computed_tokens + 1 == len(st.token_ids):
                     logits_indices.append(i)
                     sampled.append(st)
             any_lora = any(slot != NO_ADAPTER_SLOT for slot in slots)
             max_context_len = int(pos.max()) + 1
+        if first > nd:  # a mixed graph's decode rows past the step's
+            self._pad_tokens(h, nd, first)
+            self._pad_decode_requests(h, nd, first)
 
-        b = nd
-        for i, s in enumerate(scheduled[nd:], start=nd):
-            st, n = s.state, s.num_new
+        b = first
+        for j, s in enumerate(scheduled[nd:]):
+            st, n, i = s.state, s.num_new, first + j
+            assert n > 1, "a request with one new token is a decode request"
             start, end = st.num_computed_tokens, st.num_computed_tokens + n
             a, b = b, b + n
             positions = np.arange(start, end, dtype=np.int32)
@@ -219,25 +227,27 @@ class StepInputs:
             h[o["context_lens"] + i] = end
             h[o["req_rows"] + i] = st.row
             h[o["query_start_loc"] + i + 1] = b
-            h[o["seg_starts"] + i - seg0] = a
-            h[o["seg_slots"] + i - seg0] = st.adapter_slot
+            h[o["seg_starts"] + j] = a
+            h[o["seg_slots"] + j] = st.adapter_slot
             if end == len(st.token_ids):
                 logits_indices.append(b - 1)
                 sampled.append(st)
             any_lora = any_lora or st.adapter_slot != NO_ADAPTER_SLOT
             max_context_len = max(max_context_len, end)
             max_query_len = max(max_query_len, n)
-        num_segs = num_reqs - seg0
+        num_segs = num_reqs - nd
         h[o["query_start_loc"]] = 0
-        h[o["seg_starts"] + num_segs] = num_tokens
+        h[o["seg_starts"] + num_segs] = b
         h[o["logits_indices"]:o["logits_indices"] + len(logits_indices)] = logits_indices
 
         if graph_kind == "decode":
             self._pad_tokens(h, nd, graph_size)
             self._pad_decode_requests(h, nd, graph_size)
         elif mixed:
-            self._pad_tokens(h, num_tokens, graph_size)
-            self._pad_requests(h, num_reqs, self.max_num_reqs, num_tokens)
+            d, s = graph_size
+            self._pad_tokens(h, b, d + s)
+            self._pad_requests(h, first + num_segs, first + graphs.mixed_prefill_reqs(s), b,
+                               seg_offset=first)
             li = o["logits_indices"]
             h[li + len(logits_indices):li + self.max_num_reqs] = 0
         self._upload()
@@ -263,15 +273,18 @@ class StepInputs:
         qsl = o["query_start_loc"]
         h[qsl + start + 1:qsl + end + 1] = np.arange(start + 1, end + 1)
 
-    def _pad_requests(self, h: np.ndarray, start: int, end: int, num_tokens: int) -> None:
-        """Requests and LoRA segments [start, end) as padding of a mixed graph: no tokens
-        (they start and end at num_tokens), the scratch row, no adapter."""
+    def _pad_requests(self, h: np.ndarray, start: int, end: int, token: int,
+                      seg_offset: int = 0) -> None:
+        """Prefill requests [start, end) as padding of a mixed graph: no tokens (they start
+        and end at row `token`), the scratch row; their LoRA segments (request i is segment
+        i - seg_offset) empty, no adapter."""
         o = self.offsets
         h[o["context_lens"] + start:o["context_lens"] + end] = 1
         h[o["req_rows"] + start:o["req_rows"] + end] = self.scratch_row
-        h[o["query_start_loc"] + start + 1:o["query_start_loc"] + end + 1] = num_tokens
-        h[o["seg_starts"] + start + 1:o["seg_starts"] + end + 1] = num_tokens
-        h[o["seg_slots"] + start:o["seg_slots"] + end] = NO_ADAPTER_SLOT
+        h[o["query_start_loc"] + start + 1:o["query_start_loc"] + end + 1] = token
+        s0, s1 = start - seg_offset, end - seg_offset
+        h[o["seg_starts"] + s0 + 1:o["seg_starts"] + s1 + 1] = token
+        h[o["seg_slots"] + s0:o["seg_slots"] + s1] = NO_ADAPTER_SLOT
 
     def write_padding(self) -> None:
         """Makes every token and request of the device inputs padding (before a graph
@@ -279,7 +292,7 @@ class StepInputs:
         h = self._host_buffer()
         o = self.offsets
         self._pad_tokens(h, 0, self.max_num_tokens)
-        self._pad_requests(h, 0, self.max_num_reqs, 0)
+        self._pad_requests(h, 0, self.max_rows, 0)
         h[o["query_start_loc"]] = h[o["seg_starts"]] = 0
         h[o["logits_indices"]:o["logits_indices"] + self.max_num_reqs] = 0
         self._upload()

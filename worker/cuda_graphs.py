@@ -24,13 +24,17 @@ token; their logits are ignored. Decode attention splits each context over block
 `max_context_len`; a graph keeps that split fixed, so it is captured with max_context_len =
 max_model_len and the kernel's blocks past a request's context exit at once.
 
-Mixed graphs: a step of T tokens replays the smallest token bucket >= T. Its shapes are
-fixed by the bucket and by `max_reqs` (= max_num_seqs): every request counts as a prefill
-request (a decode token is a query of length one; the causal attention kernel handles it)
-and as a LoRA segment (MBGMM), with the request and segment lists padded to max_reqs by
-empty entries and the tokens past T padded as above; the logits are those of max_reqs rows,
-the step's sampled rows first. The kernels find their tiles through the segment and query
-offsets on the device, so padding costs blocks that exit at once.
+Mixed graphs: a step with nd decode tokens and T prefill tokens replays the graph of shape
+(D, S), D the smallest of MIXED_DECODE_ROWS (capped at max_reqs) >= nd, S the smallest token
+bucket >= T. Rows [0, D) are decode rows, run by the kernels a decode graph runs (split-context
+decode attention, MBGMV LoRA), the step's own first and padding after them; rows [D, D + S)
+are prefill tokens (causal tensor-core attention, MBGMM LoRA segments), padded likewise. The
+prefill requests, one LoRA segment each, are padded to `mixed_prefill_reqs(S)` by empty
+entries (each holds at least two tokens: a request with one new token is a decode row); the
+logits are those of max_reqs rows, the step's sampled rows first. The kernels find their
+tiles through the segment and query offsets on the device, so padding costs blocks that
+exit at once. (Running decode tokens as one-token prefill queries instead costs 1.5x in
+attention and 10x in LoRA: bench/profile_step.py.)
 
 LoRA sets: a graph cannot skip kernels, so each bucket is captured per set of projections
 that carry LoRA: at start-up with none (the base model alone) and with all seven; on first
@@ -59,8 +63,11 @@ log = logging.getLogger(__name__)
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 MIXED_BUCKETS = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048)
-"""Token counts of mixed graphs. Above 2048 tokens a step's GEMMs take longer than
+"""Prefill token counts of mixed graphs. Above 2048 tokens a step's GEMMs take longer than
 launching it eagerly, and padding would cost more than a graph saves."""
+MIXED_DECODE_ROWS = (16, 64, 256)
+"""Decode rows of mixed graphs (and max_reqs): few, since each multiplies the mixed graphs;
+padding rows cost GEMM rows, which are nearly free next to the prefill tokens'."""
 MAX_LORA_SETS = 4
 """Sets of LoRA projections with graphs of their own, besides none and all."""
 ALL_MODULES = frozenset(LORA_MODULES)
@@ -82,19 +89,37 @@ def mixed_bucket_sizes(max_num_tokens: int) -> list[int]:
     return sizes
 
 
+def mixed_decode_sizes(max_batch: int) -> list[int]:
+    """The decode rows of mixed graphs for steps of up to `max_batch` requests."""
+    return [d for d in MIXED_DECODE_ROWS if d < max_batch] + [max_batch]
+
+
+def mixed_prefill_reqs(num_tokens: int, max_reqs: int) -> int:
+    """Prefill requests a mixed graph of `num_tokens` prefill rows holds: each has at least
+    two tokens."""
+    return max(1, min(max_reqs, num_tokens // 2))
+
+
 def _bucket(sizes: list[int], n: int) -> int:
     i = bisect.bisect_left(sizes, n)
     return sizes[i] if i < len(sizes) else 0
 
 
-GraphKey = tuple[str, int, frozenset]
+MixedShape = tuple[int, int]
+"""(decode rows, prefill token rows) of a mixed graph."""
+GraphKey = tuple[str, "int | MixedShape", frozenset]
+
+
+def _num_rows(size: "int | MixedShape") -> int:
+    return size if isinstance(size, int) else sum(size)
 
 
 class StepGraphs:
     """Captured steps, keyed by (kind, bucket size, LoRA projections).
 
     `forward(kind, size, modules)` queues one padded step of that shape on the current stream
-    and returns its logits (decode: [size, vocab]; mixed: [max_reqs, vocab]); `prepare()`
+    (size: a decode batch, or a mixed (D, S)) and returns its logits (decode: [size, vocab];
+    mixed: [max_reqs, vocab]); `prepare()`
     makes the worker's inputs all padding, so that capturing reads and writes nothing a
     request owns."""
 
@@ -102,7 +127,9 @@ class StepGraphs:
                  prepare: Callable[[], None], max_batch: int, max_num_tokens: int,
                  device: torch.device):
         self.sizes = bucket_sizes(max_batch)
+        self.max_batch = max_batch
         self.mixed_sizes = mixed_bucket_sizes(max_num_tokens)
+        self.mixed_decode_sizes = mixed_decode_sizes(max_batch)
         self.device = device
         self._forward = forward
         self._prepare = prepare
@@ -112,16 +139,23 @@ class StepGraphs:
         """The LoRA projection sets captured, in order."""
         self.num_replays: Counter[int] = Counter()
         """Decode replays per bucket size (tests check the buckets batches hit)."""
-        self.num_mixed_replays: Counter[int] = Counter()
+        self.num_mixed_replays: Counter[MixedShape] = Counter()
         self.capture_time_s = 0.0
 
     def bucket(self, num_reqs: int) -> int:
         """The bucket a decode batch of num_reqs replays; 0 when it is larger than all."""
         return _bucket(self.sizes, num_reqs)
 
-    def mixed_bucket(self, num_tokens: int) -> int:
-        """The bucket a mixed step of num_tokens replays; 0 when it is larger than all."""
-        return _bucket(self.mixed_sizes, num_tokens)
+    def mixed_bucket(self, num_decode: int, num_prefill: int) -> MixedShape | None:
+        """The (D, S) a step of num_decode decode tokens and num_prefill prefill tokens
+        replays; None when its prefill is larger than every bucket."""
+        s = _bucket(self.mixed_sizes, num_prefill)
+        if not s:
+            return None
+        return _bucket(self.mixed_decode_sizes, num_decode), s
+
+    def mixed_prefill_reqs(self, num_tokens: int) -> int:
+        return mixed_prefill_reqs(num_tokens, self.max_batch)
 
     def lora_set(self, modules: frozenset) -> frozenset:
         """The captured set a step whose adapters target `modules` replays; captures the
@@ -143,8 +177,9 @@ class StepGraphs:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         # Largest first: the others reuse its memory.
-        shapes = sorted([(MIXED, s) for s in self.mixed_sizes] +
-                        [(DECODE, s) for s in self.sizes], key=lambda shape: -shape[1])
+        shapes = sorted([(MIXED, (d, s)) for d in self.mixed_decode_sizes
+                         for s in self.mixed_sizes] + [(DECODE, s) for s in self.sizes],
+                        key=lambda shape: -_num_rows(shape[1]))
         with torch.inference_mode():
             for kind, size in shapes:
                 # One eager run first: kernels loaded, cuBLAS set up for this shape.
@@ -167,7 +202,7 @@ class StepGraphs:
         self.capture(ALL_MODULES)
         self.capture(NO_MODULES)
 
-    def replay(self, kind: str, size: int, modules: frozenset) -> torch.Tensor:
+    def replay(self, kind: str, size: "int | MixedShape", modules: frozenset) -> torch.Tensor:
         """Replays a graph on the current stream; returns its logits buffer (valid until
         the next replay)."""
         graph, logits = self._graphs[(kind, size, modules)]

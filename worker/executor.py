@@ -173,16 +173,17 @@ class Worker:
             step.max_query_len, step.max_context_len, step.any_lora, num_sampled, lora_modules)
         return self.model.forward(batch, self.pool)
 
-    def _padded_forward(self, kind: str, size: int, lora_modules: frozenset) -> torch.Tensor:
-        """The step a graph captures. Decode: `size` requests, logits of every row. Mixed:
-        `size` tokens of max_num_seqs requests, all of them prefill requests and LoRA
-        segments (padding is empty), logits of max_num_seqs rows."""
+    def _padded_forward(self, kind: str, size, lora_modules: frozenset) -> torch.Tensor:
+        """The step a graph captures. Decode: `size` requests, logits of every row. Mixed,
+        size (D, S): D decode rows, then S prefill rows of the graph's prefill requests (each
+        one LoRA segment; padding is empty), logits of max_num_seqs rows."""
         inputs, any_lora = self.inputs, bool(lora_modules)
         if kind == DECODE:
             batch = inputs.forward_batch(size, size, size, 0, 1, inputs.row_width, any_lora,
                                          None, lora_modules)
         else:
-            n = inputs.max_num_reqs
-            batch = inputs.forward_batch(size, n, 0, n, size, inputs.row_width, any_lora, n,
-                                         lora_modules)
+            d, s = size
+            p = self.graphs.mixed_prefill_reqs(s)
+            batch = inputs.forward_batch(d + s, d + p, d, p, s, inputs.row_width, any_lora,
+                                         inputs.max_num_reqs, lora_modules)
         return self.model.forward(batch, self.pool)

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from slora.common.config import LORA_MODULE_INDEX, ModelConfig
 from slora.kernels.backend import AttentionBatch, LoraBatch, LoraGroup
@@ -110,14 +109,6 @@ class LlamaModel:
                     groups[name][frozenset(subset)] = LoraGroup(members, table)
         return groups
 
-    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.cfg.rms_norm_eps)
-        return weight * xf.to(x.dtype)
-
-    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-        """x [num_tokens, heads, head_dim]; cos, sin_signed [num_tokens, 1, head_dim]."""
-        return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin_signed)
-
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str,
                  pool: UnifiedPool, lora: LoraBatch) -> None:
         """y += each token's adapter's LoRA of the modules of `projection` (LORA_GROUPS)
@@ -143,28 +134,23 @@ class LlamaModel:
         batch.logits_indices is None)."""
         cfg, lora = self.cfg, batch.lora
         num_tokens = batch.input_ids.shape[0]
-        nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        h = self.w.embed[batch.input_ids]  # [num_tokens, H]
-        cos = self.cos[batch.positions].to(h.dtype).unsqueeze(1)  # [num_tokens, 1, hd]
-        sin = self.sin_signed[batch.positions].to(h.dtype).unsqueeze(1)
+        nh, nkv = cfg.num_heads, cfg.num_kv_heads
+        be, eps = self.backend, cfg.rms_norm_eps
+        h = self.w.embed[batch.input_ids]  # [num_tokens, H]: the residual stream
+        delta = None  # what the last sublayer adds to h (the next norm adds it first)
         for i, lw in enumerate(self.w.layers):
-            x = self.rms_norm(h, lw["input_norm"])
+            x = be.add_rms_norm(h, delta, lw["input_norm"], eps)
             qkv = self.linear(x, i, "qkv_proj", pool, lora)  # [num_tokens, q_dim + 2 kv_dim]
-            v = qkv[:, cfg.q_dim + cfg.kv_dim:]
-            # q and k rotated together: [num_tokens, nh + nkv, hd]
-            qk = self.rope(qkv[:, :cfg.q_dim + cfg.kv_dim].view(num_tokens, nh + nkv, hd),
-                           cos, sin)
-            q = qk[:, :nh].contiguous()
             pages = pool.layer(i)
-            self.backend.store_kv(qk[:, nh:].reshape(num_tokens, cfg.kv_dim), v, pages,
-                                  batch.attn)
-            attn = self.backend.paged_attention(q, pages, batch.attn, nkv, self.attn_scale)
-            h = h + self.linear(attn.reshape(num_tokens, cfg.q_dim), i, "o_proj", pool, lora)
-            x = self.rms_norm(h, lw["post_norm"])
+            # q and k rotated, k and v stored into the new tokens' pages: [num_tokens, nh, hd]
+            q = be.rope_store_kv(qkv, batch.positions, self.cos, self.sin_signed, pages,
+                                 batch.attn, nh, nkv)
+            attn = be.paged_attention(q, pages, batch.attn, nkv, self.attn_scale)
+            o = self.linear(attn.reshape(num_tokens, cfg.q_dim), i, "o_proj", pool, lora)
+            x = be.add_rms_norm(h, o, lw["post_norm"], eps)
             gate_up = self.linear(x, i, "gate_up_proj", pool, lora)  # [num_tokens, 2 inter]
-            gate, up = gate_up.split(cfg.intermediate_size, dim=1)
-            h = h + self.linear(F.silu(gate) * up, i, "down_proj", pool, lora)
-        if batch.logits_indices is not None:
-            h = h[batch.logits_indices]
-        h = self.rms_norm(h, self.w.norm)
-        return (h @ self.w.lm_head.T).float()
+            delta = self.linear(be.silu_mul(gate_up), i, "down_proj", pool, lora)
+        x = be.add_rms_norm(h, delta, self.w.norm, eps)  # per row: the same before or
+        if batch.logits_indices is not None:           # after picking the sampled rows
+            x = x[batch.logits_indices]
+        return (x @ self.w.lm_head.T).float()

@@ -11,19 +11,39 @@
 #if defined(SLORA_HALF)
 
 // The segment and first token of tile number `tile` (counting the tiles of every segment in
-// order); false when there is no such tile.
+// order); false when there is no such tile. Each warp reads 32 segments' bounds at a time and
+// finds the tile by a prefix sum over its lanes, so a block of a padded launch (a CUDA graph
+// sizes the grid for its largest step) learns that it has no tile in a few hundred cycles.
+// Call with every lane of the warp active; `tile` is the same across the warp.
 __device__ __forceinline__ bool find_tile(const int* __restrict__ seg_starts, int num_segs,
                                           int tile, int bm, int& seg, int& m0, int& m_end) {
-    for (int s = 0; s < num_segs; ++s) {
-        const int a = seg_starts[s], b = seg_starts[s + 1];
+    const unsigned full = 0xffffffffu;
+    const int lane = threadIdx.x & 31;
+    int before = 0;  // tiles of the segments ahead of this group of 32
+    for (int s0 = 0; s0 < num_segs; s0 += 32) {
+        const int s = s0 + lane;
+        int a = 0, b = 0;
+        if (s < num_segs) {
+            a = seg_starts[s];
+            b = seg_starts[s + 1];
+        }
         const int nt = (b - a + bm - 1) / bm;
-        if (tile < nt) {
-            seg = s;
-            m0 = a + tile * bm;
-            m_end = b;
+        int incl = nt;  // tiles of this group's segments up to this lane's
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const int n = __shfl_up_sync(full, incl, o);
+            if (lane >= o) incl += n;
+        }
+        const int total = __shfl_sync(full, incl, 31);
+        if (tile < before + total) {
+            const int l = __ffs(__ballot_sync(full, before + incl > tile)) - 1;
+            const int first_tile = before + __shfl_sync(full, incl - nt, l);
+            seg = s0 + l;
+            m0 = __shfl_sync(full, a, l) + (tile - first_tile) * bm;
+            m_end = __shfl_sync(full, b, l);
             return true;
         }
-        tile -= nt;
+        before += total;
     }
     return false;
 }

@@ -1,0 +1,136 @@
+"""The per-layer kernels of kernels/cuda/layer_ops.cu (residual add + RMSNorm, rotary
+embedding + K/V store, SiLU * up) against their torch references, on the shapes of real
+models, in bf16, fp16 and fp32, on fresh random inputs. Outputs land in memory that held NaN
+just before (the caching allocator hands the freed block back), so an element a kernel
+forgot to write fails. Marked `gpu`; skipped without CUDA or CuPy.
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from slora.kernels import torch_ref
+
+HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and CuPy")]
+
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
+# (name, hidden, intermediate, num_heads, num_kv_heads)
+SHAPES = [("llama2-7b", 4096, 11008, 32, 32), ("llama2-13b", 5120, 13824, 40, 40),
+          ("llama3-8b-gqa", 4096, 14336, 32, 8), ("smollm2-135m-hd64", 576, 1536, 9, 3)]
+TOKENS = [1, 13, 300]
+
+
+@pytest.fixture(scope="module")
+def L():
+    from slora.kernels import launchers
+    return launchers
+
+
+@pytest.fixture
+def gen():
+    g = torch.Generator(device="cuda")
+    g.manual_seed(99)
+    return g
+
+
+def randn(*shape, dtype, gen, scale=1.0):
+    return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
+
+
+def poison(numel: int, dtype: torch.dtype) -> None:
+    """Fills a block of `numel` elements with NaN and frees it: the next allocation of that
+    size gets it back."""
+    t = torch.full((numel,), float("nan"), dtype=dtype, device="cuda")
+    del t
+
+
+def rel_err(out, ref) -> float:
+    out, ref = out.double(), ref.double()
+    assert not torch.isnan(out).any(), "an output element was never written"
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("with_delta", [True, False], ids=["add", "no-add"])
+def test_add_rms_norm(L, gen, dtype, shape, num_tokens, with_delta):
+    hidden = shape[1]
+    h = randn(num_tokens, hidden, dtype=dtype, gen=gen, scale=3.0)
+    delta = randn(num_tokens, hidden, dtype=dtype, gen=gen) if with_delta else None
+    weight = randn(hidden, dtype=dtype, gen=gen, scale=0.5)
+    h_ref = h.clone()
+    ref = torch_ref.add_rms_norm(h_ref, delta, weight, 1e-5)
+    poison(h.numel(), dtype)
+    out = L.add_rms_norm(h, delta, weight, 1e-5)
+    assert torch.equal(h, h_ref), "the residual add differs from torch's"
+    assert rel_err(out, ref) < TOL[dtype] / 10
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_rope_store_kv(L, gen, dtype, shape, num_tokens):
+    """q rotated into a new tensor; the rotated k and v written into each token's page (the
+    pages shuffled), every other page and element untouched."""
+    _, hidden, _, nh, nkv = shape
+    hd = hidden // nh
+    H = hidden
+    num_pages, max_pos = 2 * num_tokens + 50, 4096
+    width = (nh + 2 * nkv) * hd
+    # The fused projection's output, as a strided slice of a wider buffer.
+    qkv = randn(num_tokens, width + 8 * 4, dtype=dtype, gen=gen)[:, 8:8 + width]
+    positions = torch.randint(0, max_pos, (num_tokens,), device="cuda", generator=gen,
+                              dtype=torch.int32)
+    pages = torch.randperm(num_pages, device="cuda", generator=gen)[:num_tokens].to(torch.int32)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    freqs = torch.outer(torch.arange(max_pos, dtype=torch.float64), inv)
+    cos = torch.cat([freqs, freqs], -1).cos().float().cuda()
+    sin = torch.cat([-freqs.sin(), freqs.sin()], -1).float().cuda()
+    pool = randn(num_pages, 2, H, dtype=dtype, gen=gen)
+    pool_ref = pool.clone()
+    q_ref = torch_ref.rope_store_kv(qkv, positions, cos, sin, pool_ref, pages, nh, nkv)
+    poison(num_tokens * nh * hd, dtype)
+    q = L.rope_store_kv(qkv, positions, cos, sin, pool, pages, nh, nkv)
+    assert q.shape == (num_tokens, nh, hd) and q.is_contiguous()
+    assert rel_err(q, q_ref) < TOL[dtype] / 10
+    assert rel_err(pool[pages.long()], pool_ref[pages.long()]) < TOL[dtype] / 10
+    others = torch.ones(num_pages, dtype=torch.bool, device="cuda")
+    others[pages.long()] = False
+    assert torch.equal(pool[others], pool_ref[others]), "a page no token owns was written"
+    kv_dim = nkv * hd
+    assert torch.equal(pool[pages.long(), :, kv_dim:], pool_ref[pages.long(), :, kv_dim:])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+def test_silu_mul(L, gen, dtype, shape, num_tokens):
+    inter = shape[2]
+    gate_up = randn(num_tokens, 2 * inter, dtype=dtype, gen=gen, scale=2.0)
+    ref = torch_ref.silu_mul(gate_up)
+    poison(num_tokens * inter, dtype)
+    out = L.silu_mul(gate_up)
+    assert rel_err(out, ref) < TOL[dtype] / 10
+
+
+def test_layer_ops_reject_bad_shapes(L, gen):
+    h = randn(4, 64, dtype=torch.bfloat16, gen=gen)
+    with pytest.raises(ValueError, match="delta"):
+        L.add_rms_norm(h, randn(4, 32, dtype=torch.bfloat16, gen=gen),
+                       randn(64, dtype=torch.bfloat16, gen=gen), 1e-5)
+    with pytest.raises(ValueError, match="weight"):
+        L.add_rms_norm(h, None, randn(32, dtype=torch.bfloat16, gen=gen), 1e-5)
+    pool = randn(8, 2, 64, dtype=torch.bfloat16, gen=gen)
+    pos = torch.zeros(4, dtype=torch.int32, device="cuda")
+    table = torch.zeros(16, 16, device="cuda")
+    with pytest.raises(ValueError, match="heads"):
+        L.rope_store_kv(randn(4, 40, dtype=torch.bfloat16, gen=gen), pos, table, table, pool,
+                        pos, 1, 1)
+    with pytest.raises(ValueError, match="positions"):
+        L.rope_store_kv(randn(4, 48, dtype=torch.bfloat16, gen=gen), pos[:3], table, table,
+                        pool, pos, 1, 1)
