@@ -275,6 +275,16 @@ def _segment_token_slots(num_tokens, seg_starts, seg_slots):
     return slots
 
 
+MAX_EXTRA_TILE_ROWS = 8
+
+
+def _tile_rows(num_tokens: int, num_segs: int) -> int:
+    """grid.y of the MBGMM kernels: the 64-token tiles of the tokens, plus one per segment
+    (each may end in a partial tile) up to MAX_EXTRA_TILE_ROWS; blocks loop over the tiles
+    past grid.y, so padding segments (a CUDA graph's) cost no blocks of their own."""
+    return math.ceil(num_tokens / 64) + min(num_segs, MAX_EXTRA_TILE_ROWS)
+
+
 def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_slots, *,
                          out=None):
     """v[t, i] = x[t] @ A_{s}[i] for the tokens t of each segment (s its slot), i < rank[s].
@@ -301,7 +311,7 @@ def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_s
     dev = pool.device.index
     kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_shrink", dev)
     n_tiles = math.ceil(max_rank / 64)
-    m_tiles = math.ceil(num_tokens / 64) + num_segs
+    m_tiles = _tile_rows(num_tokens, num_segs)
     # Split d_in so that ~6 blocks per SM stream x (ranks are often below 64, so count one
     # rank tile); each split at least 256 wide.
     k_splits = max(1, min(math.ceil(6 * _num_sms(dev) / math.ceil(num_tokens / 64)),
@@ -332,7 +342,7 @@ def lora_expand_segments(y, v, pool, lora_page_table, lora_ranks, lora_scales, s
         return lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, slots)
     dev = pool.device.index
     kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_expand", dev)
-    launch(kernel, (math.ceil(d_out / 64), math.ceil(num_tokens / 64) + num_segs), (128,),
+    launch(kernel, (math.ceil(d_out / 64), _tile_rows(num_tokens, num_segs)), (128,),
            (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
             i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
             ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(d_out),

@@ -3,9 +3,11 @@
 // (mma.sync m16n8k16, bf16/fp16 operands, float32 accumulators). Adapter rows are gathered
 // from the pool's pages into shared memory, so the page table costs nothing in the inner loop.
 //
-// Blocks are numbered over the tiles of all segments in order (grid.y is an upper bound,
-// ceil(num_tokens / BM) + num_segments; a block past the last tile exits), so the launch needs
-// no host copy of the segment offsets.
+// Tiles are numbered over the segments in order and found on the device (find_tile), so the
+// launch needs no host copy of the segment offsets. There are at most ceil(num_tokens / BM) +
+// num_segments of them; grid.y is about ceil(num_tokens / BM) (the launcher's choice) and a
+// block takes tiles blockIdx.y, blockIdx.y + gridDim.y, ... until there are no more: a step
+// padded with empty segments (a CUDA graph's) does not pay a block per padding segment.
 #include "common.cuh"
 
 #if defined(SLORA_HALF)
@@ -57,29 +59,29 @@ __device__ __forceinline__ bool find_tile(const int* __restrict__ seg_starts, in
 
 // v[t, n] += x[t, k_split] . A_s[n, k_split] for the tokens t of each segment (s its slot),
 // n < rank[s]. v must hold zeros beforehand (the launcher clears it): split-K blocks add
-// into it. grid (ceil(max_rank / GM_BN), ceil(num_tokens / GM_BM) + num_segs, num_k_splits);
+// into it. grid (ceil(max_rank / GM_BN), tile rows (see the top), num_k_splits);
 // block GM_THREADS: 4 warps, 2 x 2 over the 64 x 64 tile, 32 x 32 each. The rank tile varies
 // fastest, so blocks that share x rows run together and the second reads them from L2.
-extern "C" __global__ void __launch_bounds__(GM_THREADS)
-mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
-             const elem_t* __restrict__ pool, int H,
-             const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
-             const int* __restrict__ ranks, const int* __restrict__ seg_starts,
-             const int* __restrict__ seg_slots, int num_segs,
-             float* __restrict__ v, int d_in, int k_split_len)
+__device__ __forceinline__ bool
+mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
+                  const elem_t* __restrict__ pool, int H,
+                  const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
+                  const int* __restrict__ ranks, const int* __restrict__ seg_starts,
+                  const int* __restrict__ seg_slots, int num_segs,
+                  float* __restrict__ v, int d_in, int k_split_len, int tile)
 {
     __shared__ __align__(16) elem_t xs[GM_STAGES][GM_BM][GM_LD];
     __shared__ __align__(16) elem_t as[GM_STAGES][GM_BN][GM_LD];
 
     int seg, m0, m_end;
-    if (!find_tile(seg_starts, num_segs, blockIdx.y, GM_BM, seg, m0, m_end)) return;
+    if (!find_tile(seg_starts, num_segs, tile, GM_BM, seg, m0, m_end)) return false;
     const int slot = seg_slots[seg];
     const int rank = (slot >= 0 && slot < num_slots) ? min(ranks[slot], max_rank) : 0;
     const int n0 = blockIdx.x * GM_BN;
-    if (n0 >= rank) return;
+    if (n0 >= rank) return true;
     const int k_begin = blockIdx.z * k_split_len;
     const int k_end = min(d_in, k_begin + k_split_len);
-    if (k_begin >= k_end) return;
+    if (k_begin >= k_end) return true;
     const int num_k_tiles = (k_end - k_begin + GM_BK - 1) / GM_BK;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -165,7 +167,7 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
         }
     }
     cp_async_wait<0>();
-    if (!active) return;
+    if (!active) return true;
     const bool split = gridDim.z > 1;
 #pragma unroll
     for (int mi = 0; mi < 2; ++mi)
@@ -185,6 +187,22 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
                     }
                 }
         }
+    return true;
+}
+
+extern "C" __global__ void __launch_bounds__(GM_THREADS)
+mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
+             const elem_t* __restrict__ pool, int H,
+             const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
+             const int* __restrict__ ranks, const int* __restrict__ seg_starts,
+             const int* __restrict__ seg_slots, int num_segs,
+             float* __restrict__ v, int d_in, int k_split_len)
+{
+    for (int tile = blockIdx.y;
+         mbgmm_shrink_tile(x, x_stride, pool, H, page_table, num_slots, max_rank, pages_per_row,
+                           ranks, seg_starts, seg_slots, num_segs, v, d_in, k_split_len, tile);
+         tile += gridDim.y)
+        __syncthreads();  // the next tile reuses shared memory
 }
 
 #define GE_BM 64
@@ -195,31 +213,31 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
 #define GE_THREADS 128
 
 // y[t, o] += scale[s] * v[t, :rank] @ B_s^T[:rank, o] for the tokens t of each segment, in
-// place (segments with no adapter are left untouched). grid (ceil(d_out / GE_BN),
-// ceil(num_tokens / GE_BM) + num_segs); block GE_THREADS: each warp 16 tokens x 64 outputs.
+// place (segments with no adapter are left untouched). grid (ceil(d_out / GE_BN), tile rows
+// (see the top)); block GE_THREADS: each warp 16 tokens x 64 outputs.
 // The y tile, the v tile and the B^T tile are all requested at once (cp.async), so a block
 // waits for memory about once; the product is staged in shared memory and added to the y tile
 // there, and y is written back 16 bytes per thread. v is float32: each element goes to the
 // tensor cores as a bf16/fp16 pair hi + lo, so the product keeps ~16 bits of v's mantissa.
 // v_vec4: rows of v are 16-byte aligned (max_rank % 4 == 0), else v is copied 4 bytes at a time.
-extern "C" __global__ void __launch_bounds__(GE_THREADS)
-mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
-             const elem_t* __restrict__ pool, int H,
-             const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
-             const int* __restrict__ ranks, const float* __restrict__ scales,
-             const int* __restrict__ seg_starts, const int* __restrict__ seg_slots, int num_segs,
-             int d_out, int v_vec4)
+__device__ __forceinline__ bool
+mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
+                  const elem_t* __restrict__ pool, int H,
+                  const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
+                  const int* __restrict__ ranks, const float* __restrict__ scales,
+                  const int* __restrict__ seg_starts, const int* __restrict__ seg_slots, int num_segs,
+                  int d_out, int v_vec4, int tile)
 {
     __shared__ __align__(16) elem_t ys[GE_BM][GE_LDB];
     __shared__ __align__(16) elem_t bs[GE_KC][GE_LDB];
     __shared__ __align__(16) float vs[GE_BM][GE_LDV];  // the v tile, then the result
 
     int seg, m0, m_end;
-    if (!find_tile(seg_starts, num_segs, blockIdx.y, GE_BM, seg, m0, m_end)) return;
+    if (!find_tile(seg_starts, num_segs, tile, GE_BM, seg, m0, m_end)) return false;
     const int slot = seg_slots[seg];
-    if (slot < 0 || slot >= num_slots) return;
+    if (slot < 0 || slot >= num_slots) return true;
     const int rank = min(ranks[slot], max_rank);
-    if (rank <= 0) return;
+    if (rank <= 0) return true;
     const float scale = scales[slot];
     const int o0 = blockIdx.x * GE_BN;
 
@@ -321,6 +339,23 @@ mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
         for (int e = 0; e < VEC; ++e) yf[e] = fmaf(scale, vs[r][c + e], yf[e]);
         st_vec(y + (i64)m * y_stride + o, pack(yf));
     }
+    return true;
+}
+
+extern "C" __global__ void __launch_bounds__(GE_THREADS)
+mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
+             const elem_t* __restrict__ pool, int H,
+             const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
+             const int* __restrict__ ranks, const float* __restrict__ scales,
+             const int* __restrict__ seg_starts, const int* __restrict__ seg_slots, int num_segs,
+             int d_out, int v_vec4)
+{
+    for (int tile = blockIdx.y;
+         mbgmm_expand_tile(y, y_stride, v, pool, H, page_table, num_slots, max_rank,
+                           pages_per_row, ranks, scales, seg_starts, seg_slots, num_segs, d_out,
+                           v_vec4, tile);
+         tile += gridDim.y)
+        __syncthreads();  // the next tile reuses shared memory
 }
 
 #endif  // SLORA_HALF
