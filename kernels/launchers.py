@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 from slora.kernels import torch_ref
@@ -31,6 +32,8 @@ LAYER_OPS = "layer_ops.cu"
 POOL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 HEAD_DIMS = (64, 128)
 _sm_counts: dict[int, int] = {}
+NULL = np.uint64(0)
+"""A null pointer argument."""
 
 
 def _num_sms(device_index: int) -> int:
@@ -312,16 +315,12 @@ def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_s
     kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_shrink", dev)
     n_tiles = math.ceil(max_rank / 64)
     m_tiles = _tile_rows(num_tokens, num_segs)
-    # Split d_in so that ~6 blocks per SM stream x (ranks are often below 64, so count one
-    # rank tile); each split at least 256 wide.
-    k_splits = max(1, min(math.ceil(6 * _num_sms(dev) / math.ceil(num_tokens / 64)),
-                          d_in // 256))
-    k_split_len = math.ceil(d_in / k_splits / 32) * 32
-    k_splits = math.ceil(d_in / k_split_len)
+    k_splits, k_split_len = _shrink_k_splits(dev, num_tokens, d_in, 1)
     launch(kernel, (n_tiles, m_tiles, k_splits), (128,),
            (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
             i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(seg_starts), ptr(seg_slots),
-            i32(num_segs), ptr(out), i32(d_in), i32(k_split_len)),
+            i32(num_segs), ptr(out), i32(d_in), i32(k_split_len), NULL, i32(1), i64(0),
+            i32(max_rank)),
            dev)
     return out
 
@@ -346,7 +345,80 @@ def lora_expand_segments(y, v, pool, lora_page_table, lora_ranks, lora_scales, s
            (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
             i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
             ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(d_out),
-            i32(max_rank % 4 == 0 and v.data_ptr() % 16 == 0)),
+            i32(max_rank % 4 == 0 and v.data_ptr() % 16 == 0), NULL, i64(0), i32(max_rank)),
+           dev)
+    return y
+
+
+def _shrink_k_splits(dev: int, num_tokens: int, d_in: int, num_members: int) -> tuple[int, int]:
+    """(k_splits, k_split_len) of an MBGMM shrink: d_in split so that ~6 blocks per SM stream
+    x (ranks are often below 64, so count one rank tile per member); each split at least 256
+    wide."""
+    k_splits = max(1, min(math.ceil(6 * _num_sms(dev) / (math.ceil(num_tokens / 64)
+                                                          * num_members)), d_in // 256))
+    k_split_len = math.ceil(d_in / k_splits / 32) * 32
+    return math.ceil(d_in / k_split_len), k_split_len
+
+
+def lora_shrink_expand_segments(y, x, pool, lora_page_table, lora_ranks, lora_scales,
+                                seg_starts, seg_slots, group, *, max_d_out):
+    """lora_shrink_expand for the tokens of each segment (s its slot): for each member (m,
+    col, d_out) of group, y[t, col:col + d_out] += scale * (x[t] @ A^T) @ B^T of module m,
+    in place, in two launches for the whole group (MBGMM shrink, then expand); returns y.
+
+    Tables as lora_shrink_expand's ([num_modules, ...]); seg_starts, seg_slots as the other
+    segment launchers'; group [num_members, 3] int32 on the device, `max_d_out` its widest
+    member.
+    """
+    _check_rows("y", y, pool)
+    _check_rows("x", x, pool)
+    num_tokens, d_in = x.shape
+    if y.shape[0] != num_tokens:
+        raise ValueError(f"y has {y.shape[0]} tokens; x has {num_tokens}")
+    _check_int("lora_page_table", lora_page_table, pool, 4)
+    num_modules, num_slots, max_rank, ppr = lora_page_table.shape
+    H = _check_pool(pool)
+    for name, t, dtype in (("lora_ranks", lora_ranks, torch.int32),
+                           ("lora_scales", lora_scales, torch.float32)):
+        _check_int(name, t, pool, 2, dtype)
+        if tuple(t.shape) != (num_modules, num_slots):
+            raise ValueError(f"{name} must be [{num_modules}, {num_slots}], got {tuple(t.shape)}")
+    if max(d_in, max_d_out) > ppr * H:
+        raise ValueError(f"rows of {max(d_in, max_d_out)} need "
+                         f"{math.ceil(max(d_in, max_d_out) / H)} pages; lora_page_table has "
+                         f"{ppr} per row (H={H})")
+    if max_d_out > y.shape[1]:
+        raise ValueError(f"max_d_out={max_d_out} is wider than y ({y.shape[1]} columns)")
+    num_segs = _check_segments(seg_starts, seg_slots, pool)
+    _check_int("group", group, pool, 2)
+    num_members = group.shape[0]
+    if group.shape[1] != 3 or not 1 <= num_members <= 65535:
+        raise ValueError(f"group must be [num_members, 3], got {tuple(group.shape)}")
+    if num_segs == 0 or num_tokens == 0 or max_rank == 0 or max_d_out == 0:
+        return y
+    if pool.dtype == torch.float32:  # no fp32 tensor-core path: the reference
+        slots = _segment_token_slots(num_tokens, seg_starts, seg_slots)
+        return torch_ref.lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks,
+                                            lora_scales, slots, group)
+    dev = pool.device.index
+    width = num_members * max_rank
+    v = torch.zeros(num_tokens, width, dtype=torch.float32, device=x.device)
+    rows = _tile_rows(num_tokens, num_segs)
+    k_splits, k_split_len = _shrink_k_splits(dev, num_tokens, d_in, num_members)
+    table_stride = num_slots * max_rank * ppr
+    launch(get_kernel(MBGMM, pool.dtype, "mbgmm_shrink", dev),
+           (math.ceil(max_rank / 64) * num_members, rows, k_splits), (128,),
+           (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
+            i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(seg_starts), ptr(seg_slots),
+            i32(num_segs), ptr(v), i32(d_in), i32(k_split_len), ptr(group), i32(num_members),
+            i64(table_stride), i32(width)),
+           dev)
+    launch(get_kernel(MBGMM, pool.dtype, "mbgmm_expand", dev),
+           (math.ceil(max_d_out / 64), rows, num_members), (128,),
+           (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
+            i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
+            ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(max_d_out),
+            i32(max_rank % 4 == 0), ptr(group), i64(table_stride), i32(width)),
            dev)
     return y
 

@@ -68,7 +68,8 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
                   const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
                   const int* __restrict__ ranks, const int* __restrict__ seg_starts,
                   const int* __restrict__ seg_slots, int num_segs,
-                  float* __restrict__ v, int d_in, int k_split_len, int tile)
+                  float* __restrict__ v, int d_in, int k_split_len, int v_stride,
+                  int n_tile, int tile)
 {
     __shared__ __align__(16) elem_t xs[GM_STAGES][GM_BM][GM_LD];
     __shared__ __align__(16) elem_t as[GM_STAGES][GM_BN][GM_LD];
@@ -77,7 +78,7 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
     if (!find_tile(seg_starts, num_segs, tile, GM_BM, seg, m0, m_end)) return false;
     const int slot = seg_slots[seg];
     const int rank = (slot >= 0 && slot < num_slots) ? min(ranks[slot], max_rank) : 0;
-    const int n0 = blockIdx.x * GM_BN;
+    const int n0 = n_tile * GM_BN;
     if (n0 >= rank) return true;
     const int k_begin = blockIdx.z * k_split_len;
     const int k_end = min(d_in, k_begin + k_split_len);
@@ -175,7 +176,7 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + wm * 32 + mi * 16 + (lane >> 2) + h * 8;
             if (row >= m_end) continue;
-            float* vr = v + (i64)row * max_rank;
+            float* vr = v + (i64)row * v_stride;
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni)
 #pragma unroll
@@ -190,17 +191,30 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
     return true;
 }
 
+// A group of modules that read the same x (q, k, v): `group` [num_members, 3] (module, first
+// column of y, width) and the tables of every module (module m's page table at m *
+// table_stride, its ranks and scales at m * num_slots); member i's v in columns
+// [i * max_rank, (i + 1) * max_rank) of rows v_stride wide. grid.x holds the members' rank
+// tiles, member-major. group null: one module, the tables as given (num_members 1).
 extern "C" __global__ void __launch_bounds__(GM_THREADS)
 mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
              const elem_t* __restrict__ pool, int H,
              const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
              const int* __restrict__ ranks, const int* __restrict__ seg_starts,
              const int* __restrict__ seg_slots, int num_segs,
-             float* __restrict__ v, int d_in, int k_split_len)
+             float* __restrict__ v, int d_in, int k_split_len,
+             const int* __restrict__ group, int num_members, i64 table_stride, int v_stride)
 {
+    const int per_member = gridDim.x / num_members;
+    const int member = blockIdx.x / per_member;
+    const int module = group != nullptr ? group[member * 3] : 0;
+    page_table += module * table_stride;
+    ranks += (i64)module * num_slots;
+    v += member * max_rank;
     for (int tile = blockIdx.y;
          mbgmm_shrink_tile(x, x_stride, pool, H, page_table, num_slots, max_rank, pages_per_row,
-                           ranks, seg_starts, seg_slots, num_segs, v, d_in, k_split_len, tile);
+                           ranks, seg_starts, seg_slots, num_segs, v, d_in, k_split_len,
+                           v_stride, blockIdx.x % per_member, tile);
          tile += gridDim.y)
         __syncthreads();  // the next tile reuses shared memory
 }
@@ -226,7 +240,7 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
                   const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
                   const int* __restrict__ ranks, const float* __restrict__ scales,
                   const int* __restrict__ seg_starts, const int* __restrict__ seg_slots, int num_segs,
-                  int d_out, int v_vec4, int tile)
+                  int d_out, int v_vec4, int v_stride, int tile)
 {
     __shared__ __align__(16) elem_t ys[GE_BM][GE_LDB];
     __shared__ __align__(16) elem_t bs[GE_KC][GE_LDB];
@@ -277,13 +291,13 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
             for (int idx = tid; idx < GE_BM * (GE_KC / 4); idx += GE_THREADS) {
                 const int r = idx / (GE_KC / 4), c = (idx % (GE_KC / 4)) * 4;
                 const bool ok = m0 + r < m_end && kc + c < rank;  // rank <= max_rank
-                cp_async16(&vs[r][c], ok ? v + (i64)(m0 + r) * max_rank + kc + c : v, ok ? 16 : 0);
+                cp_async16(&vs[r][c], ok ? v + (i64)(m0 + r) * v_stride + kc + c : v, ok ? 16 : 0);
             }
         } else {
             for (int idx = tid; idx < GE_BM * GE_KC; idx += GE_THREADS) {
                 const int r = idx / GE_KC, c = idx % GE_KC;
                 const bool ok = m0 + r < m_end && kc + c < rank;
-                cp_async4(&vs[r][c], ok ? v + (i64)(m0 + r) * max_rank + kc + c : v, ok ? 4 : 0);
+                cp_async4(&vs[r][c], ok ? v + (i64)(m0 + r) * v_stride + kc + c : v, ok ? 4 : 0);
             }
         }
         cp_async_commit();
@@ -348,12 +362,27 @@ mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
              const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
              const int* __restrict__ ranks, const float* __restrict__ scales,
              const int* __restrict__ seg_starts, const int* __restrict__ seg_slots, int num_segs,
-             int d_out, int v_vec4)
+             int d_out, int v_vec4,
+             const int* __restrict__ group, i64 table_stride, int v_stride)
 {
+    // A group (see mbgmm_shrink): member blockIdx.z writes its width of y from its column;
+    // d_out is the widest member's.
+    const int member = blockIdx.z;
+    int module = 0;
+    if (group != nullptr) {
+        module = group[member * 3];
+        y += group[member * 3 + 1];
+        d_out = group[member * 3 + 2];
+    }
+    if ((int)blockIdx.x * GE_BN >= d_out) return;
+    page_table += module * table_stride;
+    ranks += (i64)module * num_slots;
+    scales += (i64)module * num_slots;
+    v += member * max_rank;
     for (int tile = blockIdx.y;
          mbgmm_expand_tile(y, y_stride, v, pool, H, page_table, num_slots, max_rank,
                            pages_per_row, ranks, scales, seg_starts, seg_slots, num_segs, d_out,
-                           v_vec4, tile);
+                           v_vec4, v_stride, tile);
          tile += gridDim.y)
         __syncthreads();  // the next tile reuses shared memory
 }

@@ -285,6 +285,57 @@ def test_mbgmm_expand_segments_matches_reference(L, gen, shape, module, dtype):
     assert torch.equal(y[untouched], y0[untouched])
 
 
+MANY_SEG_LENGTHS = [(i * 37) % 23 + 2 for i in range(60)]
+"""More segments than the launch has block rows: blocks loop over tiles."""
+
+
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("group_name", ["qkv", "gate_up"])
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmm_group_segments_match_reference(L, gen, shape, group_name, dtype):
+    """Prefill LoRA of a module group (q, k, v; gate, up) in one shrink and one expand launch:
+    per-module ranks and scales, each member into its columns; no-adapter segments and the
+    decode rows before the first segment untouched."""
+    d_in, widths = group_dims(shape, group_name)
+    pool, table, ranks, scales, group, width = make_group_pool(shape.hidden, d_in, widths,
+                                                               dtype, gen)
+    for lengths in (SEG_LENGTHS, MANY_SEG_LENGTHS):
+        seg_starts, seg_slots, token_slots = make_segments(5, lengths, ranks.shape[1], gen)
+        n = token_slots.shape[0]
+        x = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
+        y0 = (torch.randn(n, width, device="cuda", generator=gen) * 0.01).to(dtype)
+        y = y0.clone()
+        L.lora_shrink_expand_segments(y, x, pool, table, ranks, scales, seg_starts, seg_slots,
+                                      group, max_d_out=max(widths))
+        ref = torch_ref.lora_shrink_expand(y0.clone(), x, pool, table, ranks, scales,
+                                           token_slots, group)
+        assert_close(y, ref, dtype, f"{shape.name} {group_name} group segments, "
+                                    f"{len(lengths)} segments")
+        untouched = token_slots == NO_ADAPTER
+        assert torch.equal(y[untouched], y0[untouched])
+
+
+def test_mbgmm_single_module_with_many_segments(L, gen):
+    """60 segments, more than the launch's block rows: the blocks loop over the tiles."""
+    shape, dtype = LLAMA2_7B, torch.bfloat16
+    d_in, d_out = shape.module_dims("q_proj")
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    seg_starts, seg_slots, token_slots = make_segments(3, MANY_SEG_LENGTHS, lp.ranks.shape[0],
+                                                       gen)
+    n = token_slots.shape[0]
+    x = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
+    v = L.lora_shrink_segments(x, lp.pool, lp.page_table, lp.ranks, seg_starts, seg_slots)
+    ref_v = torch_ref.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, token_slots)
+    assert_close(v, ref_v, torch.float32, "many-segment shrink")
+    y0 = torch.randn(n, d_out, device="cuda", generator=gen).to(dtype)
+    y = y0.clone()
+    L.lora_expand_segments(y, ref_v, lp.pool, lp.page_table, lp.ranks, lp.scales, seg_starts,
+                           seg_slots)
+    ref = torch_ref.lora_expand(y0.clone(), ref_v, lp.pool, lp.page_table, lp.ranks,
+                                lp.scales, token_slots)
+    assert_close(y, ref, dtype, "many-segment expand")
+
+
 def test_mbgmv_fp32_pool_matches_reference(L, gen):
     """float32 pools run the same decode kernels (4 elements per 16-byte vector)."""
     shape, dtype = LLAMA2_7B, torch.float32
