@@ -211,19 +211,9 @@ def lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slot
 FUSED_THREADS = 128
 
 
-def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
-                       group, *, max_d_out, num_chunks=None):
-    """For each member (m, col, d_out) of group: y[:, col:col + d_out] += scale * (x @ A^T)
-    @ B^T of module m, per token's adapter, in place, in one launch (v never leaves the
-    block); returns y.
-
-    y [num_tokens, width] and x [num_tokens, d_in] in the pool's dtype; lora_page_table
-    [num_modules, num_slots, max_rank, pages_per_row]; lora_ranks, lora_scales [num_modules,
-    num_slots]; group [num_members, 3] int32 on the device. `max_d_out`: the widest member
-    (the grid's bound; the launcher does not read `group`). `num_chunks`: blocks per token
-    and member, each computing the shrink and its share of the expand (default: as few as
-    fill the GPU).
-    """
+def _check_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out):
+    """The checks of a module group's arguments (every module's tables); returns
+    (num_tokens, d_in, H, num_slots, max_rank, pages_per_row)."""
     _check_rows("y", y, pool)
     _check_rows("x", x, pool)
     num_tokens, d_in = x.shape
@@ -243,6 +233,24 @@ def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, tok
                          f"lora_page_table has {ppr} per row (H={H})")
     if max_d_out > y.shape[1]:
         raise ValueError(f"max_d_out={max_d_out} is wider than y ({y.shape[1]} columns)")
+    return num_tokens, d_in, H, num_slots, max_rank, ppr
+
+
+def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
+                       group, *, max_d_out, num_chunks=None):
+    """For each member (m, col, d_out) of group: y[:, col:col + d_out] += scale * (x @ A^T)
+    @ B^T of module m, per token's adapter, in place, in one launch (v never leaves the
+    block); returns y.
+
+    y [num_tokens, width] and x [num_tokens, d_in] in the pool's dtype; lora_page_table
+    [num_modules, num_slots, max_rank, pages_per_row]; lora_ranks, lora_scales [num_modules,
+    num_slots]; group [num_members, 3] int32 on the device. `max_d_out`: the widest member
+    (the grid's bound; the launcher does not read `group`). `num_chunks`: blocks per token
+    and member, each computing the shrink and its share of the expand (default: as few as
+    fill the GPU).
+    """
+    num_tokens, d_in, H, num_slots, max_rank, ppr = _check_group(
+        y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out)
     _check_int("token_slots", token_slots, pool, 1)
     if token_slots.shape[0] != num_tokens:
         raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
@@ -370,25 +378,8 @@ def lora_shrink_expand_segments(y, x, pool, lora_page_table, lora_ranks, lora_sc
     segment launchers'; group [num_members, 3] int32 on the device, `max_d_out` its widest
     member.
     """
-    _check_rows("y", y, pool)
-    _check_rows("x", x, pool)
-    num_tokens, d_in = x.shape
-    if y.shape[0] != num_tokens:
-        raise ValueError(f"y has {y.shape[0]} tokens; x has {num_tokens}")
-    _check_int("lora_page_table", lora_page_table, pool, 4)
-    num_modules, num_slots, max_rank, ppr = lora_page_table.shape
-    H = _check_pool(pool)
-    for name, t, dtype in (("lora_ranks", lora_ranks, torch.int32),
-                           ("lora_scales", lora_scales, torch.float32)):
-        _check_int(name, t, pool, 2, dtype)
-        if tuple(t.shape) != (num_modules, num_slots):
-            raise ValueError(f"{name} must be [{num_modules}, {num_slots}], got {tuple(t.shape)}")
-    if max(d_in, max_d_out) > ppr * H:
-        raise ValueError(f"rows of {max(d_in, max_d_out)} need "
-                         f"{math.ceil(max(d_in, max_d_out) / H)} pages; lora_page_table has "
-                         f"{ppr} per row (H={H})")
-    if max_d_out > y.shape[1]:
-        raise ValueError(f"max_d_out={max_d_out} is wider than y ({y.shape[1]} columns)")
+    num_tokens, d_in, H, num_slots, max_rank, ppr = _check_group(
+        y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out)
     num_segs = _check_segments(seg_starts, seg_slots, pool)
     _check_int("group", group, pool, 2)
     num_members = group.shape[0]

@@ -61,20 +61,6 @@ ATTN_SHAPES = [LLAMA2_7B, LLAMA2_13B, LLAMA3_8B, SMOLLM2]
 MODULES = ["q_proj", "k_proj", "up_proj", "down_proj"]
 
 
-@pytest.fixture(scope="module")
-def L():
-    from slora.kernels import launchers
-    return launchers
-
-
-@pytest.fixture
-def gen():
-    g = torch.Generator(device="cuda")
-    g.manual_seed(1234)
-    torch.manual_seed(1234)
-    return g
-
-
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     out, ref = out.double(), ref.double()
     return float((out - ref).norm() / ref.norm().clamp_min(1e-30))

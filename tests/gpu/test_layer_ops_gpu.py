@@ -24,19 +24,6 @@ SHAPES = [("llama2-7b", 4096, 11008, 32, 32), ("llama2-13b", 5120, 13824, 40, 40
 TOKENS = [1, 13, 300]
 
 
-@pytest.fixture(scope="module")
-def L():
-    from slora.kernels import launchers
-    return launchers
-
-
-@pytest.fixture
-def gen():
-    g = torch.Generator(device="cuda")
-    g.manual_seed(99)
-    return g
-
-
 def randn(*shape, dtype, gen, scale=1.0):
     return (torch.randn(*shape, device="cuda", generator=gen) * scale).to(dtype)
 
