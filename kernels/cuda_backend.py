@@ -53,7 +53,7 @@ class CudaBackend:
         group of several modules by one fused shrink + expand launch (fewer launches), a
         single module by MBGMV shrink then expand (faster per module: see mbgmv_fused in
         lora_mbgmv.cu). Prefill segments: MBGMM, one shrink and one expand launch for the
-        whole group."""
+        whole group, one module or several."""
         num_tokens, nd = y.shape[0], batch.num_decode_tokens
         if nd and len(group.members) > 1:
             launchers.lora_shrink_expand(
@@ -65,21 +65,10 @@ class CudaBackend:
                                       batch.token_slots[:nd])
             launchers.lora_expand(y[:nd, col:col + width], v, pool, lora_page_table[m],
                                   lora_ranks[m], lora_scales[m], batch.token_slots[:nd])
-        if nd < num_tokens and len(group.members) > 1:
+        if nd < num_tokens:
             launchers.lora_shrink_expand_segments(
                 y, x, pool, lora_page_table, lora_ranks, lora_scales, batch.seg_starts,
                 batch.seg_slots, group.table, max_d_out=group.max_d_out)
-        elif nd < num_tokens:
-            max_rank = lora_page_table.shape[2]
-            for m, col, width in group.members:
-                # The MBGMM blocks add their split of d_in into v: it starts at zero.
-                v = torch.zeros(num_tokens, max_rank, dtype=torch.float32, device=x.device)
-                launchers.lora_shrink_segments(x, pool, lora_page_table[m], lora_ranks[m],
-                                               batch.seg_starts, batch.seg_slots, out=v)
-                launchers.lora_expand_segments(y[:, col:col + width], v, pool,
-                                               lora_page_table[m], lora_ranks[m],
-                                               lora_scales[m], batch.seg_starts,
-                                               batch.seg_slots)
         return y
 
     def store_kv(self, k, v, pool, batch: AttentionBatch):

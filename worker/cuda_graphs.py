@@ -33,8 +33,8 @@ prefill requests, one LoRA segment each, are padded to `mixed_prefill_reqs(S)` b
 entries (each holds at least two tokens: a request with one new token is a decode row); the
 logits are those of max_reqs rows, the step's sampled rows first. The kernels find their
 tiles through the segment and query offsets on the device, so padding costs blocks that
-exit at once. (Running decode tokens as one-token prefill queries instead costs 1.5x in
-attention and 10x in LoRA: bench/profile_step.py.)
+exit at once. (Decode tokens run as one-token prefill queries instead took 1.5x the
+attention time: bench/profile_step.py.)
 
 LoRA sets: a graph cannot skip kernels, so each bucket is captured per set of projections
 that carry LoRA: at start-up with none (the base model alone) and with all seven; on first
@@ -119,9 +119,8 @@ class StepGraphs:
 
     `forward(kind, size, modules)` queues one padded step of that shape on the current stream
     (size: a decode batch, or a mixed (D, S)) and returns its logits (decode: [size, vocab];
-    mixed: [max_reqs, vocab]); `prepare()`
-    makes the worker's inputs all padding, so that capturing reads and writes nothing a
-    request owns."""
+    mixed: [max_reqs, vocab]); `prepare()` makes the worker's inputs all padding, so that
+    capturing reads and writes nothing a request owns."""
 
     def __init__(self, forward: Callable[[str, int, frozenset], torch.Tensor],
                  prepare: Callable[[], None], max_batch: int, max_num_tokens: int,

@@ -450,19 +450,21 @@ def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(gen, dtype):
                                  lora)
     assert_close(y, y_ref, dtype, "backend expand")
 
-    # A LoRA group (q, k, v of the GQA shape): fused decode launch plus MBGMM per member.
+    # LoRA groups of the GQA shape: q, k, v (fused decode launch, one MBGMM pair for the
+    # group) and o alone (MBGMV shrink and expand, the MBGMM pair for one module).
     from slora.kernels.backend import LoraGroup
-    d_in, widths = group_dims(shape, "qkv")
-    gpool, gtable, granks, gscales, group, width = make_group_pool(shape.hidden, d_in, widths,
-                                                                   dtype, gen)
-    members = tuple(tuple(r) for r in group.tolist())
-    xg = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
-    yg0 = (torch.randn(n, width, device="cuda", generator=gen) * 0.01).to(dtype)
-    yg = cuda_be.lora_group(yg0.clone(), xg, gpool, gtable, granks, gscales,
-                            LoraGroup(members, group), lora)
-    yg_ref = torch_be.lora_group(yg0.clone(), xg, gpool, gtable, granks, gscales,
-                                 LoraGroup(members, group), lora)
-    assert_close(yg, yg_ref, dtype, "backend LoRA group")
+    for group_name in ("qkv", "o"):
+        d_in, widths = group_dims(shape, group_name)
+        gpool, gtable, granks, gscales, group, width = make_group_pool(shape.hidden, d_in,
+                                                                       widths, dtype, gen)
+        members = tuple(tuple(r) for r in group.tolist())
+        xg = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
+        yg0 = (torch.randn(n, width, device="cuda", generator=gen) * 0.01).to(dtype)
+        yg = cuda_be.lora_group(yg0.clone(), xg, gpool, gtable, granks, gscales,
+                                LoraGroup(members, group), lora)
+        yg_ref = torch_be.lora_group(yg0.clone(), xg, gpool, gtable, granks, gscales,
+                                     LoraGroup(members, group), lora)
+        assert_close(yg, yg_ref, dtype, f"backend LoRA group {group_name}")
 
     # Attention: 12 decode requests, then 3 prefills (one with a cached prefix).
     lens = [int(c) for c in torch.randint(1, 900, (num_decode,), generator=gen,
