@@ -11,7 +11,10 @@ arrival process to the last request's end (the drain after the last arrival incl
 output tokens/s likewise. Latency is end minus send; time to first token (TTFT) is first
 token minus send; time per output token (TPOT) is (end - first token) / (tokens - 1). SLO
 attainment is the share of all requests whose first token came within the SLO (6 s by
-default); a failed request counts as a miss.
+default); a failed request counts as a miss. Output tokens/s at saturation counts, from each
+token's arrival time, the tokens that came back while at least the server's max_num_seqs
+requests were in flight, over that time (`saturated_rate`): the server's rate with a full
+batch, which the decode roofline bounds.
 """
 from __future__ import annotations
 
