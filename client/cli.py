@@ -4,7 +4,7 @@
     slora generate "Hi" --chat        stream an answer
     slora adapters add|list|get|rm    manage adapters
     slora keys create|list|revoke     manage API keys (admin); `keys generate` makes one offline
-    slora demo-adapters N --model M   write N PEFT adapters for a model and register them
+    slora demo-adapters N [--model M] write N PEFT adapters for a model and register them
     slora worker|scheduler|frontend|redis ...   run one service (compose uses these)
 """
 from __future__ import annotations
@@ -134,8 +134,11 @@ def _demo_parser(sub, parent) -> None:
     p = sub.add_parser("demo-adapters", parents=[parent],
                        help="write N random PEFT adapters for a model and register them")
     p.add_argument("count", type=int)
-    p.add_argument("--model", required=True, help="HF-format folder or dummy name")
-    p.add_argument("--out", default="~/.slora/demo-adapters", help="folder to write them in")
+    p.add_argument("--model", default=None,
+                   help="HF-format folder or dummy name (default: the model `slora up` serves "
+                        "by default, converted once into $SLORA_DATA_DIR or ~/.slora)")
+    p.add_argument("--out", default=os.path.join(DEFAULT_DATA_DIR, "demo-adapters"),
+                   help="folder to write them in (default $SLORA_DATA_DIR/demo-adapters)")
     p.add_argument("--ranks", default="8,16,32,64", help="ranks, assigned round-robin")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-register", action="store_true", help="only write the folders")
@@ -229,7 +232,12 @@ def _demo(args, client) -> int:
 
     ranks = [int(r) for r in args.ranks.split(",")]
     out = os.path.abspath(os.path.expanduser(args.out))
-    paths = write_demo_adapters(args.model, out, args.count, ranks, args.seed)
+    model = args.model
+    if model is None:
+        from slora.models.gguf_convert import ensure_default_model
+
+        model = ensure_default_model(os.path.expanduser(DEFAULT_DATA_DIR))
+    paths = write_demo_adapters(model, out, args.count, ranks, args.seed)
     for i, path in enumerate(paths):
         if not args.no_register:
             client.register_adapter(os.path.basename(path), path)
@@ -254,7 +262,13 @@ def main(argv: list[str] | None = None) -> int:
 
         print(new_key()[1])
         return 0
-    return _run_client(args)
+    try:
+        return _run_client(args)
+    except BrokenPipeError:
+        # The reader went away (`slora adapters list | head`). Exit 1 as Python does, and point
+        # stdout at /dev/null so that the interpreter's final flush does not print a trace.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

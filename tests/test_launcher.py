@@ -49,7 +49,8 @@ def free_port() -> int:
 def test_readme_first_command_serves_smollm2_that_knows_paris(tmp_path):
     """The README's first command, run as written (with a fresh HOME and a free port),
     starts the stack on SmolLM2-135M-Instruct; `slora generate --chat` streams the answer
-    transformers gives on the same GGUF; Ctrl-C stops every service."""
+    transformers gives on the same GGUF; `slora demo-adapters` writes adapters for that model
+    and registers them; Ctrl-C stops every service."""
     from slora.common.errors import ConfigError
     from slora.models.gguf_convert import find_smollm2_gguf
     try:
@@ -74,6 +75,23 @@ def test_readme_first_command_serves_smollm2_that_knows_paris(tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.strip() == "The capital of France is Paris.", gen.stdout
+        # The demo adapters default to the model `slora up` serves, and register with it.
+        demo = subprocess.run(["slora", "demo-adapters", "3"], env=env, capture_output=True,
+                              text=True, timeout=300)
+        assert demo.returncode == 0, demo.stderr
+        assert os.path.isdir(tmp_path / ".slora" / "demo-adapters" / "demo-2"), demo.stdout
+        gen = subprocess.run(["slora", "generate", "--adapter", "demo-1", "--max-new-tokens",
+                              "4", "Hi"], env=env, capture_output=True, text=True, timeout=300)
+        assert gen.returncode == 0, gen.stderr
+        # A reader that has gone (`slora adapters list | head`) ends the CLI without a trace.
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            listed = subprocess.run(["slora", "adapters", "list"], env=env, stdout=write_end,
+                                    stderr=subprocess.PIPE, text=True, timeout=300)
+        finally:
+            os.close(write_end)
+        assert listed.returncode == 1 and "Traceback" not in listed.stderr, listed.stderr
     finally:
         os.killpg(up.pid, signal.SIGINT)
         up.wait(60)
