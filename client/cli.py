@@ -34,7 +34,7 @@ def _up_parser(sub) -> None:
                    help="models, adapters, redis data and the admin key (default $SLORA_DATA_DIR "
                         "or ~/.slora)")
     p.add_argument("--host", default="127.0.0.1", help="public address of the frontend")
-    p.add_argument("--port", type=int, default=int(os.environ.get("SLORA_PORT", 50051)),
+    p.add_argument("--port", type=int, default=int(os.environ.get("SLORA_PORT", "50051")),
                    help="public port (0: any free port; default $SLORA_PORT or 50051)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")

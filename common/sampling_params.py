@@ -1,7 +1,7 @@
 """Per-request sampling parameters, validated when built."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from slora.common.errors import InvalidRequestError
 

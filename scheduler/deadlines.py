@@ -34,7 +34,7 @@ import heapq
 import math
 
 from slora.scheduler.planner import Scheduler
-from slora.scheduler.request import NO_DEADLINE, Request
+from slora.scheduler.request import Request
 
 NOT_MEASURED = 0.0
 EMA_WEIGHT = 0.2

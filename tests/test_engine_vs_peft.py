@@ -136,14 +136,21 @@ def test_mixed_adapter_batches_give_peft_tokens_and_logits(setup):
     engine.worker.keep_logits = True
     reqs = make_requests(seed=1)
     step_logits: dict[str, list[torch.Tensor]] = {}
+    batch_adapters: list[set[str | None]] = []
+    """Per step: the adapters (None: no adapter) of the requests it sampled."""
 
     def keep(engine):
         for req_id, logits in engine.worker.last_logits.items():
             step_logits.setdefault(req_id, []).append(logits)
+        batch_adapters.append({reqs[int(req_id[1:])][1] for req_id in engine.worker.last_logits})
         engine.worker.last_logits = {}
 
     outputs = run_staggered(engine, reqs, check=keep)
-    max_batch_adapters = 0
+    # The batches really mixed: as many adapters as the pool has slots, and no adapter, in
+    # one step.
+    slots = engine.config.pool.max_adapter_slots
+    assert slots < len(ADAPTERS)
+    assert max(len(a) for a in batch_adapters) == slots + 1, batch_adapters
     for i, (prompt, adapter) in enumerate(reqs):
         got = outputs[f"r{i}"]
         want = peft_greedy(setup, adapter, prompt, MAX_NEW_TOKENS)

@@ -12,7 +12,7 @@ import grpc
 import pytest
 
 from helpers_peft import make_tiny_llama
-from helpers_stack import Outcome, Stack, generate_request, stream_outcome, worker_argv
+from helpers_stack import Stack, generate_request, stream_outcome, worker_argv
 from slora.client import ResourceExhaustedError
 from slora.v1 import generation_pb2_grpc
 
