@@ -96,6 +96,8 @@ class RunResult:
     """Scheduler counters over the run (steps, adapter loads, preemptions), when known."""
     metrics: dict = field(default_factory=dict)
     roofline: dict = field(default_factory=dict)
+    trial: int = 0
+    """Which repeat of the setting this is (bench/serving.py --repeats), from 0."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -366,13 +368,15 @@ def results_table(results: list[RunResult]) -> str:
             "| TTFT mean / p99 (s) | TPOT mean (ms) | SLO | failed | tok/s saturated (s) "
             "| roofline tok/s | saturated / roofline |")
     lines = [head, "|" + "---|" * 2 + "---:|" * 11]
+    repeated = any(r.trial for r in results)
     for r in results:
         m, roof = r.metrics, r.roofline
+        name = f"{r.name} (run {r.trial + 1})" if repeated and r.via == "grpc" else r.name
         roof_tps = roof.get("output_tokens_per_s")
         sat = m.get("saturated_output_tokens_per_s")
         share = (sat / roof_tps) if roof_tps and sat is not None else None
         lines.append(
-            f"| {r.name} | {r.via} | {r.num_adapters} | {_fmt(m['throughput_rps'])} "
+            f"| {name} | {r.via} | {r.num_adapters} | {_fmt(m['throughput_rps'])} "
             f"| {_fmt(m['output_tokens_per_s'], '.0f')} "
             f"| {_fmt(m['latency_mean_s'])} / {_fmt(m['latency_p50_s'])} / "
             f"{_fmt(m['latency_p99_s'])} | {_fmt(m['ttft_mean_s'])} / {_fmt(m['ttft_p99_s'])} "

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import statistics
 import sys
 
 from slora.bench.driver import RunResult
@@ -29,26 +30,37 @@ def plot_all(results: list[RunResult], out_dir: str) -> list[str]:
     return [p for p in paths if p]
 
 
+def _median_rps(runs: list[RunResult]) -> float:
+    return statistics.median(r.metrics["throughput_rps"] for r in runs)
+
+
 def _throughput_vs_adapters(plt, results: list[RunResult], out_dir: str) -> str | None:
+    """With --repeats, each point is the median of its runs, and the runs are small dots."""
     grpc = [r for r in results if r.via == "grpc"]
     if not grpc:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    base = next((r for r in grpc if r.num_adapters == 0), None)
+    base = [r for r in grpc if r.num_adapters == 0]
+    base_rps = _median_rps(base) if base else None
     presets = sorted({r.preset for r in grpc if r.preset})
-    for i, preset in enumerate(presets):
-        runs = sorted((r for r in grpc if r.preset == preset and r.num_adapters > 0),
-                      key=lambda r: r.num_adapters)
-        xs = [r.num_adapters for r in runs]
-        line, = ax.plot(xs, [r.metrics["throughput_rps"] for r in runs], "o-",
+    for preset in presets:
+        by_n: dict[int, list[RunResult]] = {}
+        for r in grpc:
+            if r.preset == preset and r.num_adapters > 0:
+                by_n.setdefault(r.num_adapters, []).append(r)
+        xs = sorted(by_n)
+        line, = ax.plot(xs, [_median_rps(by_n[n]) for n in xs], "o-",
                         label=f"{preset} (ours, gRPC)")
-        if base and base.roofline and all(r.roofline for r in runs):
-            scale = base.metrics["throughput_rps"] / base.roofline["output_tokens_per_s"]
-            ax.plot(xs, [r.roofline["output_tokens_per_s"] * scale for r in runs], ":",
+        if any(len(runs) > 1 for runs in by_n.values()):
+            ax.plot([r.num_adapters for n in xs for r in by_n[n]],
+                    [r.metrics["throughput_rps"] for n in xs for r in by_n[n]], ".",
+                    color=line.get_color(), alpha=0.5)
+        if base and base[0].roofline and all(by_n[n][0].roofline for n in xs):
+            scale = base_rps / base[0].roofline["output_tokens_per_s"]
+            ax.plot(xs, [by_n[n][0].roofline["output_tokens_per_s"] * scale for n in xs], ":",
                     color=line.get_color(), label=f"{preset} roofline, scaled to base")
-    if base is not None:
-        ax.axhline(base.metrics["throughput_rps"], color="gray", ls="--",
-                   label="base model, no adapters")
+    if base_rps is not None:
+        ax.axhline(base_rps, color="gray", ls="--", label="base model, no adapters")
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
     ax.xaxis.set_minor_formatter(plt.matplotlib.ticker.NullFormatter())
@@ -67,7 +79,7 @@ def _throughput_vs_adapters(plt, results: list[RunResult], out_dir: str) -> str 
 
 
 def _latency(plt, results: list[RunResult], out_dir: str) -> str | None:
-    runs = [r for r in results if any(rec.completed for rec in r.records)]
+    runs = [r for r in results if r.trial == 0 and any(rec.completed for rec in r.records)]
     if not runs:
         return None
     fig, (ax_lat, ax_ttft) = plt.subplots(1, 2, figsize=(10, 4.2))

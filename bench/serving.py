@@ -14,7 +14,9 @@ In order, on one device, with the same requests everywhere (bench/workload.py):
    the frontend), its adapters registered (host-memory mode: records written to the
    registry, weights made from seeds in the worker's host cache; peft mode: PEFT folders
    uploaded through the API), then through the SDK: the base model with no adapters; each
-   preset with --num-adapters adapters; the first preset with each of --adapter-counts;
+   preset with --num-adapters adapters; the first preset with each of --adapter-counts
+   (with --repeats N, that sequence N times over, and each check the median of its N
+   per-run ratios);
 4. Hugging Face PEFT on the first --peft-requests requests of the first preset's workload;
 5. the decode roofline of each workload at --max-num-seqs running requests.
 
@@ -35,6 +37,7 @@ import math
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -55,6 +58,13 @@ PRESET_TARGETS = {"S1": 0.90, "S2": 0.75}
 
 
 # -- the command line ----------------------------------------------------------------------
+
+def _at_least_one(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m slora.bench.serving",
@@ -109,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated phases to leave out: inprocess, base, counts, "
                         "peft")
     g.add_argument("--warmup-requests", type=int, default=4)
+    g.add_argument("--repeats", type=_at_least_one, default=1,
+                   help="runs of each setting through the stack, interleaved (base, presets, "
+                        "counts, then again); each check is the median of its per-run ratios")
     g = p.add_argument_group("output")
     g.add_argument("--out", default="bench-out", help="folder for the results")
     g.add_argument("--time-limit-s", type=float, default=0.0,
@@ -277,7 +290,8 @@ class Run:
                 self.model, self.dtype_size, w, self.args.max_num_seqs, self.copy_bw)
         self.results.append(result)
         m = result.metrics
-        log(f"{result.name} via {result.via}: {m['throughput_rps']:.2f} req/s, "
+        run = f" (run {result.trial + 1})" if self.args.repeats > 1 and result.via == "grpc" else ""
+        log(f"{result.name}{run} via {result.via}: {m['throughput_rps']:.2f} req/s, "
             f"{m['output_tokens_per_s']:.0f} output tok/s, {m['num_failed']} failed")
 
     # -- the phases
@@ -322,10 +336,15 @@ class Run:
                                 stats_fn=stack.stats)
             runs = ([(plan.base, None)] if plan.base else []) + list(zip(plan.main, self.presets))
             runs += [(w, self.presets[0]) for w in plan.counts]
-            for w, preset in runs:
-                if self.out_of_time(w.name):
+            # Repeats interleave, so that a drift of the machine spreads over every setting
+            # and the settings a check compares run next to each other.
+            for trial, (w, preset) in ((t, run) for t in range(self.args.repeats)
+                                       for run in runs):
+                if self.out_of_time(w.name if trial == 0 else f"{w.name} (run {trial + 1})"):
                     break
-                self.keep(driver.run_grpc(target, w, stats_fn=stack.stats), w, preset)
+                result = driver.run_grpc(target, w, stats_fn=stack.stats)
+                result.trial = trial
+                self.keep(result, w, preset)
         finally:
             stack.stop()
 
@@ -373,8 +392,11 @@ class Run:
 
 # -- the issue's targets -------------------------------------------------------------------
 
-def _find(results, via: str, name: str):
-    return next((r for r in results if r.via == via and r.name == name), None)
+def _find(results, via: str, name: str, trial: int = 0):
+    """That setting's run in `trial`; a setting run once (in-process, PEFT) stands for every
+    trial; None when it was not run then."""
+    runs = [r for r in results if r.via == via and r.name == name]
+    return next((r for r in runs if r.trial == trial), runs[0] if len(runs) == 1 else None)
 
 
 def _ratio(a, b, key: str, b_key: str | None = None):
@@ -388,40 +410,58 @@ def _ratio(a, b, key: str, b_key: str | None = None):
 
 
 def checks(results: list[driver.RunResult], plan: Plan) -> list[dict]:
-    """The issue's done-when ratios: ours, the roofline's where it has one, the target."""
+    """The issue's done-when ratios: ours, the roofline's where it has one, the target. With
+    --repeats, a ratio is taken within each run (trial) and "ours" is their median; "runs"
+    lists them."""
     out = []
+    trials = sorted({r.trial for r in results}) or [0]
 
-    def add(what: str, ours, roof, target: float, unit: str = "%"):
-        out.append({"check": what, "ours": ours, "roofline": roof, "target": target,
-                    "unit": unit, "met": None if ours is None else ours >= target})
+    def add(what: str, ratio, target: float, unit: str = "%"):
+        """`ratio(trial, part)`: the ratio of `part` ("metrics" or "roofline") in that trial."""
+        runs = [x for x in (ratio(t, "metrics") for t in trials) if x is not None]
+        roofs = [x for x in (ratio(t, "roofline") for t in trials) if x is not None]
+        ours = statistics.median(runs) if runs else None
+        out.append({"check": what, "ours": ours,
+                    "roofline": statistics.median(roofs) if roofs else None, "runs": runs,
+                    "target": target, "unit": unit,
+                    "met": None if ours is None else ours >= target})
 
-    base = _find(results, "grpc", plan.base.name) if plan.base else None
+    def between(via_a, name_a, via_b, name_b, key, roof_key=None):
+        """a[key] / b[key] of two settings' metrics in a trial, and their rooflines'
+        roof_key ratio (None without a roof_key)."""
+        def ratio(trial, part):
+            if part == "roofline" and roof_key is None:
+                return None
+            a, b = _find(results, via_a, name_a, trial), _find(results, via_b, name_b, trial)
+            return _ratio(a and getattr(a, part), b and getattr(b, part),
+                          key if part == "metrics" else roof_key)
+        return ratio
+
+    def missing(trial, part):
+        return None
+
+    rps, tok_s = "throughput_rps", "output_tokens_per_s"
     for w in plan.main:
-        r = _find(results, "grpc", w.name)
-        target = PRESET_TARGETS.get(w.name.split()[0], 0.90)
-        add(f"{w.name} vs base, req/s", _ratio(r and r.metrics, base and base.metrics,
-                                               "throughput_rps"),
-            _ratio(r and r.roofline, base and base.roofline, "output_tokens_per_s"), target)
+        add(f"{w.name} vs base, req/s",
+            between("grpc", w.name, "grpc", plan.base.name, rps, tok_s) if plan.base else missing,
+            PRESET_TARGETS.get(w.name.split()[0], 0.90))
     if plan.counts:
         by_n = sorted([plan.main[0]] + plan.counts, key=lambda w: w.config.num_adapters)
         lo, hi = by_n[0], by_n[-1]
-        r_lo, r_hi = _find(results, "grpc", lo.name), _find(results, "grpc", hi.name)
         add(f"{hi.config.num_adapters} vs {lo.config.num_adapters} adapters, req/s",
-            _ratio(r_hi and r_hi.metrics, r_lo and r_lo.metrics, "throughput_rps"),
-            _ratio(r_hi and r_hi.roofline, r_lo and r_lo.roofline, "output_tokens_per_s"),
-            0.95)
-    ours = _find(results, "grpc", plan.main[0].name)
+            between("grpc", hi.name, "grpc", lo.name, rps, tok_s), 0.95)
+    first = plan.main[0].name
     if plan.peft is not None:
-        peft = _find(results, "peft", plan.peft.name)
-        add(f"{plan.main[0].name} vs PEFT (its sample), req/s",
-            _ratio(ours and ours.metrics, peft and peft.metrics, "throughput_rps"), None, 30.0,
-            unit="x")
-    inproc = _find(results, "engine", f"{plan.main[0].name}, in-process")
-    add(f"gRPC vs in-process, {plan.main[0].name}, req/s",
-        _ratio(ours and ours.metrics, inproc and inproc.metrics, "throughput_rps"), None, 0.95)
-    add(f"{plan.main[0].name} output tok/s at saturation vs its roofline",
-        _ratio(ours and ours.metrics, ours and ours.roofline, "saturated_output_tokens_per_s",
-               "output_tokens_per_s"), None, 0.60)
+        add(f"{first} vs PEFT (its sample), req/s",
+            between("grpc", first, "peft", plan.peft.name, rps), 30.0, unit="x")
+    add(f"gRPC vs in-process, {first}, req/s",
+        between("grpc", first, "engine", f"{first}, in-process", rps), 0.95)
+
+    def saturation(trial, part):
+        r = _find(results, "grpc", first, trial)
+        return None if part == "roofline" else _ratio(
+            r and r.metrics, r and r.roofline, "saturated_output_tokens_per_s", tok_s)
+    add(f"{first} output tok/s at saturation vs its roofline", saturation, 0.60)
     return out
 
 
@@ -429,9 +469,13 @@ def checks_table(rows: list[dict]) -> str:
     lines = ["| target | ours | roofline | needed | |", "|---|---:|---:|---:|---|"]
     for c in rows:
         fmt = (lambda x: "–" if x is None else f"{x:.1f}x") if c["unit"] == "x" else (
-            lambda x: "–" if x is None else f"{x:.0%}")
+            lambda x: "–" if x is None else f"{x:.1%}")
         status = "–" if c["met"] is None else ("met" if c["met"] else "MISSED")
-        lines.append(f"| {c['check']} | {fmt(c['ours'])} | {fmt(c['roofline'])} "
+        ours = fmt(c["ours"])
+        runs = c.get("runs") or []
+        if len(runs) > 1:
+            ours += f" (median of {len(runs)}: {fmt(min(runs))}–{fmt(max(runs))})"
+        lines.append(f"| {c['check']} | {ours} | {fmt(c['roofline'])} "
                      f"| ≥ {fmt(c['target'])} | {status} |")
     return "\n".join(lines)
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from slora.adapter_store import load_peft_adapter
-from slora.bench import baselines, driver
+from slora.bench import baselines, driver, serving
 from slora.bench.driver import RequestRecord, RunResult
 from slora.bench.workload import (
     BANK_WINDOWS, DUMMY_TARGETS, PRESETS, DummyAdapterFactory, Workload, WorkloadConfig,
@@ -265,6 +265,39 @@ def test_saturated_rate_counts_tokens_while_a_full_batch_is_in_flight():
     assert m["saturated_output_tokens_per_s"] == pytest.approx(2.0)
 
 
+def test_repeated_settings_check_the_median_of_their_per_run_ratios():
+    """--repeats 3: each check takes the ratio within each run (trial) and reports their
+    median; a run cut short by the time limit drops out of the checks it is part of; the
+    table shows the median and the range."""
+    args = serving.build_parser().parse_args(
+        [*TINY_COMMAND, "--adapter-counts", "2,8", "--skip", "peft,inprocess", "--repeats", "3"])
+    plan = serving.make_plan(args, TINY)
+    rps = {plan.base.name: [10.0, 12.0, 11.0], "S1 4 adapters": [9.5, 10.5, 10.0],
+           "S2 4 adapters": [8.0, 9.0, 8.0], "S1 2 adapters": [9.6, 11.0, 10.6],
+           "S1 8 adapters": [9.0, 10.4]}  # its third run was cut by --time-limit-s
+    results = [RunResult(name, "grpc", None, 0, [], 1.0, trial=t,
+                         metrics={"throughput_rps": x, "saturated_output_tokens_per_s": 7 * x},
+                         roofline={"output_tokens_per_s": 100.0})
+               for t in range(3) for name, xs in rps.items() if t < len(xs) for x in [xs[t]]]
+    rows = {c["check"]: c for c in serving.checks(results, plan)}
+    s1 = rows["S1 4 adapters vs base, req/s"]
+    assert s1["runs"] == pytest.approx([0.95, 0.875, 10 / 11])
+    assert s1["ours"] == pytest.approx(10 / 11) and s1["met"] is True
+    assert s1["roofline"] == pytest.approx(1.0)
+    counts = rows["8 vs 2 adapters, req/s"]
+    assert counts["runs"] == pytest.approx([9.0 / 9.6, 10.4 / 11.0])
+    assert counts["ours"] == pytest.approx((9.0 / 9.6 + 10.4 / 11.0) / 2)
+    assert counts["met"] is False
+    saturation = rows["S1 4 adapters output tok/s at saturation vs its roofline"]
+    assert saturation["ours"] == pytest.approx(0.70) and len(saturation["runs"]) == 3
+    assert rows["gRPC vs in-process, S1 4 adapters, req/s"]["ours"] is None
+    table = serving.checks_table(list(rows.values()))
+    assert "| S1 4 adapters vs base, req/s | 90.9% (median of 3: 87.5%–95.0%) |" in table
+    assert "| 8 vs 2 adapters, req/s | 94.1% (median of 2: 93.8%–94.5%) |" in table
+    with pytest.raises(SystemExit):
+        serving.build_parser().parse_args([*TINY_COMMAND, "--repeats", "0"])
+
+
 # -- the one command -----------------------------------------------------------------------
 
 TINY_COMMAND = ["--model", "dummy-tiny", "--device", "cpu", "--num-adapters", "4",
@@ -325,6 +358,21 @@ def test_one_command_runs_the_benchmark_and_its_baselines_and_prints_the_table(t
         return
     for name in ("throughput_vs_adapters.png", "latency.png"):
         assert os.path.getsize(tmp_path / name) > 0
+
+
+@pytest.mark.slow
+def test_repeats_run_the_stack_settings_interleaved(tmp_path):
+    """--repeats 2: base, S1 and the count run in that order twice through one stack; every
+    row of the table names its run; the checks hold two runs each."""
+    payload, stdout = _run_serving(tmp_path, "--presets", "S1", "--adapter-counts", "2",
+                                   "--skip", "peft,inprocess", "--repeats", "2")
+    order = [(r["name"], r["trial"]) for r in payload["results"]]
+    assert order == [(name, trial) for trial in (0, 1) for name in
+                     ("base (no adapters)", "S1 4 adapters", "S1 2 adapters")]
+    assert all(r["metrics"]["num_failed"] == 0 for r in payload["results"])
+    assert "| S1 2 adapters (run 2) | grpc | 2 |" in stdout
+    counts = next(c for c in payload["checks"] if c["check"] == "4 vs 2 adapters, req/s")
+    assert len(counts["runs"]) == 2 and "(median of 2: " in stdout
 
 
 @pytest.mark.slow
