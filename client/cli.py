@@ -204,6 +204,9 @@ def _run_client(args) -> int:
             print(f"slora: give a key with --api-key or $SLORA_API_KEY; `slora up` keeps its "
                   f"admin key in {os.path.join(DEFAULT_DATA_DIR, ADMIN_KEY_FILE)}",
                   file=sys.stderr)
+        elif e.code.name == "UNAVAILABLE":
+            print(f"slora: is the server up at {args.address}? `slora up` starts one; "
+                  "--address or $SLORA_ADDRESS picks another", file=sys.stderr)
         return 1
     return 0
 

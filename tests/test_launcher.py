@@ -45,6 +45,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_cli_without_a_server_says_how_to_start_one():
+    """A call to an address where nothing listens: UNAVAILABLE, exit 1, and a hint that
+    names the address and `slora up`, without a traceback."""
+    address = f"127.0.0.1:{free_port()}"
+    proc = subprocess.run([sys.executable, "-m", "slora.client.cli", "generate", "Hi",
+                           "--address", address, "--api-key", "none"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "UNAVAILABLE" in proc.stderr and "Traceback" not in proc.stderr
+    assert f"is the server up at {address}? `slora up` starts one" in proc.stderr
+
+
 @pytest.mark.slow
 def test_readme_first_command_serves_smollm2_that_knows_paris(tmp_path):
     """The README's first command, run as written (with a fresh HOME and a free port),
