@@ -1,13 +1,15 @@
 """Kernel benchmark: the GPU's own limits first, then each kernel against them.
 
-    python bench/kernels.py [--out DIR] [--quick]
+    python bench/kernels.py [--out DIR] [--quick] [--sections decode,group,prefill,attention]
 
 1. Copy bandwidth (a 1 GiB device-to-device copy, bytes read + written) and the dense bf16
    GEMM rate (8192^3 torch.matmul): the two ceilings every other figure is a percentage of.
 2. Decode LoRA (MBGMV, Llama-2-7B q_proj 4096 -> 4096) at batch 1, 8, 64, 256, 512 with 1,
    32 and batch-many distinct adapters, ranks 16 and 64, pool max rank 64: shrink then
-   expand (two launches, what the worker runs for a single module), and beside it the fused
-   kernel (one launch, `lora_shrink_expand`). Bytes count each adapter row and each
+   expand (`lora_decode`: the expand launched behind the shrink with programmatic dependent
+   launch), the same two kernels launched plainly, and the fused kernel (one launch,
+   `lora_shrink_expand`). A row's time is the path the worker takes for one module: the
+   pair below FUSED_DECODE_MIN_TOKENS tokens, the fused kernel from there on. Bytes count each adapter row and each
    activation once (A and B^T rows of the distinct adapters, x read, y read and written, v
    written and read; the fused kernel keeps v on chip). Then a group, q, k and v together
    (what the worker runs for them): the fused kernel against three modules' two launches.
@@ -27,6 +29,7 @@ matplotlib is installed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
@@ -103,6 +106,16 @@ def fill_pool(num_pages: int, width: int) -> torch.Tensor:
     return pool
 
 
+@contextlib.contextmanager
+def plain_launches():
+    """lora_decode without programmatic dependent launch."""
+    saved, L.PDL = L.PDL, False
+    try:
+        yield
+    finally:
+        L.PDL = saved
+
+
 def bench_decode_lora(pool, copy_bw, quick):
     rows = []
     num_pages = pool.shape[0]
@@ -134,33 +147,42 @@ def bench_decode_lora(pool, copy_bw, quick):
                 group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV)
 
                 def two(t):
-                    return lambda: (L.lora_shrink(x, pool, t, ranks, slots, out=v),
-                                    L.lora_expand(y, v, pool, t, ranks, scales, slots))
+                    return lambda: L.lora_decode(y, x, pool, t, ranks, scales, slots, v_out=v)
 
                 def fused(t):  # one module: the tables of a group of one
                     t4, r2, s2 = t.unsqueeze(0), ranks.unsqueeze(0), scales.unsqueeze(0)
                     return lambda: L.lora_shrink_expand(y, x, pool, t4, r2, s2, slots, group,
                                                         max_d_out=d_out)
-                t_ours = graph_time([two(t) for t in tables], reps=10 if quick else 30)
+                t_pair = graph_time([two(t) for t in tables], reps=10 if quick else 30)
                 t_fused = graph_time([fused(t) for t in tables], reps=10 if quick else 30)
+                with plain_launches():
+                    t_plain = graph_time([two(t) for t in tables], reps=10 if quick else 30)
 
                 def ref():
                     vr = torch_ref.lora_shrink(x, pool, tables[0], ranks, slots)
                     torch_ref.lora_expand(y, vr, pool, tables[0], ranks, scales, slots)
                 t_ref = events_time(ref, 2 if quick or num_adapters > 64 else 5, warmup=1)
-                nbytes = adapter_bytes + act_bytes
+                pair_bytes = adapter_bytes + act_bytes
+                fused_bytes = adapter_bytes + batch * (d_in * 2 + d_out * 4)  # v stays on chip
+                # The path the worker takes for one module at this batch (cuda_backend).
+                fused_path = batch >= L.FUSED_DECODE_MIN_TOKENS
+                t_ours, nbytes = (t_fused, fused_bytes) if fused_path else (t_pair, pair_bytes)
                 rows.append(dict(
                     section="decode LoRA", rank=rank, batch=batch, adapters=num_adapters,
                     config=f"r{rank} batch {batch} adapters {num_adapters}",
+                    path="fused" if fused_path else "pair",
                     time_us=t_ours * 1e6, rate=nbytes / t_ours / 1e9, unit="GB/s",
                     pct=100 * nbytes / t_ours / copy_bw, speedup=t_ref / t_ours,
-                    ref_us=t_ref * 1e6, fused_us=t_fused * 1e6,
-                    fused_pct=100 * (adapter_bytes + batch * (d_in * 2 + d_out * 4)) / t_fused
-                    / copy_bw))
-                print(f"decode LoRA {rows[-1]['config']}: {t_ours * 1e6:.1f} us "
-                      f"(fused {t_fused * 1e6:.1f} us, {rows[-1]['fused_pct']:.0f}%), "
-                      f"{rows[-1]['rate']:.0f} GB/s ({rows[-1]['pct']:.0f}%), "
-                      f"{rows[-1]['speedup']:.1f}x torch ref", flush=True)
+                    ref_us=t_ref * 1e6, pair_us=t_pair * 1e6, plain_us=t_plain * 1e6,
+                    fused_us=t_fused * 1e6,
+                    pair_pct=100 * pair_bytes / t_pair / copy_bw,
+                    fused_pct=100 * fused_bytes / t_fused / copy_bw))
+                r = rows[-1]
+                print(f"decode LoRA {r['config']}: {t_ours * 1e6:.1f} us, {r['rate']:.0f} GB/s "
+                      f"({r['pct']:.0f}%), {r['speedup']:.1f}x torch ref; pair "
+                      f"{t_pair * 1e6:.1f} us ({r['pair_pct']:.0f}%; plain launches "
+                      f"{t_plain * 1e6:.1f}), fused {t_fused * 1e6:.1f} us "
+                      f"({r['fused_pct']:.0f}%)", flush=True)
     return rows
 
 
@@ -195,9 +217,8 @@ def bench_decode_lora_group(pool, copy_bw, quick):
         def per_module(t):
             def f():
                 for m in range(num_modules):
-                    L.lora_shrink(x, pool, t[m], ranks[m], slots, out=v)
-                    L.lora_expand(y[:, m * H:(m + 1) * H], v, pool, t[m], ranks[m], scales[m],
-                                  slots)
+                    L.lora_decode(y[:, m * H:(m + 1) * H], x, pool, t[m], ranks[m], scales[m],
+                                  slots, v_out=v)
             return f
         reps = 10 if quick else 30
         t_ours = graph_time([fused(t) for t in tables], reps=reps)
@@ -323,8 +344,9 @@ def table(rows, copy_bw, gemm, gpu) -> str:
     for r in rows:
         limit = "copy BW" if r["unit"] == "GB/s" else "GEMM"
         extra = f" ({r['pct_roofline']:.0f}% of roofline)" if "pct_roofline" in r else ""
-        if "fused_us" in r:
-            extra = f" (fused: {r['fused_us']:.1f} us, {r['fused_pct']:.0f}%)"
+        if "pair_us" in r:
+            extra = (f" ({r['path']}; pair {r['pair_us']:.1f} us, plain launches "
+                     f"{r['plain_us']:.1f}; fused {r['fused_us']:.1f} us)")
         if "per_module_us" in r:
             extra = f" (per module, 6 launches: {r['per_module_us']:.1f} us)"
         lines.append(f"| {r['section']} | {r['config']} | {r['time_us']:.1f} | "
@@ -363,7 +385,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="folder for kernels.md, kernels.json, kernels.png")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
+    ap.add_argument("--sections", default="decode,group,prefill,attention",
+                    help="comma-separated: decode (LoRA), group (q,k,v LoRA), prefill (LoRA), "
+                         "attention")
     args = ap.parse_args(argv)
+    sections = {s.strip() for s in args.sections.split(",")}
     if not torch.cuda.is_available():
         print("bench/kernels.py needs a CUDA GPU", file=sys.stderr)
         return 1
@@ -373,12 +399,15 @@ def main(argv=None) -> int:
     print(f"copy bandwidth {copy_bw / 1e9:.0f} GB/s, bf16 GEMM {gemm / 1e12:.0f} TFLOP/s",
           flush=True)
     pool = fill_pool(65536, H)  # 1 GiB of pages
-    rows = bench_decode_lora(pool, copy_bw, args.quick)
-    rows += bench_decode_lora_group(pool, copy_bw, args.quick)
-    rows += bench_prefill_lora(pool, copy_bw, gemm, args.quick)
+    rows = bench_decode_lora(pool, copy_bw, args.quick) if "decode" in sections else []
+    if "group" in sections:
+        rows += bench_decode_lora_group(pool, copy_bw, args.quick)
+    if "prefill" in sections:
+        rows += bench_prefill_lora(pool, copy_bw, gemm, args.quick)
     del pool
     torch.cuda.empty_cache()
-    rows += bench_decode_attention(copy_bw, args.quick)
+    if "attention" in sections:
+        rows += bench_decode_attention(copy_bw, args.quick)
     text = table(rows, copy_bw, gemm, gpu)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)

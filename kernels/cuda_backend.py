@@ -51,19 +51,19 @@ class CudaBackend:
                    group: LoraGroup, batch: LoraBatch):
         """y[:, col:col + width] += each member's LoRA of x, in place. Decode tokens: a
         group of several modules by one fused shrink + expand launch (fewer launches), a
-        single module by MBGMV shrink then expand (faster per module: see mbgmv_fused in
-        lora_mbgmv.cu). Prefill segments: MBGMM, one shrink and one expand launch for the
-        whole group, one module or several."""
+        single module by MBGMV shrink then expand, the expand launched behind the shrink
+        (launchers.lora_decode; faster per module below FUSED_DECODE_MIN_TOKENS tokens, the
+        fused launch from there: see mbgmv_fused in lora_mbgmv.cu).
+        Prefill segments: MBGMM, one shrink and one expand launch for the whole group, one
+        module or several."""
         num_tokens, nd = y.shape[0], batch.num_decode_tokens
-        if nd and len(group.members) > 1:
+        if nd and (len(group.members) > 1 or nd >= launchers.FUSED_DECODE_MIN_TOKENS):
             launchers.lora_shrink_expand(
                 y[:nd], x[:nd], pool, lora_page_table, lora_ranks, lora_scales,
                 batch.token_slots[:nd], group.table, max_d_out=group.max_d_out)
         elif nd:
             (m, col, width), = group.members
-            v = launchers.lora_shrink(x[:nd], pool, lora_page_table[m], lora_ranks[m],
-                                      batch.token_slots[:nd])
-            launchers.lora_expand(y[:nd, col:col + width], v, pool, lora_page_table[m],
+            launchers.lora_decode(y[:nd, col:col + width], x[:nd], pool, lora_page_table[m],
                                   lora_ranks[m], lora_scales[m], batch.token_slots[:nd])
         if nd < num_tokens:
             launchers.lora_shrink_expand_segments(

@@ -12,11 +12,18 @@ builds a module at most once: loaded modules and their kernels are kept here, pe
 Kernels launch on torch's current stream (`cupy.cuda.Stream.from_external`), so they order
 with torch's work and are captured by `torch.cuda.graph` with the rest of a decode step.
 
+`launch(..., pdl=True)` launches with programmatic dependent launch (Hopper and later): the
+kernel may start while the one before it on the stream still runs, and waits for it where it
+says so (`pdl_wait()` in common.cuh). CuPy's launch has no launch attributes, so this one goes
+through the driver's cuLaunchKernelEx (ctypes). SLORA_PDL=0 turns it off; older GPUs and
+drivers launch plainly.
+
 `python -m slora.kernels.cuda_compile` builds every module for the current GPU in parallel
 (and prints ptxas's register and shared-memory report): run it once before timing anything.
 """
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import shutil
@@ -142,9 +149,76 @@ def current_stream(device_index: int):
 
 
 def launch(kernel: cupy.RawKernel, grid: tuple, block: tuple, args: tuple, device_index: int,
-           shared_mem: int = 0) -> None:
+           shared_mem: int = 0, pdl: bool = False) -> None:
+    if pdl and pdl_available(device_index):
+        _launch_programmatic(kernel, grid, block, args, device_index, shared_mem)
+        return
     with cupy.cuda.Device(device_index), current_stream(device_index):
         kernel(grid, block, args, shared_mem=shared_mem)
+
+
+# ---- programmatic dependent launch through the driver API --------------------------------
+
+_PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+
+
+class _LaunchAttribute(ctypes.Structure):  # CUlaunchAttribute: id, pad to 8, 64-byte union
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_int * 16)]
+
+
+class _LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_mem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("num_attrs", ctypes.c_uint)]
+
+
+_ARG_TYPES = {np.uint64: ctypes.c_uint64, np.int64: ctypes.c_int64, np.int32: ctypes.c_int32,
+              np.float32: ctypes.c_float}
+_launch_ex = None
+_pdl_devices: dict[int, bool] = {}
+
+
+def _driver_launch_ex():
+    """cuLaunchKernelEx from the driver library, or None where it has none."""
+    global _launch_ex
+    if _launch_ex is None:
+        try:
+            fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+        except (OSError, AttributeError):
+            fn = False
+        else:
+            fn.argtypes = [ctypes.POINTER(_LaunchConfig), ctypes.c_void_p,
+                           ctypes.POINTER(ctypes.c_void_p), ctypes.c_void_p]
+            fn.restype = ctypes.c_int
+        _launch_ex = fn
+    return _launch_ex or None
+
+
+def pdl_available(device_index: int) -> bool:
+    """Whether launch(..., pdl=True) launches programmatically on this device."""
+    ok = _pdl_devices.get(device_index)
+    if ok is None:
+        ok = (os.environ.get("SLORA_PDL", "1") != "0"
+              and torch.cuda.get_device_capability(device_index)[0] >= 9
+              and _driver_launch_ex() is not None)
+        _pdl_devices[device_index] = ok
+    return ok
+
+
+def _launch_programmatic(kernel, grid, block, args, device_index, shared_mem) -> None:
+    values = [_ARG_TYPES[type(a)](a) for a in args]
+    params = (ctypes.c_void_p * len(values))(*[ctypes.addressof(v) for v in values])
+    attr = _LaunchAttribute(id=_PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value[0] = 1
+    grid3, block3 = (*grid, 1, 1)[:3], (*block, 1, 1)[:3]
+    config = _LaunchConfig((ctypes.c_uint * 3)(*grid3), (ctypes.c_uint * 3)(*block3), shared_mem,
+                           torch.cuda.current_stream(device_index).cuda_stream,
+                           ctypes.pointer(attr), 1)
+    with cupy.cuda.Device(device_index):
+        err = _launch_ex(ctypes.byref(config), kernel.kernel.ptr, params, None)
+    if err:
+        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {err} "
+                           f"(SLORA_PDL=0 launches without programmatic dependence)")
 
 
 # Kernel arguments, converted explicitly: a pointer is passed as a 64-bit integer.

@@ -92,6 +92,13 @@ __device__ __forceinline__ vec_t ld_rw(const void* p) {
     return v;
 }
 
+// A float written by the kernel this one waited on (pdl_wait): read at L2, past L1.
+__device__ __forceinline__ float ld_coherent_f32(const float* p) {
+    float f;
+    asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(f) : "l"(p) : "memory");
+    return f;
+}
+
 __device__ __forceinline__ void st_vec(void* p, const vec_t& v) {
     asm volatile("st.global.v4.u32 [%0], {%1,%2,%3,%4};"
                  :: "l"(p), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]), "r"(v.w[3]) : "memory");
@@ -132,6 +139,22 @@ __device__ __forceinline__ float dot_vec(const vec_t& a, const vec_t& b) {
 #pragma unroll
     for (int i = 0; i < VEC; ++i) s = fmaf(fa[i], fb[i], s);
     return s;
+}
+
+// ---- programmatic dependent launch (Hopper; no-ops before sm_90) -------------------------
+// A kernel launched with programmatic stream serialization (kernels/cuda_compile.py,
+// launch(..., pdl=True)) may start while the kernel before it still runs: it reads only what was
+// complete before that kernel began, then waits for it at pdl_wait(). The kernel before it lets
+// it start with pdl_launch_dependents(). Without that launch attribute both are no-ops.
+__device__ __forceinline__ void pdl_launch_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 __device__ __forceinline__ float warp_sum(float x) {

@@ -19,6 +19,8 @@
 // blocks that only find rows past the rank. The `, 1` of the launch bounds lets ptxas keep
 // every load of a step in flight (without it, it interleaves each load with its use to save
 // registers: one round trip per load).
+//
+// It lets the expand that follows start early (programmatic dependent launch: mbgmv_expand).
 extern "C" __global__ void __launch_bounds__(SHRINK_THREADS, 1)
 mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
              const elem_t* __restrict__ pool, int H,
@@ -27,6 +29,7 @@ mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
              float* __restrict__ v, int d_in)
 {
     __shared__ float partial[2][SHRINK_THREADS / 32];  // by iteration parity: no second barrier
+    pdl_launch_dependents();  // the expand may start: it waits for v at pdl_wait()
     const int t = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int half = warp & 1;
@@ -79,10 +82,22 @@ mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
 #define EXPAND_THREADS 128
 #define EXPAND_UNROLL 16
 
+// The vectors at `col` of rows i .. i + EXPAND_UNROLL - 1 (zeros past the rank): `col` points
+// into page 0's V half at the thread's offset; page_ids[i] is row i's page for this column.
+__device__ __forceinline__ void load_b_rows(vec_t (&b)[EXPAND_UNROLL],
+                                            const elem_t* __restrict__ col, const int* page_ids,
+                                            int i, int rank, int H)
+{
+#pragma unroll
+    for (int u = 0; u < EXPAND_UNROLL; ++u)
+        b[u] = i + u < rank ? ld_stream(col + (i64)page_ids[i + u] * 2 * H) : vzero();
+}
+
 // y_old + sum_{i < rank} v_scaled[i] * (the vector at `col` of row i's page): one thread's 16
-// bytes of an expand, EXPAND_UNROLL rows in flight. `col` points into page 0's V half at the
-// thread's offset; page_ids[i] is row i's page for this page column.
-__device__ __forceinline__ vec_t add_expand(const vec_t& y_old, const elem_t* __restrict__ col,
+// bytes of an expand, EXPAND_UNROLL rows in flight. `b` holds rows 0 .. EXPAND_UNROLL - 1
+// already (load_b_rows(b, col, page_ids, 0, ...)); the rest are loaded here.
+__device__ __forceinline__ vec_t add_expand(const vec_t& y_old, vec_t (&b)[EXPAND_UNROLL],
+                                            const elem_t* __restrict__ col,
                                             const int* page_ids, const float* v_scaled,
                                             int rank, int H)
 {
@@ -90,10 +105,7 @@ __device__ __forceinline__ vec_t add_expand(const vec_t& y_old, const elem_t* __
 #pragma unroll
     for (int e = 0; e < VEC; ++e) acc[e] = 0.f;
     for (int i = 0; i < rank; i += EXPAND_UNROLL) {
-        vec_t b[EXPAND_UNROLL];
-#pragma unroll
-        for (int u = 0; u < EXPAND_UNROLL; ++u)
-            b[u] = i + u < rank ? ld_stream(col + (i64)page_ids[i + u] * 2 * H) : vzero();
+        if (i > 0) load_b_rows(b, col, page_ids, i, rank, H);
 #pragma unroll
         for (int u = 0; u < EXPAND_UNROLL; ++u) {
             float f[VEC];
@@ -116,6 +128,11 @@ __device__ __forceinline__ vec_t add_expand(const vec_t& y_old, const elem_t* __
 // column j of the rows, so it stages the page ids of its token's rows (and v * scale) in shared
 // memory once; dynamic shared memory 8 * max_rank bytes. One thread per 16-byte vector of y:
 // it reads that vector of each of the token's B^T rows, EXPAND_UNROLL rows in flight.
+//
+// Launched right behind its shrink with programmatic dependent launch (launchers.lora_decode)
+// it starts while the shrink runs: it reads y, the slot, rank, scale, page ids and its first
+// EXPAND_UNROLL rows of B^T (all written before the shrink began) and waits at pdl_wait()
+// before reading v. Launched plainly, the wait is a no-op.
 extern "C" __global__ void __launch_bounds__(EXPAND_THREADS, 1)
 mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
              const elem_t* __restrict__ pool, int H,
@@ -141,13 +158,18 @@ mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
     const int rank = min(ranks[slot], max_rank);
     const float scale = scales[slot];
     const int* pt = page_table + (i64)slot * max_rank * pages_per_row + j;
-    for (int i = threadIdx.x; i < max_rank; i += EXPAND_THREADS) {
-        v_scaled[i] = v[(i64)t * max_rank + i] * scale;
+    for (int i = threadIdx.x; i < max_rank; i += EXPAND_THREADS)
         page_ids[i] = pt[(i64)i * pages_per_row];
-    }
+    __syncthreads();
+    const elem_t* col = pool + H + in_page;
+    vec_t b[EXPAND_UNROLL];
+    load_b_rows(b, col, page_ids, 0, active ? rank : 0, H);
+    pdl_wait();  // launched early behind its shrink: v is complete from here on
+    for (int i = threadIdx.x; i < max_rank; i += EXPAND_THREADS)
+        v_scaled[i] = ld_coherent_f32(v + (i64)t * max_rank + i) * scale;
     __syncthreads();
     if (rank <= 0 || !active) return;
-    st_vec(yp, add_expand(y_old, pool + H + in_page, page_ids, v_scaled, rank, H));
+    st_vec(yp, add_expand(y_old, b, col, page_ids, v_scaled, rank, H));
 }
 
 // Shrink and expand in one launch, for a group of modules that read the same x (q, k, v of
@@ -250,7 +272,10 @@ mbgmv_fused_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restrict_
         __syncthreads();
         if (!active) continue;
         const vec_t y_old = ld_rw(yt + o);
-        st_vec(yt + o, add_expand(y_old, pool + H + in_page, page_ids, v_scaled, rank, H));
+        const elem_t* col_ptr = pool + H + in_page;
+        vec_t b[EXPAND_UNROLL];
+        load_b_rows(b, col_ptr, page_ids, 0, rank, H);
+        st_vec(yt + o, add_expand(y_old, b, col_ptr, page_ids, v_scaled, rank, H));
     }
 }
 

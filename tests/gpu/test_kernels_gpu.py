@@ -160,6 +160,49 @@ def test_mbgmv_expand_matches_reference(L, gen, shape, module, dtype):
     assert torch.equal(y[untouched], y0[untouched])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_decode_pair_matches_reference(L, gen, shape, module, dtype):
+    """lora_decode: the shrink prefetching B^T into L2 and the expand launched behind it with
+    programmatic dependent launch (Hopper) give the reference's y, eagerly and replayed from a
+    CUDA graph on new inputs (an expand that read v before its shrink wrote it would keep the
+    previous replay's v)."""
+    from slora.kernels.cuda_compile import pdl_available
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert pdl_available(torch.cuda.current_device())
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    slots = make_token_slots(64, lp.ranks.shape[0], gen)
+    x = torch.randn(64, d_in, device="cuda", generator=gen).to(dtype)
+    y0 = torch.randn(64, d_out, device="cuda", generator=gen).to(dtype)
+    y = y0.clone()
+    L.lora_decode(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
+    ref = torch_ref.lora_expand(y0.clone(), torch_ref.lora_shrink(
+        x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
+        lp.scales, slots)
+    assert_close(y, ref, dtype, f"{shape.name} {module} decode pair")
+    untouched = (slots == NO_ADAPTER) | (lp.ranks[slots.clamp_min(0).long()] == 0)
+    assert torch.equal(y[untouched], y0[untouched])
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        with torch.cuda.graph(graph, stream=stream):
+            y.copy_(y0)
+            L.lora_decode(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
+    torch.cuda.current_stream().wait_stream(stream)
+    for replay in range(3):
+        x.copy_(torch.randn(64, d_in, device="cuda", generator=gen).to(dtype))
+        y.fill_(float("nan"))
+        graph.replay()
+        ref = torch_ref.lora_expand(y0.clone(), torch_ref.lora_shrink(
+            x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
+            lp.scales, slots)
+        assert_close(y, ref, dtype, f"{shape.name} {module} decode pair, graph replay {replay}")
+
+
 def make_group_pool(H: int, d_in: int, widths: list[int], dtype, gen):
     """One module per width in one pool, every module's tables stacked; the slots' ranks
     (RANKS and 0) rotate from module to module, rows on randomly permuted pages, rows past a
