@@ -173,14 +173,16 @@ def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None):
     if num_tokens == 0 or max_rank == 0:
         return out
     dev = pool.device.index
-    kernel = get_kernel(MBGMV, pool.dtype, "mbgmv_shrink", dev)
+    staged = num_tokens >= SHRINK_STAGED_MIN_TOKENS and H * pool.element_size() <= 48 << 10
+    kernel = get_kernel(MBGMV, pool.dtype, "mbgmv_shrink_staged" if staged else "mbgmv_shrink",
+                        dev)
     # Blocks loop over row pairs: enough of them to fill the GPU (~4 resident per SM), not
     # so many that most find only rows past the rank.
     row_groups = max(1, min(math.ceil(max_rank / 2), math.ceil(4 * _num_sms(dev) / num_tokens)))
     launch(kernel, (num_tokens, row_groups), (128,),
            (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
             i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(token_slots), ptr(out), i32(d_in)),
-           dev)
+           dev, shared_mem=H * pool.element_size() if staged else 0)
     return out
 
 
@@ -209,6 +211,8 @@ def lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slot
     return y
 
 
+SHRINK_STAGED_MIN_TOKENS = 64
+"""From this many tokens lora_shrink stages x in shared memory (mbgmv_shrink_staged)."""
 PDL = True
 """lora_decode launches its expand with programmatic dependent launch (where the GPU has it)."""
 FUSED_DECODE_MIN_TOKENS = 256

@@ -126,16 +126,17 @@ SEG_LENGTHS = [1, 17, 64, 100, 130, 7, 200, 65]
 
 # ---- LoRA ---------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("num_tokens", [13, 64])  # mbgmv_shrink; mbgmv_shrink_staged
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmv_shrink_matches_reference(L, gen, shape, module, dtype):
+def test_mbgmv_shrink_matches_reference(L, gen, shape, module, dtype, num_tokens):
     """Decode shrink: mixed ranks, no-adapter tokens, rank-0 slot; every v element written."""
     d_in, d_out = shape.module_dims(module)
     lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
-    slots = make_token_slots(64, lp.ranks.shape[0], gen)
-    x = torch.randn(64, d_in, device="cuda", generator=gen).to(dtype)
-    out = torch.full((64, MAX_RANK), float("nan"), device="cuda")
+    slots = make_token_slots(num_tokens, lp.ranks.shape[0], gen)
+    x = torch.randn(num_tokens, d_in, device="cuda", generator=gen).to(dtype)
+    out = torch.full((num_tokens, MAX_RANK), float("nan"), device="cuda")
     L.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots, out=out)
     ref = torch_ref.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, slots)
     # bf16/fp16 products are exact in float32: only the order of the sums differs.
