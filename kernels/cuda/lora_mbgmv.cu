@@ -272,11 +272,11 @@ mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
 // computes the shrink (its A rows then mostly come from L2); the launcher takes as few
 // chunks as fill the GPU.
 //
-// Against the two launches (mbgmv_shrink, mbgmv_expand) for one module it is slower at
-// small batches (H100, rank 16: 10.7 us at batch 1 against 5.9; 14.7 against 12.2 at batch
-// 64 with 64 adapters): one block runs a token's whole shrink, where mbgmv_shrink spreads its
-// rows over many blocks. It wins where it saves launches: a group of several modules (one
-// launch for q, k and v), and batches of 256 and more. A 512-thread shape (16 rows of A in
+// Against the two launches for one module (launchers.lora_decode: shrink, then the expand
+// behind it) it is slower at small batches (H100, rank 16: 10.7 us at batch 1 against 4.2;
+// 14.7 against 11.3 at batch 64 with 64 adapters): one block runs a token's whole shrink,
+// where the shrink kernels spread its rows over many blocks. It wins where it saves launches:
+// a group of several modules (one launch for q, k and v), and batches of 256 and more. A 512-thread shape (16 rows of A in
 // flight) measured no better at batch 64 and worse above.
 // page_table [M, num_slots, max_rank, pages_per_row], ranks and scales [M, num_slots]: every
 // module's tables, m picks one. Dynamic shared memory: 3 * max_rank * 4 bytes.
