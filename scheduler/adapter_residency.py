@@ -1,8 +1,9 @@
 """Which adapters are resident in the unified pool, in which slot and pages.
 
-An adapter is loaded on demand when a request that needs it is admitted, pinned while any
-running request uses it (`num_refs`), and evicted least recently used, once unreferenced,
-when its pages or its slot are wanted. Loads and evictions are written into the step
+An adapter is loaded when a request that needs it is admitted, or earlier, prefetched for
+the next requests in the queue; it is pinned while any running request uses it
+(`num_refs`), and evicted least recently used, once unreferenced, when its pages or its
+slot are wanted. Loads and evictions are written into the step
 command; the worker copies the rows from its host cache into the pages named there.
 """
 from __future__ import annotations
@@ -45,10 +46,11 @@ class AdapterResidency:
         entry = self.resident.get(adapter_id)
         return None if entry is None else entry.slot
 
-    def _evict_one(self, cmd: StepCommand) -> bool:
-        """Evicts the least recently used unreferenced adapter; False if there is none."""
+    def _evict_one(self, cmd: StepCommand, keep=frozenset()) -> bool:
+        """Evicts the least recently used unreferenced adapter not in `keep`; False if
+        there is none."""
         for adapter_id, entry in self.resident.items():
-            if entry.num_refs == 0:
+            if entry.num_refs == 0 and adapter_id not in keep:
                 del self.resident[adapter_id]
                 self.page_table.free(entry.page_ids, PageOwner("adapter", adapter_id))
                 self.free_slots.append(entry.slot)
@@ -91,12 +93,18 @@ class AdapterResidency:
             self.resident.move_to_end(ref.adapter_id)
         return entry.slot
 
-    def prefetch(self, ref: AdapterRef, cmd: StepCommand, keep_free: int) -> bool:
-        """Loads an adapter a queued request will need, unpinned, only into a free slot
-        and free pages (never evicting, and leaving `keep_free` pages free), so its copy
-        to the GPU overlaps the steps before that request is admitted."""
-        if ref.adapter_id in self.resident or not self.free_slots or \
+    def prefetch(self, ref: AdapterRef, cmd: StepCommand, keep_free: int,
+                 keep=frozenset()) -> bool:
+        """Loads an adapter a queued request will need, unpinned, so that its copy to the
+        GPU overlaps the steps before that request is admitted. It takes free pages only,
+        leaving `keep_free` of them free; for a slot it may evict the least recently used
+        unreferenced adapter, but none in `keep` (those the next queued requests need):
+        once thousands of adapters have been served every slot holds one, and without
+        this a prefetch would never find room."""
+        if ref.adapter_id in self.resident or \
                 self.page_table.num_free < ref.num_pages + keep_free:
+            return False
+        if not self.free_slots and not self._evict_one(cmd, keep):
             return False
         slot = self.free_slots.pop()
         page_ids = self.page_table.allocate(ref.num_pages, PageOwner("adapter", ref.adapter_id))

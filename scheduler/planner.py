@@ -150,13 +150,15 @@ class Scheduler:
     def _prefetch_adapters(self, cmd: StepCommand) -> None:
         """Loads the adapters of the next queued requests while there is room to spare:
         pages for the queue head's prompt and a decode token per running request stay
-        free."""
+        free, and no adapter those requests need is evicted for another."""
         if not self.waiting:
             return
         keep_free = self.waiting[0].num_tokens + len(self.running)
-        for req in itertools.islice(self.waiting, PREFETCH_DEPTH):
-            if req.adapter is not None:
-                self.residency.prefetch(req.adapter, cmd, keep_free)
+        ahead = [r.adapter for r in itertools.islice(self.waiting, PREFETCH_DEPTH)
+                 if r.adapter is not None]
+        keep = frozenset(a.adapter_id for a in ahead)
+        for ref in ahead:
+            self.residency.prefetch(ref, cmd, keep_free, keep)
 
     def _admit(self, req: Request, budget: int, cmd: StepCommand) -> bool:
         """Admits the head of the queue if its adapter and all its tokens fit."""

@@ -186,3 +186,29 @@ def test_pool_too_small_preempts_and_still_gives_peft_tokens(setup):
     assert stats["preemptions"] > 0, stats
     assert stats["adapter_evictions"] > 0, stats
     assert stats["pages_kv"] == 0
+
+
+def test_prefetch_into_evicted_slots_still_gives_peft_tokens(setup):
+    """Four requests run at a time and the rest queue; 9 adapters share 8 slots, so once
+    every slot has held one, an adapter is prefetched for the queue only by evicting an idle
+    one, and its rows are written behind the forward pass of a step that does not use it.
+    Every request still gets PEFT's tokens."""
+    engine = make_engine(setup, num_pages=4096, max_num_seqs=4)
+    execute = engine.worker.execute
+    evicting_prefetches = []
+
+    def spy(cmd):
+        used = {r.adapter_slot for r in cmd.new_requests} | {
+            engine.worker.requests[r.req_id].adapter_slot for r in cmd.running_requests}
+        evicting_prefetches.extend(load.adapter_id for load in cmd.adapter_loads
+                                   if load.slot in cmd.adapter_evictions
+                                   and load.slot not in used)
+        return execute(cmd)
+
+    engine.worker.execute = spy
+    reqs = make_requests(seed=3)
+    outputs = run_staggered(engine, reqs, check=lambda e: e.scheduler.check_invariants())
+    for i, (prompt, adapter) in enumerate(reqs):
+        want = peft_greedy(setup, adapter, prompt, MAX_NEW_TOKENS)
+        assert outputs[f"r{i}"] == want, f"adapter {adapter}, prompt {prompt}"
+    assert evicting_prefetches, engine.scheduler.stats()
