@@ -93,6 +93,11 @@ class TorchBackend:
     def store_kv(self, k, v, pool, batch: AttentionBatch):
         torch_ref.store_kv(k, v, pool, batch.token_page_ids)
 
+    def write_adapter_rows(self, pages, rows, page_ids, half: int):
+        """pages [num_layers, num_pages, 2, H] (the whole pool): one module's A rows (half 0)
+        or B^T rows (half 1) at every layer into their pages, zero-padded."""
+        torch_ref.write_adapter_rows(pages, rows, page_ids, half)
+
     def add_rms_norm(self, h, delta, weight, eps: float):
         return torch_ref.add_rms_norm(h, delta, weight, eps)
 

@@ -74,6 +74,11 @@ class CudaBackend:
     def store_kv(self, k, v, pool, batch: AttentionBatch):
         launchers.store_kv(k, v, pool, batch.token_page_ids)
 
+    def write_adapter_rows(self, pages, rows, page_ids, half: int):
+        """One launch per module and half, where torch's indexed copy of the same rows takes
+        a zero-fill, a copy and several index kernels (a pool past 2^31 elements is split)."""
+        launchers.write_adapter_rows(pages, rows, page_ids, half)
+
     def add_rms_norm(self, h, delta, weight, eps: float):
         return launchers.add_rms_norm(h, delta, weight, eps)
 

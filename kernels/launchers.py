@@ -683,3 +683,39 @@ def silu_mul(gate_up):
     launch(get_kernel(LAYER_OPS, gate_up.dtype, "silu_mul", dev), (math.ceil(items / 256),),
            (256,), (ptr(gate_up), ptr(out), i64(num_tokens), i32(inter)), dev)
     return out
+
+
+# ---- the pool -----------------------------------------------------------------------------
+
+def write_adapter_rows(pages, rows, page_ids, half):
+    """One module's rows of a loaded adapter into their pages at every layer, one launch
+    (torch_ref.write_adapter_rows).
+
+    pages [num_layers, num_pages, 2, H] (the whole pool, contiguous); rows [num_layers, r,
+    width] in the pool's dtype, any strides (A, or B transposed); page_ids [r, n] int64.
+    """
+    if not isinstance(pages, torch.Tensor) or pages.dim() != 4 or pages.shape[2] != 2:
+        raise ValueError(f"pages must be [num_layers, num_pages, 2, H], got "
+                         f"{tuple(getattr(pages, 'shape', ()))}")
+    _check_pool(pages[0])
+    _check_cuda("rows", rows, pages.device)
+    if rows.dtype != pages.dtype:
+        raise ValueError(f"rows has dtype {rows.dtype}; the pool has {pages.dtype}")
+    num_layers, _, _, H = pages.shape
+    if rows.dim() != 3 or rows.shape[0] != num_layers:
+        raise ValueError(f"rows must be [{num_layers}, r, width], got {tuple(rows.shape)}")
+    _check_int("page_ids", page_ids, pages, 2, dtype=torch.int64)
+    r, width = rows.shape[1], rows.shape[2]
+    n = page_ids.shape[1]
+    if page_ids.shape[0] != r or n * H < width:
+        raise ValueError(f"page_ids {tuple(page_ids.shape)} do not hold {r} rows of {width}")
+    if half not in (0, 1):
+        raise ValueError(f"half must be 0 or 1, got {half}")
+    if r == 0 or n == 0:
+        return
+    dev = pages.device.index
+    launch(get_kernel(LAYER_OPS, pages.dtype, "write_adapter_rows", dev), (r * n, num_layers),
+           (256,), (ptr(pages), i64(pages.stride(0)), i32(H), ptr(rows), i64(rows.stride(0)),
+                    i64(rows.stride(1)), i64(rows.stride(2)), i32(width), ptr(page_ids),
+                    i32(n), i32(half)),
+           dev)

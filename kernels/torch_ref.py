@@ -105,6 +105,22 @@ def store_kv(k: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
     pool[pages, 1, :kv_dim] = v.to(pool.dtype)
 
 
+def write_adapter_rows(pages: torch.Tensor, rows: torch.Tensor, page_ids: torch.Tensor,
+                       half: int) -> None:
+    """One module's rows of a loaded adapter into their pages at every layer:
+    pages[l, page_ids[i, c], half, :] = rows[l, i, c * H:(c + 1) * H], zero past the row's
+    width.
+
+    pages [num_layers, num_pages, 2, H] (the whole pool); rows [num_layers, r, width] (A, or
+    B transposed; any strides); page_ids [r, n] int64, n * H >= width.
+    """
+    num_layers, r, width = rows.shape
+    n, H = page_ids.shape[1], pages.shape[-1]
+    padded = torch.zeros(num_layers, r, n * H, dtype=pages.dtype, device=pages.device)
+    padded[:, :, :width] = rows
+    pages[:, page_ids, half] = padded.view(num_layers, r, n, H)
+
+
 def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> torch.Tensor:
     """h += delta in place (when delta is given; the residual stream), then returns

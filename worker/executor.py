@@ -48,7 +48,7 @@ class Worker:
             weights = load_hf_weights(cfg, model_path, self.dtype, self.device)
         self.backend = get_backend(self.device, backend)
         self.model = LlamaModel(cfg, weights, self.backend)
-        self.pool = UnifiedPool(cfg, config.pool, self.dtype, self.device)
+        self.pool = UnifiedPool(cfg, config.pool, self.dtype, self.device, self.backend)
         pin = self.device.type == "cuda"
         self.host_cache = HostAdapterCache(
             config.host_cache_bytes,
@@ -103,9 +103,6 @@ class Worker:
             self._drop_request(req_id)
         for slot in cmd.adapter_evictions:
             self.pool.evict_adapter(slot)
-        for load in cmd.adapter_loads:
-            adapter = self.host_cache.get(load.adapter_id, load.path)
-            self.pool.load_adapter(load.slot, adapter, load.page_ids)
 
         scheduled = []
         for new in cmd.new_requests:
@@ -121,13 +118,23 @@ class Worker:
                 f"scheduler says {run.num_computed_tokens}")
             scheduled.append(ScheduledRequest(state, run.num_scheduled_tokens,
                                               run.new_page_ids))
+        slots = {s.state.adapter_slot for s in scheduled}
+        # Adapters this step uses are loaded before its forward pass. The others (prefetched
+        # for queued requests) are loaded behind it: their host work (cache look-up, copy
+        # launches, page writes) then overlaps the GPU running the step, and nothing of them
+        # runs on the GPU ahead of it.
+        later = [load for load in cmd.adapter_loads if load.slot not in slots]
+        for load in cmd.adapter_loads:
+            if load.slot in slots:
+                self._load_adapter(load)
         if not scheduled:
+            for load in later:
+                self._load_adapter(load)
             self.pool.commit_loads()
             return StepResult(cmd.step_id, step_time_s=time.perf_counter() - start)
 
         # Decode requests first, then prefill chunks (the kernels' order).
         scheduled.sort(key=lambda s: s.num_new != 1)
-        slots = {s.state.adapter_slot for s in scheduled}
         lora_modules = self.pool.modules_of(slots)
         graphs = self.graphs if self.use_cuda_graphs else None
         if graphs is not None:
@@ -135,10 +142,10 @@ class Worker:
             lora_modules = graphs.lora_set(lora_modules)
         with torch.inference_mode():
             step = self.inputs.build(scheduled, graphs)
-            # Adapters this step uses land in their pages first; the others (prefetched for
-            # later steps) after its forward pass, so their copies overlap it.
             self.pool.commit_loads(slots)
             logits = self._forward(step, lora_modules)
+            for load in later:
+                self._load_adapter(load)
             self.pool.commit_loads()
         for s in scheduled:
             s.state.num_computed_tokens += s.num_new
@@ -157,6 +164,12 @@ class Worker:
                 self.last_logits = {s.req_id: logits[i].cpu() for i, s in enumerate(sampled)}
         result.step_time_s = time.perf_counter() - start
         return result
+
+    def _load_adapter(self, load) -> None:
+        """Starts one AdapterLoad of a step command (its rows reach the pages at the pool's
+        next commit_loads)."""
+        adapter = self.host_cache.get(load.adapter_id, load.path)
+        self.pool.load_adapter(load.slot, adapter, load.page_ids)
 
     def _forward(self, step: StepBatch, lora_modules: frozenset[str]) -> torch.Tensor:
         """float32 logits [len(step.sampled), vocab] of the step's sampled requests, with

@@ -24,6 +24,7 @@ import torch
 
 from slora.adapter_store import LoraAdapter
 from slora.common.config import LORA_MODULE_INDEX, LORA_MODULES, ModelConfig, PoolConfig
+from slora.kernels.backend import TorchBackend
 
 
 @dataclass
@@ -46,8 +47,11 @@ class _PendingLoad:
 
 class UnifiedPool:
     def __init__(self, model: ModelConfig, pool: PoolConfig, dtype: torch.dtype,
-                 device: torch.device):
+                 device: torch.device, backend=None):
+        """`backend` (kernels/backend.py) writes loaded adapters' rows into their pages;
+        the torch reference when None."""
         self.model = model
+        self.backend = backend if backend is not None else TorchBackend()
         self.num_pages = pool.num_pages
         self.scratch_page = pool.num_pages
         """A page outside the scheduler's range, for the padding of graph batches."""
@@ -118,7 +122,6 @@ class UnifiedPool:
             self._write_rows(slot, load)
 
     def _write_rows(self, slot: int, load: _PendingLoad) -> None:
-        h, num_layers = self.model.hidden_size, self.model.num_layers
         offset = 0
         for module in LORA_MODULES:
             if module not in load.rows:
@@ -128,11 +131,8 @@ class UnifiedPool:
             n = self.model.lora_pages_per_row(module)
             pages = load.page_ids[offset:offset + rank * n].view(rank, n)
             offset += rank * n
-            for half, rows in ((0, a), (1, b.transpose(1, 2))):
-                padded = torch.zeros(num_layers, rank, n * h, dtype=self.pages.dtype,
-                                     device=self.pages.device)
-                padded[:, :, :rows.shape[2]] = rows
-                self.pages[:, pages, half] = padded.view(num_layers, rank, n, h)
+            self.backend.write_adapter_rows(self.pages, a, pages, 0)
+            self.backend.write_adapter_rows(self.pages, b.transpose(1, 2), pages, 1)
             self.lora_page_table[LORA_MODULE_INDEX[module], slot, :rank, :n] = pages
         self.lora_ranks[:, slot] = load.ranks
         self.lora_scales[:, slot] = load.scales

@@ -120,3 +120,27 @@ silu_mul(const elem_t* __restrict__ gate_up, elem_t* __restrict__ out, i64 num_t
     for (int e = 0; e < VEC; ++e) g[e] = rnd(rnd(g[e] / (1.f + expf(-g[e]))) * u[e]);
     st_vec(out + t * inter + j, pack(g));
 }
+
+// One module's rows of a loaded adapter into their pages, at every layer (torch_ref
+// write_adapter_rows): pages[l, page_ids[i * n + c], half, h] = rows[l, i, c * H + h], zero
+// past `width`. rows is read through its strides (A as stored, or B's [d_out, r] read
+// transposed); the pool is addressed with 64-bit offsets, as it may hold more than 2^31
+// elements. grid (r * n, num_layers); block 256.
+extern "C" __global__ void __launch_bounds__(256)
+write_adapter_rows(elem_t* __restrict__ pages, i64 layer_stride, int H,
+                   const elem_t* __restrict__ rows, i64 row_layer_stride, i64 row_stride,
+                   i64 elem_stride, int width, const i64* __restrict__ page_ids, int n, int half)
+{
+    const int i = blockIdx.x / n, c = blockIdx.x % n, l = blockIdx.y;
+    const elem_t* src = rows + (i64)l * row_layer_stride + (i64)i * row_stride;
+    elem_t* dst = pages + (i64)l * layer_stride + (page_ids[blockIdx.x] * 2 + half) * (i64)H;
+    for (int h = threadIdx.x * VEC; h < H; h += 256 * VEC) {
+        const int k = c * H + h;
+        vec_t out;
+        elem_t* o = reinterpret_cast<elem_t*>(&out);
+#pragma unroll
+        for (int e = 0; e < VEC; ++e)
+            o[e] = k + e < width ? src[(i64)(k + e) * elem_stride] : elem_t(0);
+        st_vec(dst + h, out);
+    }
+}

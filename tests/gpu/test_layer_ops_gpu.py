@@ -121,3 +121,38 @@ def test_layer_ops_reject_bad_shapes(L, gen):
     with pytest.raises(ValueError, match="positions"):
         L.rope_store_kv(randn(4, 48, dtype=torch.bfloat16, gen=gen), pos[:3], table, table,
                         pool, pos, 1, 1)
+
+
+# (name, H, num_layers, d_in, d_out) of one module: a square projection, an MLP one whose
+# B^T rows span 3 pages, and a head_dim-64 model's.
+ADAPTER_MODULES = [("7b-q", 4096, 4, 4096, 4096), ("7b-down", 4096, 3, 11008, 4096),
+                   ("7b-up", 4096, 2, 4096, 11008), ("smollm2-k", 576, 3, 576, 192)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", ADAPTER_MODULES, ids=lambda m: m[0])
+@pytest.mark.parametrize("rank", [1, 8, 64])
+def test_write_adapter_rows(L, gen, dtype, module, rank):
+    """An adapter module's A rows and B^T rows (read transposed from B as PEFT stores it)
+    land in shuffled pages at every layer exactly as the torch reference puts them: the
+    rows copied, the tails past the width zero, and every other page left as it was."""
+    _, H, num_layers, d_in, d_out = module
+    n = -(-max(d_in, d_out) // H)
+    num_pages = rank * n * 2 + 5
+    pages = torch.full((num_layers, num_pages, 2, H), float("nan"), dtype=dtype,
+                       device="cuda")
+    pages[:, :num_pages // 2] = randn(num_layers, num_pages // 2, 2, H, dtype=dtype, gen=gen)
+    ids = torch.randperm(num_pages, generator=torch.Generator().manual_seed(rank))[:rank * n]
+    page_ids = ids.view(rank, n).to("cuda")
+    a = randn(num_layers, rank, d_in, dtype=dtype, gen=gen)
+    b = randn(num_layers, d_out, rank, dtype=dtype, gen=gen)
+    ref = pages.clone()
+    torch_ref.write_adapter_rows(ref, a, page_ids, 0)
+    torch_ref.write_adapter_rows(ref, b.transpose(1, 2), page_ids, 1)
+    L.write_adapter_rows(pages, a, page_ids, 0)
+    L.write_adapter_rows(pages, b.transpose(1, 2), page_ids, 1)
+    assert torch.equal(pages.isnan(), ref.isnan()), "pages outside the adapter's changed"
+    assert torch.equal(pages.nan_to_num(), ref.nan_to_num())
+    rows = pages[:, page_ids.flatten()].view(num_layers, rank, n, 2, H)
+    assert torch.equal(rows[..., 0, :].reshape(num_layers, rank, n * H)[..., :d_in], a)
+    assert not rows[..., 0, :].reshape(num_layers, rank, n * H)[..., d_in:].any()
