@@ -32,12 +32,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+# At batch 256 the pool fills the memory the weights leave; the eager warm-up of each graph
+# shape then keeps gigabytes cached in the allocator's default pool that capture (its own
+# pool) cannot use, and capture runs out of memory. Expandable segments let the two share.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+import torch  # noqa: E402
 
 BATCHES = (1, 8, 16, 32, 64, 128, 256)
 CONTEXT_LEN = 512

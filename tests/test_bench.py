@@ -386,3 +386,24 @@ def test_peft_folder_mode_uploads_the_adapters_through_the_api(tmp_path):
     with open(tmp_path / "stack.log") as f:
         log = f.read()
     assert log.count("registered adapter") >= 4
+
+
+def test_step_breakdown_sorts_every_step_and_times_its_phases(capsys, monkeypatch):
+    """bench/step_breakdown.py over a tiny S1 with more adapters than slots: one table per
+    workload, every step in one of its rows, and steps that load adapters among them."""
+    from slora.bench import step_breakdown
+    from slora.worker import executor
+
+    monkeypatch.setattr(executor, "sample", executor.sample)  # restored after the test
+    step_breakdown.main(["--model", "dummy-tiny", "--device", "cpu", "--presets", "S1",
+                         "--num-adapters", "8", "--adapter-counts", "", "--skip", "base",
+                         "--max-adapter-slots", "3", "--num-requests", "12",
+                         "--input-range", "4", "16", "--output-range", "2", "8",
+                         "--max-num-seqs", "4"])
+    out = capsys.readouterr().out
+    header, = [line for line in out.splitlines() if line.startswith("## S1 8 adapters")]
+    num_steps = int(header.split(": ")[1].split(" steps")[0])
+    rows = [line.split(" | ") for line in out.splitlines()
+            if line.startswith(("| decode", "| mixed"))]
+    assert sum(int(r[1]) for r in rows) == num_steps
+    assert any("loads" in r[0] and float(r[-1].rstrip(" |")) >= 1 for r in rows), out
