@@ -196,7 +196,8 @@ def run_grpc(target: str, workload: Workload, **kwargs) -> RunResult:
     return run_async(run_grpc_async(target, workload, **kwargs))
 
 
-COUNTERS = ("num_steps", "adapter_loads", "adapter_evictions", "preemptions")
+COUNTERS = ("num_steps", "adapter_loads", "adapter_prefetches", "adapter_evictions",
+            "preemptions")
 
 
 def stats_delta(before: dict, after: dict) -> dict:

@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
         result = driver.run_engine(engine, w)
         total = sum(s["step"] for s in timer.steps)
         print(f"\n## {w.name}: {len(timer.steps)} steps, {total:.2f} s in steps, wall "
-              f"{result.wall_s:.2f} s, {result.stats.get('adapter_loads', 0)} adapter loads\n")
+              f"{result.wall_s:.2f} s, {result.stats.get('adapter_loads', 0)} adapter loads "
+              f"({result.stats.get('adapter_prefetches', 0)} ahead of admission)\n")
         print(table(timer.steps), flush=True)
 
 
