@@ -316,6 +316,14 @@ def _segment_token_slots(num_tokens, seg_starts, seg_slots):
 
 
 MAX_EXTRA_TILE_ROWS = 8
+SHRINK_RANK_TILE = 128
+"""Rank columns of one MBGMM shrink block (mbgmm_shrink's GM_BN)."""
+SHRINK_BLOCKS_PER_SM = 4
+"""Resident mbgmm_shrink blocks per SM (48 KB of shared memory, 128 registers each): the
+split of d_in aims at one wave of them."""
+EXPAND_BLOCKS_PER_SM = 3
+"""Resident mbgmm_expand blocks per SM (its registers allow 3): the column stripes aim at
+one wave of them."""
 
 
 def _tile_rows(num_tokens: int, num_segs: int) -> int:
@@ -323,6 +331,26 @@ def _tile_rows(num_tokens: int, num_segs: int) -> int:
     (each may end in a partial tile) up to MAX_EXTRA_TILE_ROWS; blocks loop over the tiles
     past grid.y, so padding segments (a CUDA graph's) cost no blocks of their own."""
     return math.ceil(num_tokens / 64) + min(num_segs, MAX_EXTRA_TILE_ROWS)
+
+
+def _shrink_k_splits(dev: int, num_tokens: int, d_in: int, num_rank_tiles: int) -> tuple[int, int]:
+    """(k_splits, k_split_len) of an MBGMM shrink: d_in split so that the blocks (64-token
+    tiles x rank tiles x splits) make about one wave of SHRINK_BLOCKS_PER_SM per SM; each
+    split at least 512 wide (8 stages of 64), a multiple of 64."""
+    want = SHRINK_BLOCKS_PER_SM * _num_sms(dev) / (math.ceil(num_tokens / 64) * num_rank_tiles)
+    k_splits = max(1, min(math.ceil(want), d_in // 512))
+    k_split_len = math.ceil(d_in / k_splits / 64) * 64
+    return math.ceil(d_in / k_split_len), k_split_len
+
+
+def _expand_stripes(dev: int, num_tokens: int, d_out: int, num_members: int) -> int:
+    """grid.x of an MBGMM expand: the 64-column steps of d_out cut into equal stripes, one
+    per block (the kernel derives the stripe width from grid.x), so that the blocks (64-token
+    tiles x stripes x members) make about one wave of EXPAND_BLOCKS_PER_SM per SM."""
+    col_steps = math.ceil(d_out / 64)
+    want = round(EXPAND_BLOCKS_PER_SM * _num_sms(dev) / (math.ceil(num_tokens / 64) * num_members))
+    per_block = math.ceil(col_steps / max(1, min(col_steps, want)))
+    return math.ceil(col_steps / per_block)
 
 
 def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_slots, *,
@@ -350,9 +378,9 @@ def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_s
         return out
     dev = pool.device.index
     kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_shrink", dev)
-    n_tiles = math.ceil(max_rank / 64)
+    n_tiles = math.ceil(max_rank / SHRINK_RANK_TILE)
     m_tiles = _tile_rows(num_tokens, num_segs)
-    k_splits, k_split_len = _shrink_k_splits(dev, num_tokens, d_in, 1)
+    k_splits, k_split_len = _shrink_k_splits(dev, num_tokens, d_in, n_tiles)
     launch(kernel, (n_tiles, m_tiles, k_splits), (128,),
            (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
             i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(seg_starts), ptr(seg_slots),
@@ -378,23 +406,14 @@ def lora_expand_segments(y, v, pool, lora_page_table, lora_ranks, lora_scales, s
         return lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, slots)
     dev = pool.device.index
     kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_expand", dev)
-    launch(kernel, (math.ceil(d_out / 64), _tile_rows(num_tokens, num_segs)), (128,),
+    stripes = _expand_stripes(dev, num_tokens, d_out, 1)
+    launch(kernel, (stripes, _tile_rows(num_tokens, num_segs)), (128,),
            (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
             i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
             ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(d_out),
             i32(max_rank % 4 == 0 and v.data_ptr() % 16 == 0), NULL, i64(0), i32(max_rank)),
            dev)
     return y
-
-
-def _shrink_k_splits(dev: int, num_tokens: int, d_in: int, num_members: int) -> tuple[int, int]:
-    """(k_splits, k_split_len) of an MBGMM shrink: d_in split so that ~6 blocks per SM stream
-    x (ranks are often below 64, so count one rank tile per member); each split at least 256
-    wide."""
-    k_splits = max(1, min(math.ceil(6 * _num_sms(dev) / (math.ceil(num_tokens / 64)
-                                                          * num_members)), d_in // 256))
-    k_split_len = math.ceil(d_in / k_splits / 32) * 32
-    return math.ceil(d_in / k_split_len), k_split_len
 
 
 def lora_shrink_expand_segments(y, x, pool, lora_page_table, lora_ranks, lora_scales,
@@ -424,17 +443,18 @@ def lora_shrink_expand_segments(y, x, pool, lora_page_table, lora_ranks, lora_sc
     width = num_members * max_rank
     v = torch.zeros(num_tokens, width, dtype=torch.float32, device=x.device)
     rows = _tile_rows(num_tokens, num_segs)
-    k_splits, k_split_len = _shrink_k_splits(dev, num_tokens, d_in, num_members)
+    n_tiles = math.ceil(max_rank / SHRINK_RANK_TILE)
+    k_splits, k_split_len = _shrink_k_splits(dev, num_tokens, d_in, n_tiles * num_members)
     table_stride = num_slots * max_rank * ppr
     launch(get_kernel(MBGMM, pool.dtype, "mbgmm_shrink", dev),
-           (math.ceil(max_rank / 64) * num_members, rows, k_splits), (128,),
+           (n_tiles * num_members, rows, k_splits), (128,),
            (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
             i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(seg_starts), ptr(seg_slots),
             i32(num_segs), ptr(v), i32(d_in), i32(k_split_len), ptr(group), i32(num_members),
             i64(table_stride), i32(width)),
            dev)
     launch(get_kernel(MBGMM, pool.dtype, "mbgmm_expand", dev),
-           (math.ceil(max_d_out / 64), rows, num_members), (128,),
+           (_expand_stripes(dev, num_tokens, max_d_out, num_members), rows, num_members), (128,),
            (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
             i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
             ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(max_d_out),

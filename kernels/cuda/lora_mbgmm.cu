@@ -50,18 +50,96 @@ __device__ __forceinline__ bool find_tile(const int* __restrict__ seg_starts, in
     return false;
 }
 
+// ---- shared-memory tiles of 128-byte rows -------------------------------------------------
+// Both kernels keep their tiles as rows of 64 elements (128 bytes) without padding, swizzled:
+// 16-byte chunk c of row r is stored at chunk c ^ (r & 7), so the 8 rows that one ldmatrix
+// matrix (or one quarter-warp's 4-byte stores) touches at one chunk fall in distinct banks.
+__device__ __forceinline__ u32 gm_swz(int row, int chunk) {
+    return (u32)(row * 128 + ((chunk ^ (row & 7)) << 4));
+}
+__device__ __forceinline__ void gm_cp_async16(u32 saddr, const void* gmem, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"(saddr), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void gm_ldsm_x4(u32 (&r)[4], u32 saddr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr));
+}
+__device__ __forceinline__ void gm_ldsm_x4_trans(u32 (&r)[4], u32 saddr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr));
+}
+__device__ __forceinline__ void gm_st_shared_u32(u32 saddr, u32 w) {
+    asm volatile("st.shared.u32 [%0], %1;" :: "r"(saddr), "r"(w) : "memory");
+}
+__device__ __forceinline__ vec_t gm_ld_shared_vec(u32 saddr) {
+    vec_t v;
+    asm volatile("ld.shared.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "r"(saddr) : "memory");
+    return v;
+}
+// y of the expand: read once by this kernel, then written by the same thread (coherent load,
+// not kept in L1, which holds the page table and v).
+__device__ __forceinline__ vec_t gm_ld_y(const void* p) {
+    vec_t v;
+    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "l"(p) : "memory");
+    return v;
+}
+__device__ __forceinline__ void gm_ld_f32x2(const float* p, float& a, float& b) {
+    asm("ld.global.nc.v2.f32 {%0,%1}, [%2];" : "=f"(a), "=f"(b) : "l"(p));
+}
+__device__ __forceinline__ void gm_st_f32x2(float* p, float a, float b) {
+    asm volatile("st.global.v2.f32 [%0], {%1,%2};" :: "l"(p), "f"(a), "f"(b) : "memory");
+}
+// p[0] += a, p[1] += b as one vector reduction (sm_90); p 8-byte aligned.
+__device__ __forceinline__ void gm_red_f32x2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v2.f32 [%0], {%1,%2};" :: "l"(p), "f"(a), "f"(b) : "memory");
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}
+
+#define GM_PREFETCH_AHEAD 6  // 64-column steps of y asked of L2 ahead of their copy
+
+// Asks L2 for one 64-element (128-byte) column piece of `num_rows` rows (at most 64) from
+// column `col` of rows `width` wide: thread t takes row t / 2, at the piece's first or last
+// element (a piece that is not 128-byte aligned spans two lines). The copies that follow
+// then wait on L2, not on DRAM, without holding registers or shared memory.
+__device__ __forceinline__ void gm_prefetch_piece(const elem_t* rows, i64 stride, int num_rows,
+                                                  int col, int width) {
+    const int r = threadIdx.x >> 1;
+    if (r < num_rows && col < width) {
+        const int c = (threadIdx.x & 1) ? min(col + 63, width - 1) : col;
+        asm volatile("prefetch.global.L2 [%0];" :: "l"(rows + (i64)r * stride + c));
+    }
+}
+
+// ---- shrink ---------------------------------------------------------------------------------
 #define GM_BM 64
-#define GM_BN 64
-#define GM_BK 32
-#define GM_STAGES 4
-#define GM_LD (GM_BK + 8)  // 80-byte rows: the 8 rows an ldmatrix reads fall in distinct banks
+#define GM_BN 128            // rank columns of a block
+#define GM_BK 64             // d_in per stage: 128-byte rows
+#define GM_SMEM_ROWS 384     // 48 KB of 128-byte rows, cut into stages of 64 x rows + A rows
+#define GM_MAX_STAGES 4
 #define GM_THREADS 128
+
+// Wait until at most stages - 2 groups of cp.async are pending (the stage count is set at run
+// time, by the rank: a stage holds only the A rows inside it).
+__device__ __forceinline__ void gm_wait_stages(int stages) {
+    if (stages >= 4) cp_async_wait<2>();
+    else if (stages == 3) cp_async_wait<1>();
+    else cp_async_wait<0>();
+}
 
 // v[t, n] += x[t, k_split] . A_s[n, k_split] for the tokens t of each segment (s its slot),
 // n < rank[s]. v must hold zeros beforehand (the launcher clears it): split-K blocks add
-// into it. grid (ceil(max_rank / GM_BN), tile rows (see the top), num_k_splits);
-// block GM_THREADS: 4 warps, 2 x 2 over the 64 x 64 tile, 32 x 32 each. The rank tile varies
-// fastest, so blocks that share x rows run together and the second reads them from L2.
+// into it. grid (ceil(max_rank / GM_BN), tile rows (see the top), num_k_splits); block
+// GM_THREADS: 4 warps side by side over the 64 x 128 tile, each 64 tokens x 32 rank columns.
+// A stage is 64 rows of x and only as many A rows as the rank needs (rounded up to 16), so
+// small ranks get 4 stages in the same 48 KB and rank 128 gets 2; warps wholly past the rank
+// only load. A block reads 128-byte pieces of each x row per stage.
 __device__ __forceinline__ bool
 mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
                   const elem_t* __restrict__ pool, int H,
@@ -71,122 +149,141 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
                   float* __restrict__ v, int d_in, int k_split_len, int v_stride,
                   int n_tile, int tile)
 {
-    __shared__ __align__(16) elem_t xs[GM_STAGES][GM_BM][GM_LD];
-    __shared__ __align__(16) elem_t as[GM_STAGES][GM_BN][GM_LD];
+    __shared__ __align__(128) unsigned char smem[GM_SMEM_ROWS * 128];
 
     int seg, m0, m_end;
     if (!find_tile(seg_starts, num_segs, tile, GM_BM, seg, m0, m_end)) return false;
     const int slot = seg_slots[seg];
     const int rank = (slot >= 0 && slot < num_slots) ? min(ranks[slot], max_rank) : 0;
     const int n0 = n_tile * GM_BN;
-    if (n0 >= rank) return true;
+    const int nr = min(GM_BN, rank - n0);  // rank columns of this block
+    if (nr <= 0) return true;
     const int k_begin = blockIdx.z * k_split_len;
     const int k_end = min(d_in, k_begin + k_split_len);
     if (k_begin >= k_end) return true;
     const int num_k_tiles = (k_end - k_begin + GM_BK - 1) / GM_BK;
+    const int a_rows = (nr + 15) & ~15;
+    const int stage_rows = GM_BM + a_rows;
+    const int stages = min(GM_MAX_STAGES, GM_SMEM_ROWS / stage_rows);
+    const u32 sbase = smem_addr(smem);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    // Loader: each stage is 64 rows x 4 vectors of x and of A; a thread copies rows lrow and
-    // lrow + 32, vector column lcol, of each.
-    const int lrow = tid >> 2, lcol = (tid & 3) * VEC;
-    const elem_t* xrow[2];
-    const int* arow[2];
-    bool xok[2], aok[2];
-    int cur_j[2], cur_page[2];
+    // Loader: thread copies chunk lchunk of rows lrow + 16 q, of x and of A.
+    const int lrow = tid >> 3, lchunk = tid & 7;
+    const int* a_table = page_table + ((i64)slot * max_rank + n0) * pages_per_row;
+    int a_page[GM_BN / 16];  // page of A row lrow + 16 q at column page cur_j
+    int cur_j = -1;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-        const int m = m0 + lrow + r * 32;
-        xok[r] = m < m_end;
-        xrow[r] = x + (i64)(xok[r] ? m : m0) * x_stride;
-        const int n = n0 + lrow + r * 32;
-        aok[r] = n < rank;
-        arow[r] = page_table + ((i64)slot * max_rank + (aok[r] ? n : 0)) * pages_per_row;
-        cur_j[r] = -1;
-        cur_page[r] = 0;
-    }
+    for (int q = 0; q < GM_BN / 16; ++q) a_page[q] = 0;
 
-    auto load_stage = [&](int stage, int kt) {
-        const int k = k_begin + kt * GM_BK + lcol;
+    auto load_stage = [&](int st, int kt) {
+        const u32 s = sbase + (u32)(st * stage_rows * 128);
+        const int k = k_begin + kt * GM_BK + lchunk * VEC;
         const bool kok = k < k_end;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-            cp_async16(&xs[stage][lrow + r * 32][lcol], xrow[r] + (kok ? k : 0),
-                       (xok[r] && kok) ? 16 : 0);
-            const elem_t* src = pool;
-            if (aok[r] && kok) {
-                const int j = k / H;
-                if (j != cur_j[r]) {  // a new page of this row: one page-table read per page
-                    cur_j[r] = j;
-                    cur_page[r] = arow[r][j];
+        for (int q = 0; q < GM_BM / 16; ++q) {
+            const int m = m0 + lrow + 16 * q;
+            const bool ok = kok && m < m_end;
+            gm_cp_async16(s + gm_swz(lrow + 16 * q, lchunk), ok ? x + (i64)m * x_stride + k : x,
+                          ok ? 16 : 0);
+        }
+        if (kok) {
+            const int j = k / H;
+            if (j != cur_j) {  // a new page column: one page-table read per row
+                cur_j = j;
+#pragma unroll
+                for (int q = 0; q < GM_BN / 16; ++q) {
+                    const int n = lrow + 16 * q;
+                    if (n < nr) a_page[q] = a_table[(i64)n * pages_per_row + j];
                 }
-                src = pool + (i64)cur_page[r] * 2 * H + (k - j * H);
             }
-            cp_async16(&as[stage][lrow + r * 32][lcol], src, (aok[r] && kok) ? 16 : 0);
+        }
+        const int k_in_page = kok ? k - cur_j * H : 0;
+#pragma unroll
+        for (int q = 0; q < GM_BN / 16; ++q) {
+            const int n = lrow + 16 * q;
+            if (n < a_rows) {  // rows nr..a_rows-1 zero-filled: the last fragment reads them
+                const bool ok = kok && n < nr;
+                gm_cp_async16(s + gm_swz(GM_BM + n, lchunk),
+                              ok ? pool + (i64)a_page[q] * 2 * H + k_in_page : pool, ok ? 16 : 0);
+            }
         }
     };
 
-    const int wm = warp >> 1, wn = warp & 1;
-    const bool active = n0 + wn * 32 < rank;  // a warp wholly past the rank only loads
-    float acc[2][4][4];
+    const int wn = warp * 32;                               // first rank column of this warp
+    const int nfr = max(0, min(4, (nr - wn + 7) >> 3));    // its n8 fragments inside the rank
+    float acc[4][4][4];
 #pragma unroll
-    for (int a = 0; a < 2; ++a)
+    for (int a = 0; a < 4; ++a)
 #pragma unroll
         for (int b = 0; b < 4; ++b)
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
 
-#pragma unroll
-    for (int s = 0; s < GM_STAGES - 1; ++s) {
+    for (int s = 0; s < stages - 1; ++s) {
         if (s < num_k_tiles) load_stage(s, s);
         cp_async_commit();
     }
     for (int kt = 0; kt < num_k_tiles; ++kt) {
-        cp_async_wait<GM_STAGES - 2>();
+        gm_wait_stages(stages);
         __syncthreads();
-        const int nk = kt + GM_STAGES - 1;
-        if (nk < num_k_tiles) load_stage(nk % GM_STAGES, nk);
+        const int nk = kt + stages - 1;
+        if (nk < num_k_tiles) load_stage(nk % stages, nk);
         cp_async_commit();
-        const int st = kt % GM_STAGES;
-        if (active) {
+        if (nfr > 0) {
+            const u32 s = sbase + (u32)((kt % stages) * stage_rows * 128);
 #pragma unroll
             for (int kk = 0; kk < GM_BK / 16; ++kk) {
-                u32 af[2][4], bf[2][4];
+                u32 af[4][4], bf[2][4];
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
-                    ldmatrix_x4(af[mi], &xs[st][wm * 32 + mi * 16 + (lane & 15)][kk * 16 + (lane >> 4) * 8]);
+                for (int mi = 0; mi < 4; ++mi)
+                    gm_ldsm_x4(af[mi], s + gm_swz(mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
                 for (int p = 0; p < 2; ++p)
-                    ldmatrix_x4(bf[p], &as[st][wn * 32 + p * 16 + (lane & 7) + ((lane >> 4) << 3)]
-                                          [kk * 16 + ((lane >> 3) & 1) * 8]);
+                    if (2 * p < nfr)
+                        gm_ldsm_x4(bf[p], s + gm_swz(GM_BM + wn + p * 16 + (lane & 7) + ((lane >> 4) << 3),
+                                                     kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
-                for (int mi = 0; mi < 2; ++mi)
+                for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
                     for (int ni = 0; ni < 4; ++ni)
-                        mma16816(acc[mi][ni], af[mi], bf[ni >> 1][(ni & 1) * 2],
-                                 bf[ni >> 1][(ni & 1) * 2 + 1]);
+                        if (ni < nfr)
+                            mma16816(acc[mi][ni], af[mi], bf[ni >> 1][(ni & 1) * 2],
+                                     bf[ni >> 1][(ni & 1) * 2 + 1]);
             }
         }
     }
     cp_async_wait<0>();
-    if (!active) return true;
+    if (nfr == 0) return true;
     const bool split = gridDim.z > 1;
+    const bool pairs = (v_stride % 2 == 0) && ((reinterpret_cast<unsigned long long>(v) & 7) == 0);
+    const int g = lane >> 2, tig = lane & 3;
 #pragma unroll
-    for (int mi = 0; mi < 2; ++mi)
+    for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int row = m0 + wm * 32 + mi * 16 + (lane >> 2) + h * 8;
+            const int row = m0 + mi * 16 + g + h * 8;
             if (row >= m_end) continue;
-            float* vr = v + (i64)row * v_stride;
+            float* vr = v + (i64)row * v_stride + n0 + wn;
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
-#pragma unroll
-                for (int c = 0; c < 2; ++c) {
-                    const int col = n0 + wn * 32 + ni * 8 + (lane & 3) * 2 + c;
-                    if (col < rank) {
-                        if (split) atomicAdd(vr + col, acc[mi][ni][h * 2 + c]);
-                        else vr[col] = acc[mi][ni][h * 2 + c];
+            for (int ni = 0; ni < 4; ++ni) {
+                if (ni >= nfr) continue;
+                const int col = ni * 8 + tig * 2;  // of this warp's columns
+                const float a = acc[mi][ni][h * 2], b = acc[mi][ni][h * 2 + 1];
+                if (pairs && wn + col + 1 < nr) {
+                    if (split) gm_red_f32x2(vr + col, a, b);
+                    else gm_st_f32x2(vr + col, a, b);
+                } else {
+                    if (wn + col < nr) {
+                        if (split) atomicAdd(vr + col, a);
+                        else vr[col] = a;
+                    }
+                    if (wn + col + 1 < nr) {
+                        if (split) atomicAdd(vr + col + 1, b);
+                        else vr[col + 1] = b;
                     }
                 }
+            }
         }
     return true;
 }
@@ -196,7 +293,7 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
 // table_stride, its ranks and scales at m * num_slots); member i's v in columns
 // [i * max_rank, (i + 1) * max_rank) of rows v_stride wide. grid.x holds the members' rank
 // tiles, member-major. group null: one module, the tables as given (num_members 1).
-extern "C" __global__ void __launch_bounds__(GM_THREADS)
+extern "C" __global__ void __launch_bounds__(GM_THREADS, 4)
 mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
              const elem_t* __restrict__ pool, int H,
              const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
@@ -219,32 +316,34 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
         __syncthreads();  // the next tile reuses shared memory
 }
 
+// ---- expand ---------------------------------------------------------------------------------
 #define GE_BM 64
-#define GE_BN 64
-#define GE_KC 64            // rank rows staged in shared memory at a time
-#define GE_LDB (GE_BN + 8)  // 144-byte rows: conflict-free ldmatrix
-#define GE_LDV (GE_KC + 4)  // float rows of v (and of the staged result)
+#define GE_BN 64             // output columns per step along a block's stripe
+#define GE_KC 128            // rank rows per chunk: a thread holds its v fragments of a chunk
+#define GE_STAGES 3          // B^T tiles in flight (the product tile reuses the one consumed)
 #define GE_THREADS 128
 
 // y[t, o] += scale[s] * v[t, :rank] @ B_s^T[:rank, o] for the tokens t of each segment, in
-// place (segments with no adapter are left untouched). grid (ceil(d_out / GE_BN), tile rows
-// (see the top)); block GE_THREADS: each warp 16 tokens x 64 outputs.
-// The y tile, the v tile and the B^T tile are all requested at once (cp.async), so a block
-// waits for memory about once; the product is staged in shared memory and added to the y tile
-// there, and y is written back 16 bytes per thread. v is float32: each element goes to the
-// tensor cores as a bf16/fp16 pair hi + lo, so the product keeps ~16 bits of v's mantissa.
-// v_vec4: rows of v are 16-byte aligned (max_rank % 4 == 0), else v is copied 4 bytes at a time.
+// place (segments with no adapter are left untouched). grid (column stripes, tile rows (see
+// the top)); block GE_THREADS: 4 warps, 2 x 2 over each 64 x 64 step, 32 x 32 each.
+// A block takes one 64-token tile and a stripe of 64-column steps [c_begin, c_end), so it
+// walks segment -> slot -> rank once and converts its v rows once: v * scale goes
+// to bf16 / fp16 (as PEFT rounds lora_A's output to the model dtype) and stays in registers
+// as mma fragments for the whole stripe. The B^T tiles of the next two steps are in flight
+// (cp.async, GE_STAGES buffers), the y tile of the next step is loaded into registers and
+// y further ahead asked of L2; the product goes through shared memory (the B^T buffer just
+// consumed) in the model dtype and is added to y 16 bytes per thread. Ranks past GE_KC run in
+// chunks of GE_KC (v fragments reloaded per chunk). v_vec4: rows of v are 16-byte aligned
+// (max_rank % 4 == 0), so v is read 8 bytes at a time, else 4.
 __device__ __forceinline__ bool
 mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
                   const elem_t* __restrict__ pool, int H,
                   const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
                   const int* __restrict__ ranks, const float* __restrict__ scales,
                   const int* __restrict__ seg_starts, const int* __restrict__ seg_slots, int num_segs,
-                  int d_out, int v_vec4, int v_stride, int tile)
+                  int d_out, int v_vec4, int v_stride, int c_begin, int c_end, int tile)
 {
-    __shared__ __align__(16) elem_t ys[GE_BM][GE_LDB];
-    __shared__ __align__(16) elem_t bs[GE_KC][GE_LDB];
-    __shared__ __align__(16) float vs[GE_BM][GE_LDV];  // the v tile, then the result
+    __shared__ __align__(128) unsigned char smem[GE_STAGES * GE_KC * 128];  // 48 KB
 
     int seg, m0, m_end;
     if (!find_tile(seg_starts, num_segs, tile, GE_BM, seg, m0, m_end)) return false;
@@ -253,110 +352,167 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
     const int rank = min(ranks[slot], max_rank);
     if (rank <= 0) return true;
     const float scale = scales[slot];
-    const int o0 = blockIdx.x * GE_BN;
+    elem_t* y_tile = y + (i64)m0 * y_stride;
+    const int tile_rows = min(GE_BM, m_end - m0);
+    for (int c = c_begin; c < c_end && c < c_begin + GM_PREFETCH_AHEAD; ++c)
+        gm_prefetch_piece(y_tile, y_stride, tile_rows, c * GE_BN, d_out);
+    const u32 b_base = smem_addr(smem);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tig = lane & 3;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    const int lrow = tid >> 3, lchunk = tid & 7;  // loader / writer: rows lrow + 16 q, chunk lchunk
+    const int num_chunks = (rank + GE_KC - 1) / GE_KC;
+    const int num_steps = (c_end - c_begin) * num_chunks;
+    const int* b_table = page_table + (i64)slot * max_rank * pages_per_row;
 
-    // The y tile: 64 rows x 8 vectors.
-    for (int idx = tid; idx < GE_BM * (GE_BN / VEC); idx += GE_THREADS) {
-        const int r = idx / (GE_BN / VEC), c = (idx % (GE_BN / VEC)) * VEC;
-        const bool ok = m0 + r < m_end && o0 + c < d_out;
-        cp_async16(&ys[r][c], ok ? y + (i64)(m0 + r) * y_stride + o0 + c : y, ok ? 16 : 0);
-    }
-
-    float acc[8][4];
+    // B^T rows of chunk ch (zero-filled up to a multiple of 16), columns of column step c.
+    auto load_b = [&](int step) {
+        const int c = c_begin + step / num_chunks, ch = step % num_chunks;
+        const int i0 = ch * GE_KC, kn = min(GE_KC, rank - i0), rows = (kn + 15) & ~15;
+        const int o = c * GE_BN + lchunk * VEC;
+        const bool ook = o < d_out;
+        const int j = o / H;
+        const int o_in_page = H + o - j * H;
+        const u32 s = b_base + (u32)((step % GE_STAGES) * GE_KC * 128);
 #pragma unroll
-    for (int a = 0; a < 8; ++a)
-#pragma unroll
-        for (int c = 0; c < 4; ++c) acc[a][c] = 0.f;
-
-    for (int kc = 0; kc < rank; kc += GE_KC) {
-        if (kc > 0) __syncthreads();  // the previous chunk's fragments are read
-        // B^T rows kc..kc+63, columns o0..o0+63.
-        for (int idx = tid; idx < GE_KC * (GE_BN / VEC); idx += GE_THREADS) {
-            const int r = idx / (GE_BN / VEC), c = (idx % (GE_BN / VEC)) * VEC;
-            const int i = kc + r, o = o0 + c;
-            const bool ok = i < rank && o < d_out;
-            const elem_t* src = pool;
-            if (ok) {
-                const int j = o / H;
-                src = pool + (i64)page_table[((i64)slot * max_rank + i) * pages_per_row + j] * 2 * H
-                      + H + (o - j * H);
-            }
-            cp_async16(&bs[r][c], src, ok ? 16 : 0);
-        }
-        // v rows m0..m0+63, columns kc..kc+63 (past the rank: masked when read).
-        if (v_vec4) {
-            for (int idx = tid; idx < GE_BM * (GE_KC / 4); idx += GE_THREADS) {
-                const int r = idx / (GE_KC / 4), c = (idx % (GE_KC / 4)) * 4;
-                const bool ok = m0 + r < m_end && kc + c < rank;  // rank <= max_rank
-                cp_async16(&vs[r][c], ok ? v + (i64)(m0 + r) * v_stride + kc + c : v, ok ? 16 : 0);
-            }
-        } else {
-            for (int idx = tid; idx < GE_BM * GE_KC; idx += GE_THREADS) {
-                const int r = idx / GE_KC, c = idx % GE_KC;
-                const bool ok = m0 + r < m_end && kc + c < rank;
-                cp_async4(&vs[r][c], ok ? v + (i64)(m0 + r) * v_stride + kc + c : v, ok ? 4 : 0);
+        for (int q = 0; q < GE_KC / 16; ++q) {
+            const int i = lrow + 16 * q;
+            if (i < rows) {
+                const bool ok = ook && i < kn;
+                const elem_t* src = pool;  // page ids: L1 hits after the stripe's first step
+                if (ok) src = pool + (i64)b_table[(i64)(i0 + i) * pages_per_row + j] * 2 * H + o_in_page;
+                gm_cp_async16(s + gm_swz(i, lchunk), src, ok ? 16 : 0);
             }
         }
+    };
+
+    // scale * v rows of this warp, rank columns of chunk ch, as A fragments (0 past the rank).
+    u32 va[2][GE_KC / 16][4];
+    auto load_v = [&](int ch) {
+        const int i0 = ch * GE_KC, kn = min(GE_KC, rank - i0);
+#pragma unroll
+        for (int mi = 0; mi < 2; ++mi)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + wm + mi * 16 + g + h * 8;
+                const bool rok = row < m_end;
+                const float* vr = v + (i64)(rok ? row : m0) * v_stride + i0;
+#pragma unroll
+                for (int s = 0; s < GE_KC / 16; ++s) {
+                    if (s * 16 >= kn) continue;
+#pragma unroll
+                    for (int half = 0; half < 2; ++half) {
+                        const int col = s * 16 + half * 8 + tig * 2;
+                        float a = 0.f, b = 0.f;
+                        if (rok && col < kn) {
+                            if (v_vec4) gm_ld_f32x2(vr + col, a, b);
+                            else {
+                                a = vr[col];
+                                if (col + 1 < kn) b = vr[col + 1];
+                            }
+                            if (col + 1 >= kn) b = 0.f;
+                        }
+                        va[mi][s][h + 2 * half] = pack2(scale * a, scale * b);
+                    }
+                }
+            }
+    };
+
+    vec_t y_cur[GE_BM / 16], y_next[GE_BM / 16];
+    auto load_y = [&](int c) {
+        const int o = c * GE_BN + lchunk * VEC;
+#pragma unroll
+        for (int q = 0; q < GE_BM / 16; ++q) {
+            const int r = lrow + 16 * q;
+            y_next[q] = (r < tile_rows && o < d_out) ? gm_ld_y(y_tile + (i64)r * y_stride + o)
+                                                     : vzero();
+        }
+    };
+
+#pragma unroll
+    for (int st = 0; st < GE_STAGES - 1; ++st) {
+        if (st < num_steps) load_b(st);
         cp_async_commit();
-        cp_async_wait<0>();
+    }
+    load_y(c_begin);
+    if (num_chunks == 1) load_v(0);
+
+    float acc[2][4][4];
+    for (int step = 0; step < num_steps; ++step) {
+        const int cs = step / num_chunks, ch = step - cs * num_chunks;
+        const int c = c_begin + cs;
+        // The buffer of step + 2 is the one step - 1 used (free since its closing barrier).
+        if (step + GE_STAGES - 1 < num_steps) load_b(step + GE_STAGES - 1);
+        cp_async_commit();
+        if (ch == 0) {
+#pragma unroll
+            for (int q = 0; q < GE_BM / 16; ++q) y_cur[q] = y_next[q];
+            if (c + 1 < c_end) load_y(c + 1);
+            if (c + GM_PREFETCH_AHEAD < c_end)
+                gm_prefetch_piece(y_tile, y_stride, tile_rows, (c + GM_PREFETCH_AHEAD) * GE_BN, d_out);
+#pragma unroll
+            for (int a = 0; a < 2; ++a)
+#pragma unroll
+                for (int b = 0; b < 4; ++b)
+#pragma unroll
+                    for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+        }
+        if (num_chunks > 1) load_v(ch);
+        cp_async_wait<GE_STAGES - 2>();
         __syncthreads();
-        const int kn = min(GE_KC, rank - kc);
-        for (int ks = 0; ks < (kn + 15) / 16; ++ks) {
-            const int k0 = ks * 16 + tig * 2;  // column in the chunk
-            float a[8];
+        const u32 s = b_base + (u32)((step % GE_STAGES) * GE_KC * 128);
+        const int ksteps = (min(GE_KC, rank - ch * GE_KC) + 15) >> 4;
 #pragma unroll
-            for (int q = 0; q < 8; ++q) {
-                // q: 0,1 row g cols k0,k0+1; 2,3 row g+8; 4..7 the same 8 columns later.
-                const int row = warp * 16 + g + ((q >> 1) & 1) * 8;
-                const int col = k0 + (q >> 2) * 8 + (q & 1);
-                a[q] = kc + col < rank ? vs[row][col] : 0.f;
-            }
-            u32 ahi[4], alo[4];
+        for (int ks = 0; ks < GE_KC / 16; ++ks) {
+            if (ks >= ksteps) break;
 #pragma unroll
-            for (int q = 0; q < 4; ++q) {
-                ahi[q] = pack2(a[2 * q], a[2 * q + 1]);
-                alo[q] = pack2(a[2 * q] - lo_f32(ahi[q]), a[2 * q + 1] - hi_f32(ahi[q]));
-            }
-#pragma unroll
-            for (int np = 0; np < GE_BN / 16; ++np) {
+            for (int np = 0; np < 2; ++np) {
                 u32 bf[4];
-                ldmatrix_x4_trans(bf, &bs[ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8]
-                                         [np * 16 + (lane >> 4) * 8]);
-                mma16816(acc[2 * np], ahi, bf[0], bf[1]);
-                mma16816(acc[2 * np], alo, bf[0], bf[1]);
-                mma16816(acc[2 * np + 1], ahi, bf[2], bf[3]);
-                mma16816(acc[2 * np + 1], alo, bf[2], bf[3]);
+                gm_ldsm_x4_trans(bf, s + gm_swz(ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                (wn >> 3) + np * 2 + (lane >> 4)));
+#pragma unroll
+                for (int mi = 0; mi < 2; ++mi) {
+                    mma16816(acc[mi][2 * np], va[mi][ks], bf[0], bf[1]);
+                    mma16816(acc[mi][2 * np + 1], va[mi][ks], bf[2], bf[3]);
+                }
             }
         }
-    }
-
-    __syncthreads();  // every warp is done reading vs: it now holds the result
+        if (ch == num_chunks - 1) {
+            // The product tile in the model dtype, in this step's B^T buffer once every warp
+            // is done reading it; then y += it, 16 bytes per thread.
+            __syncthreads();
 #pragma unroll
-    for (int ni = 0; ni < 8; ++ni) {
-        const int col = ni * 8 + tig * 2;
-        vs[warp * 16 + g][col] = acc[ni][0];
-        vs[warp * 16 + g][col + 1] = acc[ni][1];
-        vs[warp * 16 + g + 8][col] = acc[ni][2];
-        vs[warp * 16 + g + 8][col + 1] = acc[ni][3];
-    }
-    __syncthreads();
-    for (int idx = tid; idx < GE_BM * (GE_BN / VEC); idx += GE_THREADS) {
-        const int r = idx / (GE_BN / VEC), c = (idx % (GE_BN / VEC)) * VEC;
-        const int m = m0 + r, o = o0 + c;
-        if (m >= m_end || o >= d_out) continue;
-        float yf[VEC];
-        unpack(*reinterpret_cast<const vec_t*>(&ys[r][c]), yf);
+            for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
-        for (int e = 0; e < VEC; ++e) yf[e] = fmaf(scale, vs[r][c + e], yf[e]);
-        st_vec(y + (i64)m * y_stride + o, pack(yf));
+                for (int ni = 0; ni < 4; ++ni) {
+                    const int row = wm + mi * 16 + g, col = wn + ni * 8 + tig * 2;
+                    gm_st_shared_u32(s + gm_swz(row, col >> 3) + (col & 7) * 2,
+                                     pack2(acc[mi][ni][0], acc[mi][ni][1]));
+                    gm_st_shared_u32(s + gm_swz(row + 8, col >> 3) + (col & 7) * 2,
+                                     pack2(acc[mi][ni][2], acc[mi][ni][3]));
+                }
+            __syncthreads();
+            const int o = c * GE_BN + lchunk * VEC;
+#pragma unroll
+            for (int q = 0; q < GE_BM / 16; ++q) {
+                const int r = lrow + 16 * q;
+                if (r >= tile_rows || o >= d_out) continue;
+                float yf[VEC], df[VEC];
+                unpack(y_cur[q], yf);
+                unpack(gm_ld_shared_vec(s + gm_swz(r, lchunk)), df);
+#pragma unroll
+                for (int e = 0; e < VEC; ++e) yf[e] += df[e];
+                st_vec(y_tile + (i64)r * y_stride + o, pack(yf));
+            }
+        }
+        __syncthreads();  // this step's buffer is free for step + 3's B^T tile
     }
+    cp_async_wait<0>();
     return true;
 }
 
-extern "C" __global__ void __launch_bounds__(GE_THREADS)
+extern "C" __global__ void __launch_bounds__(GE_THREADS, 3)
 mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
              const elem_t* __restrict__ pool, int H,
              const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
@@ -365,8 +521,10 @@ mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
              int d_out, int v_vec4,
              const int* __restrict__ group, i64 table_stride, int v_stride)
 {
-    // A group (see mbgmm_shrink): member blockIdx.z writes its width of y from its column;
-    // d_out is the widest member's.
+    // grid.x cuts the widest member's 64-column steps (d_out) into equal stripes. A group
+    // (see mbgmm_shrink): member blockIdx.z writes its width of y from its column.
+    const int num_col_steps = (d_out + GE_BN - 1) / GE_BN;
+    const int per_block = (num_col_steps + gridDim.x - 1) / gridDim.x;
     const int member = blockIdx.z;
     int module = 0;
     if (group != nullptr) {
@@ -374,7 +532,9 @@ mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
         y += group[member * 3 + 1];
         d_out = group[member * 3 + 2];
     }
-    if ((int)blockIdx.x * GE_BN >= d_out) return;
+    const int c_begin = blockIdx.x * per_block;
+    const int c_end = min(c_begin + per_block, (d_out + GE_BN - 1) / GE_BN);
+    if (c_begin >= c_end) return;
     page_table += module * table_stride;
     ranks += (i64)module * num_slots;
     scales += (i64)module * num_slots;
@@ -382,7 +542,7 @@ mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
     for (int tile = blockIdx.y;
          mbgmm_expand_tile(y, y_stride, v, pool, H, page_table, num_slots, max_rank,
                            pages_per_row, ranks, scales, seg_starts, seg_slots, num_segs, d_out,
-                           v_vec4, v_stride, tile);
+                           v_vec4, v_stride, c_begin, c_end, tile);
          tile += gridDim.y)
         __syncthreads();  // the next tile reuses shared memory
 }

@@ -366,6 +366,51 @@ def test_mbgmm_single_module_with_many_segments(L, gen):
     assert_close(y, ref, dtype, "many-segment expand")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("d_in,d_out,max_rank", [(600, 456, 131), (1800, 1000, 256)])
+def test_mbgmm_ranks_past_one_tile_and_rows_across_pages(L, gen, d_in, d_out, max_rank, dtype):
+    """Ranks past 128 (the shrink's second rank tile, the expand's second rank chunk), an odd
+    max_rank (v rows not 8-byte aligned: scalar v reads and adds), and pages of H=200, so a
+    stage of d_in and a step of d_out cross page boundaries; d_in 600 runs unsplit, 1800 split."""
+    H, num_slots = 200, 6
+    ranks = [1, 7, 130, max_rank, 0, 64]
+    n = math.ceil(max(d_in, d_out) / H)
+    num_pages = 2 * sum(ranks) * n + 7
+    pool = (torch.randn(num_pages, 2, H, device="cuda", generator=gen) * 0.05).to(dtype)
+    perm = torch.randperm(num_pages, device="cuda", generator=gen).to(torch.int32)
+    table = torch.randint(0, num_pages, (num_slots, max_rank, n), device="cuda",
+                          generator=gen, dtype=torch.int32)
+    at = 0
+    for slot, r in enumerate(ranks):
+        table[slot, :r] = perm[at:at + r * n].view(r, n)
+        at += r * n
+    ranks_t = torch.tensor(ranks, dtype=torch.int32, device="cuda")
+    scales = torch.rand(num_slots, device="cuda", generator=gen) * 1.5 + 0.5
+    seg_starts, seg_slots, token_slots = make_segments(2, [70, 1, 130, 64, 9, 100, 33],
+                                                       num_slots, gen)
+    num_tokens = token_slots.shape[0]
+    x = torch.randn(num_tokens, d_in, device="cuda", generator=gen).to(dtype)
+    v = L.lora_shrink_segments(x, pool, table, ranks_t, seg_starts, seg_slots)
+    ref_v = torch_ref.lora_shrink(x, pool, table, ranks_t, token_slots)
+    assert_close(v, ref_v, torch.float32, f"shrink d_in {d_in} max_rank {max_rank}")
+    y0 = torch.randn(num_tokens, d_out, device="cuda", generator=gen).to(dtype)
+    y = y0.clone()
+    L.lora_expand_segments(y, ref_v, pool, table, ranks_t, scales, seg_starts, seg_slots)
+    ref = torch_ref.lora_expand(y0.clone(), ref_v, pool, table, ranks_t, scales, token_slots)
+    assert_close(y, ref, dtype, f"expand d_out {d_out} max_rank {max_rank}")
+    untouched = token_slots == NO_ADAPTER
+    assert torch.equal(y[untouched], y0[untouched])
+    group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device="cuda")
+    y = y0.clone()
+    L.lora_shrink_expand_segments(y, x, pool, table.unsqueeze(0), ranks_t.unsqueeze(0),
+                                  scales.unsqueeze(0), seg_starts, seg_slots, group,
+                                  max_d_out=d_out)
+    ref = torch_ref.lora_shrink_expand(y0.clone(), x, pool, table.unsqueeze(0),
+                                       ranks_t.unsqueeze(0), scales.unsqueeze(0), token_slots,
+                                       group)
+    assert_close(y, ref, dtype, f"shrink + expand d_in {d_in} max_rank {max_rank}")
+
+
 def test_mbgmv_fp32_pool_matches_reference(L, gen):
     """float32 pools run the same decode kernels (4 elements per 16-byte vector)."""
     shape, dtype = LLAMA2_7B, torch.float32
