@@ -173,10 +173,14 @@ __device__ __forceinline__ u32 smem_addr(const void* p) {
 }
 
 // 16-byte asynchronous copy global -> shared; copies `src_bytes` (16 or 0) and zero-fills the
-// rest, so masked rows land as zeros without a branch around the copy.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+// rest, so masked rows land as zeros without a branch around the copy. The `_at` forms take
+// a shared-memory address (smem_addr), for tiles laid out by address arithmetic (swizzled).
+__device__ __forceinline__ void cp_async16_at(u32 saddr, const void* gmem, int src_bytes) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(smem_addr(smem)), "l"(gmem), "r"(src_bytes) : "memory");
+                 :: "r"(saddr), "l"(gmem), "r"(src_bytes) : "memory");
+}
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, int src_bytes) {
+    cp_async16_at(smem_addr(smem), gmem, src_bytes);
 }
 // 4-byte variant (cp.async.ca: the only form below 16 bytes), for rows not 16-byte aligned.
 __device__ __forceinline__ void cp_async4(void* smem, const void* gmem, int src_bytes) {
@@ -191,13 +195,19 @@ __device__ __forceinline__ void cp_async_wait() {
     asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
 }
 
-__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem) {
+__device__ __forceinline__ void ldmatrix_x4_at(u32 (&r)[4], u32 saddr) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(smem)));
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans_at(u32 (&r)[4], u32 saddr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr));
+}
+__device__ __forceinline__ void ldmatrix_x4(u32 (&r)[4], const void* smem) {
+    ldmatrix_x4_at(r, smem_addr(smem));
 }
 __device__ __forceinline__ void ldmatrix_x4_trans(u32 (&r)[4], const void* smem) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(smem)));
+    ldmatrix_x4_trans_at(r, smem_addr(smem));
 }
 
 // d += a (16x16, row-major) * b (16x8, column-major), float32 accumulators.

@@ -57,18 +57,6 @@ __device__ __forceinline__ bool find_tile(const int* __restrict__ seg_starts, in
 __device__ __forceinline__ u32 gm_swz(int row, int chunk) {
     return (u32)(row * 128 + ((chunk ^ (row & 7)) << 4));
 }
-__device__ __forceinline__ void gm_cp_async16(u32 saddr, const void* gmem, int src_bytes) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"(saddr), "l"(gmem), "r"(src_bytes) : "memory");
-}
-__device__ __forceinline__ void gm_ldsm_x4(u32 (&r)[4], u32 saddr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr));
-}
-__device__ __forceinline__ void gm_ldsm_x4_trans(u32 (&r)[4], u32 saddr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(saddr));
-}
 __device__ __forceinline__ void gm_st_shared_u32(u32 saddr, u32 w) {
     asm volatile("st.shared.u32 [%0], %1;" :: "r"(saddr), "r"(w) : "memory");
 }
@@ -184,7 +172,7 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
         for (int q = 0; q < GM_BM / 16; ++q) {
             const int m = m0 + lrow + 16 * q;
             const bool ok = kok && m < m_end;
-            gm_cp_async16(s + gm_swz(lrow + 16 * q, lchunk), ok ? x + (i64)m * x_stride + k : x,
+            cp_async16_at(s + gm_swz(lrow + 16 * q, lchunk), ok ? x + (i64)m * x_stride + k : x,
                           ok ? 16 : 0);
         }
         if (kok) {
@@ -204,7 +192,7 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
             const int n = lrow + 16 * q;
             if (n < a_rows) {  // rows nr..a_rows-1 zero-filled: the last fragment reads them
                 const bool ok = kok && n < nr;
-                gm_cp_async16(s + gm_swz(GM_BM + n, lchunk),
+                cp_async16_at(s + gm_swz(GM_BM + n, lchunk),
                               ok ? pool + (i64)a_page[q] * 2 * H + k_in_page : pool, ok ? 16 : 0);
             }
         }
@@ -237,12 +225,13 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
                 u32 af[4][4], bf[2][4];
 #pragma unroll
                 for (int mi = 0; mi < 4; ++mi)
-                    gm_ldsm_x4(af[mi], s + gm_swz(mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                    ldmatrix_x4_at(af[mi], s + gm_swz(mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
 #pragma unroll
                 for (int p = 0; p < 2; ++p)
                     if (2 * p < nfr)
-                        gm_ldsm_x4(bf[p], s + gm_swz(GM_BM + wn + p * 16 + (lane & 7) + ((lane >> 4) << 3),
-                                                     kk * 2 + ((lane >> 3) & 1)));
+                        ldmatrix_x4_at(bf[p], s + gm_swz(GM_BM + wn + p * 16 + (lane & 7)
+                                                             + ((lane >> 4) << 3),
+                                                         kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
                 for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
@@ -382,7 +371,7 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
                 const bool ok = ook && i < kn;
                 const elem_t* src = pool;  // page ids: L1 hits after the stripe's first step
                 if (ok) src = pool + (i64)b_table[(i64)(i0 + i) * pages_per_row + j] * 2 * H + o_in_page;
-                gm_cp_async16(s + gm_swz(i, lchunk), src, ok ? 16 : 0);
+                cp_async16_at(s + gm_swz(i, lchunk), src, ok ? 16 : 0);
             }
         }
     };
@@ -469,7 +458,7 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
 #pragma unroll
             for (int np = 0; np < 2; ++np) {
                 u32 bf[4];
-                gm_ldsm_x4_trans(bf, s + gm_swz(ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                ldmatrix_x4_trans_at(bf, s + gm_swz(ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
                                                 (wn >> 3) + np * 2 + (lane >> 4)));
 #pragma unroll
                 for (int mi = 0; mi < 2; ++mi) {
