@@ -1,18 +1,21 @@
 """Kernel benchmark: the GPU's own limits first, then each kernel against them.
 
-    python bench/kernels.py [--out DIR] [--quick] [--sections decode,group,prefill,attention]
+    python bench/kernels.py [--out DIR] [--quick] [--sections decode,group,layer,prefill,attention]
 
 1. Copy bandwidth (a 1 GiB device-to-device copy, bytes read + written) and the dense bf16
    GEMM rate (8192^3 torch.matmul): the two ceilings every other figure is a percentage of.
 2. Decode LoRA (MBGMV, Llama-2-7B q_proj 4096 -> 4096) at batch 1, 8, 64, 256, 512 with 1,
    32 and batch-many distinct adapters, ranks 16 and 64, pool max rank 64: shrink then
-   expand (`lora_decode`: the expand launched behind the shrink with programmatic dependent
-   launch), the same two kernels launched plainly, and the fused kernel (one launch,
-   `lora_shrink_expand`). A row's time is the path the worker takes for one module: the
+   expand as the worker launches them (`lora_decode(overlap_previous=True)`: the shrink
+   behind the kernel before it, here the previous call's expand, and the expand behind the
+   shrink, by programmatic dependent launch), the pair with its shrink launched plainly, both
+   launched plainly, and the fused kernel (one launch, `lora_shrink_expand`). A row's time is the path the worker takes for one module: the
    pair below FUSED_DECODE_MIN_TOKENS tokens, the fused kernel from there on. Bytes count each adapter row and each
    activation once (A and B^T rows of the distinct adapters, x read, y read and written, v
    written and read; the fused kernel keeps v on chip). Then a group, q, k and v together
    (what the worker runs for them): the fused kernel against three modules' two launches.
+   Then the LoRA of one module behind its base projection's GEMM, as the worker runs it:
+   what it adds to the GEMM's time, overlapping the GEMM's end and launched plainly.
    Timed as CUDA-graph replays
    cycling over several page tables on disjoint pages (more bytes than L2 holds, so rows come
    from HBM), median over replays. Speedup is over the torch reference (torch_ref, eager).
@@ -146,14 +149,17 @@ def bench_decode_lora(pool, copy_bw, quick):
                 v = torch.empty(batch, max_rank, device=DEV)
                 group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV)
 
-                def two(t):
-                    return lambda: L.lora_decode(y, x, pool, t, ranks, scales, slots, v_out=v)
+                def two(t, overlap=True):  # the worker's launches: behind the kernel before
+                    return lambda: L.lora_decode(y, x, pool, t, ranks, scales, slots, v_out=v,
+                                                 overlap_previous=overlap)
 
                 def fused(t):  # one module: the tables of a group of one
                     t4, r2, s2 = t.unsqueeze(0), ranks.unsqueeze(0), scales.unsqueeze(0)
                     return lambda: L.lora_shrink_expand(y, x, pool, t4, r2, s2, slots, group,
-                                                        max_d_out=d_out)
+                                                        max_d_out=d_out, overlap_previous=True)
                 t_pair = graph_time([two(t) for t in tables], reps=10 if quick else 30)
+                t_pair_plain_shrink = graph_time([two(t, overlap=False) for t in tables],
+                                                 reps=10 if quick else 30)
                 t_fused = graph_time([fused(t) for t in tables], reps=10 if quick else 30)
                 with plain_launches():
                     t_plain = graph_time([two(t) for t in tables], reps=10 if quick else 30)
@@ -174,15 +180,15 @@ def bench_decode_lora(pool, copy_bw, quick):
                     time_us=t_ours * 1e6, rate=nbytes / t_ours / 1e9, unit="GB/s",
                     pct=100 * nbytes / t_ours / copy_bw, speedup=t_ref / t_ours,
                     ref_us=t_ref * 1e6, pair_us=t_pair * 1e6, plain_us=t_plain * 1e6,
-                    fused_us=t_fused * 1e6,
+                    pair_plain_shrink_us=t_pair_plain_shrink * 1e6, fused_us=t_fused * 1e6,
                     pair_pct=100 * pair_bytes / t_pair / copy_bw,
                     fused_pct=100 * fused_bytes / t_fused / copy_bw))
                 r = rows[-1]
                 print(f"decode LoRA {r['config']}: {t_ours * 1e6:.1f} us, {r['rate']:.0f} GB/s "
                       f"({r['pct']:.0f}%), {r['speedup']:.1f}x torch ref; pair "
-                      f"{t_pair * 1e6:.1f} us ({r['pair_pct']:.0f}%; plain launches "
-                      f"{t_plain * 1e6:.1f}), fused {t_fused * 1e6:.1f} us "
-                      f"({r['fused_pct']:.0f}%)", flush=True)
+                      f"{t_pair * 1e6:.1f} us ({r['pair_pct']:.0f}%; shrink launched plainly "
+                      f"{t_pair_plain_shrink * 1e6:.1f}; plain launches {t_plain * 1e6:.1f}), "
+                      f"fused {t_fused * 1e6:.1f} us ({r['fused_pct']:.0f}%)", flush=True)
     return rows
 
 
@@ -212,13 +218,13 @@ def bench_decode_lora_group(pool, copy_bw, quick):
 
         def fused(t):
             return lambda: L.lora_shrink_expand(y, x, pool, t, ranks, scales, slots, group,
-                                                max_d_out=H)
+                                                max_d_out=H, overlap_previous=True)
 
         def per_module(t):
             def f():
                 for m in range(num_modules):
                     L.lora_decode(y[:, m * H:(m + 1) * H], x, pool, t[m], ranks[m], scales[m],
-                                  slots, v_out=v)
+                                  slots, v_out=v, overlap_previous=True)
             return f
         reps = 10 if quick else 30
         t_ours = graph_time([fused(t) for t in tables], reps=reps)
@@ -233,6 +239,68 @@ def bench_decode_lora_group(pool, copy_bw, quick):
             speedup=t_ref / t_ours, ref_us=t_ref * 1e6, per_module_us=t_per * 1e6))
         print(f"decode LoRA group {rows[-1]['config']}: fused {t_ours * 1e6:.1f} us, per "
               f"module {t_per * 1e6:.1f} us, {rows[-1]['pct']:.0f}% copy BW", flush=True)
+    return rows
+
+
+def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
+    """The decode LoRA of one module where the worker runs it: right behind the base
+    projection's GEMM (y = x @ W^T, Llama-2-7B q_proj, the weights rotating over 8 copies so
+    they come from HBM), one adapter per token. A row's time is what the LoRA adds to the
+    GEMM alone: the worker's launches (overlapping the GEMM's end) and, beside it, the same
+    kernels launched plainly."""
+    rows = []
+    max_rank, d_in, d_out = 64, H, H
+    weights = [torch.randn(d_out, d_in, device=DEV, dtype=DTYPE) * d_in ** -0.5
+               for _ in range(8)]
+    for rank in (16, 64):
+        for batch in (1, 8, 64, 256):
+            rows_per_set = batch * rank
+            perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
+            tables = []
+            for i in range(len(weights)):
+                t = torch.zeros(batch, max_rank, 1, dtype=torch.int32, device=DEV)
+                lo = (i * rows_per_set) % (pool.shape[0] - rows_per_set)
+                t[:, :rank, 0] = perm[lo:lo + rows_per_set].view(batch, rank)
+                tables.append(t)
+            ranks = torch.full((batch,), rank, dtype=torch.int32, device=DEV)
+            scales = torch.full((batch,), 0.5, device=DEV)
+            slots = torch.randperm(batch, device=DEV).to(torch.int32)
+            x = torch.randn(batch, d_in, device=DEV, dtype=DTYPE)
+            y = torch.empty(batch, d_out, device=DEV, dtype=DTYPE)
+            v = torch.empty(batch, max_rank, device=DEV)
+            group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV)
+            fused_path = batch >= L.FUSED_DECODE_MIN_TOKENS
+
+            def layer(w, t, lora=True, overlap=True):
+                def f():
+                    torch.matmul(x, w.T, out=y)
+                    if not lora:
+                        return
+                    if fused_path:
+                        L.lora_shrink_expand(y, x, pool, t.unsqueeze(0), ranks.unsqueeze(0),
+                                             scales.unsqueeze(0), slots, group,
+                                             max_d_out=d_out, overlap_previous=overlap)
+                    else:
+                        L.lora_decode(y, x, pool, t, ranks, scales, slots, v_out=v,
+                                      overlap_previous=overlap)
+                return f
+            reps = 10 if quick else 30
+            pairs = list(zip(weights, tables))
+            t_gemm = graph_time([layer(w, t, lora=False) for w, t in pairs], reps=reps)
+            t_with = graph_time([layer(w, t) for w, t in pairs], reps=reps)
+            t_plain = graph_time([layer(w, t, overlap=False) for w, t in pairs], reps=reps)
+            added, added_plain = t_with - t_gemm, t_plain - t_gemm
+            nbytes = rows_per_set * (d_in + d_out) * 2 + batch * (d_in * 2 + d_out * 4)
+            rows.append(dict(
+                section="decode LoRA behind GEMM", rank=rank, batch=batch, adapters=batch,
+                config=f"r{rank} batch {batch} adapters {batch}",
+                path="fused" if fused_path else "pair", time_us=added * 1e6,
+                rate=nbytes / added / 1e9, unit="GB/s", pct=100 * nbytes / added / copy_bw,
+                gemm_us=t_gemm * 1e6, with_us=t_with * 1e6, added_plain_us=added_plain * 1e6))
+            r = rows[-1]
+            print(f"decode LoRA behind GEMM {r['config']}: GEMM {t_gemm * 1e6:.1f} us, with "
+                  f"LoRA {t_with * 1e6:.1f} (+{added * 1e6:.1f}; launched plainly "
+                  f"+{added_plain * 1e6:.1f})", flush=True)
     return rows
 
 
@@ -343,15 +411,20 @@ def table(rows, copy_bw, gemm, gpu) -> str:
              "|---|---|---:|---:|---:|---:|---|"]
     for r in rows:
         limit = "copy BW" if r["unit"] == "GB/s" else "GEMM"
+        speedup = f"{r['speedup']:.1f}x" if "speedup" in r else "–"
         extra = f" ({r['pct_roofline']:.0f}% of roofline)" if "pct_roofline" in r else ""
         if "pair_us" in r:
-            extra = (f" ({r['path']}; pair {r['pair_us']:.1f} us, plain launches "
-                     f"{r['plain_us']:.1f}; fused {r['fused_us']:.1f} us)")
+            extra = (f" ({r['path']}; pair {r['pair_us']:.1f} us, its shrink launched plainly "
+                     f"{r['pair_plain_shrink_us']:.1f}, plain launches {r['plain_us']:.1f}; "
+                     f"fused {r['fused_us']:.1f} us)")
         if "per_module_us" in r:
             extra = f" (per module, 6 launches: {r['per_module_us']:.1f} us)"
+        if "gemm_us" in r:
+            extra = (f" ({r['path']}; GEMM alone {r['gemm_us']:.1f} us, with the LoRA "
+                     f"{r['with_us']:.1f}; launched plainly it adds {r['added_plain_us']:.1f})")
         lines.append(f"| {r['section']} | {r['config']} | {r['time_us']:.1f} | "
                      f"{r['rate']:.1f} {r['unit']} | {r['pct']:.1f}% {limit}{extra} | "
-                     f"{r['speedup']:.1f}x | {judge(r)} |")
+                     f"{speedup} | {judge(r)} |")
     return "\n".join(lines)
 
 
@@ -385,9 +458,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="folder for kernels.md, kernels.json, kernels.png")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--sections", default="decode,group,prefill,attention",
-                    help="comma-separated: decode (LoRA), group (q,k,v LoRA), prefill (LoRA), "
-                         "attention")
+    ap.add_argument("--sections", default="decode,group,layer,prefill,attention",
+                    help="comma-separated: decode (LoRA), group (q,k,v LoRA), layer (decode "
+                         "LoRA behind its base GEMM), prefill (LoRA), attention")
     args = ap.parse_args(argv)
     sections = {s.strip() for s in args.sections.split(",")}
     if not torch.cuda.is_available():
@@ -402,6 +475,8 @@ def main(argv=None) -> int:
     rows = bench_decode_lora(pool, copy_bw, args.quick) if "decode" in sections else []
     if "group" in sections:
         rows += bench_decode_lora_group(pool, copy_bw, args.quick)
+    if "layer" in sections:
+        rows += bench_decode_lora_behind_gemm(pool, copy_bw, args.quick)
     if "prefill" in sections:
         rows += bench_prefill_lora(pool, copy_bw, gemm, args.quick)
     del pool

@@ -80,9 +80,11 @@ class TorchBackend:
                                      batch.token_slots)
 
     def lora_group(self, y, x, pool, lora_page_table, lora_ranks, lora_scales,
-                   group: LoraGroup, batch: LoraBatch):
+                   group: LoraGroup, batch: LoraBatch, *, after_base_gemm: bool = False):
         """y[:, col:col + width] += each member's LoRA of x, in place (every module's
-        tables: lora_page_table [num_modules, ...])."""
+        tables: lora_page_table [num_modules, ...]). after_base_gemm: the last kernel on the
+        stream is the GEMM that made y from x, so a backend may start behind it before it
+        ends (it writes neither x, the tables nor the pool)."""
         for m, col, width in group.members:
             v = torch_ref.lora_shrink(x, pool, lora_page_table[m], lora_ranks[m],
                                       batch.token_slots)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from slora.kernels import torch_ref
-from slora.kernels.cuda_compile import f32, get_kernel, i32, i64, launch, ptr
+from slora.kernels.cuda_compile import f32, get_kernel, i32, i64, launch, pdl_available, ptr
 
 MBGMV = "lora_mbgmv.cu"
 MBGMM = "lora_mbgmm.cu"
@@ -155,7 +155,8 @@ def _check_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales):
 
 # ---- LoRA decode (MBGMV) ------------------------------------------------------------------
 
-def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None):
+def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None,
+                _overlap_previous=False):
     """v[t, i] = x[t] @ A_{s}[i] for i < rank[s], s = token_slots[t]; 0 elsewhere.
 
     x [num_tokens, d_in]; pool [num_pages, 2, H]; returns v [num_tokens, max_rank] float32
@@ -173,6 +174,7 @@ def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None):
     if num_tokens == 0 or max_rank == 0:
         return out
     dev = pool.device.index
+    overlap = _overlap_previous and PDL and pdl_available(dev)
     staged = num_tokens >= SHRINK_STAGED_MIN_TOKENS and H * pool.element_size() <= 48 << 10
     kernel = get_kernel(MBGMV, pool.dtype, "mbgmv_shrink_staged" if staged else "mbgmv_shrink",
                         dev)
@@ -181,8 +183,8 @@ def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None):
     row_groups = max(1, min(math.ceil(max_rank / 2), math.ceil(4 * _num_sms(dev) / num_tokens)))
     launch(kernel, (num_tokens, row_groups), (128,),
            (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
-            i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(token_slots), ptr(out), i32(d_in)),
-           dev, shared_mem=H * pool.element_size() if staged else 0)
+            i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(token_slots), ptr(out), i32(d_in),
+           i32(overlap)), dev, shared_mem=H * pool.element_size() if staged else 0, pdl=overlap)
     return out
 
 
@@ -222,17 +224,23 @@ at 64 the pair wins, 11.3 against 14.7)."""
 
 
 def lora_decode(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, *,
-                v_out=None):
+                v_out=None, overlap_previous=False):
     """y[t] += scale[s] * (x[t] @ A_s^T) @ B_s^T, s = token_slots[t], in place; returns y.
 
     MBGMV shrink then expand of one module (x [num_tokens, d_in], y [num_tokens, d_out]; v,
     the float32 [num_tokens, max_rank] between them, goes to `v_out` when given). The expand
     is launched behind the shrink with programmatic dependent launch: it loads y, its page
     ids and its first B^T rows while the shrink runs, and waits only for v. That is sound
-    because the shrink is launched plainly: everything the expand reads before waiting was
-    complete before the shrink began.
+    because the shrink lets it start only once everything before the shrink is complete.
+
+    overlap_previous: launch the shrink behind the kernel before it too (Hopper), so the
+    shrink reads the slots, ranks, page table and its first A rows while that kernel
+    finishes, and waits for it before reading x or writing v. Only where that kernel writes
+    none of token_slots, the tables and the pool, nor x (the worker: the base projection's
+    GEMM, which writes y): what the shrink reads before its wait is not ordered after it.
     """
-    v = lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, out=v_out)
+    v = lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, out=v_out,
+                    _overlap_previous=overlap_previous)
     return lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
                        _behind_shrink=True)
 
@@ -266,7 +274,7 @@ def _check_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out
 
 
 def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
-                       group, *, max_d_out, num_chunks=None):
+                       group, *, max_d_out, num_chunks=None, overlap_previous=False):
     """For each member (m, col, d_out) of group: y[:, col:col + d_out] += scale * (x @ A^T)
     @ B^T of module m, per token's adapter, in place, in one launch (v never leaves the
     block); returns y.
@@ -276,7 +284,8 @@ def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, tok
     num_slots]; group [num_members, 3] int32 on the device. `max_d_out`: the widest member
     (the grid's bound; the launcher does not read `group`). `num_chunks`: blocks per token
     and member, each computing the shrink and its share of the expand (default: as few as
-    fill the GPU).
+    fill the GPU). overlap_previous: as lora_decode's (the kernel waits for the one before it
+    before reading x or y; that one must write neither `group`, the tables nor the pool).
     """
     num_tokens, d_in, H, num_slots, max_rank, ppr = _check_group(
         y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out)
@@ -299,7 +308,7 @@ def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, tok
            (ptr(y), i64(y.stride(0)), ptr(x), i64(x.stride(0)), ptr(pool), i32(H),
             ptr(lora_page_table), i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks),
             ptr(lora_scales), ptr(token_slots), ptr(group), i32(d_in)),
-           dev, shared_mem=3 * max_rank * 4)
+           dev, shared_mem=3 * max_rank * 4, pdl=overlap_previous and PDL)
     return y
 
 

@@ -110,22 +110,24 @@ class LlamaModel:
         return groups
 
     def add_lora(self, y: torch.Tensor, x: torch.Tensor, layer: int, projection: str,
-                 pool: UnifiedPool, lora: LoraBatch) -> None:
+                 pool: UnifiedPool, lora: LoraBatch, *, after_base_gemm: bool = False) -> None:
         """y += each token's adapter's LoRA of the modules of `projection` (LORA_GROUPS)
-        applied to x, in place, each into its columns of y."""
+        applied to x, in place, each into its columns of y. after_base_gemm: called right
+        behind the GEMM that made y (see Backend.lora_group)."""
         modules = frozenset(LORA_GROUPS[projection])
         if lora.modules is not None:
             modules &= lora.modules
         if not modules:
             return
         self.backend.lora_group(y, x, pool.layer(layer), pool.lora_page_table, pool.lora_ranks,
-                                pool.lora_scales, self.lora_groups[projection][modules], lora)
+                                pool.lora_scales, self.lora_groups[projection][modules], lora,
+                                after_base_gemm=after_base_gemm)
 
     def linear(self, x: torch.Tensor, layer: int, projection: str, pool: UnifiedPool,
                lora: LoraBatch) -> torch.Tensor:
         y = x @ self.w.layers[layer][projection].T
         if lora.any_lora:
-            self.add_lora(y, x, layer, projection, pool, lora)
+            self.add_lora(y, x, layer, projection, pool, lora, after_base_gemm=True)
         return y
 
     @torch.inference_mode()

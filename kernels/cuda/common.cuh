@@ -92,6 +92,11 @@ __device__ __forceinline__ vec_t ld_rw(const void* p) {
     return v;
 }
 
+// Asks for the 128-byte line at p to be brought into L2; nothing comes back to the thread.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" :: "l"(p));
+}
+
 // A float written by the kernel this one waited on (pdl_wait): read at L2, past L1.
 __device__ __forceinline__ float ld_coherent_f32(const float* p) {
     float f;
@@ -155,6 +160,16 @@ __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+// pdl_wait() that also hands back p as the asm's output, so loads through the result cannot be
+// hoisted above the wait: ld_vec and ld_rw are plain (non-volatile) asm without a memory
+// clobber, which the compiler may otherwise move across it.
+template <typename T>
+__device__ __forceinline__ T* pdl_wait_for(T* p) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" : "+l"(p) :: "memory");
+#endif
+    return p;
 }
 
 __device__ __forceinline__ float warp_sum(float x) {

@@ -21,15 +21,22 @@
 // registers: one round trip per load).
 //
 // It lets the expand that follows start early (programmatic dependent launch: mbgmv_expand).
+//
+// overlap = 0: launched plainly, so everything it and the expand behind it read was complete
+// when it began, and the expand may start at once. overlap = 1: launched itself behind the
+// kernel before it (launchers.lora_decode(overlap_previous=True)), which writes neither the
+// slots, ranks, page table nor pool: it reads those (and requests its first A vectors into L2)
+// while that kernel finishes, then waits for it before reading x or writing v, and lets the
+// expand start only after that wait, since the expand reads y before its own.
 extern "C" __global__ void __launch_bounds__(SHRINK_THREADS, 1)
 mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
              const elem_t* __restrict__ pool, int H,
              const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
              const int* __restrict__ ranks, const int* __restrict__ token_slots,
-             float* __restrict__ v, int d_in)
+             float* __restrict__ v, int d_in, int overlap)
 {
     __shared__ float partial[2][SHRINK_THREADS / 32];  // by iteration parity: no second barrier
-    pdl_launch_dependents();  // the expand may start: it waits for v at pdl_wait()
+    if (!overlap) pdl_launch_dependents();  // the expand may start: it waits for v at pdl_wait()
     const int t = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int half = warp & 1;
@@ -43,6 +50,16 @@ mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
     const int first_page = valid_slot && row0 < max_rank
         ? pt_slot[(i64)min(row0 + (warp >> 1), max_rank - 1) * pages_per_row] : 0;
     const int rank = valid_slot ? min(ranks[slot], max_rank) : 0;
+    if (overlap && row0 + (warp >> 1) < rank) {  // the first stretch of the row, into L2
+        const elem_t* a = pool + (i64)first_page * 2 * H;
+#pragma unroll
+        for (int u = 0; u < SHRINK_UNROLL; ++u) {
+            const int kk = (u * 64 + half * 32 + lane) * VEC;
+            if (kk < min(H, d_in)) prefetch_l2(a + kk);
+        }
+    }
+    xt = pdl_wait_for(xt);  // a no-op when launched plainly
+    if (overlap) pdl_launch_dependents();
 
     for (int it = 0; row0 < max_rank; row0 += 2 * gridDim.y, ++it) {
         if (row0 >= rank) {  // both rows past the rank (uniform over the block)
@@ -92,11 +109,12 @@ mbgmv_shrink_staged_body(const elem_t* __restrict__ x, i64 x_stride,
                 const elem_t* __restrict__ pool, int H,
                 const int* __restrict__ page_table, int num_slots, int max_rank,
                 int pages_per_row, const int* __restrict__ ranks,
-                const int* __restrict__ token_slots, float* __restrict__ v, int d_in)
+                const int* __restrict__ token_slots, float* __restrict__ v, int d_in,
+                int overlap)
 {
     extern __shared__ vec_t xs[];                      // [H / VEC]: one chunk of x[t]
     __shared__ float partial[2][SHRINK_THREADS / 32];  // by iteration parity
-    pdl_launch_dependents();
+    if (!overlap) pdl_launch_dependents();  // as in mbgmv_shrink
     const int t = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int half = warp & 1;
@@ -111,8 +129,16 @@ mbgmv_shrink_staged_body(const elem_t* __restrict__ x, i64 x_stride,
     const int rank = valid_slot ? min(ranks[slot], max_rank) : 0;
     const bool one_chunk = d_in <= H;  // x staged once for all row pairs
 
+    // Every thread waits (a no-op when launched plainly) in its first iteration, before it
+    // writes v or stages x: in the branch below or at the first staging. The first A vectors
+    // of a row are requested before that, so with overlap they load while the kernel before
+    // this one finishes.
     for (int it = 0; row0 < max_rank; row0 += 2 * gridDim.y, ++it) {
         if (row0 >= rank) {  // both rows past the rank (uniform over the block)
+            if (it == 0) {
+                pdl_wait();
+                if (overlap) pdl_launch_dependents();
+            }
             if (threadIdx.x < 2 && row0 + threadIdx.x < max_rank) vt[row0 + threadIdx.x] = 0.f;
             continue;
         }
@@ -132,6 +158,10 @@ mbgmv_shrink_staged_body(const elem_t* __restrict__ x, i64 x_stride,
                     av[u] = valid && kk < len ? ld_stream(a + kk) : vzero();
                 }
                 if (k0 == 0 && (it == 0 || !one_chunk)) {  // uniform over the block
+                    if (it == 0 && j == 0) {
+                        xt = pdl_wait_for(xt);
+                        if (overlap) pdl_launch_dependents();
+                    }
                     __syncthreads();  // the last chunk's readers are done
 #pragma unroll 4
                     for (int k = threadIdx.x * VEC; k < len; k += SHRINK_THREADS * VEC)
@@ -156,9 +186,9 @@ mbgmv_shrink_staged_body(const elem_t* __restrict__ x, i64 x_stride,
 #define SHRINK_STAGED_ARGS const elem_t* __restrict__ x, i64 x_stride,                      \
     const elem_t* __restrict__ pool, int H, const int* __restrict__ page_table,            \
     int num_slots, int max_rank, int pages_per_row, const int* __restrict__ ranks,         \
-    const int* __restrict__ token_slots, float* __restrict__ v, int d_in
+    const int* __restrict__ token_slots, float* __restrict__ v, int d_in, int overlap
 #define SHRINK_STAGED_PASS x, x_stride, pool, H, page_table, num_slots, max_rank, pages_per_row, \
-    ranks, token_slots, v, d_in
+    ranks, token_slots, v, d_in, overlap
 extern "C" __global__ void __launch_bounds__(SHRINK_THREADS, 8)
 mbgmv_shrink_staged(SHRINK_STAGED_ARGS)
 {
@@ -310,6 +340,11 @@ mbgmv_fused_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restrict_
     const int* pt = page_table + ((i64)m * num_slots + slot) * max_rank * pages_per_row;
     const elem_t* xt = x + (i64)t * x_stride;
     for (int i = threadIdx.x; i < rank; i += THREADS) v_sum[i] = 0.f;
+    // Launched behind the kernel before it (lora_shrink_expand(overlap_previous=True)), the
+    // block has read only the slot, group and tables so far; it waits for that kernel before
+    // it reads x or y (a no-op when launched plainly).
+    xt = pdl_wait_for(xt);
+    y = pdl_wait_for(y);
     __syncthreads();
 
     // ---- shrink: v[i] = x[t] . A[i], i < rank

@@ -204,6 +204,107 @@ def test_mbgmv_decode_pair_matches_reference(L, gen, shape, module, dtype):
         assert_close(y, ref, dtype, f"{shape.name} {module} decode pair, graph replay {replay}")
 
 
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """fn() captured in a CUDA graph on a side stream (after a warm-up run there)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        fn()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph
+
+
+@pytest.mark.parametrize("num_tokens", [13, 64])  # mbgmv_shrink; mbgmv_shrink_staged
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", ["q_proj", "k_proj", "down_proj"])
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_decode_pair_overlapping_the_kernel_before(L, gen, shape, module, dtype,
+                                                         num_tokens):
+    """lora_decode(overlap_previous=True) as the worker runs it: right behind the base GEMM
+    that makes y from x, and a second time right behind the first pair's expand on the same
+    v buffer and y (as bench/kernels.py replays it). Eagerly and over graph replays on new x
+    with y poisoned: a shrink that wrote v before the expand before it had read it, or that let
+    its expand read y before the kernel before it was done, gives a wrong y."""
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    slots = make_token_slots(num_tokens, lp.ranks.shape[0], gen)
+    w = (torch.randn(d_out, d_in, device="cuda", generator=gen) * d_in ** -0.5).to(dtype)
+    x = torch.empty(num_tokens, d_in, device="cuda", dtype=dtype)
+    x_src = torch.empty_like(x)
+    y = torch.empty(num_tokens, d_out, device="cuda", dtype=dtype)
+    v = torch.empty(num_tokens, lp.page_table.shape[1], device="cuda")
+
+    def step():
+        torch.mul(x_src, 1.0, out=x)  # x made by a kernel, two kernels before the shrink
+        torch.matmul(x, w.T, out=y)
+        for _ in range(2):
+            L.lora_decode(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots, v_out=v,
+                          overlap_previous=True)
+
+    def reference():
+        base = (x.float() @ w.float().T).to(dtype)
+        delta = torch_ref.lora_expand(torch.zeros_like(y), torch_ref.lora_shrink(
+            x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
+            lp.scales, slots)
+        return base + 2 * delta.float()
+
+    what = f"{shape.name} {module} {num_tokens} tokens, pair behind the GEMM"
+    x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
+    step()
+    assert_close(y.float(), reference(), dtype, f"{what}, eager")
+    graph = capture(step)
+    for replay in range(3):
+        x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
+        y.fill_(float("nan"))
+        v.fill_(float("nan"))
+        graph.replay()
+        assert_close(y.float(), reference(), dtype, f"{what}, graph replay {replay}")
+
+
+@pytest.mark.parametrize("num_tokens", [13, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_fused_overlapping_the_kernel_before(L, gen, shape, dtype, num_tokens):
+    """lora_shrink_expand(overlap_previous=True) for q, k, v right behind the fused qkv GEMM,
+    twice in a row, eagerly and over graph replays on new x with y poisoned."""
+    d_in, widths = group_dims(shape, "qkv")
+    pool, table, ranks, scales, group, width = make_group_pool(shape.hidden, d_in, widths,
+                                                               dtype, gen)
+    slots = make_token_slots(num_tokens, ranks.shape[1], gen)
+    w = (torch.randn(width, d_in, device="cuda", generator=gen) * d_in ** -0.5).to(dtype)
+    x = torch.empty(num_tokens, d_in, device="cuda", dtype=dtype)
+    x_src = torch.empty_like(x)
+    y = torch.empty(num_tokens, width, device="cuda", dtype=dtype)
+
+    def step():
+        torch.mul(x_src, 1.0, out=x)
+        torch.matmul(x, w.T, out=y)
+        for _ in range(2):
+            L.lora_shrink_expand(y, x, pool, table, ranks, scales, slots, group,
+                                 max_d_out=max(widths), overlap_previous=True)
+
+    def reference():
+        base = (x.float() @ w.float().T).to(dtype)
+        delta = torch_ref.lora_shrink_expand(torch.zeros_like(y), x, pool, table, ranks,
+                                             scales, slots, group)
+        return base + 2 * delta.float()
+
+    what = f"{shape.name} qkv {num_tokens} tokens, fused behind the GEMM"
+    x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
+    step()
+    assert_close(y.float(), reference(), dtype, f"{what}, eager")
+    graph = capture(step)
+    for replay in range(3):
+        x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
+        y.fill_(float("nan"))
+        graph.replay()
+        assert_close(y.float(), reference(), dtype, f"{what}, graph replay {replay}")
+
+
 def make_group_pool(H: int, d_in: int, widths: list[int], dtype, gen):
     """One module per width in one pool, every module's tables stacked; the slots' ranks
     (RANKS and 0) rotate from module to module, rows on randomly permuted pages, rows past a
