@@ -221,6 +221,27 @@ def _launch_programmatic(kernel, grid, block, args, device_index, shared_mem) ->
                            f"(SLORA_PDL=0 launches without programmatic dependence)")
 
 
+_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_smem_opt_in: set = set()
+
+
+def allow_dynamic_smem(kernel: cupy.RawKernel, nbytes: int, device_index: int) -> None:
+    """Lets `kernel` launch with `nbytes` of dynamic shared memory (past the default 48 KB
+    a kernel must opt in: cuFuncSetAttribute through ctypes, once per kernel and size)."""
+    key = (id(kernel), nbytes)
+    if key in _smem_opt_in:
+        return
+    fn = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    with cupy.cuda.Device(device_index):
+        err = fn(kernel.kernel.ptr, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, nbytes)
+    if err:
+        raise RuntimeError(f"cuFuncSetAttribute(max dynamic shared memory {nbytes}) failed "
+                           f"with CUresult {err}")
+    _smem_opt_in.add(key)
+
+
 # Kernel arguments, converted explicitly: a pointer is passed as a 64-bit integer.
 def ptr(t: torch.Tensor) -> np.uint64:
     return np.uint64(t.data_ptr())

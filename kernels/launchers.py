@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from slora.kernels import torch_ref
-from slora.kernels.cuda_compile import f32, get_kernel, i32, i64, launch, pdl_available, ptr
+from slora.kernels.cuda_compile import (allow_dynamic_smem, f32, get_kernel, i32, i64, launch,
+                                       pdl_available, ptr)
 
 MBGMV = "lora_mbgmv.cu"
 MBGMM = "lora_mbgmm.cu"
@@ -174,7 +175,7 @@ def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None,
     if num_tokens == 0 or max_rank == 0:
         return out
     dev = pool.device.index
-    overlap = _overlap_previous and PDL and pdl_available(dev)
+    overlap = _overlap_previous and OVERLAP and PDL and pdl_available(dev)
     staged = num_tokens >= SHRINK_STAGED_MIN_TOKENS and H * pool.element_size() <= 48 << 10
     kernel = get_kernel(MBGMV, pool.dtype, "mbgmv_shrink_staged" if staged else "mbgmv_shrink",
                         dev)
@@ -217,6 +218,8 @@ SHRINK_STAGED_MIN_TOKENS = 64
 """From this many tokens lora_shrink stages x in shared memory (mbgmv_shrink_staged)."""
 PDL = True
 """lora_decode launches its expand with programmatic dependent launch (where the GPU has it)."""
+OVERLAP = True
+"""lora_decode and lora_shrink_expand honour overlap_previous (False: launch as without it)."""
 FUSED_DECODE_MIN_TOKENS = 256
 """From this many decode tokens the fused kernel (lora_shrink_expand) beats lora_decode for a
 single module too (H100, rank 16, one adapter per token: 28.3 against 30.9 us at 256 tokens;
@@ -308,7 +311,7 @@ def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, tok
            (ptr(y), i64(y.stride(0)), ptr(x), i64(x.stride(0)), ptr(pool), i32(H),
             ptr(lora_page_table), i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks),
             ptr(lora_scales), ptr(token_slots), ptr(group), i32(d_in)),
-           dev, shared_mem=3 * max_rank * 4, pdl=overlap_previous and PDL)
+           dev, shared_mem=3 * max_rank * 4, pdl=overlap_previous and OVERLAP and PDL)
     return y
 
 
@@ -330,9 +333,27 @@ SHRINK_RANK_TILE = 128
 SHRINK_BLOCKS_PER_SM = 4
 """Resident mbgmm_shrink blocks per SM (48 KB of shared memory, 128 registers each): the
 split of d_in aims at one wave of them."""
-EXPAND_BLOCKS_PER_SM = 3
-"""Resident mbgmm_expand blocks per SM (its registers allow 3): the column stripes aim at
-one wave of them."""
+EXPAND_TILE = None
+"""Tokens per MBGMM expand tile, 64 or 128; None: by the segments' average length."""
+
+
+def _expand_launch(dev, pool, num_tokens, num_segs, d_out, num_members):
+    """(kernel, grid, block, shared_mem) of an MBGMM expand over all members: mbgmm_expand
+    (128-token tiles, 2 blocks of 96 KB per SM) where the segments average 128 tokens or more,
+    else mbgmm_expand_64 (4 blocks of 56 KB). grid.x cuts the 64-column steps of d_out into
+    equal stripes (the kernel derives the stripe width from grid.x) so that the blocks (tiles
+    x stripes x members) make about one wave; grid.y: the tiles of the tokens plus one per
+    segment up to MAX_EXTRA_TILE_ROWS (see _tile_rows)."""
+    bm = EXPAND_TILE or (128 if num_tokens >= 128 * num_segs else 64)
+    name, smem, per_sm = (("mbgmm_expand", 96 << 10, 2) if bm == 128
+                          else ("mbgmm_expand_64", 56 << 10, 4))
+    kernel = get_kernel(MBGMM, pool.dtype, name, dev)
+    allow_dynamic_smem(kernel, smem, dev)
+    tiles = math.ceil(num_tokens / bm) + min(num_segs, MAX_EXTRA_TILE_ROWS)
+    col_steps = math.ceil(d_out / 64)
+    want = round(per_sm * _num_sms(dev) / (math.ceil(num_tokens / bm) * num_members))
+    per_block = math.ceil(col_steps / max(1, min(col_steps, want)))
+    return kernel, (math.ceil(col_steps / per_block), tiles, num_members), (2 * bm,), smem
 
 
 def _tile_rows(num_tokens: int, num_segs: int) -> int:
@@ -350,16 +371,6 @@ def _shrink_k_splits(dev: int, num_tokens: int, d_in: int, num_rank_tiles: int) 
     k_splits = max(1, min(math.ceil(want), d_in // 512))
     k_split_len = math.ceil(d_in / k_splits / 64) * 64
     return math.ceil(d_in / k_split_len), k_split_len
-
-
-def _expand_stripes(dev: int, num_tokens: int, d_out: int, num_members: int) -> int:
-    """grid.x of an MBGMM expand: the 64-column steps of d_out cut into equal stripes, one
-    per block (the kernel derives the stripe width from grid.x), so that the blocks (64-token
-    tiles x stripes x members) make about one wave of EXPAND_BLOCKS_PER_SM per SM."""
-    col_steps = math.ceil(d_out / 64)
-    want = round(EXPAND_BLOCKS_PER_SM * _num_sms(dev) / (math.ceil(num_tokens / 64) * num_members))
-    per_block = math.ceil(col_steps / max(1, min(col_steps, want)))
-    return math.ceil(col_steps / per_block)
 
 
 def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_slots, *,
@@ -414,14 +425,13 @@ def lora_expand_segments(y, v, pool, lora_page_table, lora_ranks, lora_scales, s
         slots = _segment_token_slots(num_tokens, seg_starts, seg_slots)
         return lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, slots)
     dev = pool.device.index
-    kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_expand", dev)
-    stripes = _expand_stripes(dev, num_tokens, d_out, 1)
-    launch(kernel, (stripes, _tile_rows(num_tokens, num_segs)), (128,),
+    kernel, grid, block, smem = _expand_launch(dev, pool, num_tokens, num_segs, d_out, 1)
+    launch(kernel, grid, block,
            (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
             i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
             ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(d_out),
             i32(max_rank % 4 == 0 and v.data_ptr() % 16 == 0), NULL, i64(0), i32(max_rank)),
-           dev)
+           dev, shared_mem=smem)
     return y
 
 
@@ -462,13 +472,14 @@ def lora_shrink_expand_segments(y, x, pool, lora_page_table, lora_ranks, lora_sc
             i32(num_segs), ptr(v), i32(d_in), i32(k_split_len), ptr(group), i32(num_members),
             i64(table_stride), i32(width)),
            dev)
-    launch(get_kernel(MBGMM, pool.dtype, "mbgmm_expand", dev),
-           (_expand_stripes(dev, num_tokens, max_d_out, num_members), rows, num_members), (128,),
+    kernel, grid, block, smem = _expand_launch(dev, pool, num_tokens, num_segs, max_d_out,
+                                               num_members)
+    launch(kernel, grid, block,
            (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
             i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
             ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(max_d_out),
             i32(max_rank % 4 == 0), ptr(group), i64(table_stride), i32(width)),
-           dev)
+           dev, shared_mem=smem)
     return y
 
 

@@ -66,14 +66,6 @@ __device__ __forceinline__ vec_t gm_ld_shared_vec(u32 saddr) {
                  : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "r"(saddr) : "memory");
     return v;
 }
-// y of the expand: read once by this kernel, then written by the same thread (coherent load,
-// not kept in L1, which holds the page table and v).
-__device__ __forceinline__ vec_t gm_ld_y(const void* p) {
-    vec_t v;
-    asm volatile("ld.global.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
-                 : "=r"(v.w[0]), "=r"(v.w[1]), "=r"(v.w[2]), "=r"(v.w[3]) : "l"(p) : "memory");
-    return v;
-}
 __device__ __forceinline__ void gm_ld_f32x2(const float* p, float& a, float& b) {
     asm("ld.global.nc.v2.f32 {%0,%1}, [%2];" : "=f"(a), "=f"(b) : "l"(p));
 }
@@ -88,21 +80,6 @@ __device__ __forceinline__ void gm_red_f32x2(float* p, float a, float b) {
     atomicAdd(p, a);
     atomicAdd(p + 1, b);
 #endif
-}
-
-#define GM_PREFETCH_AHEAD 6  // 64-column steps of y asked of L2 ahead of their copy
-
-// Asks L2 for one 64-element (128-byte) column piece of `num_rows` rows (at most 64) from
-// column `col` of rows `width` wide: thread t takes row t / 2, at the piece's first or last
-// element (a piece that is not 128-byte aligned spans two lines). The copies that follow
-// then wait on L2, not on DRAM, without holding registers or shared memory.
-__device__ __forceinline__ void gm_prefetch_piece(const elem_t* rows, i64 stride, int num_rows,
-                                                  int col, int width) {
-    const int r = threadIdx.x >> 1;
-    if (r < num_rows && col < width) {
-        const int c = (threadIdx.x & 1) ? min(col + 63, width - 1) : col;
-        asm volatile("prefetch.global.L2 [%0];" :: "l"(rows + (i64)r * stride + c));
-    }
 }
 
 // ---- shrink ---------------------------------------------------------------------------------
@@ -305,214 +282,205 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
         __syncthreads();  // the next tile reuses shared memory
 }
 
-// ---- expand ---------------------------------------------------------------------------------
-#define GE_BM 64
-#define GE_BN 64             // output columns per step along a block's stripe
-#define GE_KC 128            // rank rows per chunk: a thread holds its v fragments of a chunk
-#define GE_STAGES 3          // B^T tiles in flight (the product tile reuses the one consumed)
-#define GE_THREADS 128
+// ---- expand --------------------------------------------------------------------------------
+#define GX_BN 64             // output columns per step
+#define GX_KC 128            // rank rows per chunk
+#define GX_SMEM_128 (96 * 1024)  // dynamic shared memory of the 128-token kernel: 2 blocks per SM
+#define GX_SMEM_64 (56 * 1024)   // of the 64-token kernel: 4 blocks per SM
+#define GX_MAX_STAGES 4
+
+__device__ __forceinline__ u32 gm_ld_shared_u32(u32 saddr) {
+    u32 w;
+    asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w) : "r"(saddr) : "memory");
+    return w;
+}
 
 // y[t, o] += scale[s] * v[t, :rank] @ B_s^T[:rank, o] for the tokens t of each segment, in
-// place (segments with no adapter are left untouched). grid (column stripes, tile rows (see
-// the top)); block GE_THREADS: 4 warps, 2 x 2 over each 64 x 64 step, 32 x 32 each.
-// A block takes one 64-token tile and a stripe of 64-column steps [c_begin, c_end), so it
-// walks segment -> slot -> rank once and converts its v rows once: v * scale goes
-// to bf16 / fp16 (as PEFT rounds lora_A's output to the model dtype) and stays in registers
-// as mma fragments for the whole stripe. The B^T tiles of the next two steps are in flight
-// (cp.async, GE_STAGES buffers), the y tile of the next step is loaded into registers and
-// y further ahead asked of L2; the product goes through shared memory (the B^T buffer just
-// consumed) in the model dtype and is added to y 16 bytes per thread. Ranks past GE_KC run in
-// chunks of GE_KC (v fragments reloaded per chunk). v_vec4: rows of v are 16-byte aligned
-// (max_rank % 4 == 0), so v is read 8 bytes at a time, else 4.
+// place (segments with no adapter are left untouched). A block takes one tile of BM tokens
+// (128 or 64) and a stripe of 64-column steps [c_begin, c_end), so it walks segment -> slot ->
+// rank once and converts its v rows once: v * scale goes to bf16 / fp16 (as PEFT rounds
+// lora_A's output to the model dtype) and stays in registers as mma fragments (32 registers
+// for a 128-rank chunk). BM / 16 warps, each over 16 rows and the whole 64-column step.
+// A stage holds the y tile of its column step (BM rows of 128 bytes) and the B^T rows of its
+// rank chunk, copied by cp.async, so the y tiles of the next stages - 1 steps are in flight
+// while a step computes (32 to 48 KB per 128-token block) and y streams without waiting in
+// registers. The product is rounded to the model dtype and added to the y tile in shared
+// memory in the fragments' layout; each warp then writes its own 16 rows, 16 bytes a thread,
+// so a step ends with no barrier: the one at the top of the next step frees the buffer.
+// Stages: as many of SMEM bytes as the rank allows, at most 4 (128 tokens in 96 KB: 3 at rank
+// 128; 64 tokens in 56 KB: 2). Ranks past GX_KC run in chunks (v fragments reloaded per
+// chunk). v_vec4: rows of v are 16-byte aligned (max_rank % 4 == 0), so v is read 8 bytes at
+// a time, else 4.
+template <int BM, int SMEM>
 __device__ __forceinline__ bool
 mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
-                  const elem_t* __restrict__ pool, int H,
-                  const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
-                  const int* __restrict__ ranks, const float* __restrict__ scales,
-                  const int* __restrict__ seg_starts, const int* __restrict__ seg_slots, int num_segs,
-                  int d_out, int v_vec4, int v_stride, int c_begin, int c_end, int tile)
+                   const elem_t* __restrict__ pool, int H,
+                   const int* __restrict__ page_table, int num_slots, int max_rank,
+                   int pages_per_row, const int* __restrict__ ranks,
+                   const float* __restrict__ scales, const int* __restrict__ seg_starts,
+                   const int* __restrict__ seg_slots, int num_segs, int d_out, int v_vec4,
+                   int v_stride, int c_begin, int c_end, int tile, u32 sbase)
 {
-    __shared__ __align__(128) unsigned char smem[GE_STAGES * GE_KC * 128];  // 48 KB
-
     int seg, m0, m_end;
-    if (!find_tile(seg_starts, num_segs, tile, GE_BM, seg, m0, m_end)) return false;
+    constexpr int THREADS = BM * 2, LROWS = THREADS / 8;
+    if (!find_tile(seg_starts, num_segs, tile, BM, seg, m0, m_end)) return false;
     const int slot = seg_slots[seg];
     if (slot < 0 || slot >= num_slots) return true;
     const int rank = min(ranks[slot], max_rank);
     if (rank <= 0) return true;
     const float scale = scales[slot];
     elem_t* y_tile = y + (i64)m0 * y_stride;
-    const int tile_rows = min(GE_BM, m_end - m0);
-    for (int c = c_begin; c < c_end && c < c_begin + GM_PREFETCH_AHEAD; ++c)
-        gm_prefetch_piece(y_tile, y_stride, tile_rows, c * GE_BN, d_out);
-    const u32 b_base = smem_addr(smem);
+    const int tile_rows = min(BM, m_end - m0);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int g = lane >> 2, tig = lane & 3;
-    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-    const int lrow = tid >> 3, lchunk = tid & 7;  // loader / writer: rows lrow + 16 q, chunk lchunk
-    const int num_chunks = (rank + GE_KC - 1) / GE_KC;
+    const int wm = warp * 16;                     // this warp's rows of the tile
+    const int lrow = tid >> 3, lchunk = tid & 7;  // loader: rows lrow + LROWS q, chunk lchunk
+    const int num_chunks = (rank + GX_KC - 1) / GX_KC;
     const int num_steps = (c_end - c_begin) * num_chunks;
+    const int stage_bytes = BM * 128 + min(GX_KC, (rank + 15) & ~15) * 128;
+    const int stages = min(GX_MAX_STAGES, SMEM / stage_bytes);
     const int* b_table = page_table + (i64)slot * max_rank * pages_per_row;
 
-    // B^T rows of chunk ch (zero-filled up to a multiple of 16), columns of column step c.
-    auto load_b = [&](int step) {
+    // Step `step`'s copies: the B^T rows of its rank chunk (zeros up to a multiple of 16) and,
+    // at the chunk that finishes a column step, that step's y tile.
+    auto load_stage = [&](int step) {
         const int c = c_begin + step / num_chunks, ch = step % num_chunks;
-        const int i0 = ch * GE_KC, kn = min(GE_KC, rank - i0), rows = (kn + 15) & ~15;
-        const int o = c * GE_BN + lchunk * VEC;
+        const int i0 = ch * GX_KC, kn = min(GX_KC, rank - i0), rows = (kn + 15) & ~15;
+        const int o = c * GX_BN + lchunk * VEC;
         const bool ook = o < d_out;
         const int j = o / H;
-        const int o_in_page = H + o - j * H;
-        const u32 s = b_base + (u32)((step % GE_STAGES) * GE_KC * 128);
+        const elem_t* b_col = pool + H + (o - j * H);  // V half of page 0, this chunk's column
+        const u32 s = sbase + (u32)((step % stages) * stage_bytes);
 #pragma unroll
-        for (int q = 0; q < GE_KC / 16; ++q) {
-            const int i = lrow + 16 * q;
+        for (int q = 0; q < GX_KC / LROWS; ++q) {
+            const int i = lrow + LROWS * q;
             if (i < rows) {
                 const bool ok = ook && i < kn;
-                const elem_t* src = pool;  // page ids: L1 hits after the stripe's first step
-                if (ok) src = pool + (i64)b_table[(i64)(i0 + i) * pages_per_row + j] * 2 * H + o_in_page;
-                cp_async16_at(s + gm_swz(i, lchunk), src, ok ? 16 : 0);
+                const elem_t* src = pool;
+                if (ok) src = b_col + (i64)b_table[(i64)(i0 + i) * pages_per_row + j] * 2 * H;
+                cp_async16_at(s + BM * 128 + gm_swz(i, lchunk), src, ok ? 16 : 0);
+            }
+        }
+        if (ch == num_chunks - 1 && ook) {
+#pragma unroll
+            for (int q = 0; q < BM / LROWS; ++q) {
+                const int r = lrow + LROWS * q;
+                if (r < tile_rows)
+                    cp_async16_at(s + gm_swz(r, lchunk), y_tile + (i64)r * y_stride + o, 16);
             }
         }
     };
 
-    // scale * v rows of this warp, rank columns of chunk ch, as A fragments (0 past the rank).
-    u32 va[2][GE_KC / 16][4];
+    // scale * v of this warp's rows, rank columns of chunk ch, as A fragments (0 past the rank).
+    u32 va[GX_KC / 16][4];
     auto load_v = [&](int ch) {
-        const int i0 = ch * GE_KC, kn = min(GE_KC, rank - i0);
+        const int i0 = ch * GX_KC, kn = min(GX_KC, rank - i0);
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi)
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + wm + g + h * 8;
+            const bool rok = row < m_end;
+            const float* vr = v + (i64)(rok ? row : m0) * v_stride + i0;
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = m0 + wm + mi * 16 + g + h * 8;
-                const bool rok = row < m_end;
-                const float* vr = v + (i64)(rok ? row : m0) * v_stride + i0;
+            for (int ks = 0; ks < GX_KC / 16; ++ks) {
+                if (ks * 16 >= kn) continue;
 #pragma unroll
-                for (int s = 0; s < GE_KC / 16; ++s) {
-                    if (s * 16 >= kn) continue;
-#pragma unroll
-                    for (int half = 0; half < 2; ++half) {
-                        const int col = s * 16 + half * 8 + tig * 2;
-                        float a = 0.f, b = 0.f;
-                        if (rok && col < kn) {
-                            if (v_vec4) gm_ld_f32x2(vr + col, a, b);
-                            else {
-                                a = vr[col];
-                                if (col + 1 < kn) b = vr[col + 1];
-                            }
-                            if (col + 1 >= kn) b = 0.f;
+                for (int half = 0; half < 2; ++half) {
+                    const int col = ks * 16 + half * 8 + tig * 2;
+                    float a = 0.f, b = 0.f;
+                    if (rok && col < kn) {
+                        if (v_vec4) gm_ld_f32x2(vr + col, a, b);
+                        else {
+                            a = vr[col];
+                            if (col + 1 < kn) b = vr[col + 1];
                         }
-                        va[mi][s][h + 2 * half] = pack2(scale * a, scale * b);
+                        if (col + 1 >= kn) b = 0.f;
                     }
+                    va[ks][h + 2 * half] = pack2(scale * a, scale * b);
                 }
             }
-    };
-
-    vec_t y_cur[GE_BM / 16], y_next[GE_BM / 16];
-    auto load_y = [&](int c) {
-        const int o = c * GE_BN + lchunk * VEC;
-#pragma unroll
-        for (int q = 0; q < GE_BM / 16; ++q) {
-            const int r = lrow + 16 * q;
-            y_next[q] = (r < tile_rows && o < d_out) ? gm_ld_y(y_tile + (i64)r * y_stride + o)
-                                                     : vzero();
         }
     };
 
-#pragma unroll
-    for (int st = 0; st < GE_STAGES - 1; ++st) {
-        if (st < num_steps) load_b(st);
+#pragma unroll 1
+    for (int st = 0; st < stages - 1; ++st) {
+        if (st < num_steps) load_stage(st);
         cp_async_commit();
     }
-    load_y(c_begin);
     if (num_chunks == 1) load_v(0);
 
-    float acc[2][4][4];
+    float acc[8][4];
     for (int step = 0; step < num_steps; ++step) {
         const int cs = step / num_chunks, ch = step - cs * num_chunks;
-        const int c = c_begin + cs;
-        // The buffer of step + 2 is the one step - 1 used (free since its closing barrier).
-        if (step + GE_STAGES - 1 < num_steps) load_b(step + GE_STAGES - 1);
+        gm_wait_stages(stages);
+        __syncthreads();  // this step's stage is in; every warp is done with the last step's
+        if (step + stages - 1 < num_steps) load_stage(step + stages - 1);  // into that buffer
         cp_async_commit();
         if (ch == 0) {
 #pragma unroll
-            for (int q = 0; q < GE_BM / 16; ++q) y_cur[q] = y_next[q];
-            if (c + 1 < c_end) load_y(c + 1);
-            if (c + GM_PREFETCH_AHEAD < c_end)
-                gm_prefetch_piece(y_tile, y_stride, tile_rows, (c + GM_PREFETCH_AHEAD) * GE_BN, d_out);
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
-            for (int a = 0; a < 2; ++a)
-#pragma unroll
-                for (int b = 0; b < 4; ++b)
-#pragma unroll
-                    for (int e = 0; e < 4; ++e) acc[a][b][e] = 0.f;
+                for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
         }
         if (num_chunks > 1) load_v(ch);
-        cp_async_wait<GE_STAGES - 2>();
-        __syncthreads();
-        const u32 s = b_base + (u32)((step % GE_STAGES) * GE_KC * 128);
-        const int ksteps = (min(GE_KC, rank - ch * GE_KC) + 15) >> 4;
+        const u32 s = sbase + (u32)((step % stages) * stage_bytes);
+        const u32 sb = s + BM * 128;
+        const int ksteps = (min(GX_KC, rank - ch * GX_KC) + 15) >> 4;
 #pragma unroll
-        for (int ks = 0; ks < GE_KC / 16; ++ks) {
+        for (int ks = 0; ks < GX_KC / 16; ++ks) {
             if (ks >= ksteps) break;
 #pragma unroll
-            for (int np = 0; np < 2; ++np) {
+            for (int np = 0; np < 4; ++np) {
                 u32 bf[4];
-                ldmatrix_x4_trans_at(bf, s + gm_swz(ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
-                                                (wn >> 3) + np * 2 + (lane >> 4)));
-#pragma unroll
-                for (int mi = 0; mi < 2; ++mi) {
-                    mma16816(acc[mi][2 * np], va[mi][ks], bf[0], bf[1]);
-                    mma16816(acc[mi][2 * np + 1], va[mi][ks], bf[2], bf[3]);
-                }
+                ldmatrix_x4_trans_at(bf, sb + gm_swz(ks * 16 + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                                 np * 2 + (lane >> 4)));
+                mma16816(acc[2 * np], va[ks], bf[0], bf[1]);
+                mma16816(acc[2 * np + 1], va[ks], bf[2], bf[3]);
             }
         }
         if (ch == num_chunks - 1) {
-            // The product tile in the model dtype, in this step's B^T buffer once every warp
-            // is done reading it; then y += it, 16 bytes per thread.
-            __syncthreads();
+            // y += the product in the model dtype, in place in the stage's y tile (this warp's
+            // rows: acc[n] is column chunk n), then this warp's rows out, 16 bytes a thread.
 #pragma unroll
-            for (int mi = 0; mi < 2; ++mi)
+            for (int n = 0; n < 8; ++n)
 #pragma unroll
-                for (int ni = 0; ni < 4; ++ni) {
-                    const int row = wm + mi * 16 + g, col = wn + ni * 8 + tig * 2;
-                    gm_st_shared_u32(s + gm_swz(row, col >> 3) + (col & 7) * 2,
-                                     pack2(acc[mi][ni][0], acc[mi][ni][1]));
-                    gm_st_shared_u32(s + gm_swz(row + 8, col >> 3) + (col & 7) * 2,
-                                     pack2(acc[mi][ni][2], acc[mi][ni][3]));
+                for (int h = 0; h < 2; ++h) {
+                    const u32 addr = s + gm_swz(wm + g + 8 * h, n) + tig * 4;
+                    const u32 yw = gm_ld_shared_u32(addr);
+                    const u32 dw = pack2(acc[n][2 * h], acc[n][2 * h + 1]);
+                    gm_st_shared_u32(addr, pack2(lo_f32(yw) + lo_f32(dw), hi_f32(yw) + hi_f32(dw)));
                 }
-            __syncthreads();
-            const int o = c * GE_BN + lchunk * VEC;
+            __syncwarp();
+            const int o0 = (c_begin + cs) * GX_BN;
 #pragma unroll
-            for (int q = 0; q < GE_BM / 16; ++q) {
-                const int r = lrow + 16 * q;
-                if (r >= tile_rows || o >= d_out) continue;
-                float yf[VEC], df[VEC];
-                unpack(y_cur[q], yf);
-                unpack(gm_ld_shared_vec(s + gm_swz(r, lchunk)), df);
-#pragma unroll
-                for (int e = 0; e < VEC; ++e) yf[e] += df[e];
-                st_vec(y_tile + (i64)r * y_stride + o, pack(yf));
+            for (int k = 0; k < 4; ++k) {
+                const int row = wm + (lane >> 3) + 4 * k, chunk = lane & 7;
+                const int o = o0 + chunk * VEC;
+                if (row < tile_rows && o < d_out)
+                    st_vec(y_tile + (i64)row * y_stride + o, gm_ld_shared_vec(s + gm_swz(row, chunk)));
             }
         }
-        __syncthreads();  // this step's buffer is free for step + 3's B^T tile
     }
     cp_async_wait<0>();
     return true;
 }
 
-extern "C" __global__ void __launch_bounds__(GE_THREADS, 3)
-mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
-             const elem_t* __restrict__ pool, int H,
-             const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
-             const int* __restrict__ ranks, const float* __restrict__ scales,
-             const int* __restrict__ seg_starts, const int* __restrict__ seg_slots, int num_segs,
-             int d_out, int v_vec4,
-             const int* __restrict__ group, i64 table_stride, int v_stride)
+#define EXPAND_ARGS                                                                         \
+    elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,                       \
+    const elem_t* __restrict__ pool, int H, const int* __restrict__ page_table,              \
+    int num_slots, int max_rank, int pages_per_row, const int* __restrict__ ranks,           \
+    const float* __restrict__ scales, const int* __restrict__ seg_starts,                    \
+    const int* __restrict__ seg_slots, int num_segs, int d_out, int v_vec4,                  \
+    const int* __restrict__ group, i64 table_stride, int v_stride
+#define EXPAND_PASS y, y_stride, v, pool, H, page_table, num_slots, max_rank, pages_per_row,   \
+    ranks, scales, seg_starts, seg_slots, num_segs, d_out, v_vec4, group, table_stride, v_stride
+
+// grid as mbgmm_expand's, with tile rows of BM tokens; dynamic shared memory SMEM bytes.
+template <int BM, int SMEM>
+__device__ __forceinline__ void mbgmm_expand_body(EXPAND_ARGS)
 {
-    // grid.x cuts the widest member's 64-column steps (d_out) into equal stripes. A group
-    // (see mbgmm_shrink): member blockIdx.z writes its width of y from its column.
-    const int num_col_steps = (d_out + GE_BN - 1) / GE_BN;
+    extern __shared__ __align__(128) unsigned char gx_smem[];
+    const int num_col_steps = (d_out + GX_BN - 1) / GX_BN;
     const int per_block = (num_col_steps + gridDim.x - 1) / gridDim.x;
     const int member = blockIdx.z;
     int module = 0;
@@ -522,18 +490,32 @@ mbgmm_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
         d_out = group[member * 3 + 2];
     }
     const int c_begin = blockIdx.x * per_block;
-    const int c_end = min(c_begin + per_block, (d_out + GE_BN - 1) / GE_BN);
+    const int c_end = min(c_begin + per_block, (d_out + GX_BN - 1) / GX_BN);
     if (c_begin >= c_end) return;
     page_table += module * table_stride;
     ranks += (i64)module * num_slots;
     scales += (i64)module * num_slots;
     v += member * max_rank;
+    const u32 sbase = smem_addr(gx_smem);
     for (int tile = blockIdx.y;
-         mbgmm_expand_tile(y, y_stride, v, pool, H, page_table, num_slots, max_rank,
-                           pages_per_row, ranks, scales, seg_starts, seg_slots, num_segs, d_out,
-                           v_vec4, v_stride, c_begin, c_end, tile);
+         mbgmm_expand_tile<BM, SMEM>(y, y_stride, v, pool, H, page_table, num_slots, max_rank,
+                                      pages_per_row, ranks, scales, seg_starts, seg_slots,
+                                      num_segs, d_out, v_vec4, v_stride, c_begin, c_end, tile,
+                                      sbase);
          tile += gridDim.y)
         __syncthreads();  // the next tile reuses shared memory
+}
+
+// 128-token tiles (256 threads): for segments mostly longer than 128 tokens.
+extern "C" __global__ void __launch_bounds__(256, 2) mbgmm_expand(EXPAND_ARGS)
+{
+    mbgmm_expand_body<128, GX_SMEM_128>(EXPAND_PASS);
+}
+
+// 64-token tiles (128 threads): for short segments, whose 128-token tiles would be mostly empty.
+extern "C" __global__ void __launch_bounds__(128, 4) mbgmm_expand_64(EXPAND_ARGS)
+{
+    mbgmm_expand_body<64, GX_SMEM_64>(EXPAND_PASS);
 }
 
 #endif  // SLORA_HALF
