@@ -13,7 +13,9 @@
    pair below FUSED_DECODE_MIN_TOKENS tokens, the fused kernel from there on. Bytes count each adapter row and each
    activation once (A and B^T rows of the distinct adapters, x read, y read and written, v
    written and read; the fused kernel keeps v on chip). Then a group, q, k and v together
-   (what the worker runs for them): the fused kernel against three modules' two launches.
+   (what the worker runs for them): the group's shrink and expand (one launch each) below
+   FUSED_GROUP_MIN_TOKENS, the fused kernel from there, against each other and three
+   modules' two launches.
    Then the LoRA of one module behind its base projection's GEMM, as the worker runs it:
    what it adds to the GEMM's time, overlapping the GEMM's end and launched plainly.
    Timed as CUDA-graph replays
@@ -194,10 +196,13 @@ def bench_decode_lora(pool, copy_bw, quick):
 
 def bench_decode_lora_group(pool, copy_bw, quick):
     """q, k and v of Llama-2-7B (three 4096 -> 4096 modules), rank 16, one adapter per
-    token: the fused kernel (one launch) against shrink + expand per module (six)."""
+    token, the path the worker takes (cuda_backend.lora_group): below FUSED_GROUP_MIN_TOKENS
+    the group's shrink and its expand, one launch each (lora_decode_group), from there the
+    fused kernel (one launch); beside them the other one and shrink + expand per module (six
+    launches)."""
     rows = []
     rank, max_rank, num_modules = 16, 64, 3
-    for batch in (1, 64, 256):
+    for batch in (1, 8, 16, 32, 64, 256):
         rows_per_set = batch * rank * num_modules
         perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
         num_sets = max(1, min(8, pool.shape[0] // rows_per_set))
@@ -220,6 +225,10 @@ def bench_decode_lora_group(pool, copy_bw, quick):
             return lambda: L.lora_shrink_expand(y, x, pool, t, ranks, scales, slots, group,
                                                 max_d_out=H, overlap_previous=True)
 
+        def pair(t):
+            return lambda: L.lora_decode_group(y, x, pool, t, ranks, scales, slots, group,
+                                               max_d_out=H, overlap_previous=True)
+
         def per_module(t):
             def f():
                 for m in range(num_modules):
@@ -227,8 +236,11 @@ def bench_decode_lora_group(pool, copy_bw, quick):
                                   slots, v_out=v, overlap_previous=True)
             return f
         reps = 10 if quick else 30
-        t_ours = graph_time([fused(t) for t in tables], reps=reps)
+        t_fused = graph_time([fused(t) for t in tables], reps=reps)
+        t_pair = graph_time([pair(t) for t in tables], reps=reps)
         t_per = graph_time([per_module(t) for t in tables], reps=reps)
+        fused_path = batch >= L.FUSED_GROUP_MIN_TOKENS
+        t_ours = t_fused if fused_path else t_pair
         t_ref = events_time(lambda: torch_ref.lora_shrink_expand(
             y, x, pool, tables[0], ranks, scales, slots, group), 2, warmup=1)
         nbytes = rows_per_set * 2 * H * 2 + batch * (H * 2 + num_modules * H * 4)
@@ -236,9 +248,12 @@ def bench_decode_lora_group(pool, copy_bw, quick):
             section="decode LoRA group", rank=rank, batch=batch, adapters=batch,
             config=f"q,k,v r{rank} batch {batch} adapters {batch}", time_us=t_ours * 1e6,
             rate=nbytes / t_ours / 1e9, unit="GB/s", pct=100 * nbytes / t_ours / copy_bw,
-            speedup=t_ref / t_ours, ref_us=t_ref * 1e6, per_module_us=t_per * 1e6))
-        print(f"decode LoRA group {rows[-1]['config']}: fused {t_ours * 1e6:.1f} us, per "
-              f"module {t_per * 1e6:.1f} us, {rows[-1]['pct']:.0f}% copy BW", flush=True)
+            speedup=t_ref / t_ours, ref_us=t_ref * 1e6, per_module_us=t_per * 1e6,
+            fused_us=t_fused * 1e6, group_pair_us=t_pair * 1e6,
+            path="fused" if fused_path else "group pair"))
+        print(f"decode LoRA group {rows[-1]['config']}: group pair {t_pair * 1e6:.1f} us, "
+              f"fused {t_fused * 1e6:.1f} us, per module {t_per * 1e6:.1f} us, "
+              f"{rows[-1]['pct']:.0f}% copy BW", flush=True)
     return rows
 
 
@@ -418,7 +433,9 @@ def table(rows, copy_bw, gemm, gpu) -> str:
                      f"{r['pair_plain_shrink_us']:.1f}, plain launches {r['plain_us']:.1f}; "
                      f"fused {r['fused_us']:.1f} us)")
         if "per_module_us" in r:
-            extra = f" (per module, 6 launches: {r['per_module_us']:.1f} us)"
+            extra = (f" ({r['path']}; group pair {r['group_pair_us']:.1f} us, fused "
+                     f"{r['fused_us']:.1f} us, per module, 6 launches: "
+                     f"{r['per_module_us']:.1f} us)")
         if "gemm_us" in r:
             extra = (f" ({r['path']}; GEMM alone {r['gemm_us']:.1f} us, with the LoRA "
                      f"{r['with_us']:.1f}; launched plainly it adds {r['added_plain_us']:.1f})")

@@ -22,6 +22,11 @@
 //
 // It lets the expand that follows start early (programmatic dependent launch: mbgmv_expand).
 //
+// A group of modules that read the same x (q, k and v; gate and up) runs in one launch:
+// grid.z = members, group [members, 3] as mbgmv_fused's (module, column, width; only the
+// module is read here), each module's tables table_stride ints apart, member z's v at column
+// z * max_rank of rows v_stride floats apart. group == nullptr: one module, grid.z = 1.
+//
 // overlap = 0: launched plainly, so everything it and the expand behind it read was complete
 // when it began, and the expand may start at once. overlap = 1: launched itself behind the
 // kernel before it (launchers.lora_decode(overlap_previous=True)), which writes neither the
@@ -33,14 +38,20 @@ mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
              const elem_t* __restrict__ pool, int H,
              const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
              const int* __restrict__ ranks, const int* __restrict__ token_slots,
-             float* __restrict__ v, int d_in, int overlap)
+             float* __restrict__ v, int d_in, int overlap,
+             const int* __restrict__ group, i64 table_stride, int v_stride)
 {
     __shared__ float partial[2][SHRINK_THREADS / 32];  // by iteration parity: no second barrier
     if (!overlap) pdl_launch_dependents();  // the expand may start: it waits for v at pdl_wait()
     const int t = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int half = warp & 1;
-    float* vt = v + (i64)t * max_rank;
+    if (group != nullptr) {  // member blockIdx.z of a group: its module's tables
+        const int m = group[3 * blockIdx.z];
+        page_table += m * table_stride;
+        ranks += (i64)m * num_slots;
+    }
+    float* vt = v + (i64)t * v_stride + blockIdx.z * max_rank;
     const int slot = token_slots[t];
     const bool valid_slot = slot >= 0 && slot < num_slots;
     const elem_t* xt = x + (i64)t * x_stride;
@@ -110,7 +121,7 @@ mbgmv_shrink_staged_body(const elem_t* __restrict__ x, i64 x_stride,
                 const int* __restrict__ page_table, int num_slots, int max_rank,
                 int pages_per_row, const int* __restrict__ ranks,
                 const int* __restrict__ token_slots, float* __restrict__ v, int d_in,
-                int overlap)
+                int overlap, const int* __restrict__ group, i64 table_stride, int v_stride)
 {
     extern __shared__ vec_t xs[];                      // [H / VEC]: one chunk of x[t]
     __shared__ float partial[2][SHRINK_THREADS / 32];  // by iteration parity
@@ -118,7 +129,12 @@ mbgmv_shrink_staged_body(const elem_t* __restrict__ x, i64 x_stride,
     const int t = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int half = warp & 1;
-    float* vt = v + (i64)t * max_rank;
+    if (group != nullptr) {  // as in mbgmv_shrink
+        const int m = group[3 * blockIdx.z];
+        page_table += m * table_stride;
+        ranks += (i64)m * num_slots;
+    }
+    float* vt = v + (i64)t * v_stride + blockIdx.z * max_rank;
     const int slot = token_slots[t];
     const bool valid_slot = slot >= 0 && slot < num_slots;
     const elem_t* xt = x + (i64)t * x_stride;
@@ -186,9 +202,10 @@ mbgmv_shrink_staged_body(const elem_t* __restrict__ x, i64 x_stride,
 #define SHRINK_STAGED_ARGS const elem_t* __restrict__ x, i64 x_stride,                      \
     const elem_t* __restrict__ pool, int H, const int* __restrict__ page_table,            \
     int num_slots, int max_rank, int pages_per_row, const int* __restrict__ ranks,         \
-    const int* __restrict__ token_slots, float* __restrict__ v, int d_in, int overlap
+    const int* __restrict__ token_slots, float* __restrict__ v, int d_in, int overlap,         \
+    const int* __restrict__ group, i64 table_stride, int v_stride
 #define SHRINK_STAGED_PASS x, x_stride, pool, H, page_table, num_slots, max_rank, pages_per_row, \
-    ranks, token_slots, v, d_in, overlap
+    ranks, token_slots, v, d_in, overlap, group, table_stride, v_stride
 extern "C" __global__ void __launch_bounds__(SHRINK_THREADS, 8)
 mbgmv_shrink_staged(SHRINK_STAGED_ARGS)
 {
@@ -250,6 +267,9 @@ __device__ __forceinline__ vec_t add_expand(const vec_t& y_old, vec_t (&b)[EXPAN
 // memory once; dynamic shared memory 8 * max_rank bytes. One thread per 16-byte vector of y:
 // it reads that vector of each of the token's B^T rows, EXPAND_UNROLL rows in flight.
 //
+// A group (see mbgmv_shrink): grid.z = members, member z writes its width of y from its column
+// (grid.y covers the widest member), from its module's tables and v's column z * max_rank.
+//
 // Launched right behind its shrink with programmatic dependent launch (launchers.lora_decode)
 // it starts while the shrink runs: it reads y, the slot, rank, scale, page ids and its first
 // EXPAND_UNROLL rows of B^T (all written before the shrink began) and waits at pdl_wait()
@@ -259,12 +279,22 @@ mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
              const elem_t* __restrict__ pool, int H,
              const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
              const int* __restrict__ ranks, const float* __restrict__ scales,
-             const int* __restrict__ token_slots, int d_out, int chunks_per_page)
+             const int* __restrict__ token_slots, int d_out, int chunks_per_page,
+             const int* __restrict__ group, i64 table_stride, int v_stride)
 {
     extern __shared__ float smem[];
     float* v_scaled = smem;                        // [max_rank]: v[t, :] * scale
     int* page_ids = (int*)(smem + max_rank);       // [max_rank]: page of each row at column j
     const int t = blockIdx.x;
+    if (group != nullptr) {  // member blockIdx.z of a group: its module, columns and width
+        const int m = group[3 * blockIdx.z];
+        page_table += m * table_stride;
+        ranks += (i64)m * num_slots;
+        scales += (i64)m * num_slots;
+        y += group[3 * blockIdx.z + 1];
+        d_out = group[3 * blockIdx.z + 2];
+    }
+    v += blockIdx.z * max_rank;
     const int slot = token_slots[t];
     if (slot < 0 || slot >= num_slots) return;
     // Every load below depends on the slot alone, so they are all in flight together: y, the
@@ -287,7 +317,7 @@ mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
     load_b_rows(b, col, page_ids, 0, active ? rank : 0, H);
     pdl_wait();  // launched early behind its shrink: v is complete from here on
     for (int i = threadIdx.x; i < max_rank; i += EXPAND_THREADS)
-        v_scaled[i] = ld_coherent_f32(v + (i64)t * max_rank + i) * scale;
+        v_scaled[i] = ld_coherent_f32(v + (i64)t * v_stride + i) * scale;
     __syncthreads();
     if (rank <= 0 || !active) return;
     st_vec(yp, add_expand(y_old, b, col, page_ids, v_scaled, rank, H));

@@ -268,9 +268,11 @@ def test_mbgmv_decode_pair_overlapping_the_kernel_before(L, gen, shape, module, 
 @pytest.mark.parametrize("num_tokens", [13, 64])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmv_fused_overlapping_the_kernel_before(L, gen, shape, dtype, num_tokens):
-    """lora_shrink_expand(overlap_previous=True) for q, k, v right behind the fused qkv GEMM,
-    twice in a row, eagerly and over graph replays on new x with y poisoned."""
+@pytest.mark.parametrize("pair", [False, True], ids=["fused", "group-pair"])
+def test_mbgmv_fused_overlapping_the_kernel_before(L, gen, shape, dtype, num_tokens, pair):
+    """lora_shrink_expand and lora_decode_group (overlap_previous=True) for q, k, v right
+    behind the fused qkv GEMM, twice in a row, eagerly and over graph replays on new x with
+    y poisoned."""
     d_in, widths = group_dims(shape, "qkv")
     pool, table, ranks, scales, group, width = make_group_pool(shape.hidden, d_in, widths,
                                                                dtype, gen)
@@ -283,9 +285,10 @@ def test_mbgmv_fused_overlapping_the_kernel_before(L, gen, shape, dtype, num_tok
     def step():
         torch.mul(x_src, 1.0, out=x)
         torch.matmul(x, w.T, out=y)
+        launcher = L.lora_decode_group if pair else L.lora_shrink_expand
         for _ in range(2):
-            L.lora_shrink_expand(y, x, pool, table, ranks, scales, slots, group,
-                                 max_d_out=max(widths), overlap_previous=True)
+            launcher(y, x, pool, table, ranks, scales, slots, group, max_d_out=max(widths),
+                     overlap_previous=True)
 
     def reference():
         base = (x.float() @ w.float().T).to(dtype)
@@ -293,7 +296,7 @@ def test_mbgmv_fused_overlapping_the_kernel_before(L, gen, shape, dtype, num_tok
                                              scales, slots, group)
         return base + 2 * delta.float()
 
-    what = f"{shape.name} qkv {num_tokens} tokens, fused behind the GEMM"
+    what = f"{shape.name} qkv {num_tokens} tokens, {'group pair' if pair else 'fused'} behind the GEMM"
     x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
     step()
     assert_close(y.float(), reference(), dtype, f"{what}, eager")
@@ -341,7 +344,8 @@ def group_dims(shape: ModelShape, group: str) -> tuple[int, list[int]]:
             "down": (shape.intermediate, [shape.hidden])}[group]
 
 
-def check_fused(L, gen, shape, group_name, dtype, num_tokens, num_chunks=None):
+def check_fused(L, gen, shape, group_name, dtype, num_tokens, num_chunks=None, pair=False):
+    """lora_shrink_expand (or, with pair, lora_decode_group) against the reference."""
     d_in, widths = group_dims(shape, group_name)
     pool, table, ranks, scales, group, width = make_group_pool(shape.hidden, d_in, widths,
                                                                dtype, gen)
@@ -350,10 +354,15 @@ def check_fused(L, gen, shape, group_name, dtype, num_tokens, num_chunks=None):
     # Small y: the output is mostly the LoRA delta, so a delta left out shows.
     y0 = (torch.randn(num_tokens, width, device="cuda", generator=gen) * 0.01).to(dtype)
     y = y0.clone()
-    L.lora_shrink_expand(y, x, pool, table, ranks, scales, slots, group,
-                         max_d_out=max(widths), num_chunks=num_chunks)
+    if pair:
+        L.lora_decode_group(y, x, pool, table, ranks, scales, slots, group,
+                            max_d_out=max(widths))
+    else:
+        L.lora_shrink_expand(y, x, pool, table, ranks, scales, slots, group,
+                             max_d_out=max(widths), num_chunks=num_chunks)
     ref = torch_ref.lora_shrink_expand(y0.clone(), x, pool, table, ranks, scales, slots, group)
-    what = f"{shape.name} {group_name} fused, {num_tokens} tokens, chunks {num_chunks}"
+    what = (f"{shape.name} {group_name} " + ("group pair" if pair else "fused")
+            + f", {num_tokens} tokens, chunks {num_chunks}")
     assert_close(y, ref, dtype, what)
     worst = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
     assert worst < 2 * TOL[dtype], f"{what}: an element is off by {worst:.2e} of the largest"
@@ -369,6 +378,18 @@ def test_mbgmv_fused_group_matches_reference(L, gen, shape, group_name, dtype, n
     output's columns; gate and up; down with d_in 11008..14336): ranks differ per module and
     slot, rank-0 modules and no-adapter tokens are left as they were."""
     check_fused(L, gen, shape, group_name, dtype, num_tokens)
+
+
+@pytest.mark.parametrize("num_tokens", [13, 64])  # mbgmv_shrink; mbgmv_shrink_staged
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group_name", ["qkv", "gate_up", "down"])
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_decode_group_pair_matches_reference(L, gen, shape, group_name, dtype,
+                                                   num_tokens):
+    """lora_decode_group: one shrink and one expand launch for the whole group (members on
+    grid.z, each its own module's tables, columns and width), the same result as the
+    fused kernel's and the reference's."""
+    check_fused(L, gen, shape, group_name, dtype, num_tokens, pair=True)
 
 
 @pytest.mark.parametrize("num_chunks", [1, 3, 1000])
