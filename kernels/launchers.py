@@ -221,10 +221,11 @@ PDL = True
 """lora_decode launches its expand with programmatic dependent launch (where the GPU has it)."""
 OVERLAP = True
 """lora_decode and lora_shrink_expand honour overlap_previous (False: launch as without it)."""
-FUSED_GROUP_MIN_TOKENS = 32
+FUSED_GROUP_MIN_TOKENS = 64
 """From this many decode tokens a group of several modules takes the fused kernel; below it
-lora_decode_group (H200, q, k, v at rank 16: 4.6 against 10.8 us at 1 token, 20.6 against
-19.2 at 64)."""
+lora_decode_group (H200, q, k, v at rank 16, one adapter per token, lora_decode_group
+against the fused kernel: 4.7 / 10.9 us at 1 token, 7.8 / 13.1 at 16, 12.1 / 16.2 at 32,
+20.9 / 20.9 at 64, 60.9 / 57.0 at 256)."""
 FUSED_DECODE_MIN_TOKENS = 256
 """From this many decode tokens the fused kernel (lora_shrink_expand) beats lora_decode for a
 single module too (H100, rank 16, one adapter per token: 28.3 against 30.9 us at 256 tokens;
@@ -281,6 +282,19 @@ def _check_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out
     return num_tokens, d_in, H, num_slots, max_rank, ppr
 
 
+def _check_decode_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
+                        group, max_d_out):
+    """_check_group, and token_slots and group: the checks of a decode group launch."""
+    shapes = _check_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out)
+    _check_int("token_slots", token_slots, pool, 1)
+    if token_slots.shape[0] != shapes[0]:
+        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {shapes[0]}")
+    _check_int("group", group, pool, 2)
+    if group.shape[1] != 3 or not 1 <= group.shape[0] <= 65535:
+        raise ValueError(f"group must be [num_members, 3], got {tuple(group.shape)}")
+    return shapes
+
+
 def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
                        group, *, max_d_out, num_chunks=None, overlap_previous=False):
     """For each member (m, col, d_out) of group: y[:, col:col + d_out] += scale * (x @ A^T)
@@ -295,14 +309,8 @@ def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, tok
     fill the GPU). overlap_previous: as lora_decode's (the kernel waits for the one before it
     before reading x or y; that one must write neither `group`, the tables nor the pool).
     """
-    num_tokens, d_in, H, num_slots, max_rank, ppr = _check_group(
-        y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out)
-    _check_int("token_slots", token_slots, pool, 1)
-    if token_slots.shape[0] != num_tokens:
-        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
-    _check_int("group", group, pool, 2)
-    if group.shape[1] != 3 or not 1 <= group.shape[0] <= 65535:
-        raise ValueError(f"group must be [num_members, 3], got {tuple(group.shape)}")
+    num_tokens, d_in, H, num_slots, max_rank, ppr = _check_decode_group(
+        y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, group, max_d_out)
     if num_tokens == 0 or max_rank == 0 or max_d_out == 0:
         return y
     dev = pool.device.index
@@ -328,15 +336,9 @@ def lora_decode_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, toke
     its columns of y. Below FUSED_GROUP_MIN_TOKENS tokens this beats the fused kernel, which
     has each block recompute the token's shrink. Arguments as lora_shrink_expand's;
     overlap_previous as lora_decode's. Returns y."""
-    num_tokens, d_in, H, num_slots, max_rank, ppr = _check_group(
-        y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out)
-    _check_int("token_slots", token_slots, pool, 1)
-    if token_slots.shape[0] != num_tokens:
-        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
-    _check_int("group", group, pool, 2)
+    num_tokens, d_in, H, num_slots, max_rank, ppr = _check_decode_group(
+        y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, group, max_d_out)
     num_members = group.shape[0]
-    if group.shape[1] != 3 or not 1 <= num_members <= 65535:
-        raise ValueError(f"group must be [num_members, 3], got {tuple(group.shape)}")
     if num_tokens == 0 or max_rank == 0 or max_d_out == 0:
         return y
     dev = pool.device.index

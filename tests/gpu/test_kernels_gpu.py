@@ -218,41 +218,26 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
-@pytest.mark.parametrize("num_tokens", [13, 64])  # mbgmv_shrink; mbgmv_shrink_staged
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("module", ["q_proj", "k_proj", "down_proj"])
-@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmv_decode_pair_overlapping_the_kernel_before(L, gen, shape, module, dtype,
-                                                         num_tokens):
-    """lora_decode(overlap_previous=True) as the worker runs it: right behind the base GEMM
-    that makes y from x, and a second time right behind the first pair's expand on the same
-    v buffer and y (as bench/kernels.py replays it). Eagerly and over graph replays on new x
-    with y poisoned: a shrink that wrote v before the expand before it had read it, or that let
-    its expand read y before the kernel before it was done, gives a wrong y."""
-    d_in, d_out = shape.module_dims(module)
-    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
-    slots = make_token_slots(num_tokens, lp.ranks.shape[0], gen)
-    w = (torch.randn(d_out, d_in, device="cuda", generator=gen) * d_in ** -0.5).to(dtype)
+def check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, lora_delta, what, scratch=None):
+    """The worker's order: x made by a kernel, the base GEMM y = x @ W^T, then lora(y, x)
+    twice in a row (the second right behind the first's last kernel, as bench/kernels.py
+    replays them), eagerly and over graph replays on new x with y (and `scratch`) poisoned:
+    y must be the base plus twice lora_delta(x). A launch that wrote its scratch before the
+    kernel before it had read it, or read y before the kernel before it was done, fails."""
+    w = (torch.randn(width, d_in, device="cuda", generator=gen) * d_in ** -0.5).to(dtype)
     x = torch.empty(num_tokens, d_in, device="cuda", dtype=dtype)
     x_src = torch.empty_like(x)
-    y = torch.empty(num_tokens, d_out, device="cuda", dtype=dtype)
-    v = torch.empty(num_tokens, lp.page_table.shape[1], device="cuda")
+    y = torch.empty(num_tokens, width, device="cuda", dtype=dtype)
 
     def step():
-        torch.mul(x_src, 1.0, out=x)  # x made by a kernel, two kernels before the shrink
+        torch.mul(x_src, 1.0, out=x)  # two kernels before the first LoRA launch
         torch.matmul(x, w.T, out=y)
         for _ in range(2):
-            L.lora_decode(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots, v_out=v,
-                          overlap_previous=True)
+            lora(y, x)
 
     def reference():
-        base = (x.float() @ w.float().T).to(dtype)
-        delta = torch_ref.lora_expand(torch.zeros_like(y), torch_ref.lora_shrink(
-            x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
-            lp.scales, slots)
-        return base + 2 * delta.float()
+        return (x.float() @ w.float().T).to(dtype) + 2 * lora_delta(x, torch.zeros_like(y)).float()
 
-    what = f"{shape.name} {module} {num_tokens} tokens, pair behind the GEMM"
     x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
     step()
     assert_close(y.float(), reference(), dtype, f"{what}, eager")
@@ -260,9 +245,36 @@ def test_mbgmv_decode_pair_overlapping_the_kernel_before(L, gen, shape, module, 
     for replay in range(3):
         x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
         y.fill_(float("nan"))
-        v.fill_(float("nan"))
+        if scratch is not None:
+            scratch.fill_(float("nan"))
         graph.replay()
         assert_close(y.float(), reference(), dtype, f"{what}, graph replay {replay}")
+
+
+@pytest.mark.parametrize("num_tokens", [13, 64])  # mbgmv_shrink; mbgmv_shrink_staged
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", ["q_proj", "k_proj", "down_proj"])
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_decode_pair_overlapping_the_kernel_before(L, gen, shape, module, dtype,
+                                                         num_tokens):
+    """lora_decode(overlap_previous=True) behind the base GEMM and behind itself, on one v
+    buffer (check_behind_gemm)."""
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    slots = make_token_slots(num_tokens, lp.ranks.shape[0], gen)
+    v = torch.empty(num_tokens, lp.page_table.shape[1], device="cuda")
+
+    def lora(y, x):
+        L.lora_decode(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots, v_out=v,
+                      overlap_previous=True)
+
+    def delta(x, zeros):
+        return torch_ref.lora_expand(zeros, torch_ref.lora_shrink(
+            x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
+            lp.scales, slots)
+
+    check_behind_gemm(gen, dtype, num_tokens, d_in, d_out, lora, delta,
+                      f"{shape.name} {module} {num_tokens} tokens, pair behind the GEMM", v)
 
 
 @pytest.mark.parametrize("num_tokens", [13, 64])
@@ -270,42 +282,24 @@ def test_mbgmv_decode_pair_overlapping_the_kernel_before(L, gen, shape, module, 
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
 @pytest.mark.parametrize("pair", [False, True], ids=["fused", "group-pair"])
 def test_mbgmv_fused_overlapping_the_kernel_before(L, gen, shape, dtype, num_tokens, pair):
-    """lora_shrink_expand and lora_decode_group (overlap_previous=True) for q, k, v right
-    behind the fused qkv GEMM, twice in a row, eagerly and over graph replays on new x with
-    y poisoned."""
+    """lora_shrink_expand and lora_decode_group (overlap_previous=True) for q, k, v behind
+    the fused qkv GEMM and behind themselves (check_behind_gemm)."""
     d_in, widths = group_dims(shape, "qkv")
     pool, table, ranks, scales, group, width = make_group_pool(shape.hidden, d_in, widths,
                                                                dtype, gen)
     slots = make_token_slots(num_tokens, ranks.shape[1], gen)
-    w = (torch.randn(width, d_in, device="cuda", generator=gen) * d_in ** -0.5).to(dtype)
-    x = torch.empty(num_tokens, d_in, device="cuda", dtype=dtype)
-    x_src = torch.empty_like(x)
-    y = torch.empty(num_tokens, width, device="cuda", dtype=dtype)
+    launcher = L.lora_decode_group if pair else L.lora_shrink_expand
 
-    def step():
-        torch.mul(x_src, 1.0, out=x)
-        torch.matmul(x, w.T, out=y)
-        launcher = L.lora_decode_group if pair else L.lora_shrink_expand
-        for _ in range(2):
-            launcher(y, x, pool, table, ranks, scales, slots, group, max_d_out=max(widths),
-                     overlap_previous=True)
+    def lora(y, x):
+        launcher(y, x, pool, table, ranks, scales, slots, group, max_d_out=max(widths),
+                 overlap_previous=True)
 
-    def reference():
-        base = (x.float() @ w.float().T).to(dtype)
-        delta = torch_ref.lora_shrink_expand(torch.zeros_like(y), x, pool, table, ranks,
-                                             scales, slots, group)
-        return base + 2 * delta.float()
+    def delta(x, zeros):
+        return torch_ref.lora_shrink_expand(zeros, x, pool, table, ranks, scales, slots, group)
 
-    what = f"{shape.name} qkv {num_tokens} tokens, {'group pair' if pair else 'fused'} behind the GEMM"
-    x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
-    step()
-    assert_close(y.float(), reference(), dtype, f"{what}, eager")
-    graph = capture(step)
-    for replay in range(3):
-        x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
-        y.fill_(float("nan"))
-        graph.replay()
-        assert_close(y.float(), reference(), dtype, f"{what}, graph replay {replay}")
+    what = "group pair" if pair else "fused"
+    check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, delta,
+                      f"{shape.name} qkv {num_tokens} tokens, {what} behind the GEMM")
 
 
 def make_group_pool(H: int, d_in: int, widths: list[int], dtype, gen):
@@ -369,27 +363,18 @@ def check_fused(L, gen, shape, group_name, dtype, num_tokens, num_chunks=None, p
     assert torch.equal(y[slots == NO_ADAPTER], y0[slots == NO_ADAPTER])
 
 
-@pytest.mark.parametrize("num_tokens", [13, 64])
+@pytest.mark.parametrize("pair", [False, True], ids=["fused", "group-pair"])
+@pytest.mark.parametrize("num_tokens", [13, 64])  # pair: mbgmv_shrink; mbgmv_shrink_staged
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmv_fused_group_matches_reference(L, gen, shape, group_name, dtype, num_tokens):
-    """Decode shrink + expand in one launch for a module group (q, k, v into the fused
-    output's columns; gate and up; down with d_in 11008..14336): ranks differ per module and
-    slot, rank-0 modules and no-adapter tokens are left as they were."""
-    check_fused(L, gen, shape, group_name, dtype, num_tokens)
-
-
-@pytest.mark.parametrize("num_tokens", [13, 64])  # mbgmv_shrink; mbgmv_shrink_staged
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("group_name", ["qkv", "gate_up", "down"])
-@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmv_decode_group_pair_matches_reference(L, gen, shape, group_name, dtype,
-                                                   num_tokens):
-    """lora_decode_group: one shrink and one expand launch for the whole group (members on
-    grid.z, each its own module's tables, columns and width), the same result as the
-    fused kernel's and the reference's."""
-    check_fused(L, gen, shape, group_name, dtype, num_tokens, pair=True)
+def test_mbgmv_fused_group_matches_reference(L, gen, shape, group_name, dtype, num_tokens,
+                                             pair):
+    """Decode shrink + expand for a module group (q, k, v into the fused output's columns;
+    gate and up; down with d_in 11008..14336) in one launch (fused) or one launch each
+    (lora_decode_group: members on grid.z): ranks differ per module and slot, rank-0
+    modules and no-adapter tokens are left as they were."""
+    check_fused(L, gen, shape, group_name, dtype, num_tokens, pair=pair)
 
 
 @pytest.mark.parametrize("num_chunks", [1, 3, 1000])
