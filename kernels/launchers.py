@@ -381,9 +381,13 @@ def _segment_token_slots(num_tokens, seg_starts, seg_slots):
 MAX_EXTRA_TILE_ROWS = 8
 SHRINK_RANK_TILE = 128
 """Rank columns of one MBGMM shrink block (mbgmm_shrink's GM_BN)."""
+SHRINK_MIN_SPLIT = 512
+"""The narrowest split of d_in an MBGMM shrink block takes."""
 SHRINK_BLOCKS_PER_SM = 4
 """Resident mbgmm_shrink blocks per SM (48 KB of shared memory, 128 registers each): the
 split of d_in aims at one wave of them."""
+EXPAND_WAVES = 1.0
+"""MBGMM expand blocks per resident slot the stripes aim at (shorter stripes above 1)."""
 EXPAND_TILE = None
 """Tokens per MBGMM expand tile, 64 or 128; None: by the segments' average length."""
 
@@ -402,7 +406,8 @@ def _expand_launch(dev, pool, num_tokens, num_segs, d_out, num_members):
     allow_dynamic_smem(kernel, smem, dev)
     tiles = math.ceil(num_tokens / bm) + min(num_segs, MAX_EXTRA_TILE_ROWS)
     col_steps = math.ceil(d_out / 64)
-    want = round(per_sm * _num_sms(dev) / (math.ceil(num_tokens / bm) * num_members))
+    want = round(EXPAND_WAVES * per_sm * _num_sms(dev)
+                 / (math.ceil(num_tokens / bm) * num_members))
     per_block = math.ceil(col_steps / max(1, min(col_steps, want)))
     return kernel, (math.ceil(col_steps / per_block), tiles, num_members), (2 * bm,), smem
 
@@ -419,7 +424,7 @@ def _shrink_k_splits(dev: int, num_tokens: int, d_in: int, num_rank_tiles: int) 
     tiles x rank tiles x splits) make about one wave of SHRINK_BLOCKS_PER_SM per SM; each
     split at least 512 wide (8 stages of 64), a multiple of 64."""
     want = SHRINK_BLOCKS_PER_SM * _num_sms(dev) / (math.ceil(num_tokens / 64) * num_rank_tiles)
-    k_splits = max(1, min(math.ceil(want), d_in // 512))
+    k_splits = max(1, min(math.ceil(want), d_in // SHRINK_MIN_SPLIT))
     k_split_len = math.ceil(d_in / k_splits / 64) * 64
     return math.ceil(d_in / k_split_len), k_split_len
 
