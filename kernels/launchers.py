@@ -174,20 +174,59 @@ def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None,
     _check_v(out, pool, num_tokens, max_rank, "out")
     if num_tokens == 0 or max_rank == 0:
         return out
-    dev = pool.device.index
-    overlap = _overlap_previous and OVERLAP and PDL and pdl_available(dev)
+    _launch_mbgmv_shrink(x, pool, lora_page_table, lora_ranks, token_slots, out,
+                         _overlap(_overlap_previous, pool.device.index))
+    return out
+
+
+def _overlap(overlap_previous: bool, dev: int) -> bool:
+    """Whether a launch asked to overlap the kernel before it does (module knobs, GPU)."""
+    return overlap_previous and OVERLAP and PDL and pdl_available(dev)
+
+
+def _group_args(group, table_stride: int) -> tuple:
+    """The (group, table_stride) kernel arguments: null and 0 for one module."""
+    return (NULL, i64(0)) if group is None else (ptr(group), i64(table_stride))
+
+
+def _launch_mbgmv_shrink(x, pool, lora_page_table, lora_ranks, token_slots, v, overlap,
+                         group=None):
+    """mbgmv_shrink(_staged) over checked arguments: one module, or with `group` each
+    member's (tables [num_modules, ...], v [num_tokens, members * max_rank])."""
+    num_tokens, d_in = x.shape
+    H, dev = pool.shape[2], pool.device.index
+    num_slots, max_rank, ppr = lora_page_table.shape[-3:]
+    num_members = 1 if group is None else group.shape[0]
     staged = num_tokens >= SHRINK_STAGED_MIN_TOKENS and H * pool.element_size() <= 48 << 10
     kernel = get_kernel(MBGMV, pool.dtype, "mbgmv_shrink_staged" if staged else "mbgmv_shrink",
                         dev)
     # Blocks loop over row pairs: enough of them to fill the GPU (~4 resident per SM), not
     # so many that most find only rows past the rank.
-    row_groups = max(1, min(math.ceil(max_rank / 2), math.ceil(4 * _num_sms(dev) / num_tokens)))
-    launch(kernel, (num_tokens, row_groups), (128,),
+    row_groups = max(1, min(math.ceil(max_rank / 2),
+                            math.ceil(4 * _num_sms(dev) / (num_tokens * num_members))))
+    launch(kernel, (num_tokens, row_groups, num_members), (128,),
            (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
-            i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(token_slots), ptr(out), i32(d_in),
-           i32(overlap), NULL, i64(0), i32(max_rank)),
+            i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(token_slots), ptr(v), i32(d_in),
+            i32(overlap), *_group_args(group, num_slots * max_rank * ppr), i32(v.shape[1])),
            dev, shared_mem=H * pool.element_size() if staged else 0, pdl=overlap)
-    return out
+
+
+def _launch_mbgmv_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
+                         d_out, behind_shrink, group=None):
+    """mbgmv_expand over checked arguments, as _launch_mbgmv_shrink (d_out: with `group`,
+    the widest member's)."""
+    num_tokens, H, dev = y.shape[0], pool.shape[2], pool.device.index
+    num_slots, max_rank, ppr = lora_page_table.shape[-3:]
+    num_members = 1 if group is None else group.shape[0]
+    # A block covers one chunk of one page column, so its rows' page ids are the same.
+    chunks_per_page = math.ceil(H / (128 * _vec(pool.dtype)))
+    launch(get_kernel(MBGMV, pool.dtype, "mbgmv_expand", dev),
+           (num_tokens, math.ceil(d_out / H) * chunks_per_page, num_members), (128,),
+           (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
+            i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
+            ptr(token_slots), i32(d_out), i32(chunks_per_page),
+            *_group_args(group, num_slots * max_rank * ppr), i32(v.shape[1])),
+           dev, shared_mem=8 * max_rank, pdl=behind_shrink and PDL)
 
 
 def lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slots, *,
@@ -203,15 +242,8 @@ def lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slot
         raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; y has {num_tokens}")
     if num_tokens == 0 or max_rank == 0 or d_out == 0:
         return y
-    dev = pool.device.index
-    kernel = get_kernel(MBGMV, pool.dtype, "mbgmv_expand", dev)
-    # A block covers one chunk of one page column, so its rows' page ids are the same.
-    chunks_per_page = math.ceil(H / (128 * _vec(pool.dtype)))
-    launch(kernel, (num_tokens, math.ceil(d_out / H) * chunks_per_page), (128,),
-           (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
-            i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
-            ptr(token_slots), i32(d_out), i32(chunks_per_page), NULL, i64(0), i32(max_rank)),
-           dev, shared_mem=8 * max_rank, pdl=_behind_shrink and PDL)
+    _launch_mbgmv_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
+                         d_out, _behind_shrink)
     return y
 
 
@@ -324,7 +356,7 @@ def lora_shrink_expand(y, x, pool, lora_page_table, lora_ranks, lora_scales, tok
            (ptr(y), i64(y.stride(0)), ptr(x), i64(x.stride(0)), ptr(pool), i32(H),
             ptr(lora_page_table), i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks),
             ptr(lora_scales), ptr(token_slots), ptr(group), i32(d_in)),
-           dev, shared_mem=3 * max_rank * 4, pdl=overlap_previous and OVERLAP and PDL)
+           dev, shared_mem=3 * max_rank * 4, pdl=_overlap(overlap_previous, dev))
     return y
 
 
@@ -338,31 +370,14 @@ def lora_decode_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, toke
     overlap_previous as lora_decode's. Returns y."""
     num_tokens, d_in, H, num_slots, max_rank, ppr = _check_decode_group(
         y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, group, max_d_out)
-    num_members = group.shape[0]
     if num_tokens == 0 or max_rank == 0 or max_d_out == 0:
         return y
-    dev = pool.device.index
-    overlap = overlap_previous and OVERLAP and PDL and pdl_available(dev)
-    table_stride = num_slots * max_rank * ppr
-    v_stride = num_members * max_rank
-    v = torch.empty(num_tokens, v_stride, dtype=torch.float32, device=x.device)
-    staged = num_tokens >= SHRINK_STAGED_MIN_TOKENS and H * pool.element_size() <= 48 << 10
-    row_groups = max(1, min(math.ceil(max_rank / 2),
-                            math.ceil(4 * _num_sms(dev) / (num_tokens * num_members))))
-    launch(get_kernel(MBGMV, pool.dtype, "mbgmv_shrink_staged" if staged else "mbgmv_shrink", dev),
-           (num_tokens, row_groups, num_members), (128,),
-           (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
-            i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(token_slots), ptr(v), i32(d_in),
-            i32(overlap), ptr(group), i64(table_stride), i32(v_stride)),
-           dev, shared_mem=H * pool.element_size() if staged else 0, pdl=overlap)
-    chunks_per_page = math.ceil(H / (128 * _vec(pool.dtype)))
-    launch(get_kernel(MBGMV, pool.dtype, "mbgmv_expand", dev),
-           (num_tokens, math.ceil(max_d_out / H) * chunks_per_page, num_members), (128,),
-           (ptr(y), i64(y.stride(0)), ptr(v), ptr(pool), i32(H), ptr(lora_page_table),
-            i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
-            ptr(token_slots), i32(max_d_out), i32(chunks_per_page), ptr(group),
-            i64(table_stride), i32(v_stride)),
-           dev, shared_mem=8 * max_rank, pdl=PDL)
+    v = torch.empty(num_tokens, group.shape[0] * max_rank, dtype=torch.float32,
+                    device=x.device)
+    _launch_mbgmv_shrink(x, pool, lora_page_table, lora_ranks, token_slots, v,
+                         _overlap(overlap_previous, pool.device.index), group)
+    _launch_mbgmv_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
+                         max_d_out, True, group)
     return y
 
 
@@ -422,7 +437,7 @@ def _tile_rows(num_tokens: int, num_segs: int) -> int:
 def _shrink_k_splits(dev: int, num_tokens: int, d_in: int, num_rank_tiles: int) -> tuple[int, int]:
     """(k_splits, k_split_len) of an MBGMM shrink: d_in split so that the blocks (64-token
     tiles x rank tiles x splits) make about one wave of SHRINK_BLOCKS_PER_SM per SM; each
-    split at least 512 wide (8 stages of 64), a multiple of 64."""
+    split at least SHRINK_MIN_SPLIT wide, a multiple of 64."""
     want = SHRINK_BLOCKS_PER_SM * _num_sms(dev) / (math.ceil(num_tokens / 64) * num_rank_tiles)
     k_splits = max(1, min(math.ceil(want), d_in // SHRINK_MIN_SPLIT))
     k_split_len = math.ceil(d_in / k_splits / 64) * 64

@@ -9,6 +9,21 @@
 #define SHRINK_THREADS 128
 #define SHRINK_UNROLL 8
 
+// Member blockIdx.z of a group (group != nullptr; see mbgmv_shrink): points page_table and
+// ranks at its module's and returns its row of group; nullptr for one module.
+__device__ __forceinline__ const int* group_member(const int* __restrict__ group,
+                                                   i64 table_stride, int num_slots,
+                                                   const int* __restrict__& page_table,
+                                                   const int* __restrict__& ranks)
+{
+    if (group == nullptr) return nullptr;
+    const int* member = group + 3 * blockIdx.z;
+    const int m = member[0];
+    page_table += m * table_stride;
+    ranks += (i64)m * num_slots;
+    return member;
+}
+
 // v[t, i] = x[t] . A_s[i] for i < rank[s], 0 for the other i < max_rank (s = token_slots[t]).
 // grid (num_tokens, row_groups); block SHRINK_THREADS. Block (t, g) computes the row pairs
 // g, g + row_groups, ... of token t; two warps per row, each taking every other 32-vector
@@ -46,11 +61,7 @@ mbgmv_shrink(const elem_t* __restrict__ x, i64 x_stride,
     const int t = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int half = warp & 1;
-    if (group != nullptr) {  // member blockIdx.z of a group: its module's tables
-        const int m = group[3 * blockIdx.z];
-        page_table += m * table_stride;
-        ranks += (i64)m * num_slots;
-    }
+    group_member(group, table_stride, num_slots, page_table, ranks);
     float* vt = v + (i64)t * v_stride + blockIdx.z * max_rank;
     const int slot = token_slots[t];
     const bool valid_slot = slot >= 0 && slot < num_slots;
@@ -129,11 +140,7 @@ mbgmv_shrink_staged_body(const elem_t* __restrict__ x, i64 x_stride,
     const int t = blockIdx.x;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int half = warp & 1;
-    if (group != nullptr) {  // as in mbgmv_shrink
-        const int m = group[3 * blockIdx.z];
-        page_table += m * table_stride;
-        ranks += (i64)m * num_slots;
-    }
+    group_member(group, table_stride, num_slots, page_table, ranks);
     float* vt = v + (i64)t * v_stride + blockIdx.z * max_rank;
     const int slot = token_slots[t];
     const bool valid_slot = slot >= 0 && slot < num_slots;
@@ -286,13 +293,10 @@ mbgmv_expand(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
     float* v_scaled = smem;                        // [max_rank]: v[t, :] * scale
     int* page_ids = (int*)(smem + max_rank);       // [max_rank]: page of each row at column j
     const int t = blockIdx.x;
-    if (group != nullptr) {  // member blockIdx.z of a group: its module, columns and width
-        const int m = group[3 * blockIdx.z];
-        page_table += m * table_stride;
-        ranks += (i64)m * num_slots;
-        scales += (i64)m * num_slots;
-        y += group[3 * blockIdx.z + 1];
-        d_out = group[3 * blockIdx.z + 2];
+    if (const int* member = group_member(group, table_stride, num_slots, page_table, ranks)) {
+        scales += (i64)member[0] * num_slots;  // and its columns and width of y
+        y += member[1];
+        d_out = member[2];
     }
     v += blockIdx.z * max_rank;
     const int slot = token_slots[t];
