@@ -9,18 +9,17 @@
    expand as the worker launches them (`lora_decode(overlap_previous=True)`: the shrink
    behind the kernel before it, here the previous call's expand, and the expand behind the
    shrink, by programmatic dependent launch), the pair with its shrink launched plainly, both
-   launched plainly, and the fused kernel (one launch, `lora_shrink_expand`). A row's time is the path the worker takes for one module: the
-   pair below FUSED_DECODE_MIN_TOKENS tokens, the fused kernel from there on. Bytes count each adapter row and each
-   activation once (A and B^T rows of the distinct adapters, x read, y read and written, v
-   written and read; the fused kernel keeps v on chip). Then a group, q, k and v together
-   (what the worker runs for them): the group's shrink and expand (one launch each) below
-   FUSED_GROUP_MIN_TOKENS, the fused kernel from there, against each other and three
-   modules' two launches.
-   Then the LoRA of one module behind its base projection's GEMM, as the worker runs it:
-   what it adds to the GEMM's time, overlapping the GEMM's end and launched plainly.
-   Timed as CUDA-graph replays
-   cycling over several page tables on disjoint pages (more bytes than L2 holds, so rows come
-   from HBM), median over replays. Speedup is over the torch reference (torch_ref, eager).
+   launched plainly, and the fused kernel (one launch, `lora_shrink_expand`). A row's time is
+   the path the worker takes for one module: the pair below FUSED_DECODE_MIN_TOKENS tokens,
+   the fused kernel from there on. Bytes count each adapter row and each activation once (A
+   and B^T rows of the distinct adapters, x read, y read and written, v written and read;
+   the fused kernel keeps v on chip). Then a group, q, k and v together (what the worker runs
+   for them): the group's shrink and expand (one launch each) below FUSED_GROUP_MIN_TOKENS,
+   the fused kernel from there, against each other and three modules' two launches. Then the
+   LoRA of one module behind its base projection's GEMM, as the worker runs it: what it adds
+   to the GEMM's time, overlapping the GEMM's end and launched plainly. Timed as CUDA-graph
+   replays cycling over several page tables on disjoint pages (more bytes than L2 holds, so
+   rows come from HBM), median over replays. Speedup is over the torch reference (torch_ref, eager).
 3. Prefill LoRA (MBGMM shrink + expand on tensor cores), 4096 tokens in 8 segments of distinct
    adapters, ranks 16, 64, 128: TFLOP/s (2 * tokens * rank * (d_in + d_out)) against the GEMM
    rate, and against the roofline min(GEMM rate, bytes / copy bandwidth): at these ranks the

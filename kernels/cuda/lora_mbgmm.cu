@@ -287,6 +287,7 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
 #define GX_KC 128            // rank rows per chunk
 #define GX_SMEM_128 (96 * 1024)  // dynamic shared memory of the 128-token kernel: 2 blocks per SM
 #define GX_SMEM_64 (56 * 1024)   // of the 64-token kernel: 4 blocks per SM
+// (launchers._expand_launch launches each with the same size: keep the two in step)
 #define GX_MAX_STAGES 4
 
 __device__ __forceinline__ u32 gm_ld_shared_u32(u32 saddr) {

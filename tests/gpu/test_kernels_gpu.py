@@ -218,7 +218,8 @@ def capture(fn) -> torch.cuda.CUDAGraph:
     return graph
 
 
-def check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, lora_delta, what, scratch=None):
+def check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, lora_delta, what,
+                      scratch=None):
     """The worker's order: x made by a kernel, the base GEMM y = x @ W^T, then lora(y, x)
     twice in a row (the second right behind the first's last kernel, as bench/kernels.py
     replays them), eagerly and over graph replays on new x with y (and `scratch`) poisoned:
@@ -236,7 +237,8 @@ def check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, lora_delta, wha
             lora(y, x)
 
     def reference():
-        return (x.float() @ w.float().T).to(dtype) + 2 * lora_delta(x, torch.zeros_like(y)).float()
+        base = (x.float() @ w.float().T).to(dtype)
+        return base + 2 * lora_delta(x, torch.zeros_like(y)).float()
 
     x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
     step()
