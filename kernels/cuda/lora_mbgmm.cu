@@ -458,7 +458,8 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
                 const int row = wm + (lane >> 3) + 4 * k, chunk = lane & 7;
                 const int o = o0 + chunk * VEC;
                 if (row < tile_rows && o < d_out)
-                    st_vec(y_tile + (i64)row * y_stride + o, gm_ld_shared_vec(s + gm_swz(row, chunk)));
+                    st_vec(y_tile + (i64)row * y_stride + o,
+                           gm_ld_shared_vec(s + gm_swz(row, chunk)));
             }
         }
     }
