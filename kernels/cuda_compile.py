@@ -222,14 +222,15 @@ def _launch_programmatic(kernel, grid, block, args, device_index, shared_mem) ->
 
 
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
-_smem_opt_in: set = set()
+_smem_opt_in: dict[int, int] = {}  # id(kernel) -> the size it is allowed
 
 
 def allow_dynamic_smem(kernel: cupy.RawKernel, nbytes: int, device_index: int) -> None:
     """Lets `kernel` launch with `nbytes` of dynamic shared memory (past the default 48 KB
-    a kernel must opt in: cuFuncSetAttribute through ctypes, once per kernel and size)."""
-    key = (id(kernel), nbytes)
-    if key in _smem_opt_in:
+    a kernel must opt in: cuFuncSetAttribute through ctypes). The attribute is one value
+    per kernel, so it only ever grows: setting a smaller size after a larger one would make
+    the next launch with the larger size fail."""
+    if _smem_opt_in.get(id(kernel), 0) >= nbytes:
         return
     fn = ctypes.CDLL("libcuda.so.1").cuFuncSetAttribute
     fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
@@ -239,7 +240,7 @@ def allow_dynamic_smem(kernel: cupy.RawKernel, nbytes: int, device_index: int) -
     if err:
         raise RuntimeError(f"cuFuncSetAttribute(max dynamic shared memory {nbytes}) failed "
                            f"with CUresult {err}")
-    _smem_opt_in.add(key)
+    _smem_opt_in[id(kernel)] = nbytes
 
 
 # Kernel arguments, converted explicitly: a pointer is passed as a 64-bit integer.
