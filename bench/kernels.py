@@ -172,12 +172,13 @@ def bench_decode_lora(pool, copy_bw, quick):
                 pair_bytes = adapter_bytes + act_bytes
                 fused_bytes = adapter_bytes + batch * (d_in * 2 + d_out * 4)  # v stays on chip
                 # The path the worker takes for one module at this batch (cuda_backend).
-                fused_path = batch >= L.FUSED_DECODE_MIN_TOKENS
-                t_ours, nbytes = (t_fused, fused_bytes) if fused_path else (t_pair, pair_bytes)
+                path = L.decode_lora_path(batch, 1)
+                t_ours, nbytes = ((t_fused, fused_bytes) if path == "fused"
+                                  else (t_pair, pair_bytes))
                 rows.append(dict(
                     section="decode LoRA", rank=rank, batch=batch, adapters=num_adapters,
                     config=f"r{rank} batch {batch} adapters {num_adapters}",
-                    path="fused" if fused_path else "pair",
+                    path=path,
                     time_us=t_ours * 1e6, rate=nbytes / t_ours / 1e9, unit="GB/s",
                     pct=100 * nbytes / t_ours / copy_bw, speedup=t_ref / t_ours,
                     ref_us=t_ref * 1e6, pair_us=t_pair * 1e6, plain_us=t_plain * 1e6,
@@ -238,8 +239,8 @@ def bench_decode_lora_group(pool, copy_bw, quick):
         t_fused = graph_time([fused(t) for t in tables], reps=reps)
         t_pair = graph_time([pair(t) for t in tables], reps=reps)
         t_per = graph_time([per_module(t) for t in tables], reps=reps)
-        fused_path = batch >= L.FUSED_GROUP_MIN_TOKENS
-        t_ours = t_fused if fused_path else t_pair
+        path = L.decode_lora_path(batch, num_modules)
+        t_ours = t_fused if path == "fused" else t_pair
         t_ref = events_time(lambda: torch_ref.lora_shrink_expand(
             y, x, pool, tables[0], ranks, scales, slots, group), 2, warmup=1)
         nbytes = rows_per_set * 2 * H * 2 + batch * (H * 2 + num_modules * H * 4)
@@ -249,7 +250,7 @@ def bench_decode_lora_group(pool, copy_bw, quick):
             rate=nbytes / t_ours / 1e9, unit="GB/s", pct=100 * nbytes / t_ours / copy_bw,
             speedup=t_ref / t_ours, ref_us=t_ref * 1e6, per_module_us=t_per * 1e6,
             fused_us=t_fused * 1e6, group_pair_us=t_pair * 1e6,
-            path="fused" if fused_path else "group pair"))
+            path=path))
         print(f"decode LoRA group {rows[-1]['config']}: group pair {t_pair * 1e6:.1f} us, "
               f"fused {t_fused * 1e6:.1f} us, per module {t_per * 1e6:.1f} us, "
               f"{rows[-1]['pct']:.0f}% copy BW", flush=True)
@@ -283,14 +284,14 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
             y = torch.empty(batch, d_out, device=DEV, dtype=DTYPE)
             v = torch.empty(batch, max_rank, device=DEV)
             group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV)
-            fused_path = batch >= L.FUSED_DECODE_MIN_TOKENS
+            path = L.decode_lora_path(batch, 1)
 
             def layer(w, t, lora=True, overlap=True):
                 def f():
                     torch.matmul(x, w.T, out=y)
                     if not lora:
                         return
-                    if fused_path:
+                    if path == "fused":
                         L.lora_shrink_expand(y, x, pool, t.unsqueeze(0), ranks.unsqueeze(0),
                                              scales.unsqueeze(0), slots, group,
                                              max_d_out=d_out, overlap_previous=overlap)
@@ -308,7 +309,7 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
             rows.append(dict(
                 section="decode LoRA behind GEMM", rank=rank, batch=batch, adapters=batch,
                 config=f"r{rank} batch {batch} adapters {batch}",
-                path="fused" if fused_path else "pair", time_us=added * 1e6,
+                path=path, time_us=added * 1e6,
                 rate=nbytes / added / 1e9, unit="GB/s", pct=100 * nbytes / added / copy_bw,
                 gemm_us=t_gemm * 1e6, with_us=t_with * 1e6, added_plain_us=added_plain * 1e6))
             r = rows[-1]

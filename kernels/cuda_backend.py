@@ -49,25 +49,23 @@ class CudaBackend:
 
     def lora_group(self, y, x, pool, lora_page_table, lora_ranks, lora_scales,
                    group: LoraGroup, batch: LoraBatch, *, after_base_gemm: bool = False):
-        """y[:, col:col + width] += each member's LoRA of x, in place. Decode tokens: from
-        FUSED_GROUP_MIN_TOKENS tokens (a single module: FUSED_DECODE_MIN_TOKENS) by the
-        fused shrink + expand kernel (one launch for the group: see mbgmv_fused in
-        lora_mbgmv.cu); below it by MBGMV shrink then expand, the expand launched behind
-        the shrink, one launch each for the whole group (launchers.lora_decode_group; a
-        single module: launchers.lora_decode).
+        """y[:, col:col + width] += each member's LoRA of x, in place. Decode tokens: by the
+        path launchers.decode_lora_path picks. "fused": the fused shrink + expand kernel, one
+        launch for the group (see mbgmv_fused in lora_mbgmv.cu). Otherwise MBGMV shrink then
+        expand, the expand launched behind the shrink, one launch each for the whole group
+        (launchers.lora_decode_group; a single module: launchers.lora_decode).
         Prefill segments: MBGMM, one shrink and one expand launch for the whole group, one
         module or several.
         after_base_gemm: the kernel just before is the GEMM that made y from x (Model.linear),
         so the decode launch may overlap its end (overlap_previous: it writes only y)."""
         num_tokens, nd = y.shape[0], batch.num_decode_tokens
-        several = len(group.members) > 1
-        if nd >= (launchers.FUSED_GROUP_MIN_TOKENS if several
-                  else launchers.FUSED_DECODE_MIN_TOKENS):
+        path = launchers.decode_lora_path(nd, len(group.members))
+        if nd and path == "fused":
             launchers.lora_shrink_expand(
                 y[:nd], x[:nd], pool, lora_page_table, lora_ranks, lora_scales,
                 batch.token_slots[:nd], group.table, max_d_out=group.max_d_out,
                 overlap_previous=after_base_gemm)
-        elif nd and several:
+        elif nd and path == "group pair":
             launchers.lora_decode_group(
                 y[:nd], x[:nd], pool, lora_page_table, lora_ranks, lora_scales,
                 batch.token_slots[:nd], group.table, max_d_out=group.max_d_out,

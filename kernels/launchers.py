@@ -264,6 +264,18 @@ single module too (H100, rank 16, one adapter per token: 28.3 against 30.9 us at
 at 64 the pair wins, 11.3 against 14.7)."""
 
 
+def decode_lora_path(num_tokens: int, num_members: int) -> str:
+    """Which decode LoRA launches a module group of `num_members` takes for `num_tokens`
+    decode tokens (CudaBackend.lora_group; bench/kernels.py reports the same path): "fused"
+    (lora_shrink_expand) from FUSED_GROUP_MIN_TOKENS tokens for several modules and from
+    FUSED_DECODE_MIN_TOKENS for one; below that "group pair" (lora_decode_group) for several
+    and "pair" (lora_decode) for one."""
+    several = num_members > 1
+    if num_tokens >= (FUSED_GROUP_MIN_TOKENS if several else FUSED_DECODE_MIN_TOKENS):
+        return "fused"
+    return "group pair" if several else "pair"
+
+
 def lora_decode(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, *,
                 v_out=None, overlap_previous=False):
     """y[t] += scale[s] * (x[t] @ A_s^T) @ B_s^T, s = token_slots[t], in place; returns y.
