@@ -295,6 +295,23 @@ __device__ __forceinline__ u32 gm_ld_shared_u32(u32 saddr) {
     asm volatile("ld.shared.u32 %0, [%1];" : "=r"(w) : "r"(saddr) : "memory");
     return w;
 }
+// ldmatrix's inverse (sm_90): four 8 x 8 matrices of 16-bit pairs back to shared memory.
+__device__ __forceinline__ void gm_stmatrix_x4_at(u32 saddr, const u32 (&r)[4]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("stmatrix.sync.aligned.m8n8.x4.shared.b16 [%0], {%1,%2,%3,%4};"
+                 :: "r"(saddr), "r"(r[0]), "r"(r[1]), "r"(r[2]), "r"(r[3]) : "memory");
+#endif
+}
+// a + b over two packed model-dtype pairs, each sum rounded once (bf16: a * 1 + b by fma).
+__device__ __forceinline__ u32 gm_add_pair(u32 a, u32 b) {
+    u32 d;
+#if defined(SLORA_BF16)
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(0x3f803f80u), "r"(b));
+#else
+    asm("add.rn.f16x2 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(b));
+#endif
+    return d;
+}
 
 // y[t, o] += scale[s] * v[t, :rank] @ B_s^T[:rank, o] for the tokens t of each segment, in
 // place (segments with no adapter are left untouched). A block takes one tile of BM tokens
@@ -342,25 +359,47 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
     const int stage_bytes = BM * 128 + min(GX_KC, (rank + 15) & ~15) * 128;
     const int stages = min(GX_MAX_STAGES, SMEM / stage_bytes);
     const int* b_table = page_table + (i64)slot * max_rank * pages_per_row;
+    // The pages of this thread's B^T rows (i0 + lrow + LROWS q) in page column b_j of rank
+    // chunk b_ch: read from the table when a step's chunk or page column differs from the last
+    // step's, so a block of one chunk inside one page column (d_out <= H) reads them once per
+    // tile and its steps issue their copies without waiting on a load.
+    int b_page[GX_KC / LROWS];
+    int b_ch = -1, b_j = -1;
 
-    // Step `step`'s copies: the B^T rows of its rank chunk (zeros up to a multiple of 16) and,
-    // at the chunk that finishes a column step, that step's y tile.
-    auto load_stage = [&](int step) {
-        const int c = c_begin + step / num_chunks, ch = step % num_chunks;
+    // The next step to load, as counters advanced one step at a time (no divisions in the
+    // loop): its column step ld_c, rank chunk ld_ch and stage buffer ld_st; this thread's
+    // column of it is ld_in inside page column ld_j.
+    int ld_c = c_begin, ld_ch = 0, ld_st = 0;
+    int ld_j = (c_begin * GX_BN + lchunk * VEC) / H;
+    int ld_in = c_begin * GX_BN + lchunk * VEC - ld_j * H;
+    const elem_t* y_lrow = y_tile + (i64)lrow * y_stride;  // this thread's first y row
+    const i64 y_lrows = (i64)LROWS * y_stride;
+
+    // The next step's copies: the B^T rows of its rank chunk (zeros up to a multiple of 16)
+    // and, at the chunk that finishes a column step, that step's y tile.
+    auto load_stage = [&]() {
+        const int ch = ld_ch, j = ld_j;
         const int i0 = ch * GX_KC, kn = min(GX_KC, rank - i0), rows = (kn + 15) & ~15;
-        const int o = c * GX_BN + lchunk * VEC;
+        const int o = ld_c * GX_BN + lchunk * VEC;
         const bool ook = o < d_out;
-        const int j = o / H;
-        const elem_t* b_col = pool + H + (o - j * H);  // V half of page 0, this chunk's column
-        const u32 s = sbase + (u32)((step % stages) * stage_bytes);
+        const elem_t* b_col = pool + H + ld_in;  // V half of page 0, this thread's column
+        const u32 s = sbase + (u32)(ld_st * stage_bytes);
+        if (ook && (ch != b_ch || j != b_j)) {
+            b_ch = ch;
+            b_j = j;
+#pragma unroll
+            for (int q = 0; q < GX_KC / LROWS; ++q) {
+                const int i = lrow + LROWS * q;
+                b_page[q] = i < kn ? b_table[(i64)(i0 + i) * pages_per_row + j] : 0;
+            }
+        }
 #pragma unroll
         for (int q = 0; q < GX_KC / LROWS; ++q) {
             const int i = lrow + LROWS * q;
             if (i < rows) {
                 const bool ok = ook && i < kn;
-                const elem_t* src = pool;
-                if (ok) src = b_col + (i64)b_table[(i64)(i0 + i) * pages_per_row + j] * 2 * H;
-                cp_async16_at(s + BM * 128 + gm_swz(i, lchunk), src, ok ? 16 : 0);
+                cp_async16_at(s + BM * 128 + gm_swz(i, lchunk),
+                              ok ? b_col + (i64)b_page[q] * 2 * H : pool, ok ? 16 : 0);
             }
         }
         if (ch == num_chunks - 1 && ook) {
@@ -368,8 +407,14 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
             for (int q = 0; q < BM / LROWS; ++q) {
                 const int r = lrow + LROWS * q;
                 if (r < tile_rows)
-                    cp_async16_at(s + gm_swz(r, lchunk), y_tile + (i64)r * y_stride + o, 16);
+                    cp_async16_at(s + gm_swz(r, lchunk), y_lrow + q * y_lrows + o, 16);
             }
+        }
+        if (++ld_st == stages) ld_st = 0;
+        if (++ld_ch == num_chunks) {
+            ld_ch = 0;
+            ++ld_c;
+            for (ld_in += GX_BN; ld_in >= H; ld_in -= H) ++ld_j;
         }
     };
 
@@ -405,17 +450,20 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
 
 #pragma unroll 1
     for (int st = 0; st < stages - 1; ++st) {
-        if (st < num_steps) load_stage(st);
+        if (st < num_steps) load_stage();
         cp_async_commit();
     }
     if (num_chunks == 1) load_v(0);
 
     float acc[8][4];
+    // This step's column step (from c_begin), rank chunk and stage buffer.
+    int cs = 0, ch = 0, st = 0;
+    // This thread's 16 bytes of the copy-out: row wm + (lane >> 3) + 4 k, chunk lane & 7.
+    elem_t* y_out = y_tile + (i64)(wm + (lane >> 3)) * y_stride + (lane & 7) * VEC;
     for (int step = 0; step < num_steps; ++step) {
-        const int cs = step / num_chunks, ch = step - cs * num_chunks;
         gm_wait_stages(stages);
         __syncthreads();  // this step's stage is in; every warp is done with the last step's
-        if (step + stages - 1 < num_steps) load_stage(step + stages - 1);  // into that buffer
+        if (step + stages - 1 < num_steps) load_stage();  // into that buffer
         cp_async_commit();
         if (ch == 0) {
 #pragma unroll
@@ -424,7 +472,7 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
                 for (int e = 0; e < 4; ++e) acc[n][e] = 0.f;
         }
         if (num_chunks > 1) load_v(ch);
-        const u32 s = sbase + (u32)((step % stages) * stage_bytes);
+        const u32 s = sbase + (u32)(st * stage_bytes);
         const u32 sb = s + BM * 128;
         const int ksteps = (min(GX_KC, rank - ch * GX_KC) + 15) >> 4;
 #pragma unroll
@@ -442,6 +490,24 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
         if (ch == num_chunks - 1) {
             // y += the product in the model dtype, in place in the stage's y tile (this warp's
             // rows: acc[n] is column chunk n), then this warp's rows out, 16 bytes a thread.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+            // ldmatrix hands each thread the y pairs at its accumulators' places (matrix k of
+            // an x4: rows 8 (k & 1) on, chunk 2 np + (k >> 1); lane l gives row l & 7 of
+            // matrix l >> 3), so the sum is one paired add per accumulator pair, and stmatrix
+            // puts the pairs back where they came from.
+#pragma unroll
+            for (int np = 0; np < 4; ++np) {
+                const u32 addr = s + gm_swz(wm + (lane & 7) + ((lane >> 3) & 1) * 8,
+                                            2 * np + (lane >> 4));
+                u32 yr[4];
+                ldmatrix_x4_at(yr, addr);
+#pragma unroll
+                for (int k = 0; k < 4; ++k)
+                    yr[k] = gm_add_pair(yr[k], pack2(acc[2 * np + (k >> 1)][(k & 1) * 2],
+                                                     acc[2 * np + (k >> 1)][(k & 1) * 2 + 1]));
+                gm_stmatrix_x4_at(addr, yr);
+            }
+#else
 #pragma unroll
             for (int n = 0; n < 8; ++n)
 #pragma unroll
@@ -451,16 +517,20 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
                     const u32 dw = pack2(acc[n][2 * h], acc[n][2 * h + 1]);
                     gm_st_shared_u32(addr, pack2(lo_f32(yw) + lo_f32(dw), hi_f32(yw) + hi_f32(dw)));
                 }
+#endif
             __syncwarp();
             const int o0 = (c_begin + cs) * GX_BN;
 #pragma unroll
             for (int k = 0; k < 4; ++k) {
                 const int row = wm + (lane >> 3) + 4 * k, chunk = lane & 7;
-                const int o = o0 + chunk * VEC;
-                if (row < tile_rows && o < d_out)
-                    st_vec(y_tile + (i64)row * y_stride + o,
-                           gm_ld_shared_vec(s + gm_swz(row, chunk)));
+                if (row < tile_rows && o0 + chunk * VEC < d_out)
+                    st_vec(y_out + 4 * k * y_stride + o0, gm_ld_shared_vec(s + gm_swz(row, chunk)));
             }
+        }
+        if (++st == stages) st = 0;
+        if (++ch == num_chunks) {
+            ch = 0;
+            ++cs;
         }
     }
     cp_async_wait<0>();
