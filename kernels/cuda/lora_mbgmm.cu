@@ -133,46 +133,49 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
     const u32 sbase = smem_addr(smem);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    // Loader: thread copies chunk lchunk of rows lrow + 16 q, of x and of A.
+    // Loader: thread copies chunk lchunk of rows lrow + 16 q, of x and of A (A rows up to
+    // a_rows: rows nr..a_rows-1 zero-filled, the last fragment reads them).
     const int lrow = tid >> 3, lchunk = tid & 7;
+    const int a_q = a_rows / 16;
     const int* a_table = page_table + ((i64)slot * max_rank + n0) * pages_per_row;
     int a_page[GM_BN / 16];  // page of A row lrow + 16 q at column page cur_j
     int cur_j = -1;
 #pragma unroll
     for (int q = 0; q < GM_BN / 16; ++q) a_page[q] = 0;
+    // The next stage to load, as counters advanced one stage at a time (no divisions in the
+    // loop): its buffer ld_st, this thread's column ld_k of it, ld_in inside page column ld_j.
+    int ld_st = 0, ld_k = k_begin + lchunk * VEC;
+    int ld_j = ld_k / H, ld_in = ld_k - ld_j * H;
 
-    auto load_stage = [&](int st, int kt) {
-        const u32 s = sbase + (u32)(st * stage_rows * 128);
-        const int k = k_begin + kt * GM_BK + lchunk * VEC;
-        const bool kok = k < k_end;
+    auto load_stage = [&]() {
+        const u32 s = sbase + (u32)(ld_st * stage_rows * 128);
+        const bool kok = ld_k < k_end;
 #pragma unroll
         for (int q = 0; q < GM_BM / 16; ++q) {
             const int m = m0 + lrow + 16 * q;
             const bool ok = kok && m < m_end;
-            cp_async16_at(s + gm_swz(lrow + 16 * q, lchunk), ok ? x + (i64)m * x_stride + k : x,
+            cp_async16_at(s + gm_swz(lrow + 16 * q, lchunk), ok ? x + (i64)m * x_stride + ld_k : x,
                           ok ? 16 : 0);
         }
-        if (kok) {
-            const int j = k / H;
-            if (j != cur_j) {  // a new page column: one page-table read per row
-                cur_j = j;
+        if (kok && ld_j != cur_j) {  // a new page column: one page-table read per row
+            cur_j = ld_j;
 #pragma unroll
-                for (int q = 0; q < GM_BN / 16; ++q) {
-                    const int n = lrow + 16 * q;
-                    if (n < nr) a_page[q] = a_table[(i64)n * pages_per_row + j];
-                }
+            for (int q = 0; q < GM_BN / 16; ++q) {
+                const int n = lrow + 16 * q;
+                if (q < a_q && n < nr) a_page[q] = a_table[(i64)n * pages_per_row + ld_j];
             }
         }
-        const int k_in_page = kok ? k - cur_j * H : 0;
 #pragma unroll
         for (int q = 0; q < GM_BN / 16; ++q) {
+            if (q >= a_q) break;  // uniform over the block
             const int n = lrow + 16 * q;
-            if (n < a_rows) {  // rows nr..a_rows-1 zero-filled: the last fragment reads them
-                const bool ok = kok && n < nr;
-                cp_async16_at(s + gm_swz(GM_BM + n, lchunk),
-                              ok ? pool + (i64)a_page[q] * 2 * H + k_in_page : pool, ok ? 16 : 0);
-            }
+            const bool ok = kok && n < nr;
+            cp_async16_at(s + gm_swz(GM_BM + n, lchunk),
+                          ok ? pool + (i64)a_page[q] * 2 * H + ld_in : pool, ok ? 16 : 0);
         }
+        if (++ld_st == stages) ld_st = 0;
+        ld_k += GM_BK;
+        for (ld_in += GM_BK; ld_in >= H; ld_in -= H) ++ld_j;
     };
 
     const int wn = warp * 32;                               // first rank column of this warp
@@ -186,17 +189,16 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
             for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
 
     for (int s = 0; s < stages - 1; ++s) {
-        if (s < num_k_tiles) load_stage(s, s);
+        if (s < num_k_tiles) load_stage();
         cp_async_commit();
     }
-    for (int kt = 0; kt < num_k_tiles; ++kt) {
+    for (int kt = 0, st = 0; kt < num_k_tiles; ++kt, st = st + 1 == stages ? 0 : st + 1) {
         gm_wait_stages(stages);
         __syncthreads();
-        const int nk = kt + stages - 1;
-        if (nk < num_k_tiles) load_stage(nk % stages, nk);
+        if (kt + stages - 1 < num_k_tiles) load_stage();
         cp_async_commit();
         if (nfr > 0) {
-            const u32 s = sbase + (u32)((kt % stages) * stage_rows * 128);
+            const u32 s = sbase + (u32)(st * stage_rows * 128);
 #pragma unroll
             for (int kk = 0; kk < GM_BK / 16; ++kk) {
                 u32 af[4][4], bf[2][4];
