@@ -526,7 +526,9 @@ def lora_shrink_expand_segments(y, x, pool, lora_page_table, lora_ranks, lora_sc
 
     Tables as lora_shrink_expand's ([num_modules, ...]); seg_starts, seg_slots as the other
     segment launchers'; group [num_members, 3] int32 on the device, `max_d_out` its widest
-    member.
+    member. The expand is launched behind the shrink with programmatic dependent launch
+    (where PDL and the GPU allow): its blocks take the SMs the shrink's last blocks leave,
+    read their tables and first y and B^T tiles, and wait only to read v.
     """
     num_tokens, d_in, H, num_slots, max_rank, ppr = _check_group(
         y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out)
@@ -562,7 +564,7 @@ def lora_shrink_expand_segments(y, x, pool, lora_page_table, lora_ranks, lora_sc
             i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(lora_scales),
             ptr(seg_starts), ptr(seg_slots), i32(num_segs), i32(max_d_out),
             i32(max_rank % 4 == 0), ptr(group), i64(table_stride), i32(width)),
-           dev, shared_mem=smem)
+           dev, shared_mem=smem, pdl=PDL)
     return y
 
 

@@ -270,6 +270,9 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
              float* __restrict__ v, int d_in, int k_split_len,
              const int* __restrict__ group, int num_members, i64 table_stride, int v_stride)
 {
+    // Launched plainly: what came before it is complete, so the expand launched behind it
+    // (launchers.lora_shrink_expand_segments) may start; it waits for v at pdl_wait().
+    pdl_launch_dependents();
     const int per_member = gridDim.x / num_members;
     const int member = blockIdx.x / per_member;
     const int module = group != nullptr ? group[member * 3] : 0;
@@ -455,6 +458,10 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
         if (st < num_steps) load_stage();
         cp_async_commit();
     }
+    // Launched behind its shrink (programmatic dependent launch), the block has read only
+    // what was complete before the shrink began (the tables, y) and requested its first
+    // stages; v is complete from here on. Launched plainly this is a no-op.
+    pdl_wait();
     if (num_chunks == 1) load_v(0);
 
     float acc[8][4];

@@ -304,6 +304,29 @@ def test_mbgmv_fused_overlapping_the_kernel_before(L, gen, shape, dtype, num_tok
                       f"{shape.name} qkv {num_tokens} tokens, {what} behind the GEMM")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmm_group_pair_behind_the_gemm(L, gen, shape, dtype, expand_tile):
+    """lora_shrink_expand_segments for q, k, v (its expand launched behind its shrink)
+    behind the fused qkv GEMM and behind itself (check_behind_gemm): an expand that read v
+    before the shrink was done, or wrote y before the GEMM was, fails."""
+    d_in, widths = group_dims(shape, "qkv")
+    pool, table, ranks, scales, group, width = make_group_pool(shape.hidden, d_in, widths,
+                                                               dtype, gen)
+    seg_starts, seg_slots, token_slots = make_segments(0, SEG_LENGTHS, ranks.shape[1], gen)
+
+    def lora(y, x):
+        L.lora_shrink_expand_segments(y, x, pool, table, ranks, scales, seg_starts, seg_slots,
+                                      group, max_d_out=max(widths))
+
+    def delta(x, zeros):
+        return torch_ref.lora_shrink_expand(zeros, x, pool, table, ranks, scales, token_slots,
+                                            group)
+
+    check_behind_gemm(gen, dtype, token_slots.shape[0], d_in, width, lora, delta,
+                      f"{shape.name} qkv prefill segments, pair behind the GEMM")
+
+
 def make_group_pool(H: int, d_in: int, widths: list[int], dtype, gen):
     """One module per width in one pool, every module's tables stacked; the slots' ranks
     (RANKS and 0) rotate from module to module, rows on randomly permuted pages, rows past a
