@@ -22,9 +22,10 @@
    rows come from HBM), median over replays. Speedup is over the torch reference (torch_ref, eager).
 3. Prefill LoRA (MBGMM shrink + expand on tensor cores, as the worker launches them:
    `lora_shrink_expand_segments`, v zeroed, the shrink, the expand behind it by programmatic
-   dependent launch), 4096 tokens in 8 segments of distinct adapters, ranks 16, 64, 128: TFLOP/s (2 * tokens * rank * (d_in + d_out)) against the GEMM
-   rate, and against the roofline min(GEMM rate, bytes / copy bandwidth): at these ranks the
-   work is bound by moving x and y, not by arithmetic.
+   dependent launch), 4096 tokens in 8 segments of distinct adapters, ranks 16, 64, 128:
+   TFLOP/s (2 * tokens * rank * (d_in + d_out)) against the GEMM rate, and against the
+   roofline min(GEMM rate, bytes / copy bandwidth): at these ranks the work is bound by
+   moving x and y, not by arithmetic.
 4. Decode attention at batch 64 x context 1024 and 4096 (Llama-2-7B: 32 heads; Llama-3-8B:
    32 query / 8 KV heads), every position on its own random page: GB/s of K and V read.
 
