@@ -46,6 +46,8 @@ import torch
 
 from slora.kernels import launchers as L
 from slora.kernels import torch_ref
+from slora.kernels.backend import LoraBatch, LoraGroup
+from slora.kernels.cuda_backend import CudaBackend
 from slora.kernels.cuda_compile import prebuild
 
 DEV = "cuda"
@@ -266,6 +268,7 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
     GEMM alone: the worker's launches (overlapping the GEMM's end) and, beside it, the same
     kernels launched plainly."""
     rows = []
+    backend = CudaBackend()
     max_rank, d_in, d_out = 64, H, H
     weights = [torch.randn(d_out, d_in, device=DEV, dtype=DTYPE) * d_in ** -0.5
                for _ in range(8)]
@@ -284,22 +287,21 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
             slots = torch.randperm(batch, device=DEV).to(torch.int32)
             x = torch.randn(batch, d_in, device=DEV, dtype=DTYPE)
             y = torch.empty(batch, d_out, device=DEV, dtype=DTYPE)
-            v = torch.empty(batch, max_rank, device=DEV)
-            group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV)
-            path = L.decode_lora_path(batch, 1)
+            group = LoraGroup(members=((0, 0, d_out),),
+                              table=torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV))
+            lora_batch = LoraBatch(token_slots=slots, num_decode_tokens=batch,
+                                   seg_starts=torch.zeros(1, dtype=torch.int32, device=DEV),
+                                   seg_slots=torch.zeros(0, dtype=torch.int32, device=DEV),
+                                   any_lora=True)
+            path = L.decode_lora_path(batch, 1)  # the one CudaBackend.lora_group takes
 
             def layer(w, t, lora=True, overlap=True):
-                def f():
+                def f():  # Model.linear: the GEMM, then the LoRA of its group
                     torch.matmul(x, w.T, out=y)
-                    if not lora:
-                        return
-                    if path == "fused":
-                        L.lora_shrink_expand(y, x, pool, t.unsqueeze(0), ranks.unsqueeze(0),
-                                             scales.unsqueeze(0), slots, group,
-                                             max_d_out=d_out, overlap_previous=overlap)
-                    else:
-                        L.lora_decode(y, x, pool, t, ranks, scales, slots, v_out=v,
-                                      overlap_previous=overlap)
+                    if lora:
+                        backend.lora_group(y, x, pool, t.unsqueeze(0), ranks.unsqueeze(0),
+                                           scales.unsqueeze(0), group, lora_batch,
+                                           after_base_gemm=overlap)
                 return f
             reps = 10 if quick else 30
             pairs = list(zip(weights, tables))

@@ -427,8 +427,9 @@ def _expand_launch(dev, pool, num_tokens, num_segs, d_out, num_members):
     x stripes x members) make about one wave; grid.y: the tiles of the tokens plus one per
     segment up to MAX_EXTRA_TILE_ROWS (see _tile_rows)."""
     bm = EXPAND_TILE or (128 if num_tokens >= 128 * num_segs else 64)
-    name, smem, per_sm = (("mbgmm_expand", 96 << 10, 2) if bm == 128  # GX_SMEM_128 and
-                          else ("mbgmm_expand_64", 56 << 10, 4))     # GX_SMEM_64 in the .cu
+    # The kernel fits as many stages as the shared memory given here (%dynamic_smem_size).
+    name, smem, per_sm = (("mbgmm_expand", 96 << 10, 2) if bm == 128
+                          else ("mbgmm_expand_64", 56 << 10, 4))
     kernel = get_kernel(MBGMM, pool.dtype, name, dev)
     allow_dynamic_smem(kernel, smem, dev)
     tiles = math.ceil(num_tokens / bm) + min(num_segs, MAX_EXTRA_TILE_ROWS)

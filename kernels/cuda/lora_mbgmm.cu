@@ -290,10 +290,14 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
 // ---- expand --------------------------------------------------------------------------------
 #define GX_BN 64             // output columns per step
 #define GX_KC 128            // rank rows per chunk
-#define GX_SMEM_128 (96 * 1024)  // dynamic shared memory of the 128-token kernel: 2 blocks per SM
-#define GX_SMEM_64 (56 * 1024)   // of the 64-token kernel: 4 blocks per SM
-// (launchers._expand_launch launches each with the same size: keep the two in step)
 #define GX_MAX_STAGES 4
+
+// The dynamic shared memory this launch was given (launchers._expand_launch picks it).
+__device__ __forceinline__ int gm_dynamic_smem_bytes() {
+    u32 n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return (int)n;
+}
 
 __device__ __forceinline__ u32 gm_ld_shared_u32(u32 saddr) {
     u32 w;
@@ -330,11 +334,11 @@ __device__ __forceinline__ u32 gm_add_pair(u32 a, u32 b) {
 // registers. The product is rounded to the model dtype and added to the y tile in shared
 // memory in the fragments' layout; each warp then writes its own 16 rows, 16 bytes a thread,
 // so a step ends with no barrier: the one at the top of the next step frees the buffer.
-// Stages: as many of SMEM bytes as the rank allows, at most 4 (128 tokens in 96 KB: 3 at rank
-// 128; 64 tokens in 56 KB: 2). Ranks past GX_KC run in chunks (v fragments reloaded per
-// chunk). v_vec4: rows of v are 16-byte aligned (max_rank % 4 == 0), so v is read 8 bytes at
-// a time, else 4.
-template <int BM, int SMEM>
+// Stages: as many as the launch's dynamic shared memory (smem_bytes) holds at this rank, at
+// most 4 (128 tokens in 96 KB: 3 at rank 128; 64 tokens in 56 KB: 2). Ranks past GX_KC run
+// in chunks (v fragments reloaded per chunk). v_vec4: rows of v are 16-byte aligned
+// (max_rank % 4 == 0), so v is read 8 bytes at a time, else 4.
+template <int BM>
 __device__ __forceinline__ bool
 mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict__ v,
                    const elem_t* __restrict__ pool, int H,
@@ -342,7 +346,8 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
                    int pages_per_row, const int* __restrict__ ranks,
                    const float* __restrict__ scales, const int* __restrict__ seg_starts,
                    const int* __restrict__ seg_slots, int num_segs, int d_out, int v_vec4,
-                   int v_stride, int c_begin, int c_end, int tile, u32 sbase)
+                   int v_stride, int c_begin, int c_end, int tile, u32 sbase,
+                   int smem_bytes)
 {
     int seg, m0, m_end;
     constexpr int THREADS = BM * 2, LROWS = THREADS / 8;
@@ -362,7 +367,7 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
     const int num_chunks = (rank + GX_KC - 1) / GX_KC;
     const int num_steps = (c_end - c_begin) * num_chunks;
     const int stage_bytes = BM * 128 + min(GX_KC, (rank + 15) & ~15) * 128;
-    const int stages = min(GX_MAX_STAGES, SMEM / stage_bytes);
+    const int stages = min(GX_MAX_STAGES, smem_bytes / stage_bytes);
     const int* b_table = page_table + (i64)slot * max_rank * pages_per_row;
     // The pages of this thread's B^T rows (i0 + lrow + LROWS q) in page column b_j of rank
     // chunk b_ch: read from the table when a step's chunk or page column differs from the last
@@ -556,8 +561,9 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
 #define EXPAND_PASS y, y_stride, v, pool, H, page_table, num_slots, max_rank, pages_per_row,   \
     ranks, scales, seg_starts, seg_slots, num_segs, d_out, v_vec4, group, table_stride, v_stride
 
-// grid as mbgmm_expand's, with tile rows of BM tokens; dynamic shared memory SMEM bytes.
-template <int BM, int SMEM>
+// grid as mbgmm_expand's, with tile rows of BM tokens; its stages in the dynamic shared memory
+// the launch gives.
+template <int BM>
 __device__ __forceinline__ void mbgmm_expand_body(EXPAND_ARGS)
 {
     extern __shared__ __align__(128) unsigned char gx_smem[];
@@ -578,11 +584,12 @@ __device__ __forceinline__ void mbgmm_expand_body(EXPAND_ARGS)
     scales += (i64)module * num_slots;
     v += member * max_rank;
     const u32 sbase = smem_addr(gx_smem);
+    const int smem_bytes = gm_dynamic_smem_bytes();
     for (int tile = blockIdx.y;
-         mbgmm_expand_tile<BM, SMEM>(y, y_stride, v, pool, H, page_table, num_slots, max_rank,
-                                      pages_per_row, ranks, scales, seg_starts, seg_slots,
-                                      num_segs, d_out, v_vec4, v_stride, c_begin, c_end, tile,
-                                      sbase);
+         mbgmm_expand_tile<BM>(y, y_stride, v, pool, H, page_table, num_slots, max_rank,
+                               pages_per_row, ranks, scales, seg_starts, seg_slots, num_segs,
+                               d_out, v_vec4, v_stride, c_begin, c_end, tile, sbase,
+                               smem_bytes);
          tile += gridDim.y)
         __syncthreads();  // the next tile reuses shared memory
 }
@@ -590,13 +597,13 @@ __device__ __forceinline__ void mbgmm_expand_body(EXPAND_ARGS)
 // 128-token tiles (256 threads): for segments mostly longer than 128 tokens.
 extern "C" __global__ void __launch_bounds__(256, 2) mbgmm_expand(EXPAND_ARGS)
 {
-    mbgmm_expand_body<128, GX_SMEM_128>(EXPAND_PASS);
+    mbgmm_expand_body<128>(EXPAND_PASS);
 }
 
 // 64-token tiles (128 threads): for short segments, whose 128-token tiles would be mostly empty.
 extern "C" __global__ void __launch_bounds__(128, 4) mbgmm_expand_64(EXPAND_ARGS)
 {
-    mbgmm_expand_body<64, GX_SMEM_64>(EXPAND_PASS);
+    mbgmm_expand_body<64>(EXPAND_PASS);
 }
 
 #endif  // SLORA_HALF

@@ -363,15 +363,17 @@ mbgmv_fused_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restrict_
     float* v_sum = fused_smem;                         // [max_rank]
     float* v_scaled = fused_smem + max_rank;           // [max_rank]
     int* page_ids = (int*)(v_scaled + max_rank);       // [max_rank]
-    const int t = blockIdx.x, z = blockIdx.z;
+    const int t = blockIdx.x;
     const int lane = threadIdx.x & 31;
     const int slot = token_slots[t];
     if (slot < 0 || slot >= num_slots) return;
-    const int m = group[3 * z], col = group[3 * z + 1], d_out = group[3 * z + 2];
-    const int rank = min(ranks[(i64)m * num_slots + slot], max_rank);
+    const int* member = group_member(group, (i64)num_slots * max_rank * pages_per_row,
+                                     num_slots, page_table, ranks);
+    const int col = member[1], d_out = member[2];
+    const int rank = min(ranks[slot], max_rank);
     if (rank <= 0) return;
-    const float scale = scales[(i64)m * num_slots + slot];
-    const int* pt = page_table + ((i64)m * num_slots + slot) * max_rank * pages_per_row;
+    const float scale = scales[(i64)member[0] * num_slots + slot];
+    const int* pt = page_table + (i64)slot * max_rank * pages_per_row;
     const elem_t* xt = x + (i64)t * x_stride;
     for (int i = threadIdx.x; i < rank; i += THREADS) v_sum[i] = 0.f;
     // Launched behind the kernel before it (lora_shrink_expand(overlap_previous=True)), the

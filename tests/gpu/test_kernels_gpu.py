@@ -161,6 +161,20 @@ def test_mbgmv_expand_matches_reference(L, gen, shape, module, dtype):
     assert torch.equal(y[untouched], y0[untouched])
 
 
+def capture(fn) -> torch.cuda.CUDAGraph:
+    """fn() captured in a CUDA graph on a side stream (after a warm-up run there)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(stream):
+        fn()
+        with torch.cuda.graph(graph, stream=stream):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    torch.cuda.synchronize()
+    return graph
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
@@ -186,14 +200,11 @@ def test_mbgmv_decode_pair_matches_reference(L, gen, shape, module, dtype):
     untouched = (slots == NO_ADAPTER) | (lp.ranks[slots.clamp_min(0).long()] == 0)
     assert torch.equal(y[untouched], y0[untouched])
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        with torch.cuda.graph(graph, stream=stream):
-            y.copy_(y0)
-            L.lora_decode(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
-    torch.cuda.current_stream().wait_stream(stream)
+    def step():
+        y.copy_(y0)
+        L.lora_decode(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
+
+    graph = capture(step)
     for replay in range(3):
         x.copy_(torch.randn(64, d_in, device="cuda", generator=gen).to(dtype))
         y.fill_(float("nan"))
@@ -202,20 +213,6 @@ def test_mbgmv_decode_pair_matches_reference(L, gen, shape, module, dtype):
             x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
             lp.scales, slots)
         assert_close(y, ref, dtype, f"{shape.name} {module} decode pair, graph replay {replay}")
-
-
-def capture(fn) -> torch.cuda.CUDAGraph:
-    """fn() captured in a CUDA graph on a side stream (after a warm-up run there)."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(stream):
-        fn()
-        with torch.cuda.graph(graph, stream=stream):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    torch.cuda.synchronize()
-    return graph
 
 
 def check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, lora_delta, what,
