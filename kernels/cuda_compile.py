@@ -3,11 +3,12 @@ current stream.
 
 Each source is built once per element type (bf16, fp16, fp32: `-DSLORA_BF16` ...) and per GPU
 architecture. With nvcc on the PATH (or under $CUDA_PATH) we build a cubin with
-`-arch=sm_<major><minor>` read off the device and keep it in $SLORA_KERNEL_CACHE (default
-~/.cache/slora/kernels), named by a hash of the sources, the options and nvcc's version; the
-cubin is loaded with cupy.RawModule. Without nvcc, CuPy's NVRTC builds the same source (it
-targets the current device's architecture itself and keeps its own cache). Either way a process
-builds a module at most once: loaded modules and their kernels are kept here, per device.
+`-arch=sm_<major><minor>` read off the device (sm_90a on Hopper, for wgmma) and keep it in
+$SLORA_KERNEL_CACHE (default ~/.cache/slora/kernels), named by a hash of the sources, the
+options and nvcc's version; the cubin is loaded with cupy.RawModule. Without nvcc, CuPy's
+NVRTC builds the same source (it targets the current device's architecture itself, without the
+`a` features, and keeps its own cache). Either way a process builds a module at most once:
+loaded modules and their kernels are kept here, per device.
 
 Kernels launch on torch's current stream (`cupy.cuda.Stream.from_external`), so they order
 with torch's work and are captured by `torch.cuda.graph` with the rest of a decode step.
@@ -67,8 +68,10 @@ def find_nvcc() -> str | None:
 
 
 def device_arch(device_index: int) -> str:
+    """nvcc's -arch for the device: sm_90a on Hopper (its warpgroup MMA, wgmma, is an
+    architecture-specific feature: a cubin built so runs on sm_90 only, the GPU in use)."""
     major, minor = torch.cuda.get_device_capability(device_index)
-    return f"sm_{major}{minor}"
+    return f"sm_{major}{minor}" + ("a" if (major, minor) == (9, 0) else "")
 
 
 def _source_text(source: str) -> str:

@@ -410,9 +410,8 @@ SHRINK_RANK_TILE = 128
 """Rank columns of one MBGMM shrink block (mbgmm_shrink's GM_BN)."""
 SHRINK_MIN_SPLIT = 512
 """The narrowest split of d_in an MBGMM shrink block takes."""
-SHRINK_BLOCKS_PER_SM = 4
-"""Resident mbgmm_shrink blocks per SM (48 KB of shared memory, 128 registers each): the
-split of d_in aims at one wave of them."""
+SHRINK_TILE = None
+"""Tokens per MBGMM shrink tile, 64 or 128; None: by the segments' average length."""
 EXPAND_WAVES = 1.0
 """MBGMM expand blocks per resident slot the stripes aim at (shorter stripes above 1)."""
 EXPAND_TILE = None
@@ -440,21 +439,30 @@ def _expand_launch(dev, pool, num_tokens, num_segs, d_out, num_members):
     return kernel, (math.ceil(col_steps / per_block), tiles, num_members), (2 * bm,), smem
 
 
-def _tile_rows(num_tokens: int, num_segs: int) -> int:
-    """grid.y of the MBGMM kernels: the 64-token tiles of the tokens, plus one per segment
+def _tile_rows(num_tokens: int, num_segs: int, bm: int = 64) -> int:
+    """grid.y of the MBGMM kernels: the bm-token tiles of the tokens, plus one per segment
     (each may end in a partial tile) up to MAX_EXTRA_TILE_ROWS; blocks loop over the tiles
     past grid.y, so padding segments (a CUDA graph's) cost no blocks of their own."""
-    return math.ceil(num_tokens / 64) + min(num_segs, MAX_EXTRA_TILE_ROWS)
+    return math.ceil(num_tokens / bm) + min(num_segs, MAX_EXTRA_TILE_ROWS)
 
 
-def _shrink_k_splits(dev: int, num_tokens: int, d_in: int, num_rank_tiles: int) -> tuple[int, int]:
-    """(k_splits, k_split_len) of an MBGMM shrink: d_in split so that the blocks (64-token
-    tiles x rank tiles x splits) make about one wave of SHRINK_BLOCKS_PER_SM per SM; each
-    split at least SHRINK_MIN_SPLIT wide, a multiple of 64."""
-    want = SHRINK_BLOCKS_PER_SM * _num_sms(dev) / (math.ceil(num_tokens / 64) * num_rank_tiles)
+def _shrink_launch(dev, pool, num_tokens, num_segs, d_in, max_rank, num_members):
+    """(kernel, grid, block, shared_mem, k_split_len) of an MBGMM shrink over all members:
+    mbgmm_shrink_128 (128-token tiles, 2 blocks of 96 KB per SM: each A row read once for
+    twice the tokens) where the segments average 128 tokens or more, else mbgmm_shrink (64,
+    4 blocks of 48 KB). d_in is split so that the blocks (tiles x rank tiles x members x
+    splits) make about one wave; each split at least SHRINK_MIN_SPLIT wide, a multiple of 64."""
+    bm = SHRINK_TILE or (128 if num_tokens >= 128 * num_segs else 64)
+    name, smem, per_sm = (("mbgmm_shrink_128", 96 << 10, 2) if bm == 128
+                          else ("mbgmm_shrink", 48 << 10, 4))
+    kernel = get_kernel(MBGMM, pool.dtype, name, dev)
+    allow_dynamic_smem(kernel, smem, dev)
+    rank_tiles = math.ceil(max_rank / SHRINK_RANK_TILE) * num_members
+    want = per_sm * _num_sms(dev) / (math.ceil(num_tokens / bm) * rank_tiles)
     k_splits = max(1, min(math.ceil(want), d_in // SHRINK_MIN_SPLIT))
     k_split_len = math.ceil(d_in / k_splits / 64) * 64
-    return math.ceil(d_in / k_split_len), k_split_len
+    grid = (rank_tiles, _tile_rows(num_tokens, num_segs, bm), math.ceil(d_in / k_split_len))
+    return kernel, grid, (2 * bm,), smem, k_split_len
 
 
 def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_slots, *,
@@ -481,16 +489,14 @@ def lora_shrink_segments(x, pool, lora_page_table, lora_ranks, seg_starts, seg_s
         out[mask] = v[mask]
         return out
     dev = pool.device.index
-    kernel = get_kernel(MBGMM, pool.dtype, "mbgmm_shrink", dev)
-    n_tiles = math.ceil(max_rank / SHRINK_RANK_TILE)
-    m_tiles = _tile_rows(num_tokens, num_segs)
-    k_splits, k_split_len = _shrink_k_splits(dev, num_tokens, d_in, n_tiles)
-    launch(kernel, (n_tiles, m_tiles, k_splits), (128,),
+    kernel, grid, block, smem, k_split_len = _shrink_launch(dev, pool, num_tokens, num_segs,
+                                                            d_in, max_rank, 1)
+    launch(kernel, grid, block,
            (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
             i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(seg_starts), ptr(seg_slots),
             i32(num_segs), ptr(out), i32(d_in), i32(k_split_len), NULL, i32(1), i64(0),
             i32(max_rank)),
-           dev)
+           dev, shared_mem=smem)
     return out
 
 
@@ -547,17 +553,15 @@ def lora_shrink_expand_segments(y, x, pool, lora_page_table, lora_ranks, lora_sc
     dev = pool.device.index
     width = num_members * max_rank
     v = torch.zeros(num_tokens, width, dtype=torch.float32, device=x.device)
-    rows = _tile_rows(num_tokens, num_segs)
-    n_tiles = math.ceil(max_rank / SHRINK_RANK_TILE)
-    k_splits, k_split_len = _shrink_k_splits(dev, num_tokens, d_in, n_tiles * num_members)
+    kernel, grid, block, smem, k_split_len = _shrink_launch(dev, pool, num_tokens, num_segs,
+                                                            d_in, max_rank, num_members)
     table_stride = num_slots * max_rank * ppr
-    launch(get_kernel(MBGMM, pool.dtype, "mbgmm_shrink", dev),
-           (n_tiles * num_members, rows, k_splits), (128,),
+    launch(kernel, grid, block,
            (ptr(x), i64(x.stride(0)), ptr(pool), i32(H), ptr(lora_page_table), i32(num_slots),
             i32(max_rank), i32(ppr), ptr(lora_ranks), ptr(seg_starts), ptr(seg_slots),
             i32(num_segs), ptr(v), i32(d_in), i32(k_split_len), ptr(group), i32(num_members),
             i64(table_stride), i32(width)),
-           dev)
+           dev, shared_mem=smem)
     kernel, grid, block, smem = _expand_launch(dev, pool, num_tokens, num_segs, max_d_out,
                                                num_members)
     launch(kernel, grid, block,

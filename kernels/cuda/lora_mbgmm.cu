@@ -82,13 +82,118 @@ __device__ __forceinline__ void gm_red_f32x2(float* p, float a, float b) {
 #endif
 }
 
+// ---- warpgroup MMA (wgmma, sm_90a) ----------------------------------------------------------
+// Built with -arch=sm_90a (cuda_compile.device_arch on Hopper) both kernels feed the tensor
+// cores with wgmma: a warpgroup (4 warps, 128 threads) computes 64 rows at once, reading its B
+// operand (and the shrink's A) from shared memory through a matrix descriptor, so the tiles
+// are not copied into registers by ldmatrix warp by warp. The accumulators keep mma.sync's
+// layout (each warp 16 rows; per 8 columns the m16n8 fragment), so the epilogues are shared.
+// Other builds (NVRTC, other GPUs) keep the mma.sync path.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define GM_WGMMA 1
+typedef unsigned long long u64;
+#if defined(SLORA_BF16)
+#define GM_WG_T "bf16"
+#else
+#define GM_WG_T "f16"
+#endif
+#define GM_F4(d, i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define GM_F8(d, i) GM_F4(d, i), GM_F4(d, i + 4)
+#define GM_F16(d, i) GM_F8(d, i), GM_F8(d, i + 8)
+#define GM_F32(d, i) GM_F16(d, i), GM_F16(d, i + 16)
+#define GM_F64(d, i) GM_F32(d, i), GM_F32(d, i + 32)
+template <int N> struct gm_int { static constexpr int value = N; };
+
+// The descriptor of a tile of the rows gm_swz lays out (128-byte rows, 16-byte chunk c of row
+// r at c ^ (r & 7)), which is wgmma's 128-byte swizzle when the tile starts on 1024 bytes: 8-row
+// groups 1024 bytes apart (both offsets set to that: a K-major operand reads the stride, an
+// MN-major one of 64 columns the leading offset or stride by the PTX ISA's two readings).
+// Inside a row, K steps of 16 elements move the start by 32 bytes; the hardware swizzles the
+// address it computes, as gm_swz does.
+__device__ __forceinline__ u64 gm_desc(u32 saddr) {
+    return (u64)((saddr & 0x3ffff) >> 4) | ((u64)(1024 >> 4) << 16) | ((u64)(1024 >> 4) << 32)
+         | (1ull << 62);
+}
+__device__ __forceinline__ void gm_wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void gm_wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void gm_wgmma_wait_all() {
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+// cp.async wrote the tiles through the generic proxy; wgmma reads them through the async one.
+__device__ __forceinline__ void gm_fence_async_smem() {
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+// Keeps the compiler from moving accumulator reads or writes across a wgmma's issue and wait.
+template <int N>
+__device__ __forceinline__ void gm_fence_regs(float (&d)[N]) {
+#pragma unroll
+    for (int i = 0; i < N; ++i) asm volatile("" : "+f"(d[i]) :: "memory");
+}
+// d (64 x N, float32) += A (64 x 16, K-major tile in shared memory) * B (16 x N: N rows of
+// K-major 16 elements), N = 16, 32, 64, 128 by the size of d.
+__device__ __forceinline__ void gm_wgmma_ss(float (&d)[8], u64 a_desc, u64 b_desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n16k16.f32." GM_WG_T "." GM_WG_T " {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7"
+                 "}, %8, %9, p, 1, 1, 0, 0;\n}"
+                 : GM_F8(d, 0) : "l"(a_desc), "l"(b_desc), "r"(1));
+}
+__device__ __forceinline__ void gm_wgmma_ss(float (&d)[16], u64 a_desc, u64 b_desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n32k16.f32." GM_WG_T "." GM_WG_T " {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15"
+                 "}, %16, %17, p, 1, 1, 0, 0;\n}"
+                 : GM_F16(d, 0) : "l"(a_desc), "l"(b_desc), "r"(1));
+}
+__device__ __forceinline__ void gm_wgmma_ss(float (&d)[32], u64 a_desc, u64 b_desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." GM_WG_T "." GM_WG_T " {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+                 "}, %32, %33, p, 1, 1, 0, 0;\n}"
+                 : GM_F32(d, 0) : "l"(a_desc), "l"(b_desc), "r"(1));
+}
+__device__ __forceinline__ void gm_wgmma_ss(float (&d)[64], u64 a_desc, u64 b_desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." GM_WG_T "." GM_WG_T " {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,"
+                 "%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,"
+                 "%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}"
+                 : GM_F64(d, 0) : "l"(a_desc), "l"(b_desc), "r"(1));
+}
+// d (64 x 64) += A (64 x 16, registers in mma.sync's A-fragment layout, per warp its 16 rows) *
+// B (16 x 64, MN-major: 16 rows of 64 columns in shared memory).
+__device__ __forceinline__ void gm_wgmma_rs_n64(float (&d)[8][4], const u32 (&a)[4],
+                                                u64 b_desc) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." GM_WG_T "." GM_WG_T " {"
+                 "%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,"
+                 "%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31"
+                 "}, {%32,%33,%34,%35}, %36, p, 1, 1, 1;\n}"
+                 : GM_F4(d[0], 0), GM_F4(d[1], 0), GM_F4(d[2], 0), GM_F4(d[3], 0),
+                   GM_F4(d[4], 0), GM_F4(d[5], 0), GM_F4(d[6], 0), GM_F4(d[7], 0)
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b_desc), "r"(1));
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+
 // ---- shrink ---------------------------------------------------------------------------------
-#define GM_BM 64
 #define GM_BN 128            // rank columns of a block
 #define GM_BK 64             // d_in per stage: 128-byte rows
-#define GM_SMEM_ROWS 384     // 48 KB of 128-byte rows, cut into stages of 64 x rows + A rows
 #define GM_MAX_STAGES 4
-#define GM_THREADS 128
+
+// The dynamic shared memory this launch was given (launchers._shrink_launch and _expand_launch
+// pick it); the kernels fit as many stages as it holds.
+__device__ __forceinline__ int gm_dynamic_smem_bytes() {
+    u32 n;
+    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
+    return (int)n;
+}
 
 // Wait until at most stages - 2 groups of cp.async are pending (the stage count is set at run
 // time, by the rank: a stage holds only the A rows inside it).
@@ -100,24 +205,26 @@ __device__ __forceinline__ void gm_wait_stages(int stages) {
 
 // v[t, n] += x[t, k_split] . A_s[n, k_split] for the tokens t of each segment (s its slot),
 // n < rank[s]. v must hold zeros beforehand (the launcher clears it): split-K blocks add
-// into it. grid (ceil(max_rank / GM_BN), tile rows (see the top), num_k_splits); block
-// GM_THREADS: 4 warps side by side over the 64 x 128 tile, each 64 tokens x 32 rank columns.
-// A stage is 64 rows of x and only as many A rows as the rank needs (rounded up to 16), so
-// small ranks get 4 stages in the same 48 KB and rank 128 gets 2; warps wholly past the rank
-// only load. A block reads 128-byte pieces of each x row per stage.
+// into it. grid (ceil(max_rank / GM_BN), tile rows (see the top), num_k_splits); block 2 BM
+// threads over a tile of BM tokens (64 or 128) x 128 rank columns: with wgmma one warpgroup
+// per 64 tokens, else warps side by side, each 64 tokens x 32 rank columns. A stage is BM rows
+// of x and only as many A rows as the rank needs (rounded up to 16, or to wgmma's N), so small
+// ranks get more stages in the same shared memory (48 KB for 64 tokens, 96 KB for 128: rank
+// 128 gets 2 and 3); warps wholly past the rank only load. A block reads 128-byte pieces of
+// each x row per stage, and a 128-token tile reads each A row once for twice the tokens.
+template <int BM>
 __device__ __forceinline__ bool
 mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
                   const elem_t* __restrict__ pool, int H,
-                  const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
-                  const int* __restrict__ ranks, const int* __restrict__ seg_starts,
-                  const int* __restrict__ seg_slots, int num_segs,
-                  float* __restrict__ v, int d_in, int k_split_len, int v_stride,
-                  int n_tile, int tile)
+                  const int* __restrict__ page_table, int num_slots, int max_rank,
+                  int pages_per_row, const int* __restrict__ ranks,
+                  const int* __restrict__ seg_starts, const int* __restrict__ seg_slots,
+                  int num_segs, float* __restrict__ v, int d_in, int k_split_len, int v_stride,
+                  int n_tile, int tile, u32 sbase, int smem_bytes)
 {
-    __shared__ __align__(128) unsigned char smem[GM_SMEM_ROWS * 128];
-
+    constexpr int THREADS = BM * 2, LROWS = THREADS / 8;
     int seg, m0, m_end;
-    if (!find_tile(seg_starts, num_segs, tile, GM_BM, seg, m0, m_end)) return false;
+    if (!find_tile(seg_starts, num_segs, tile, BM, seg, m0, m_end)) return false;
     const int slot = seg_slots[seg];
     const int rank = (slot >= 0 && slot < num_slots) ? min(ranks[slot], max_rank) : 0;
     const int n0 = n_tile * GM_BN;
@@ -127,21 +234,24 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
     const int k_end = min(d_in, k_begin + k_split_len);
     if (k_begin >= k_end) return true;
     const int num_k_tiles = (k_end - k_begin + GM_BK - 1) / GM_BK;
+#if defined(GM_WGMMA)
+    // The wgmma's N: a power of two from 16 (A rows past the rank are zero-filled).
+    const int a_rows = nr <= 16 ? 16 : nr <= 32 ? 32 : nr <= 64 ? 64 : 128;
+#else
     const int a_rows = (nr + 15) & ~15;
-    const int stage_rows = GM_BM + a_rows;
-    const int stages = min(GM_MAX_STAGES, GM_SMEM_ROWS / stage_rows);
-    const u32 sbase = smem_addr(smem);
+#endif
+    const int stage_rows = BM + a_rows;
+    const int stages = min(GM_MAX_STAGES, smem_bytes / (stage_rows * 128));
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    // Loader: thread copies chunk lchunk of rows lrow + 16 q, of x and of A (A rows up to
+    // Loader: thread copies chunk lchunk of rows lrow + LROWS q, of x and of A (A rows up to
     // a_rows: rows nr..a_rows-1 zero-filled, the last fragment reads them).
     const int lrow = tid >> 3, lchunk = tid & 7;
-    const int a_q = a_rows / 16;
     const int* a_table = page_table + ((i64)slot * max_rank + n0) * pages_per_row;
-    int a_page[GM_BN / 16];  // page of A row lrow + 16 q at column page cur_j
+    int a_page[GM_BN / LROWS];  // page of A row lrow + LROWS q at column page cur_j
     int cur_j = -1;
 #pragma unroll
-    for (int q = 0; q < GM_BN / 16; ++q) a_page[q] = 0;
+    for (int q = 0; q < GM_BN / LROWS; ++q) a_page[q] = 0;
     // The next stage to load, as counters advanced one stage at a time (no divisions in the
     // loop): its buffer ld_st, this thread's column ld_k of it, ld_in inside page column ld_j.
     int ld_st = 0, ld_k = k_begin + lchunk * VEC;
@@ -151,34 +261,106 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
         const u32 s = sbase + (u32)(ld_st * stage_rows * 128);
         const bool kok = ld_k < k_end;
 #pragma unroll
-        for (int q = 0; q < GM_BM / 16; ++q) {
-            const int m = m0 + lrow + 16 * q;
+        for (int q = 0; q < BM / LROWS; ++q) {
+            const int r = lrow + LROWS * q, m = m0 + r;
             const bool ok = kok && m < m_end;
-            cp_async16_at(s + gm_swz(lrow + 16 * q, lchunk), ok ? x + (i64)m * x_stride + ld_k : x,
+            cp_async16_at(s + gm_swz(r, lchunk), ok ? x + (i64)m * x_stride + ld_k : x,
                           ok ? 16 : 0);
         }
         if (kok && ld_j != cur_j) {  // a new page column: one page-table read per row
             cur_j = ld_j;
 #pragma unroll
-            for (int q = 0; q < GM_BN / 16; ++q) {
-                const int n = lrow + 16 * q;
-                if (q < a_q && n < nr) a_page[q] = a_table[(i64)n * pages_per_row + ld_j];
+            for (int q = 0; q < GM_BN / LROWS; ++q) {
+                const int n = lrow + LROWS * q;
+                if (n < nr) a_page[q] = a_table[(i64)n * pages_per_row + ld_j];
             }
         }
 #pragma unroll
-        for (int q = 0; q < GM_BN / 16; ++q) {
-            if (q >= a_q) break;  // uniform over the block
-            const int n = lrow + 16 * q;
+        for (int q = 0; q < GM_BN / LROWS; ++q) {
+            if (q * LROWS >= a_rows) break;  // uniform over the block
+            const int n = lrow + LROWS * q;
             const bool ok = kok && n < nr;
-            cp_async16_at(s + gm_swz(GM_BM + n, lchunk),
-                          ok ? pool + (i64)a_page[q] * 2 * H + ld_in : pool, ok ? 16 : 0);
+            if (n < a_rows)
+                cp_async16_at(s + gm_swz(BM + n, lchunk),
+                              ok ? pool + (i64)a_page[q] * 2 * H + ld_in : pool, ok ? 16 : 0);
         }
         if (++ld_st == stages) ld_st = 0;
         ld_k += GM_BK;
         for (ld_in += GM_BK; ld_in >= H; ld_in -= H) ++ld_j;
     };
 
-    const int wn = warp * 32;                               // first rank column of this warp
+    for (int s = 0; s < stages - 1; ++s) {
+        if (s < num_k_tiles) load_stage();
+        cp_async_commit();
+    }
+    const bool split = gridDim.z > 1;
+    const bool pairs = (v_stride % 2 == 0) && ((reinterpret_cast<unsigned long long>(v) & 7) == 0);
+    const int g = lane >> 2, tig = lane & 3;
+    // v[row, n0 + c] and v[row, n0 + c + 1] (c even) from a float pair, inside the rank: added
+    // where d_in is split over blocks, else stored.
+    auto put = [&](int row, int c, float a, float b) {
+        float* vr = v + (i64)row * v_stride + n0;
+        if (pairs && c + 1 < nr) {
+            if (split) gm_red_f32x2(vr + c, a, b);
+            else gm_st_f32x2(vr + c, a, b);
+        } else {
+            if (c < nr) {
+                if (split) atomicAdd(vr + c, a);
+                else vr[c] = a;
+            }
+            if (c + 1 < nr) {
+                if (split) atomicAdd(vr + c + 1, b);
+                else vr[c + 1] = b;
+            }
+        }
+    };
+#if defined(GM_WGMMA)
+    // Warpgroup wg: tokens 64 wg.. of the tile x a_rows rank columns, 4 wgmma per stage, both
+    // operands read from the stage (x rows K-major; A rows, K-major, are B's N rows).
+    if (sbase & 1023) __trap();  // the descriptors' swizzle needs 1024-byte tiles
+    const u32 wg_rows = (u32)((warp >> 2) * 64 * 128);
+    auto run = [&](auto n_tag) {
+        constexpr int N = decltype(n_tag)::value;
+        float acc[N / 2];
+#pragma unroll
+        for (int i = 0; i < N / 2; ++i) acc[i] = 0.f;
+        for (int kt = 0, st = 0; kt < num_k_tiles; ++kt, st = st + 1 == stages ? 0 : st + 1) {
+            gm_wait_stages(stages);
+            gm_fence_async_smem();
+            __syncthreads();
+            if (kt + stages - 1 < num_k_tiles) load_stage();
+            cp_async_commit();
+            const u32 s = sbase + (u32)(st * stage_rows * 128);
+            gm_fence_regs(acc);
+            gm_wgmma_fence();
+#pragma unroll
+            for (int kk = 0; kk < GM_BK / 16; ++kk)
+                gm_wgmma_ss(acc, gm_desc(s + wg_rows + kk * 32),
+                            gm_desc(s + BM * 128 + kk * 32));
+            gm_wgmma_commit();
+            gm_wgmma_wait_all();
+            gm_fence_regs(acc);
+        }
+        cp_async_wait<0>();
+        // acc[4 i + 2 h + e]: row 16 warp + g + 8 h, column 8 i + 2 tig + e.
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + warp * 16 + g + h * 8;
+            if (row >= m_end) continue;
+#pragma unroll
+            for (int i = 0; i < N / 8; ++i) put(row, 8 * i + 2 * tig, acc[4 * i + 2 * h],
+                                                 acc[4 * i + 2 * h + 1]);
+        }
+    };
+    switch (a_rows) {
+        case 16: run(gm_int<16>{}); break;
+        case 32: run(gm_int<32>{}); break;
+        case 64: run(gm_int<64>{}); break;
+        default: run(gm_int<128>{}); break;
+    }
+#else
+    const int wn = (warp & 3) * 32;                         // first rank column of this warp
+    const int wm = (warp >> 2) * 64;                        // and its first token
     const int nfr = max(0, min(4, (nr - wn + 7) >> 3));    // its n8 fragments inside the rank
     float acc[4][4][4];
 #pragma unroll
@@ -188,10 +370,6 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
 #pragma unroll
             for (int c = 0; c < 4; ++c) acc[a][b][c] = 0.f;
 
-    for (int s = 0; s < stages - 1; ++s) {
-        if (s < num_k_tiles) load_stage();
-        cp_async_commit();
-    }
     for (int kt = 0, st = 0; kt < num_k_tiles; ++kt, st = st + 1 == stages ? 0 : st + 1) {
         gm_wait_stages(stages);
         __syncthreads();
@@ -204,11 +382,12 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
                 u32 af[4][4], bf[2][4];
 #pragma unroll
                 for (int mi = 0; mi < 4; ++mi)
-                    ldmatrix_x4_at(af[mi], s + gm_swz(mi * 16 + (lane & 15), kk * 2 + (lane >> 4)));
+                    ldmatrix_x4_at(af[mi], s + gm_swz(wm + mi * 16 + (lane & 15),
+                                                      kk * 2 + (lane >> 4)));
 #pragma unroll
                 for (int p = 0; p < 2; ++p)
                     if (2 * p < nfr)
-                        ldmatrix_x4_at(bf[p], s + gm_swz(GM_BM + wn + p * 16 + (lane & 7)
+                        ldmatrix_x4_at(bf[p], s + gm_swz(BM + wn + p * 16 + (lane & 7)
                                                              + ((lane >> 4) << 3),
                                                          kk * 2 + ((lane >> 3) & 1)));
 #pragma unroll
@@ -223,53 +402,41 @@ mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
     }
     cp_async_wait<0>();
     if (nfr == 0) return true;
-    const bool split = gridDim.z > 1;
-    const bool pairs = (v_stride % 2 == 0) && ((reinterpret_cast<unsigned long long>(v) & 7) == 0);
-    const int g = lane >> 2, tig = lane & 3;
 #pragma unroll
     for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-            const int row = m0 + mi * 16 + g + h * 8;
+            const int row = m0 + wm + mi * 16 + g + h * 8;
             if (row >= m_end) continue;
-            float* vr = v + (i64)row * v_stride + n0 + wn;
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni) {
-                if (ni >= nfr) continue;
-                const int col = ni * 8 + tig * 2;  // of this warp's columns
-                const float a = acc[mi][ni][h * 2], b = acc[mi][ni][h * 2 + 1];
-                if (pairs && wn + col + 1 < nr) {
-                    if (split) gm_red_f32x2(vr + col, a, b);
-                    else gm_st_f32x2(vr + col, a, b);
-                } else {
-                    if (wn + col < nr) {
-                        if (split) atomicAdd(vr + col, a);
-                        else vr[col] = a;
-                    }
-                    if (wn + col + 1 < nr) {
-                        if (split) atomicAdd(vr + col + 1, b);
-                        else vr[col + 1] = b;
-                    }
-                }
-            }
+            for (int ni = 0; ni < 4; ++ni)
+                if (ni < nfr)
+                    put(row, wn + ni * 8 + tig * 2, acc[mi][ni][h * 2], acc[mi][ni][h * 2 + 1]);
         }
+#endif
     return true;
 }
+
+#define SHRINK_ARGS                                                                         \
+    const elem_t* __restrict__ x, i64 x_stride, const elem_t* __restrict__ pool, int H,      \
+    const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,      \
+    const int* __restrict__ ranks, const int* __restrict__ seg_starts,                       \
+    const int* __restrict__ seg_slots, int num_segs, float* __restrict__ v, int d_in,        \
+    int k_split_len, const int* __restrict__ group, int num_members, i64 table_stride,       \
+    int v_stride
+#define SHRINK_PASS x, x_stride, pool, H, page_table, num_slots, max_rank, pages_per_row,    \
+    ranks, seg_starts, seg_slots, num_segs, v, d_in, k_split_len, group, num_members,         \
+    table_stride, v_stride
 
 // A group of modules that read the same x (q, k, v): `group` [num_members, 3] (module, first
 // column of y, width) and the tables of every module (module m's page table at m *
 // table_stride, its ranks and scales at m * num_slots); member i's v in columns
 // [i * max_rank, (i + 1) * max_rank) of rows v_stride wide. grid.x holds the members' rank
 // tiles, member-major. group null: one module, the tables as given (num_members 1).
-extern "C" __global__ void __launch_bounds__(GM_THREADS, 4)
-mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
-             const elem_t* __restrict__ pool, int H,
-             const int* __restrict__ page_table, int num_slots, int max_rank, int pages_per_row,
-             const int* __restrict__ ranks, const int* __restrict__ seg_starts,
-             const int* __restrict__ seg_slots, int num_segs,
-             float* __restrict__ v, int d_in, int k_split_len,
-             const int* __restrict__ group, int num_members, i64 table_stride, int v_stride)
+template <int BM>
+__device__ __forceinline__ void mbgmm_shrink_body(SHRINK_ARGS)
 {
+    extern __shared__ __align__(1024) unsigned char gm_smem[];
     // Launched plainly: what came before it is complete, so the expand launched behind it
     // (launchers.lora_shrink_expand_segments) may start; it waits for v at pdl_wait().
     pdl_launch_dependents();
@@ -279,25 +446,33 @@ mbgmm_shrink(const elem_t* __restrict__ x, i64 x_stride,
     page_table += module * table_stride;
     ranks += (i64)module * num_slots;
     v += member * max_rank;
+    const u32 sbase = smem_addr(gm_smem);
+    const int smem_bytes = gm_dynamic_smem_bytes();
     for (int tile = blockIdx.y;
-         mbgmm_shrink_tile(x, x_stride, pool, H, page_table, num_slots, max_rank, pages_per_row,
-                           ranks, seg_starts, seg_slots, num_segs, v, d_in, k_split_len,
-                           v_stride, blockIdx.x % per_member, tile);
+         mbgmm_shrink_tile<BM>(x, x_stride, pool, H, page_table, num_slots, max_rank,
+                               pages_per_row, ranks, seg_starts, seg_slots, num_segs, v, d_in,
+                               k_split_len, v_stride, blockIdx.x % per_member, tile, sbase,
+                               smem_bytes);
          tile += gridDim.y)
         __syncthreads();  // the next tile reuses shared memory
+}
+
+// 64-token tiles (128 threads, 48 KB): for short segments.
+extern "C" __global__ void __launch_bounds__(128, 4) mbgmm_shrink(SHRINK_ARGS)
+{
+    mbgmm_shrink_body<64>(SHRINK_PASS);
+}
+
+// 128-token tiles (256 threads, 96 KB): for segments mostly longer than 128 tokens.
+extern "C" __global__ void __launch_bounds__(256, 2) mbgmm_shrink_128(SHRINK_ARGS)
+{
+    mbgmm_shrink_body<128>(SHRINK_PASS);
 }
 
 // ---- expand --------------------------------------------------------------------------------
 #define GX_BN 64             // output columns per step
 #define GX_KC 128            // rank rows per chunk
 #define GX_MAX_STAGES 4
-
-// The dynamic shared memory this launch was given (launchers._expand_launch picks it).
-__device__ __forceinline__ int gm_dynamic_smem_bytes() {
-    u32 n;
-    asm("mov.u32 %0, %%dynamic_smem_size;" : "=r"(n));
-    return (int)n;
-}
 
 __device__ __forceinline__ u32 gm_ld_shared_u32(u32 saddr) {
     u32 w;
@@ -474,8 +649,14 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
     int cs = 0, ch = 0, st = 0;
     // This thread's 16 bytes of the copy-out: row wm + (lane >> 3) + 4 k, chunk lane & 7.
     elem_t* y_out = y_tile + (i64)(wm + (lane >> 3)) * y_stride + (lane & 7) * VEC;
+#if defined(GM_WGMMA)
+    if (sbase & 1023) __trap();  // the descriptors' swizzle needs 1024-byte tiles
+#endif
     for (int step = 0; step < num_steps; ++step) {
         gm_wait_stages(stages);
+#if defined(GM_WGMMA)
+        gm_fence_async_smem();  // the B^T rows copied in, to wgmma's reads
+#endif
         __syncthreads();  // this step's stage is in; every warp is done with the last step's
         if (step + stages - 1 < num_steps) load_stage();  // into that buffer
         cp_async_commit();
@@ -489,6 +670,21 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
         const u32 s = sbase + (u32)(st * stage_bytes);
         const u32 sb = s + BM * 128;
         const int ksteps = (min(GX_KC, rank - ch * GX_KC) + 15) >> 4;
+#if defined(GM_WGMMA)
+        // Each warpgroup its 64 rows: one wgmma per 16 rank rows, B^T read in place.
+#pragma unroll
+        for (int n = 0; n < 8; ++n) gm_fence_regs(acc[n]);
+        gm_wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < GX_KC / 16; ++ks) {
+            if (ks >= ksteps) break;
+            gm_wgmma_rs_n64(acc, va[ks], gm_desc(sb + ks * 16 * 128));
+        }
+        gm_wgmma_commit();
+        gm_wgmma_wait_all();
+#pragma unroll
+        for (int n = 0; n < 8; ++n) gm_fence_regs(acc[n]);
+#else
 #pragma unroll
         for (int ks = 0; ks < GX_KC / 16; ++ks) {
             if (ks >= ksteps) break;
@@ -501,6 +697,7 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
                 mma16816(acc[2 * np + 1], va[ks], bf[2], bf[3]);
             }
         }
+#endif
         if (ch == num_chunks - 1) {
             // y += the product in the model dtype, in place in the stage's y tile (this warp's
             // rows: acc[n] is column chunk n), then this warp's rows out, 16 bytes a thread.
@@ -566,7 +763,7 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
 template <int BM>
 __device__ __forceinline__ void mbgmm_expand_body(EXPAND_ARGS)
 {
-    extern __shared__ __align__(128) unsigned char gx_smem[];
+    extern __shared__ __align__(1024) unsigned char gx_smem[];
     const int num_col_steps = (d_out + GX_BN - 1) / GX_BN;
     const int per_block = (num_col_steps + gridDim.x - 1) / gridDim.x;
     const int member = blockIdx.z;

@@ -303,7 +303,7 @@ def test_mbgmv_fused_overlapping_the_kernel_before(L, gen, shape, dtype, num_tok
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmm_group_pair_behind_the_gemm(L, gen, shape, dtype, expand_tile):
+def test_mbgmm_group_pair_behind_the_gemm(L, gen, shape, dtype, mbgmm_tile):
     """lora_shrink_expand_segments for q, k, v (its expand launched behind its shrink)
     behind the fused qkv GEMM and behind itself (check_behind_gemm): an expand that read v
     before the shrink was done, or wrote y before the GEMM was, fails."""
@@ -409,19 +409,21 @@ def test_mbgmv_fused_any_number_of_chunks(L, gen, num_chunks):
     check_fused(L, gen, LLAMA3_8B, "o", torch.float32, 13, num_chunks)
 
 
-@pytest.fixture(params=[64, 128], ids=lambda n: f"expand-tile-{n}")
-def expand_tile(L, request):
-    """Runs the test with the MBGMM expand on tiles of 64 and of 128 tokens (the launcher
-    picks by the segments' average length)."""
-    saved, L.EXPAND_TILE = L.EXPAND_TILE, request.param
+@pytest.fixture(params=[64, 128], ids=lambda n: f"tile-{n}")
+def mbgmm_tile(L, request):
+    """Runs the test with the MBGMM shrink and expand on tiles of 64 and of 128 tokens (the
+    launchers pick by the segments' average length)."""
+    saved = L.SHRINK_TILE, L.EXPAND_TILE
+    L.SHRINK_TILE = L.EXPAND_TILE = request.param
     yield request.param
-    L.EXPAND_TILE = saved
+    L.SHRINK_TILE, L.EXPAND_TILE = saved
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmm_shrink_segments_matches_reference(L, gen, shape, module, dtype):
+def test_mbgmm_shrink_segments_matches_reference(L, gen, shape, module, dtype,
+                                                 mbgmm_tile):
     """Prefill shrink on tensor cores over segments of odd lengths, one adapter each."""
     d_in, d_out = shape.module_dims(module)
     lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
@@ -435,7 +437,8 @@ def test_mbgmm_shrink_segments_matches_reference(L, gen, shape, module, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("module", MODULES)
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmm_expand_segments_matches_reference(L, gen, shape, module, dtype, expand_tile):
+def test_mbgmm_expand_segments_matches_reference(L, gen, shape, module, dtype,
+                                                 mbgmm_tile):
     """Prefill expand on tensor cores; rows outside segments and no-adapter segments untouched."""
     d_in, d_out = shape.module_dims(module)
     lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
@@ -460,7 +463,8 @@ MANY_SEG_LENGTHS = [(i * 37) % 23 + 2 for i in range(60)]
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float32], ids=str)
 @pytest.mark.parametrize("group_name", ["qkv", "gate_up"])
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
-def test_mbgmm_group_segments_match_reference(L, gen, shape, group_name, dtype, expand_tile):
+def test_mbgmm_group_segments_match_reference(L, gen, shape, group_name, dtype,
+                                              mbgmm_tile):
     """Prefill LoRA of a module group (q, k, v; gate, up) in one shrink and one expand launch:
     per-module ranks and scales, each member into its columns; no-adapter segments and the
     decode rows before the first segment untouched."""
@@ -483,7 +487,7 @@ def test_mbgmm_group_segments_match_reference(L, gen, shape, group_name, dtype, 
         assert torch.equal(y[untouched], y0[untouched])
 
 
-def test_mbgmm_single_module_with_many_segments(L, gen, expand_tile):
+def test_mbgmm_single_module_with_many_segments(L, gen, mbgmm_tile):
     """60 segments, more than the launch's block rows: the blocks loop over the tiles."""
     shape, dtype = LLAMA2_7B, torch.bfloat16
     d_in, d_out = shape.module_dims("q_proj")
@@ -507,7 +511,7 @@ def test_mbgmm_single_module_with_many_segments(L, gen, expand_tile):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("d_in,d_out,max_rank", [(600, 456, 131), (1800, 1000, 256)])
 def test_mbgmm_ranks_past_one_tile_and_rows_across_pages(L, gen, d_in, d_out, max_rank, dtype,
-                                                         expand_tile):
+                                                         mbgmm_tile):
     """Ranks past 128 (the shrink's second rank tile, the expand's second rank chunk), an odd
     max_rank (v rows not 8-byte aligned: scalar v reads and adds), and pages of H=200, so a
     stage of d_in and a step of d_out cross page boundaries; d_in 600 runs unsplit, 1800 split."""
