@@ -605,32 +605,42 @@ mbgmm_expand_tile(elem_t* __restrict__ y, i64 y_stride, const float* __restrict_
 
     // scale * v of this warp's rows, rank columns of chunk ch, as A fragments (0 past the rank).
     u32 va[GX_KC / 16][4];
+    // All of a thread's v loads are issued before the first is used (predicated, no branch
+    // per rank step): at rank 128 they are 32 loads from L2, which one after another would
+    // cost a round trip each at the start of every tile.
     auto load_v = [&](int ch) {
         const int i0 = ch * GX_KC, kn = min(GX_KC, rank - i0);
+        float raw[GX_KC / 16][4][2];  // [ks][h + 2 half]: the pair at row h, column half
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
             const int row = m0 + wm + g + h * 8;
             const bool rok = row < m_end;
             const float* vr = v + (i64)(rok ? row : m0) * v_stride + i0;
 #pragma unroll
-            for (int ks = 0; ks < GX_KC / 16; ++ks) {
-                if (ks * 16 >= kn) continue;
+            for (int ks = 0; ks < GX_KC / 16; ++ks)
 #pragma unroll
                 for (int half = 0; half < 2; ++half) {
                     const int col = ks * 16 + half * 8 + tig * 2;
-                    float a = 0.f, b = 0.f;
+                    float& a = raw[ks][h + 2 * half][0];
+                    float& b = raw[ks][h + 2 * half][1];
+                    a = b = 0.f;
                     if (rok && col < kn) {
                         if (v_vec4) gm_ld_f32x2(vr + col, a, b);
                         else {
                             a = vr[col];
                             if (col + 1 < kn) b = vr[col + 1];
                         }
-                        if (col + 1 >= kn) b = 0.f;
                     }
-                    va[ks][h + 2 * half] = pack2(scale * a, scale * b);
                 }
-            }
         }
+#pragma unroll
+        for (int ks = 0; ks < GX_KC / 16; ++ks)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int col = ks * 16 + (e >> 1) * 8 + tig * 2;  // b past the rank: 0
+                va[ks][e] = pack2(scale * raw[ks][e][0],
+                                  col + 1 < kn ? scale * raw[ks][e][1] : 0.f);
+            }
     };
 
 #pragma unroll 1
