@@ -1,7 +1,8 @@
 // MBGMM: the prefill LoRA kernels. Prefill tokens come in segments, each segment one request's
 // tokens and so one adapter; a block computes one tile of one segment on the tensor cores
-// (mma.sync m16n8k16, bf16/fp16 operands, float32 accumulators). Adapter rows are gathered
-// from the pool's pages into shared memory, so the page table costs nothing in the inner loop.
+// (bf16/fp16 operands, float32 accumulators: wgmma where built for sm_90a, else mma.sync
+// m16n8k16). Adapter rows are gathered from the pool's pages into shared memory, so the page
+// table costs nothing in the inner loop.
 //
 // Tiles are numbered over the segments in order and found on the device (find_tile), so the
 // launch needs no host copy of the segment offsets. There are at most ceil(num_tokens / BM) +
