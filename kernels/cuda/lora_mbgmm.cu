@@ -106,11 +106,13 @@ typedef unsigned long long u64;
 template <int N> struct gm_int { static constexpr int value = N; };
 
 // The descriptor of a tile of the rows gm_swz lays out (128-byte rows, 16-byte chunk c of row
-// r at c ^ (r & 7)), which is wgmma's 128-byte swizzle when the tile starts on 1024 bytes: 8-row
-// groups 1024 bytes apart (both offsets set to that: a K-major operand reads the stride, an
-// MN-major one of 64 columns the leading offset or stride by the PTX ISA's two readings).
-// Inside a row, K steps of 16 elements move the start by 32 bytes; the hardware swizzles the
-// address it computes, as gm_swz does.
+// r at c ^ (r & 7)), which is wgmma's 128-byte swizzle when the tile starts on 1024 bytes.
+// Its 8-row groups are 1024 bytes apart, and both offset fields say so: the K-major operands
+// step between row groups by the stride offset; the MN-major B^T tile, one 64-column swizzle
+// atom wide, steps between its groups of 8 K rows by the one offset that applies to it, which
+// the PTX ISA's layout tables and its field descriptions name differently. Inside a row, K
+// steps of 16 elements move the start by 32 bytes; the hardware swizzles the address it
+// computes, as gm_swz does.
 __device__ __forceinline__ u64 gm_desc(u32 saddr) {
     return (u64)((saddr & 0x3ffff) >> 4) | ((u64)(1024 >> 4) << 16) | ((u64)(1024 >> 4) << 32)
          | (1ull << 62);
@@ -208,11 +210,12 @@ __device__ __forceinline__ void gm_wait_stages(int stages) {
 // n < rank[s]. v must hold zeros beforehand (the launcher clears it): split-K blocks add
 // into it. grid (ceil(max_rank / GM_BN), tile rows (see the top), num_k_splits); block 2 BM
 // threads over a tile of BM tokens (64 or 128) x 128 rank columns: with wgmma one warpgroup
-// per 64 tokens, else warps side by side, each 64 tokens x 32 rank columns. A stage is BM rows
-// of x and only as many A rows as the rank needs (rounded up to 16, or to wgmma's N), so small
-// ranks get more stages in the same shared memory (48 KB for 64 tokens, 96 KB for 128: rank
-// 128 gets 2 and 3); warps wholly past the rank only load. A block reads 128-byte pieces of
-// each x row per stage, and a 128-token tile reads each A row once for twice the tokens.
+// per 64 tokens, else warps side by side, each 64 tokens x 32 rank columns (warps wholly past
+// the rank only load). A stage is BM rows of x and only as many A rows as the rank needs
+// (rounded up to 16, or to wgmma's N), so small ranks get more stages in the same shared
+// memory (48 KB for 64 tokens, 96 KB for 128: rank 128 gets 2 and 3). A block reads 128-byte
+// pieces of each x row per stage, and a 128-token tile reads each A row once for twice the
+// tokens.
 template <int BM>
 __device__ __forceinline__ bool
 mbgmm_shrink_tile(const elem_t* __restrict__ x, i64 x_stride,
