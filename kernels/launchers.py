@@ -425,13 +425,13 @@ def _expand_launch(dev, pool, num_tokens, num_segs, d_out, num_members):
     equal stripes (the kernel derives the stripe width from grid.x) so that the blocks (tiles
     x stripes x members) make about one wave; grid.y: the tiles of the tokens plus one per
     segment up to MAX_EXTRA_TILE_ROWS (see _tile_rows)."""
-    bm = EXPAND_TILE or (128 if num_tokens >= 128 * num_segs else 64)
+    bm = _mbgmm_tile(EXPAND_TILE, num_tokens, num_segs)
     # The kernel fits as many stages as the shared memory given here (%dynamic_smem_size).
     name, smem, per_sm = (("mbgmm_expand", 96 << 10, 2) if bm == 128
                           else ("mbgmm_expand_64", 56 << 10, 4))
     kernel = get_kernel(MBGMM, pool.dtype, name, dev)
     allow_dynamic_smem(kernel, smem, dev)
-    tiles = math.ceil(num_tokens / bm) + min(num_segs, MAX_EXTRA_TILE_ROWS)
+    tiles = _tile_rows(num_tokens, num_segs, bm)
     col_steps = math.ceil(d_out / 64)
     want = round(EXPAND_WAVES * per_sm * _num_sms(dev)
                  / (math.ceil(num_tokens / bm) * num_members))
@@ -439,7 +439,13 @@ def _expand_launch(dev, pool, num_tokens, num_segs, d_out, num_members):
     return kernel, (math.ceil(col_steps / per_block), tiles, num_members), (2 * bm,), smem
 
 
-def _tile_rows(num_tokens: int, num_segs: int, bm: int = 64) -> int:
+def _mbgmm_tile(forced: int | None, num_tokens: int, num_segs: int) -> int:
+    """Tokens per MBGMM tile: `forced` (the SHRINK_TILE / EXPAND_TILE knob) or, by default,
+    128 where the segments average 128 tokens or more, else 64."""
+    return forced or (128 if num_tokens >= 128 * num_segs else 64)
+
+
+def _tile_rows(num_tokens: int, num_segs: int, bm: int) -> int:
     """grid.y of the MBGMM kernels: the bm-token tiles of the tokens, plus one per segment
     (each may end in a partial tile) up to MAX_EXTRA_TILE_ROWS; blocks loop over the tiles
     past grid.y, so padding segments (a CUDA graph's) cost no blocks of their own."""
@@ -452,7 +458,7 @@ def _shrink_launch(dev, pool, num_tokens, num_segs, d_in, max_rank, num_members)
     twice the tokens) where the segments average 128 tokens or more, else mbgmm_shrink (64,
     4 blocks of 48 KB). d_in is split so that the blocks (tiles x rank tiles x members x
     splits) make about one wave; each split at least SHRINK_MIN_SPLIT wide, a multiple of 64."""
-    bm = SHRINK_TILE or (128 if num_tokens >= 128 * num_segs else 64)
+    bm = _mbgmm_tile(SHRINK_TILE, num_tokens, num_segs)
     name, smem, per_sm = (("mbgmm_shrink_128", 96 << 10, 2) if bm == 128
                           else ("mbgmm_shrink", 48 << 10, 4))
     kernel = get_kernel(MBGMM, pool.dtype, name, dev)
