@@ -1,6 +1,7 @@
 """Kernel benchmark: the GPU's own limits first, then each kernel against them.
 
-    python bench/kernels.py [--out DIR] [--quick] [--sections decode,group,layer,prefill,attention]
+    python bench/kernels.py [--out DIR] [--quick]
+        [--sections decode,group,layer,prefill,prefill-layer,attention]
 
 1. Copy bandwidth (a 1 GiB device-to-device copy, bytes read + written) and the dense bf16
    GEMM rate (8192^3 torch.matmul): the two ceilings every other figure is a percentage of.
@@ -17,7 +18,8 @@
    for them): the group's shrink and expand (one launch each) below FUSED_GROUP_MIN_TOKENS,
    the fused kernel from there, against each other and three modules' two launches. Then the
    LoRA of one module behind its base projection's GEMM, as the worker runs it: what it adds
-   to the GEMM's time, overlapping the GEMM's end and launched plainly. Timed as CUDA-graph
+   to the GEMM and the layer's next kernel (a stand-in, NextKernel), overlapping the GEMM's
+   end and launched plainly. Timed as CUDA-graph
    replays cycling over several page tables on disjoint pages (more bytes than L2 holds, so
    rows come from HBM), median over replays. Speedup is over the torch reference (torch_ref, eager).
 3. Prefill LoRA (MBGMM shrink + expand on tensor cores, as the worker launches them:
@@ -25,7 +27,8 @@
    dependent launch), 4096 tokens in 8 segments of distinct adapters, ranks 16, 64, 128:
    TFLOP/s (2 * tokens * rank * (d_in + d_out)) against the GEMM rate, and against the
    roofline min(GEMM rate, bytes / copy bandwidth): at these ranks the work is bound by
-   moving x and y, not by arithmetic.
+   moving x and y, not by arithmetic. Then the same behind the base projection's GEMM, as
+   the decode rows above: what the LoRA adds to the GEMM and the next kernel.
 4. Decode attention at batch 64 x context 1024 and 4096 (Llama-2-7B: 32 heads; Llama-3-8B:
    32 query / 8 KV heads), every position on its own random page: GB/s of K and V read.
 
@@ -261,13 +264,28 @@ def bench_decode_lora_group(pool, copy_bw, quick):
     return rows
 
 
+class NextKernel:
+    """The kernel after a projection in the worker's layer (rope, a norm, silu_mul; never
+    another GEMM), as a one-element add. The behind-GEMM rows put it after the GEMM with and
+    without the LoRA: cuBLAS GEMMs launched back to back overlap one another's ends, which a
+    GEMM in the worker's layer never does, so a baseline of bare GEMMs would charge that
+    overlap to the LoRA."""
+
+    def __init__(self):
+        self.t = torch.zeros(1, device=DEV)
+
+    def __call__(self):
+        self.t.add_(1)
+
+
 def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
     """The decode LoRA of one module where the worker runs it: right behind the base
     projection's GEMM (y = x @ W^T, Llama-2-7B q_proj, the weights rotating over 8 copies so
-    they come from HBM), one adapter per token. A row's time is what the LoRA adds to the
-    GEMM alone: the worker's launches (overlapping the GEMM's end) and, beside it, the same
-    kernels launched plainly."""
+    they come from HBM), one adapter per token, the layer's next kernel after it (NextKernel).
+    A row's time is what the LoRA adds to the GEMM and that kernel: the worker's launches
+    (overlapping the GEMM's end) and, beside it, the same kernels launched plainly."""
     rows = []
+    next_kernel = NextKernel()
     backend = CudaBackend()
     max_rank, d_in, d_out = 64, H, H
     weights = [torch.randn(d_out, d_in, device=DEV, dtype=DTYPE) * d_in ** -0.5
@@ -302,6 +320,7 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
                         backend.lora_group(y, x, pool, t.unsqueeze(0), ranks.unsqueeze(0),
                                            scales.unsqueeze(0), group, lora_batch,
                                            after_base_gemm=overlap)
+                    next_kernel()
                 return f
             reps = 10 if quick else 30
             pairs = list(zip(weights, tables))
@@ -377,6 +396,57 @@ def bench_prefill_lora(pool, copy_bw, gemm, quick):
     return rows
 
 
+def bench_prefill_lora_behind_gemm(pool, copy_bw, gemm, quick):
+    """The prefill LoRA of one module where the worker runs it: behind the base projection's
+    GEMM (4096 tokens, Llama-2-7B q_proj, 3 rotating sets of x, y and W), 8 segments of
+    distinct adapters, the layer's next kernel after it (NextKernel). A row's time is what
+    CudaBackend.lora_group adds to the GEMM and that kernel."""
+    rows = []
+    backend, next_kernel = CudaBackend(), NextKernel()
+    tokens, num_segs, max_rank = 4096, 8, 128
+    d_in = d_out = H
+    seg_len = tokens // num_segs
+    lora_batch = LoraBatch(
+        token_slots=torch.arange(num_segs, dtype=torch.int32, device=DEV).repeat_interleave(
+            seg_len), num_decode_tokens=0,
+        seg_starts=torch.arange(0, tokens + 1, seg_len, dtype=torch.int32, device=DEV),
+        seg_slots=torch.arange(num_segs, dtype=torch.int32, device=DEV), any_lora=True)
+    group = LoraGroup(members=((0, 0, d_out),),
+                      table=torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV))
+    sets = [(torch.randn(tokens, d_in, device=DEV, dtype=DTYPE),
+             torch.empty(tokens, d_out, device=DEV, dtype=DTYPE),
+             torch.randn(d_out, d_in, device=DEV, dtype=DTYPE) * d_in ** -0.5)
+            for _ in range(3)]
+    for rank in (16, 64, 128):
+        perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
+        table = torch.zeros(1, num_segs, max_rank, 1, dtype=torch.int32, device=DEV)
+        table[0, :, :rank, 0] = perm[:num_segs * rank].view(num_segs, rank)
+        ranks = torch.full((1, num_segs), rank, dtype=torch.int32, device=DEV)
+        scales = torch.full((1, num_segs), 0.5, device=DEV)
+
+        def layer(x, y, w, lora=True):
+            def f():  # Model.linear: the GEMM, then the LoRA of its group
+                torch.matmul(x, w.T, out=y)
+                if lora:
+                    backend.lora_group(y, x, pool, table, ranks, scales, group, lora_batch,
+                                       after_base_gemm=True)
+                next_kernel()
+            return f
+        reps = 10 if quick else 30
+        t_gemm = graph_time([layer(*s, lora=False) for s in sets], reps=reps)
+        t_with = graph_time([layer(*s) for s in sets], reps=reps)
+        added = t_with - t_gemm
+        flops = 2 * tokens * rank * (d_in + d_out)
+        rows.append(dict(
+            section="prefill LoRA behind GEMM", rank=rank,
+            config=f"r{rank} 4096 tokens 8 adapters", path="MBGMM pair", time_us=added * 1e6,
+            rate=flops / added / 1e12, unit="TFLOP/s", pct=100 * flops / added / gemm,
+            gemm_us=t_gemm * 1e6, with_us=t_with * 1e6))
+        print(f"prefill LoRA behind GEMM r{rank}: GEMM {t_gemm * 1e6:.1f} us, with LoRA "
+              f"{t_with * 1e6:.1f} (+{added * 1e6:.1f})", flush=True)
+    return rows
+
+
 def bench_decode_attention(copy_bw, quick):
     rows = []
     batch = 64
@@ -440,8 +510,10 @@ def table(rows, copy_bw, gemm, gpu) -> str:
                      f"{r['fused_us']:.1f} us, per module, 6 launches: "
                      f"{r['per_module_us']:.1f} us)")
         if "gemm_us" in r:
-            extra = (f" ({r['path']}; GEMM alone {r['gemm_us']:.1f} us, with the LoRA "
-                     f"{r['with_us']:.1f}; launched plainly it adds {r['added_plain_us']:.1f})")
+            plain = (f"; launched plainly it adds {r['added_plain_us']:.1f}"
+                     if "added_plain_us" in r else "")
+            extra = (f" ({r['path']}; GEMM and next kernel {r['gemm_us']:.1f} us, with the "
+                     f"LoRA {r['with_us']:.1f}{plain})")
         lines.append(f"| {r['section']} | {r['config']} | {r['time_us']:.1f} | "
                      f"{r['rate']:.1f} {r['unit']} | {r['pct']:.1f}% {limit}{extra} | "
                      f"{speedup} | {judge(r)} |")
@@ -482,9 +554,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, help="folder for kernels.md, kernels.json, kernels.png")
     ap.add_argument("--quick", action="store_true", help="fewer repetitions")
-    ap.add_argument("--sections", default="decode,group,layer,prefill,attention",
+    ap.add_argument("--sections", default="decode,group,layer,prefill,prefill-layer,attention",
                     help="comma-separated: decode (LoRA), group (q,k,v LoRA), layer (decode "
-                         "LoRA behind its base GEMM), prefill (LoRA), attention")
+                         "LoRA behind its base GEMM), prefill (LoRA), prefill-layer (prefill "
+                         "LoRA behind its base GEMM), attention")
     args = ap.parse_args(argv)
     sections = {s.strip() for s in args.sections.split(",")}
     if not torch.cuda.is_available():
@@ -503,6 +576,8 @@ def main(argv=None) -> int:
         rows += bench_decode_lora_behind_gemm(pool, copy_bw, args.quick)
     if "prefill" in sections:
         rows += bench_prefill_lora(pool, copy_bw, gemm, args.quick)
+    if "prefill-layer" in sections:
+        rows += bench_prefill_lora_behind_gemm(pool, copy_bw, gemm, args.quick)
     del pool
     torch.cuda.empty_cache()
     if "attention" in sections:
