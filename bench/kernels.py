@@ -342,24 +342,40 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
     return rows
 
 
+PREFILL_TOKENS, PREFILL_SEGS, PREFILL_MAX_RANK = 4096, 8, 128
+"""The prefill rows' batch: 4096 tokens in 8 equal segments of distinct adapters (slots 0..7)."""
+
+
+def prefill_segments() -> tuple[torch.Tensor, torch.Tensor]:
+    """seg_starts, seg_slots of the prefill rows' batch."""
+    seg_len = PREFILL_TOKENS // PREFILL_SEGS
+    return (torch.arange(0, PREFILL_TOKENS + 1, seg_len, dtype=torch.int32, device=DEV),
+            torch.arange(PREFILL_SEGS, dtype=torch.int32, device=DEV))
+
+
+def prefill_tables(pool, rank: int):
+    """One module's page table [segs, max rank, 1] (rows on random pages), ranks and scales
+    [segs] for the prefill rows' adapters, all of rank `rank`."""
+    perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
+    table = torch.zeros(PREFILL_SEGS, PREFILL_MAX_RANK, 1, dtype=torch.int32, device=DEV)
+    table[:, :rank, 0] = perm[:PREFILL_SEGS * rank].view(PREFILL_SEGS, rank)
+    ranks = torch.full((PREFILL_SEGS,), rank, dtype=torch.int32, device=DEV)
+    scales = torch.full((PREFILL_SEGS,), 0.5, device=DEV)
+    return table, ranks, scales
+
+
 def bench_prefill_lora(pool, copy_bw, gemm, quick):
     rows = []
-    tokens, num_segs = 4096, 8
+    tokens, num_segs, max_rank = PREFILL_TOKENS, PREFILL_SEGS, PREFILL_MAX_RANK
     d_in = d_out = H
-    max_rank = 128
     seg_len = tokens // num_segs
-    seg_starts = torch.arange(0, tokens + 1, seg_len, dtype=torch.int32, device=DEV)
-    seg_slots = torch.arange(num_segs, dtype=torch.int32, device=DEV)
+    seg_starts, seg_slots = prefill_segments()
     sets = [(torch.randn(tokens, d_in, device=DEV, dtype=DTYPE),
              torch.randn(tokens, d_out, device=DEV, dtype=DTYPE)) for _ in range(3)]
     v = torch.empty(tokens, max_rank, device=DEV)
     group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV)
     for rank in (16, 64, 128):
-        perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
-        table = torch.zeros(num_segs, max_rank, 1, dtype=torch.int32, device=DEV)
-        table[:, :rank, 0] = perm[:num_segs * rank].view(num_segs, rank)
-        ranks = torch.full((num_segs,), rank, dtype=torch.int32, device=DEV)
-        scales = torch.full((num_segs,), 0.5, device=DEV)
+        table, ranks, scales = prefill_tables(pool, rank)
 
         def ours(x, y):  # the worker's launches (CudaBackend.lora_group): one module's group
             t4, r2, s2 = table.unsqueeze(0), ranks.unsqueeze(0), scales.unsqueeze(0)
@@ -396,21 +412,18 @@ def bench_prefill_lora(pool, copy_bw, gemm, quick):
     return rows
 
 
-def bench_prefill_lora_behind_gemm(pool, copy_bw, gemm, quick):
+def bench_prefill_lora_behind_gemm(pool, gemm, quick):
     """The prefill LoRA of one module where the worker runs it: behind the base projection's
     GEMM (4096 tokens, Llama-2-7B q_proj, 3 rotating sets of x, y and W), 8 segments of
     distinct adapters, the layer's next kernel after it (NextKernel). A row's time is what
     CudaBackend.lora_group adds to the GEMM and that kernel."""
     rows = []
     backend, next_kernel = CudaBackend(), NextKernel()
-    tokens, num_segs, max_rank = 4096, 8, 128
-    d_in = d_out = H
-    seg_len = tokens // num_segs
+    tokens, d_in, d_out = PREFILL_TOKENS, H, H
+    seg_starts, seg_slots = prefill_segments()
     lora_batch = LoraBatch(
-        token_slots=torch.arange(num_segs, dtype=torch.int32, device=DEV).repeat_interleave(
-            seg_len), num_decode_tokens=0,
-        seg_starts=torch.arange(0, tokens + 1, seg_len, dtype=torch.int32, device=DEV),
-        seg_slots=torch.arange(num_segs, dtype=torch.int32, device=DEV), any_lora=True)
+        token_slots=seg_slots.repeat_interleave(tokens // PREFILL_SEGS), num_decode_tokens=0,
+        seg_starts=seg_starts, seg_slots=seg_slots, any_lora=True)
     group = LoraGroup(members=((0, 0, d_out),),
                       table=torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV))
     sets = [(torch.randn(tokens, d_in, device=DEV, dtype=DTYPE),
@@ -418,11 +431,7 @@ def bench_prefill_lora_behind_gemm(pool, copy_bw, gemm, quick):
              torch.randn(d_out, d_in, device=DEV, dtype=DTYPE) * d_in ** -0.5)
             for _ in range(3)]
     for rank in (16, 64, 128):
-        perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
-        table = torch.zeros(1, num_segs, max_rank, 1, dtype=torch.int32, device=DEV)
-        table[0, :, :rank, 0] = perm[:num_segs * rank].view(num_segs, rank)
-        ranks = torch.full((1, num_segs), rank, dtype=torch.int32, device=DEV)
-        scales = torch.full((1, num_segs), 0.5, device=DEV)
+        table, ranks, scales = (t.unsqueeze(0) for t in prefill_tables(pool, rank))
 
         def layer(x, y, w, lora=True):
             def f():  # Model.linear: the GEMM, then the LoRA of its group
@@ -577,7 +586,7 @@ def main(argv=None) -> int:
     if "prefill" in sections:
         rows += bench_prefill_lora(pool, copy_bw, gemm, args.quick)
     if "prefill-layer" in sections:
-        rows += bench_prefill_lora_behind_gemm(pool, copy_bw, gemm, args.quick)
+        rows += bench_prefill_lora_behind_gemm(pool, gemm, args.quick)
     del pool
     torch.cuda.empty_cache()
     if "attention" in sections:
