@@ -11,10 +11,13 @@
    behind the kernel before it, here the previous call's expand, and the expand behind the
    shrink, by programmatic dependent launch), the pair with its shrink launched plainly, both
    launched plainly, and the fused kernel (one launch, `lora_shrink_expand`). A row's time is
-   the path the worker takes for one module: the pair below FUSED_DECODE_MIN_TOKENS tokens,
-   the fused kernel from there on. Bytes count each adapter row and each activation once (A
-   and B^T rows of the distinct adapters, x read, y read and written, v written and read;
-   the fused kernel keeps v on chip). Then a group, q, k and v together (what the worker runs
+   the one-pass kernel (`lora_decode_onepass`: shrink and expand in one launch, each block
+   adding its rows' part into y), also with twice its parts. A row's time is the path the
+   worker takes for one module (decode_lora_path): on Hopper the one-pass kernel below
+   ONEPASS_MAX_TOKENS tokens, elsewhere the pair below FUSED_DECODE_MIN_TOKENS, the fused
+   kernel from there on. Bytes count each adapter row and each activation once (A and B^T
+   rows of the distinct adapters, x read, y read and written, v written and read; the fused
+   and one-pass kernels keep v on chip). Then a group, q, k and v together (what the worker runs
    for them): the group's shrink and expand (one launch each) below FUSED_GROUP_MIN_TOKENS,
    the fused kernel from there, against each other and three modules' two launches. Then the
    LoRA of one module behind its base projection's GEMM, as the worker runs it: what it adds
@@ -169,6 +172,16 @@ def bench_decode_lora(pool, copy_bw, quick):
                 t_pair_plain_shrink = graph_time([two(t, overlap=False) for t in tables],
                                                  reps=10 if quick else 30)
                 t_fused = graph_time([fused(t) for t in tables], reps=10 if quick else 30)
+
+                def onepass(t, parts=None):  # one launch, blocks adding into y
+                    return lambda: L.lora_decode_onepass(y, x, pool, t, ranks, scales, slots,
+                                                         parts=parts, overlap_previous=True)
+                t_onepass = graph_time([onepass(t) for t in tables], reps=10 if quick else 30)
+                # Twice the parts (where the rank has the row groups): what the cap on y's
+                # roundings (ONEPASS_MAX_PARTS) costs.
+                parts = L.onepass_parts(batch, max_rank, pool.device.index)
+                t_onepass_2x = graph_time([onepass(t, 2 * parts) for t in tables],
+                                          reps=10 if quick else 30)
                 with plain_launches():
                     t_plain = graph_time([two(t) for t in tables], reps=10 if quick else 30)
 
@@ -179,9 +192,10 @@ def bench_decode_lora(pool, copy_bw, quick):
                 pair_bytes = adapter_bytes + act_bytes
                 fused_bytes = adapter_bytes + batch * (d_in * 2 + d_out * 4)  # v stays on chip
                 # The path the worker takes for one module at this batch (cuda_backend).
-                path = L.decode_lora_path(batch, 1)
-                t_ours, nbytes = ((t_fused, fused_bytes) if path == "fused"
-                                  else (t_pair, pair_bytes))
+                path = L.decode_lora_path(batch, 1, pool.device.index)
+                t_ours, nbytes = {"fused": (t_fused, fused_bytes),
+                                  "one pass": (t_onepass, fused_bytes),
+                                  "pair": (t_pair, pair_bytes)}[path]
                 rows.append(dict(
                     section="decode LoRA", rank=rank, batch=batch, adapters=num_adapters,
                     config=f"r{rank} batch {batch} adapters {num_adapters}",
@@ -190,6 +204,8 @@ def bench_decode_lora(pool, copy_bw, quick):
                     pct=100 * nbytes / t_ours / copy_bw, speedup=t_ref / t_ours,
                     ref_us=t_ref * 1e6, pair_us=t_pair * 1e6, plain_us=t_plain * 1e6,
                     pair_plain_shrink_us=t_pair_plain_shrink * 1e6, fused_us=t_fused * 1e6,
+                    onepass_us=t_onepass * 1e6, onepass_parts=parts,
+                    onepass_2x_us=t_onepass_2x * 1e6,
                     pair_pct=100 * pair_bytes / t_pair / copy_bw,
                     fused_pct=100 * fused_bytes / t_fused / copy_bw))
                 r = rows[-1]
@@ -197,7 +213,9 @@ def bench_decode_lora(pool, copy_bw, quick):
                       f"({r['pct']:.0f}%), {r['speedup']:.1f}x torch ref; pair "
                       f"{t_pair * 1e6:.1f} us ({r['pair_pct']:.0f}%; shrink launched plainly "
                       f"{t_pair_plain_shrink * 1e6:.1f}; plain launches {t_plain * 1e6:.1f}), "
-                      f"fused {t_fused * 1e6:.1f} us ({r['fused_pct']:.0f}%)", flush=True)
+                      f"fused {t_fused * 1e6:.1f} us ({r['fused_pct']:.0f}%), one pass "
+                      f"{t_onepass * 1e6:.1f} us ({parts} parts; {2 * parts}: "
+                      f"{t_onepass_2x * 1e6:.1f})", flush=True)
     return rows
 
 
@@ -246,7 +264,7 @@ def bench_decode_lora_group(pool, copy_bw, quick):
         t_fused = graph_time([fused(t) for t in tables], reps=reps)
         t_pair = graph_time([pair(t) for t in tables], reps=reps)
         t_per = graph_time([per_module(t) for t in tables], reps=reps)
-        path = L.decode_lora_path(batch, num_modules)
+        path = L.decode_lora_path(batch, num_modules, pool.device.index)
         t_ours = t_fused if path == "fused" else t_pair
         t_ref = events_time(lambda: torch_ref.lora_shrink_expand(
             y, x, pool, tables[0], ranks, scales, slots, group), 2, warmup=1)
@@ -311,7 +329,8 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
                                    seg_starts=torch.zeros(1, dtype=torch.int32, device=DEV),
                                    seg_slots=torch.zeros(0, dtype=torch.int32, device=DEV),
                                    any_lora=True)
-            path = L.decode_lora_path(batch, 1)  # the one CudaBackend.lora_group takes
+            # The path CudaBackend.lora_group takes.
+            path = L.decode_lora_path(batch, 1, pool.device.index)
 
             def layer(w, t, lora=True, overlap=True):
                 def f():  # Model.linear: the GEMM, then the LoRA of its group
@@ -513,7 +532,8 @@ def table(rows, copy_bw, gemm, gpu) -> str:
         if "pair_us" in r:
             extra = (f" ({r['path']}; pair {r['pair_us']:.1f} us, its shrink launched plainly "
                      f"{r['pair_plain_shrink_us']:.1f}, plain launches {r['plain_us']:.1f}; "
-                     f"fused {r['fused_us']:.1f} us)")
+                     f"fused {r['fused_us']:.1f} us; one pass {r['onepass_us']:.1f} us, "
+                     f"{r['onepass_parts']} parts, twice as many {r['onepass_2x_us']:.1f})")
         if "per_module_us" in r:
             extra = (f" ({r['path']}; group pair {r['group_pair_us']:.1f} us, fused "
                      f"{r['fused_us']:.1f} us, per module, 6 launches: "

@@ -51,15 +51,17 @@ class CudaBackend:
                    group: LoraGroup, batch: LoraBatch, *, after_base_gemm: bool = False):
         """y[:, col:col + width] += each member's LoRA of x, in place. Decode tokens: by the
         path launchers.decode_lora_path picks. "fused": the fused shrink + expand kernel, one
-        launch for the group (see mbgmv_fused in lora_mbgmv.cu). Otherwise MBGMV shrink then
-        expand, the expand launched behind the shrink, one launch each for the whole group
+        launch for the group (see mbgmv_fused in lora_mbgmv.cu). "one pass" (one module):
+        shrink and expand in one launch, each block adding its rows' part into y
+        (launchers.lora_decode_onepass). Otherwise MBGMV shrink then expand, the expand
+        launched behind the shrink, one launch each for the whole group
         (launchers.lora_decode_group; a single module: launchers.lora_decode).
         Prefill segments: MBGMM, one shrink and one expand launch for the whole group, one
         module or several.
         after_base_gemm: the kernel just before is the GEMM that made y from x (Model.linear),
         so the decode launch may overlap its end (overlap_previous: it writes only y)."""
         num_tokens, nd = y.shape[0], batch.num_decode_tokens
-        path = launchers.decode_lora_path(nd, len(group.members))
+        path = launchers.decode_lora_path(nd, len(group.members), pool.device.index)
         if nd and path == "fused":
             launchers.lora_shrink_expand(
                 y[:nd], x[:nd], pool, lora_page_table, lora_ranks, lora_scales,
@@ -72,9 +74,10 @@ class CudaBackend:
                 overlap_previous=after_base_gemm)
         elif nd:
             (m, col, width), = group.members
-            launchers.lora_decode(y[:nd, col:col + width], x[:nd], pool, lora_page_table[m],
-                                  lora_ranks[m], lora_scales[m], batch.token_slots[:nd],
-                                  overlap_previous=after_base_gemm)
+            decode = (launchers.lora_decode_onepass if path == "one pass"
+                      else launchers.lora_decode)
+            decode(y[:nd, col:col + width], x[:nd], pool, lora_page_table[m], lora_ranks[m],
+                   lora_scales[m], batch.token_slots[:nd], overlap_previous=after_base_gemm)
         if nd < num_tokens:
             launchers.lora_shrink_expand_segments(
                 y, x, pool, lora_page_table, lora_ranks, lora_scales, batch.seg_starts,

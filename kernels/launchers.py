@@ -37,6 +37,9 @@ NULL = np.uint64(0)
 """A null pointer argument."""
 
 
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
 def _num_sms(device_index: int) -> int:
     if device_index not in _sm_counts:
         _sm_counts[device_index] = torch.cuda.get_device_properties(device_index).multi_processor_count
@@ -139,6 +142,13 @@ def _check_segments(seg_starts, seg_slots, pool) -> int:
     return seg_slots.shape[0]
 
 
+def _check_scales(lora_scales, pool, num_slots: int) -> None:
+    _check_cuda("lora_scales", lora_scales, pool.device)
+    if lora_scales.dtype != torch.float32 or tuple(lora_scales.shape) != (num_slots,):
+        raise ValueError(f"lora_scales must be float32 [{num_slots}], "
+                         f"got {lora_scales.dtype} {tuple(lora_scales.shape)}")
+
+
 def _check_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales):
     """The checks of an expand's arguments; returns (num_tokens, d_out, H, num_slots,
     max_rank, pages_per_row)."""
@@ -147,10 +157,7 @@ def _check_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales):
     H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_out,
                                                      "d_out")
     _check_v(v, pool, num_tokens, max_rank)
-    _check_cuda("lora_scales", lora_scales, pool.device)
-    if lora_scales.dtype != torch.float32 or tuple(lora_scales.shape) != (num_slots,):
-        raise ValueError(f"lora_scales must be float32 [{num_slots}], "
-                         f"got {lora_scales.dtype} {tuple(lora_scales.shape)}")
+    _check_scales(lora_scales, pool, num_slots)
     return num_tokens, d_out, H, num_slots, max_rank, ppr
 
 
@@ -264,16 +271,26 @@ single module too (H100, rank 16, one adapter per token: 28.3 against 30.9 us at
 at 64 the pair wins, 11.3 against 14.7)."""
 
 
-def decode_lora_path(num_tokens: int, num_members: int) -> str:
+ONEPASS_MAX_TOKENS = 512
+"""Below this many decode tokens a single module takes the one-pass kernel where it runs at
+full speed (onepass_available: Hopper), from there the fused kernel (H200, Llama-2-7B q_proj,
+one adapter per token, one pass against fused: rank 16 18.3 / 22.9 us at 256 tokens, 35.3 /
+36.2 at 512; rank 64 65.7 / 73.6 at 256, 128.8 / 127.9 at 512; with one adapter for all
+512 tokens the fused kernel wins, 19.9 / 23.4 and 64.1 / 86.5)."""
+
+
+def decode_lora_path(num_tokens: int, num_members: int, device_index: int) -> str:
     """Which decode LoRA launches a module group of `num_members` takes for `num_tokens`
-    decode tokens (CudaBackend.lora_group; bench/kernels.py reports the same path): "fused"
-    (lora_shrink_expand) from FUSED_GROUP_MIN_TOKENS tokens for several modules and from
-    FUSED_DECODE_MIN_TOKENS for one; below that "group pair" (lora_decode_group) for several
-    and "pair" (lora_decode) for one."""
-    several = num_members > 1
-    if num_tokens >= (FUSED_GROUP_MIN_TOKENS if several else FUSED_DECODE_MIN_TOKENS):
-        return "fused"
-    return "group pair" if several else "pair"
+    decode tokens on the GPU `device_index` (CudaBackend.lora_group; bench/kernels.py reports
+    the same path): "fused" (lora_shrink_expand) from FUSED_GROUP_MIN_TOKENS tokens for
+    several modules, below that "group pair" (lora_decode_group). One module: "one pass"
+    (lora_decode_onepass) below ONEPASS_MAX_TOKENS on Hopper; elsewhere "pair" (lora_decode)
+    below FUSED_DECODE_MIN_TOKENS; "fused" from there."""
+    if num_members > 1:
+        return "fused" if num_tokens >= FUSED_GROUP_MIN_TOKENS else "group pair"
+    if onepass_available(device_index):
+        return "one pass" if num_tokens < ONEPASS_MAX_TOKENS else "fused"
+    return "fused" if num_tokens >= FUSED_DECODE_MIN_TOKENS else "pair"
 
 
 def lora_decode(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, *,
@@ -296,6 +313,66 @@ def lora_decode(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slot
                     _overlap_previous=overlap_previous)
     return lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
                        _behind_shrink=True)
+
+
+ONEPASS_ROWS = 4
+"""Rows of one adapter a block of mbgmv_onepass takes per group (ONEPASS_RG in the source)."""
+ONEPASS_THREADS = 256
+ONEPASS_MAX_PARTS = 8
+"""The most pieces (blocks) a token's delta is split into by lora_decode_onepass: y is rounded
+once per piece, so this bounds its roundings (as many as the fused kernel's chunks)."""
+
+
+def onepass_available(device_index: int) -> bool:
+    """Whether mbgmv_onepass runs at full speed here: its 16-byte reductions into y need
+    Hopper (sm_90); older GPUs would add into y one packed pair at a time."""
+    if device_index not in _capabilities:
+        _capabilities[device_index] = torch.cuda.get_device_capability(device_index)
+    return _capabilities[device_index][0] >= 9
+
+
+def onepass_parts(num_tokens: int, max_rank: int, device_index: int) -> int:
+    """lora_decode_onepass's default blocks per token: two resident blocks per SM over the
+    batch, at most one per group of ONEPASS_ROWS rows and at most ONEPASS_MAX_PARTS."""
+    fill = max(1, 2 * _num_sms(device_index) // max(1, num_tokens))
+    return max(1, min(fill, math.ceil(max_rank / ONEPASS_ROWS), ONEPASS_MAX_PARTS))
+
+
+def lora_decode_onepass(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, *,
+                        parts=None, overlap_previous=False):
+    """lora_decode's result in one launch where no block waits for another (mbgmv_onepass):
+    `parts` blocks per token (default onepass_parts) each take every parts-th group of 4
+    rows below the token's rank, compute their dot products with x and add the scaled sum of
+    their B^T rows into y by vector reductions. y is rounded once per part; the parts land in
+    any order (not bit-reproducible). overlap_previous: as lora_decode's (the first pool loads
+    are issued before the wait, x and y are touched after it). Returns y."""
+    _check_rows("x", x, pool)
+    _check_rows("y", y, pool)
+    (num_tokens, d_in), d_out = x.shape, y.shape[1]
+    if y.shape[0] != num_tokens:
+        raise ValueError(f"y has {y.shape[0]} tokens; x has {num_tokens}")
+    H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks,
+                                                     max(d_in, d_out), "max(d_in, d_out)")
+    _check_scales(lora_scales, pool, num_slots)
+    _check_int("token_slots", token_slots, pool, 1)
+    if token_slots.shape[0] != num_tokens:
+        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
+    if parts is not None and (not isinstance(parts, int) or parts < 1):
+        raise ValueError(f"parts must be a positive int, got {parts!r}")
+    if num_tokens == 0 or max_rank == 0 or d_out == 0:
+        return y
+    dev = pool.device.index
+    groups = math.ceil(max_rank / ONEPASS_ROWS)
+    parts = onepass_parts(num_tokens, max_rank, dev) if parts is None else min(parts, groups)
+    smem = math.ceil(groups / parts) * ONEPASS_ROWS * (ONEPASS_THREADS // 32 + 1) * 4
+    launch(get_kernel(MBGMV, pool.dtype, "mbgmv_onepass", dev), (num_tokens, parts),
+           (ONEPASS_THREADS,),
+           (ptr(y), i64(y.stride(0)), ptr(x), i64(x.stride(0)), ptr(pool), i32(H),
+            ptr(lora_page_table), i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks),
+            ptr(lora_scales), ptr(token_slots), i32(d_in), i32(d_out),
+            i32(_overlap(overlap_previous, dev))),
+           dev, shared_mem=smem, pdl=_overlap(overlap_previous, dev))
+    return y
 
 
 FUSED_THREADS = 128

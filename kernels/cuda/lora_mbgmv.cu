@@ -454,3 +454,205 @@ extern "C" __global__ void __launch_bounds__(128) mbgmv_fused(FUSED_ARGS)
 {
     mbgmv_fused_body<128, 4, 4>(FUSED_PASS);
 }
+
+// ---- one pass: shrink and expand in one launch, no block waiting for another -------------
+// y[t] += scale * sum_{i < rank} (x[t] . A_s[i]) * B_s^T[i] (s = token_slots[t]) as a sum of
+// `parts` pieces (gridDim.y), each added into y by vector reductions (red.global.add: 16 bytes
+// of y per instruction, done at L2). Block (t, p) takes the groups of ONEPASS_RG rows p,
+// p + parts, ... of token t. Phase 1: the dot products of its rows with x, the first group's
+// A rows loaded together with its B^T rows of the first output chunk (the same pages' V
+// halves), into shared memory. Phase 2: for each chunk of output columns, the sum over its
+// rows of w_i * B^T_i (w_i = scale * v_i) in fp32, added into y by one reduction. No block
+// waits for another's v (the two-launch pair waits for the whole shrink grid, the fused kernel
+// recomputes the shrink per block), so at small batches the time is about one round of loads.
+// y is rounded once per piece, in whatever order they land: at most `parts` roundings (the
+// launcher caps parts at 8; adding each group of 4 rows on its own put bf16 results for rank
+// 128 past tolerance), and not bit-reproducible from run to run. The cap costs where a block
+// then takes several groups one after another (H200, rank 64, batch 1: 5.1 us in 8 parts,
+// 3.1 in 16). Requesting the next group's rows into L2 ahead (prefetch.global.L2) measured
+// slower everywhere (rank 64: 5.3 us at batch 1, 23.7 against 18.2 at 64 tokens).
+//
+// Dynamic shared memory: groups * ONEPASS_RG * (WARPS + 1) floats, groups = the most row
+// groups a block takes (ceil(ceil(max_rank / ONEPASS_RG) / parts)).
+// overlap = 1 (launched behind the kernel before it, which writes neither the slots, tables
+// nor pool): the first group's pool loads are issued before waiting for it; x is read and y
+// added to after.
+#define ONEPASS_RG 4
+
+__device__ __forceinline__ void red_add_vec(elem_t* p, const float (&c)[VEC])
+{
+#if defined(SLORA_FP32)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("red.global.add.v4.f32 [%0], {%1,%2,%3,%4};"
+                 :: "l"(p), "f"(c[0]), "f"(c[1]), "f"(c[2]), "f"(c[3]) : "memory");
+#else
+#pragma unroll
+    for (int e = 0; e < VEC; ++e) atomicAdd(p + e, c[e]);
+#endif
+#else
+    const vec_t v = pack(c);
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if defined(SLORA_BF16)
+    asm volatile("red.global.add.noftz.v4.bf16x2 [%0], {%1,%2,%3,%4};"
+                 :: "l"(p), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]), "r"(v.w[3]) : "memory");
+#else
+    asm volatile("red.global.add.noftz.v4.f16x2 [%0], {%1,%2,%3,%4};"
+                 :: "l"(p), "r"(v.w[0]), "r"(v.w[1]), "r"(v.w[2]), "r"(v.w[3]) : "memory");
+#endif
+#else  // before Hopper: one packed pair at a time
+    u32* w = (u32*)p;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+#if defined(SLORA_FP16)
+        asm volatile("red.global.add.noftz.f16x2 [%0], %1;" :: "l"(w + i), "r"(v.w[i]) : "memory");
+#else  // bf16x2 reductions need sm_90: compare and swap
+        u32 old = w[i], seen;
+        do {
+            seen = old;
+            old = atomicCAS(w + i, seen,
+                            pack2(lo_f32(seen) + c[2 * i], hi_f32(seen) + c[2 * i + 1]));
+        } while (old != seen);
+#endif
+    }
+#endif
+#endif
+}
+
+// Vectors U of rows r0 .. r0 + RG - 1 (those below rank; zeros past it) of one half of the
+// adapter's pages (half 0: A, 1: B^T) from column c0 of a `width`-wide module side.
+template <int THREADS, int U, int RG>
+__device__ __forceinline__ void load_rows(vec_t (&v)[RG][U], const elem_t* __restrict__ pool,
+                                          int H, const int* __restrict__ pt, int pages_per_row,
+                                          int r0, int rank, int half, int c0, int width)
+{
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+        const int c = c0 + (u * THREADS + threadIdx.x) * VEC;
+        const int j = c < width ? c / H : 0;
+#pragma unroll
+        for (int r = 0; r < RG; ++r)
+            v[r][u] = r0 + r < rank && c < width
+                ? ld_stream(pool + (i64)pt[(i64)(r0 + r) * pages_per_row + j] * 2 * H
+                            + half * H + (c - j * H))
+                : vzero();
+    }
+}
+
+template <int THREADS, int XU, int OU>
+__device__ __forceinline__ void
+mbgmv_onepass_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restrict__ x,
+                   i64 x_stride, const elem_t* __restrict__ pool, int H,
+                   const int* __restrict__ page_table, int num_slots, int max_rank,
+                   int pages_per_row, const int* __restrict__ ranks,
+                   const float* __restrict__ scales, const int* __restrict__ token_slots,
+                   int d_in, int d_out, int overlap)
+{
+    constexpr int RG = ONEPASS_RG, WARPS = THREADS / 32;
+    constexpr int IN_STEP = THREADS * VEC * XU, OUT_STEP = THREADS * VEC * OU;
+    extern __shared__ float onepass_smem[];
+    const int t = blockIdx.x, parts = gridDim.y;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int slot = token_slots[t];
+    if (slot < 0 || slot >= num_slots) return;
+    const int rank = min(ranks[slot], max_rank);
+    if (blockIdx.y * RG >= rank) return;
+    const int groups = (rank - blockIdx.y * RG + parts * RG - 1) / (parts * RG);
+    const int max_groups = ((max_rank + RG - 1) / RG + parts - 1) / parts;
+    float* partial = onepass_smem;                 // [max_groups * RG][WARPS]
+    float* w = onepass_smem + max_groups * RG * WARPS;  // [max_groups * RG]
+    const float scale = scales[slot];
+    const int* pt = page_table + (i64)slot * max_rank * pages_per_row;
+    const elem_t* xt = x + (i64)t * x_stride;
+    elem_t* yt = y + (i64)t * y_stride;
+
+    vec_t b0[RG][OU];  // the first group's B^T rows of the first output chunk
+    for (int g = 0; g < groups; ++g) {
+        const int r0 = (blockIdx.y + g * parts) * RG;
+        float acc[RG];
+#pragma unroll
+        for (int r = 0; r < RG; ++r) acc[r] = 0.f;
+        for (int k0 = 0; k0 < d_in; k0 += IN_STEP) {
+            vec_t av[RG][XU], xv[XU];
+            load_rows<THREADS, XU, RG>(av, pool, H, pt, pages_per_row, r0, rank, 0, k0, d_in);
+            if (g == 0 && k0 == 0) {  // in flight with the first A rows; then the wait
+                load_rows<THREADS, OU, RG>(b0, pool, H, pt, pages_per_row, r0, rank, 1, 0,
+                                           d_out);
+                xt = pdl_wait_for(xt);  // no-ops when launched plainly
+                yt = pdl_wait_for(yt);
+                pdl_launch_dependents();
+            }
+#pragma unroll
+            for (int u = 0; u < XU; ++u) {
+                const int k = k0 + (u * THREADS + threadIdx.x) * VEC;
+                xv[u] = k < d_in ? ld_vec(xt + k) : vzero();
+            }
+#pragma unroll
+            for (int r = 0; r < RG; ++r)
+#pragma unroll
+                for (int u = 0; u < XU; ++u) acc[r] += dot_vec(xv[u], av[r][u]);
+        }
+#pragma unroll
+        for (int r = 0; r < RG; ++r) {
+            const float s = warp_sum(acc[r]);
+            if (lane == 0) partial[(g * RG + r) * WARPS + warp] = s;
+        }
+    }
+    __syncthreads();
+    for (int i = threadIdx.x; i < groups * RG; i += THREADS) {
+        float s = 0.f;
+#pragma unroll
+        for (int k = 0; k < WARPS; ++k) s += partial[i * WARPS + k];
+        w[i] = (blockIdx.y + i / RG * parts) * RG + i % RG < rank ? s * scale : 0.f;
+    }
+    __syncthreads();
+
+    for (int o0 = 0; o0 < d_out; o0 += OUT_STEP) {
+        float c[OU][VEC];
+#pragma unroll
+        for (int u = 0; u < OU; ++u)
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) c[u][e] = 0.f;
+        for (int g = 0; g < groups; ++g) {
+            vec_t b[RG][OU];
+            if (o0 == 0 && g == 0) {
+#pragma unroll
+                for (int r = 0; r < RG; ++r)
+#pragma unroll
+                    for (int u = 0; u < OU; ++u) b[r][u] = b0[r][u];
+            } else {
+                load_rows<THREADS, OU, RG>(b, pool, H, pt, pages_per_row,
+                                           (blockIdx.y + g * parts) * RG, rank, 1, o0, d_out);
+            }
+#pragma unroll
+            for (int r = 0; r < RG; ++r) {
+                const float wr = w[g * RG + r];
+#pragma unroll
+                for (int u = 0; u < OU; ++u) {
+                    float f[VEC];
+                    unpack(b[r][u], f);
+#pragma unroll
+                    for (int e = 0; e < VEC; ++e) c[u][e] = fmaf(wr, f[e], c[u][e]);
+                }
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < OU; ++u) {
+            const int o = o0 + (u * THREADS + threadIdx.x) * VEC;
+            if (o < d_out) red_add_vec(yt + o, c[u]);
+        }
+    }
+}
+
+#define ONEPASS_ARGS                                                                         \
+    elem_t* __restrict__ y, i64 y_stride, const elem_t* __restrict__ x, i64 x_stride,        \
+    const elem_t* __restrict__ pool, int H, const int* __restrict__ page_table,              \
+    int num_slots, int max_rank, int pages_per_row, const int* __restrict__ ranks,           \
+    const float* __restrict__ scales, const int* __restrict__ token_slots, int d_in,         \
+    int d_out, int overlap
+
+extern "C" __global__ void __launch_bounds__(256, 2) mbgmv_onepass(ONEPASS_ARGS)
+{
+    mbgmv_onepass_body<256, 2, 2>(y, y_stride, x, x_stride, pool, H, page_table, num_slots,
+                                  max_rank, pages_per_row, ranks, scales, token_slots, d_in,
+                                  d_out, overlap);
+}

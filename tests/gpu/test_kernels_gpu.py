@@ -250,6 +250,15 @@ def check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, lora_delta, wha
         assert_close(y.float(), reference(), dtype, f"{what}, graph replay {replay}")
 
 
+def reference_delta(lp, slots):
+    """delta(x, zeros): the reference's LoRA of x added into zeros (for check_behind_gemm)."""
+    def delta(x, zeros):
+        return torch_ref.lora_expand(zeros, torch_ref.lora_shrink(
+            x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
+            lp.scales, slots)
+    return delta
+
+
 @pytest.mark.parametrize("num_tokens", [13, 64])  # mbgmv_shrink; mbgmv_shrink_staged
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("module", ["q_proj", "k_proj", "down_proj"])
@@ -267,13 +276,79 @@ def test_mbgmv_decode_pair_overlapping_the_kernel_before(L, gen, shape, module, 
         L.lora_decode(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots, v_out=v,
                       overlap_previous=True)
 
-    def delta(x, zeros):
-        return torch_ref.lora_expand(zeros, torch_ref.lora_shrink(
-            x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
-            lp.scales, slots)
+    delta = reference_delta(lp, slots)
 
     check_behind_gemm(gen, dtype, num_tokens, d_in, d_out, lora, delta,
                       f"{shape.name} {module} {num_tokens} tokens, pair behind the GEMM", v)
+
+
+def check_onepass(L, gen, shape, module, dtype, num_tokens, parts=None):
+    """lora_decode_onepass against the reference: mixed ranks, no-adapter tokens and a
+    rank-0 slot left exactly as they were, no element far off."""
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    slots = make_token_slots(num_tokens, lp.ranks.shape[0], gen)
+    x = torch.randn(num_tokens, d_in, device="cuda", generator=gen).to(dtype)
+    # Small y: the output is mostly the LoRA delta, so a row group left out shows.
+    y0 = (torch.randn(num_tokens, d_out, device="cuda", generator=gen) * 0.01).to(dtype)
+    y = y0.clone()
+    L.lora_decode_onepass(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots,
+                          parts=parts)
+    ref = torch_ref.lora_expand(y0.clone(), torch_ref.lora_shrink(
+        x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
+        lp.scales, slots)
+    what = f"{shape.name} {module} {num_tokens} tokens one pass, parts {parts}"
+    assert_close(y, ref, dtype, what)
+    worst = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+    assert worst < 2 * TOL[dtype], f"{what}: an element is off by {worst:.2e} of the largest"
+    untouched = (slots == NO_ADAPTER) | (lp.ranks[slots.clamp_min(0).long()] == 0)
+    assert torch.equal(y[untouched], y0[untouched])
+
+
+@pytest.mark.parametrize("num_tokens", [13, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", MODULES)
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_onepass_matches_reference(L, gen, shape, module, dtype, num_tokens):
+    """Decode shrink and expand in one launch (mbgmv_onepass: each block adds its rows'
+    part into y by vector reductions)."""
+    check_onepass(L, gen, shape, module, dtype, num_tokens)
+
+
+@pytest.mark.parametrize("parts", [1, 3, 8, 1000])
+def test_mbgmv_onepass_any_number_of_parts(L, gen, parts):
+    """Whatever the blocks per token (1: one block takes every row group; 3: blocks with
+    different numbers of groups; 1000: clamped to one block per group of 4 rows), the result
+    is the same; also for the fp32 pool and the 13B shapes (H = 5120, down's d_in 13824 over
+    three page columns). Beyond ONEPASS_MAX_PARTS, y's roundings (one per part) add up past
+    bf16's tolerance for rank 128, so 1000 is checked with the fp32 pool only."""
+    if parts <= 8:
+        check_onepass(L, gen, LLAMA2_7B, "q_proj", torch.bfloat16, 13, parts)
+        check_onepass(L, gen, LLAMA2_13B, "down_proj", torch.float16, 13, parts)
+    check_onepass(L, gen, LLAMA3_8B, "up_proj", torch.float32, 13, parts)
+
+
+@pytest.mark.parametrize("num_tokens", [13, 64])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("module", ["q_proj", "k_proj", "down_proj"])
+@pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
+def test_mbgmv_onepass_overlapping_the_kernel_before(L, gen, shape, module, dtype,
+                                                     num_tokens):
+    """lora_decode_onepass(overlap_previous=True) behind the base GEMM and behind itself
+    (check_behind_gemm): a block that added into y before the GEMM wrote it, or read x
+    before the kernel making it was done, fails."""
+    d_in, d_out = shape.module_dims(module)
+    lp = make_lora_pool(shape.hidden, d_in, d_out, dtype, gen)
+    slots = make_token_slots(num_tokens, lp.ranks.shape[0], gen)
+
+    def lora(y, x):
+        L.lora_decode_onepass(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots,
+                              overlap_previous=True)
+
+    delta = reference_delta(lp, slots)
+
+    check_behind_gemm(gen, dtype, num_tokens, d_in, d_out, lora, delta,
+                      f"{shape.name} {module} {num_tokens} tokens, one pass behind the GEMM")
 
 
 @pytest.mark.parametrize("num_tokens", [13, 64])
@@ -657,7 +732,7 @@ def test_store_kv_writes_exactly_the_tokens_pages(L, gen, shape, dtype):
 # ---- the backend and CUDA graphs ----------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(gen, dtype):
+def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(L, gen, dtype):
     """Decode tokens first, then prefill segments: LoRA and attention as the worker calls them."""
     from slora.kernels.cuda_backend import CudaBackend
     shape = LLAMA3_8B
@@ -682,8 +757,13 @@ def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(gen, dtype):
                                  lora)
     assert_close(y, y_ref, dtype, "backend expand")
 
-    # LoRA groups of the GQA shape: q, k, v (fused decode launch, one MBGMM pair for the
-    # group) and o alone (MBGMV shrink and expand, the MBGMM pair for one module).
+    # LoRA groups of the GQA shape: q, k, v (the group's shrink and expand, one MBGMM pair for
+    # the group) and o alone (the one-pass kernel on Hopper, else MBGMV shrink and expand;
+    # the MBGMM pair for one module).
+    dev = torch.cuda.current_device()
+    assert L.decode_lora_path(num_decode, 3, dev) == "group pair"
+    assert L.decode_lora_path(num_decode, 1, dev) == (
+        "one pass" if L.onepass_available(dev) else "pair")
     from slora.kernels.backend import LoraGroup
     for group_name in ("qkv", "o"):
         d_in, widths = group_dims(shape, group_name)
@@ -778,6 +858,15 @@ def test_launchers_name_the_argument_that_breaks_an_assumption(L, gen):
         y = torch.randn(576, 8, device="cuda").to(torch.bfloat16).T
         L.lora_expand(y, torch.zeros(8, MAX_RANK, device="cuda"), lp.pool, lp.page_table,
                       lp.ranks, lp.scales, slots)
+    with pytest.raises(ValueError, match="y has 4 tokens; x has 8"):
+        L.lora_decode_onepass(torch.zeros(4, 576, device="cuda", dtype=torch.bfloat16), x,
+                              lp.pool, lp.page_table, lp.ranks, lp.scales, slots)
+    with pytest.raises(ValueError, match="lora_scales must be float32"):
+        L.lora_decode_onepass(torch.zeros_like(x), x, lp.pool, lp.page_table, lp.ranks,
+                              lp.scales.half(), slots)
+    with pytest.raises(ValueError, match="parts must be a positive int, got 0"):
+        L.lora_decode_onepass(torch.zeros_like(x), x, lp.pool, lp.page_table, lp.ranks,
+                              lp.scales, slots, parts=0)
     q = torch.randn(2, 9, 64, device="cuda").to(torch.bfloat16)
     table = torch.zeros(2, 4, dtype=torch.int32, device="cuda")
     lens = torch.ones(2, dtype=torch.int32, device="cuda")
