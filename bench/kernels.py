@@ -10,21 +10,22 @@
    expand as the worker launches them (`lora_decode(overlap_previous=True)`: the shrink
    behind the kernel before it, here the previous call's expand, and the expand behind the
    shrink, by programmatic dependent launch), the pair with its shrink launched plainly, both
-   launched plainly, and the fused kernel (one launch, `lora_shrink_expand`). A row's time is
-   the one-pass kernel (`lora_decode_onepass`: shrink and expand in one launch, each block
-   adding its rows' part into y), also with twice its parts. A row's time is the path the
-   worker takes for one module (decode_lora_path): on Hopper the one-pass kernel below
-   ONEPASS_MAX_TOKENS tokens, elsewhere the pair below FUSED_DECODE_MIN_TOKENS, the fused
-   kernel from there on. Bytes count each adapter row and each activation once (A and B^T
-   rows of the distinct adapters, x read, y read and written, v written and read; the fused
-   and one-pass kernels keep v on chip). Then a group, q, k and v together (what the worker runs
-   for them): the group's shrink and expand (one launch each) below FUSED_GROUP_MIN_TOKENS,
-   the fused kernel from there, against each other and three modules' two launches. Then the
-   LoRA of one module behind its base projection's GEMM, as the worker runs it: what it adds
-   to the GEMM and the layer's next kernel (a stand-in, NextKernel), overlapping the GEMM's
-   end and launched plainly. Timed as CUDA-graph
+   launched plainly, the fused kernel (one launch, `lora_shrink_expand`) and the one-pass
+   kernel (`lora_decode_onepass`: shrink and expand in one launch, each block adding its
+   rows' part into y), also with twice its parts. A row's time is the path the worker takes
+   for one module (decode_lora_path): on Hopper the one-pass kernel below ONEPASS_MAX_TOKENS
+   tokens, elsewhere the pair below FUSED_DECODE_MIN_TOKENS; the fused kernel from there on.
+   Bytes count each adapter row and each activation once (A and B^T rows of the distinct
+   adapters, x read, y read and written, v written and read; the fused and one-pass kernels
+   keep v on chip). Then a group, q, k and v together (what the worker runs for them): the
+   one-pass kernel for the group, the group's shrink and expand (one launch each) and the
+   fused kernel, the row's time by decode_lora_path as for one module, against each other and
+   three modules' two launches. Then the LoRA of one module behind its base projection's
+   GEMM, as the worker runs it: what it adds to the GEMM and the layer's next kernel (a
+   stand-in, NextKernel), overlapping the GEMM's end and launched plainly. Timed as CUDA-graph
    replays cycling over several page tables on disjoint pages (more bytes than L2 holds, so
-   rows come from HBM), median over replays. Speedup is over the torch reference (torch_ref, eager).
+   rows come from HBM), median over replays. Speedup is over the torch reference (torch_ref,
+   eager).
 3. Prefill LoRA (MBGMM shrink + expand on tensor cores, as the worker launches them:
    `lora_shrink_expand_segments`, v zeroed, the shrink, the expand behind it by programmatic
    dependent launch), 4096 tokens in 8 segments of distinct adapters, ranks 16, 64, 128:
@@ -221,13 +222,14 @@ def bench_decode_lora(pool, copy_bw, quick):
 
 def bench_decode_lora_group(pool, copy_bw, quick):
     """q, k and v of Llama-2-7B (three 4096 -> 4096 modules), rank 16, one adapter per
-    token, the path the worker takes (cuda_backend.lora_group): below FUSED_GROUP_MIN_TOKENS
-    the group's shrink and its expand, one launch each (lora_decode_group), from there the
-    fused kernel (one launch); beside them the other one and shrink + expand per module (six
-    launches)."""
+    token, the path the worker takes (decode_lora_path): on Hopper the one-pass kernel
+    (lora_decode_onepass_group) below ONEPASS_MAX_TOKENS; elsewhere below
+    FUSED_GROUP_MIN_TOKENS the group's shrink and its expand, one launch each
+    (lora_decode_group); the fused kernel (one launch) from there; beside them the others
+    and shrink + expand per module (six launches)."""
     rows = []
     rank, max_rank, num_modules = 16, 64, 3
-    for batch in (1, 8, 16, 32, 64, 256):
+    for batch in (1, 8, 16, 32, 64, 256, 512):
         rows_per_set = batch * rank * num_modules
         perm = torch.randperm(pool.shape[0], device=DEV).to(torch.int32)
         num_sets = max(1, min(8, pool.shape[0] // rows_per_set))
@@ -254,6 +256,11 @@ def bench_decode_lora_group(pool, copy_bw, quick):
             return lambda: L.lora_decode_group(y, x, pool, t, ranks, scales, slots, group,
                                                max_d_out=H, overlap_previous=True)
 
+        def onepass(t):
+            return lambda: L.lora_decode_onepass_group(y, x, pool, t, ranks, scales, slots,
+                                                       group, max_d_out=H,
+                                                       overlap_previous=True)
+
         def per_module(t):
             def f():
                 for m in range(num_modules):
@@ -263,9 +270,10 @@ def bench_decode_lora_group(pool, copy_bw, quick):
         reps = 10 if quick else 30
         t_fused = graph_time([fused(t) for t in tables], reps=reps)
         t_pair = graph_time([pair(t) for t in tables], reps=reps)
+        t_onepass = graph_time([onepass(t) for t in tables], reps=reps)
         t_per = graph_time([per_module(t) for t in tables], reps=reps)
         path = L.decode_lora_path(batch, num_modules, pool.device.index)
-        t_ours = t_fused if path == "fused" else t_pair
+        t_ours = {"fused": t_fused, "group pair": t_pair, "one pass": t_onepass}[path]
         t_ref = events_time(lambda: torch_ref.lora_shrink_expand(
             y, x, pool, tables[0], ranks, scales, slots, group), 2, warmup=1)
         nbytes = rows_per_set * 2 * H * 2 + batch * (H * 2 + num_modules * H * 4)
@@ -274,10 +282,11 @@ def bench_decode_lora_group(pool, copy_bw, quick):
             config=f"q,k,v r{rank} batch {batch} adapters {batch}", time_us=t_ours * 1e6,
             rate=nbytes / t_ours / 1e9, unit="GB/s", pct=100 * nbytes / t_ours / copy_bw,
             speedup=t_ref / t_ours, ref_us=t_ref * 1e6, per_module_us=t_per * 1e6,
-            fused_us=t_fused * 1e6, group_pair_us=t_pair * 1e6,
+            fused_us=t_fused * 1e6, group_pair_us=t_pair * 1e6, onepass_us=t_onepass * 1e6,
             path=path))
         print(f"decode LoRA group {rows[-1]['config']}: group pair {t_pair * 1e6:.1f} us, "
-              f"fused {t_fused * 1e6:.1f} us, per module {t_per * 1e6:.1f} us, "
+              f"fused {t_fused * 1e6:.1f} us, one pass {t_onepass * 1e6:.1f} us, "
+              f"per module {t_per * 1e6:.1f} us, "
               f"{rows[-1]['pct']:.0f}% copy BW", flush=True)
     return rows
 
@@ -536,7 +545,8 @@ def table(rows, copy_bw, gemm, gpu) -> str:
                      f"{r['onepass_parts']} parts, twice as many {r['onepass_2x_us']:.1f})")
         if "per_module_us" in r:
             extra = (f" ({r['path']}; group pair {r['group_pair_us']:.1f} us, fused "
-                     f"{r['fused_us']:.1f} us, per module, 6 launches: "
+                     f"{r['fused_us']:.1f} us, one pass {r['onepass_us']:.1f} us, "
+                     f"per module, 6 launches: "
                      f"{r['per_module_us']:.1f} us)")
         if "gemm_us" in r:
             plain = (f"; launched plainly it adds {r['added_plain_us']:.1f}"

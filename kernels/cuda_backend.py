@@ -51,9 +51,10 @@ class CudaBackend:
                    group: LoraGroup, batch: LoraBatch, *, after_base_gemm: bool = False):
         """y[:, col:col + width] += each member's LoRA of x, in place. Decode tokens: by the
         path launchers.decode_lora_path picks. "fused": the fused shrink + expand kernel, one
-        launch for the group (see mbgmv_fused in lora_mbgmv.cu). "one pass" (one module):
-        shrink and expand in one launch, each block adding its rows' part into y
-        (launchers.lora_decode_onepass). Otherwise MBGMV shrink then expand, the expand
+        launch for the group (see mbgmv_fused in lora_mbgmv.cu). "one pass": shrink and
+        expand in one launch for the group, each block adding its rows' part into y
+        (launchers.lora_decode_onepass_group; a single module: lora_decode_onepass).
+        Otherwise MBGMV shrink then expand, the expand
         launched behind the shrink, one launch each for the whole group
         (launchers.lora_decode_group; a single module: launchers.lora_decode).
         Prefill segments: MBGMM, one shrink and one expand launch for the whole group, one
@@ -64,6 +65,11 @@ class CudaBackend:
         path = launchers.decode_lora_path(nd, len(group.members), pool.device.index)
         if nd and path == "fused":
             launchers.lora_shrink_expand(
+                y[:nd], x[:nd], pool, lora_page_table, lora_ranks, lora_scales,
+                batch.token_slots[:nd], group.table, max_d_out=group.max_d_out,
+                overlap_previous=after_base_gemm)
+        elif nd and path == "one pass" and len(group.members) > 1:
+            launchers.lora_decode_onepass_group(
                 y[:nd], x[:nd], pool, lora_page_table, lora_ranks, lora_scales,
                 batch.token_slots[:nd], group.table, max_d_out=group.max_d_out,
                 overlap_previous=after_base_gemm)

@@ -282,14 +282,15 @@ one adapter per token, one pass against fused: rank 16 18.3 / 22.9 us at 256 tok
 def decode_lora_path(num_tokens: int, num_members: int, device_index: int) -> str:
     """Which decode LoRA launches a module group of `num_members` takes for `num_tokens`
     decode tokens on the GPU `device_index` (CudaBackend.lora_group; bench/kernels.py reports
-    the same path): "fused" (lora_shrink_expand) from FUSED_GROUP_MIN_TOKENS tokens for
-    several modules, below that "group pair" (lora_decode_group). One module: "one pass"
-    (lora_decode_onepass) below ONEPASS_MAX_TOKENS on Hopper; elsewhere "pair" (lora_decode)
-    below FUSED_DECODE_MIN_TOKENS; "fused" from there."""
-    if num_members > 1:
-        return "fused" if num_tokens >= FUSED_GROUP_MIN_TOKENS else "group pair"
+    the same path). On Hopper (onepass_available): "one pass" (lora_decode_onepass, or
+    lora_decode_onepass_group for several modules) below ONEPASS_MAX_TOKENS, "fused"
+    (lora_shrink_expand) from there. Elsewhere, several modules: "fused" from
+    FUSED_GROUP_MIN_TOKENS tokens, "group pair" (lora_decode_group) below; one module:
+    "fused" from FUSED_DECODE_MIN_TOKENS, "pair" (lora_decode) below."""
     if onepass_available(device_index):
         return "one pass" if num_tokens < ONEPASS_MAX_TOKENS else "fused"
+    if num_members > 1:
+        return "fused" if num_tokens >= FUSED_GROUP_MIN_TOKENS else "group pair"
     return "fused" if num_tokens >= FUSED_DECODE_MIN_TOKENS else "pair"
 
 
@@ -331,11 +332,36 @@ def onepass_available(device_index: int) -> bool:
     return _capabilities[device_index][0] >= 9
 
 
-def onepass_parts(num_tokens: int, max_rank: int, device_index: int) -> int:
-    """lora_decode_onepass's default blocks per token: two resident blocks per SM over the
-    batch, at most one per group of ONEPASS_ROWS rows and at most ONEPASS_MAX_PARTS."""
-    fill = max(1, 2 * _num_sms(device_index) // max(1, num_tokens))
+def onepass_parts(num_tokens: int, max_rank: int, device_index: int,
+                  num_members: int = 1) -> int:
+    """lora_decode_onepass's default blocks per token and module: two resident blocks per SM
+    over the batch's tokens and modules, at most one per group of ONEPASS_ROWS rows and at
+    most ONEPASS_MAX_PARTS."""
+    fill = max(1, 2 * _num_sms(device_index) // max(1, num_tokens * num_members))
     return max(1, min(fill, math.ceil(max_rank / ONEPASS_ROWS), ONEPASS_MAX_PARTS))
+
+
+def _launch_onepass(y, x, pool, H, lora_page_table, num_slots, max_rank, ppr, lora_ranks,
+                    lora_scales, token_slots, d_out, parts, overlap_previous, group=None):
+    num_tokens, d_in = x.shape
+    num_members = 1 if group is None else group.shape[0]
+    dev = pool.device.index
+    groups = math.ceil(max_rank / ONEPASS_ROWS)
+    if parts is None:
+        parts = onepass_parts(num_tokens, max_rank, dev, num_members)
+    elif not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be a positive int, got {parts!r}")
+    parts = min(parts, groups)
+    smem = math.ceil(groups / parts) * ONEPASS_ROWS * (ONEPASS_THREADS // 32 + 1) * 4
+    overlap = _overlap(overlap_previous, dev)
+    launch(get_kernel(MBGMV, pool.dtype, "mbgmv_onepass", dev),
+           (num_tokens, parts, num_members), (ONEPASS_THREADS,),
+           (ptr(y), i64(y.stride(0)), ptr(x), i64(x.stride(0)), ptr(pool), i32(H),
+            ptr(lora_page_table), i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks),
+            ptr(lora_scales), ptr(token_slots), i32(d_in), i32(d_out), i32(overlap),
+            *_group_args(group, num_slots * max_rank * ppr)),
+           dev, shared_mem=smem, pdl=overlap)
+    return y
 
 
 def lora_decode_onepass(y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, *,
@@ -357,22 +383,27 @@ def lora_decode_onepass(y, x, pool, lora_page_table, lora_ranks, lora_scales, to
     _check_int("token_slots", token_slots, pool, 1)
     if token_slots.shape[0] != num_tokens:
         raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
-    if parts is not None and (not isinstance(parts, int) or parts < 1):
-        raise ValueError(f"parts must be a positive int, got {parts!r}")
     if num_tokens == 0 or max_rank == 0 or d_out == 0:
         return y
-    dev = pool.device.index
-    groups = math.ceil(max_rank / ONEPASS_ROWS)
-    parts = onepass_parts(num_tokens, max_rank, dev) if parts is None else min(parts, groups)
-    smem = math.ceil(groups / parts) * ONEPASS_ROWS * (ONEPASS_THREADS // 32 + 1) * 4
-    launch(get_kernel(MBGMV, pool.dtype, "mbgmv_onepass", dev), (num_tokens, parts),
-           (ONEPASS_THREADS,),
-           (ptr(y), i64(y.stride(0)), ptr(x), i64(x.stride(0)), ptr(pool), i32(H),
-            ptr(lora_page_table), i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks),
-            ptr(lora_scales), ptr(token_slots), i32(d_in), i32(d_out),
-            i32(_overlap(overlap_previous, dev))),
-           dev, shared_mem=smem, pdl=_overlap(overlap_previous, dev))
-    return y
+    return _launch_onepass(y, x, pool, H, lora_page_table, num_slots, max_rank, ppr,
+                           lora_ranks, lora_scales, token_slots, d_out, parts,
+                           overlap_previous)
+
+
+def lora_decode_onepass_group(y, x, pool, lora_page_table, lora_ranks, lora_scales,
+                              token_slots, group, *, max_d_out, parts=None,
+                              overlap_previous=False):
+    """lora_shrink_expand's result by the one-pass kernel, one launch for the whole group
+    (grid.z: the members; `parts` blocks per token and member, default onepass_parts over
+    tokens x members). Arguments as lora_shrink_expand's; parts and rounding as
+    lora_decode_onepass's. Returns y."""
+    num_tokens, d_in, H, num_slots, max_rank, ppr = _check_decode_group(
+        y, x, pool, lora_page_table, lora_ranks, lora_scales, token_slots, group, max_d_out)
+    if num_tokens == 0 or max_rank == 0 or max_d_out == 0:
+        return y
+    return _launch_onepass(y, x, pool, H, lora_page_table, num_slots, max_rank, ppr,
+                           lora_ranks, lora_scales, token_slots, max_d_out, parts,
+                           overlap_previous, group)
 
 
 FUSED_THREADS = 128

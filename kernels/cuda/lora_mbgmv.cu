@@ -474,6 +474,9 @@ extern "C" __global__ void __launch_bounds__(128) mbgmv_fused(FUSED_ARGS)
 //
 // Dynamic shared memory: groups * ONEPASS_RG * (WARPS + 1) floats, groups = the most row
 // groups a block takes (ceil(ceil(max_rank / ONEPASS_RG) / parts)).
+// A group of modules that read the same x (see mbgmv_shrink): grid.z = members, member z adds
+// into its width of y from its column, from its module's tables (table_stride ints apart) and
+// scales; group == nullptr: one module, grid.z = 1.
 // overlap = 1 (launched behind the kernel before it, which writes neither the slots, tables
 // nor pool): the first group's pool loads are issued before waiting for it; x is read and y
 // added to after.
@@ -545,12 +548,18 @@ mbgmv_onepass_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restric
                    const int* __restrict__ page_table, int num_slots, int max_rank,
                    int pages_per_row, const int* __restrict__ ranks,
                    const float* __restrict__ scales, const int* __restrict__ token_slots,
-                   int d_in, int d_out, int overlap)
+                   int d_in, int d_out, int overlap, const int* __restrict__ group,
+                   i64 table_stride)
 {
     constexpr int RG = ONEPASS_RG, WARPS = THREADS / 32;
     constexpr int IN_STEP = THREADS * VEC * XU, OUT_STEP = THREADS * VEC * OU;
     extern __shared__ float onepass_smem[];
     const int t = blockIdx.x, parts = gridDim.y;
+    if (const int* member = group_member(group, table_stride, num_slots, page_table, ranks)) {
+        scales += (i64)member[0] * num_slots;  // and its columns and width of y
+        y += member[1];
+        d_out = member[2];
+    }
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int slot = token_slots[t];
     if (slot < 0 || slot >= num_slots) return;
@@ -648,11 +657,11 @@ mbgmv_onepass_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restric
     const elem_t* __restrict__ pool, int H, const int* __restrict__ page_table,              \
     int num_slots, int max_rank, int pages_per_row, const int* __restrict__ ranks,           \
     const float* __restrict__ scales, const int* __restrict__ token_slots, int d_in,         \
-    int d_out, int overlap
+    int d_out, int overlap, const int* __restrict__ group, i64 table_stride
 
 extern "C" __global__ void __launch_bounds__(256, 2) mbgmv_onepass(ONEPASS_ARGS)
 {
     mbgmv_onepass_body<256, 2, 2>(y, y_stride, x, x_stride, pool, H, page_table, num_slots,
                                   max_rank, pages_per_row, ranks, scales, token_slots, d_in,
-                                  d_out, overlap);
+                                  d_out, overlap, group, table_stride);
 }

@@ -326,6 +326,7 @@ def test_mbgmv_onepass_any_number_of_parts(L, gen, parts):
         check_onepass(L, gen, LLAMA2_7B, "q_proj", torch.bfloat16, 13, parts)
         check_onepass(L, gen, LLAMA2_13B, "down_proj", torch.float16, 13, parts)
     check_onepass(L, gen, LLAMA3_8B, "up_proj", torch.float32, 13, parts)
+    check_fused(L, gen, LLAMA3_8B, "qkv", torch.float32, 13, parts, how="one pass")
 
 
 @pytest.mark.parametrize("num_tokens", [13, 64])
@@ -435,8 +436,10 @@ def group_dims(shape: ModelShape, group: str) -> tuple[int, list[int]]:
             "down": (shape.intermediate, [shape.hidden])}[group]
 
 
-def check_fused(L, gen, shape, group_name, dtype, num_tokens, num_chunks=None, pair=False):
-    """lora_shrink_expand (or, with pair, lora_decode_group) against the reference."""
+def check_fused(L, gen, shape, group_name, dtype, num_tokens, num_chunks=None, how="fused"):
+    """lora_shrink_expand (how="fused"; num_chunks: its blocks per token), lora_decode_group
+    ("group pair") or lora_decode_onepass_group ("one pass"; num_chunks: its parts) against
+    the reference."""
     d_in, widths = group_dims(shape, group_name)
     pool, table, ranks, scales, group, width = make_group_pool(shape.hidden, d_in, widths,
                                                                dtype, gen)
@@ -445,33 +448,35 @@ def check_fused(L, gen, shape, group_name, dtype, num_tokens, num_chunks=None, p
     # Small y: the output is mostly the LoRA delta, so a delta left out shows.
     y0 = (torch.randn(num_tokens, width, device="cuda", generator=gen) * 0.01).to(dtype)
     y = y0.clone()
-    if pair:
+    if how == "group pair":
         L.lora_decode_group(y, x, pool, table, ranks, scales, slots, group,
                             max_d_out=max(widths))
+    elif how == "one pass":
+        L.lora_decode_onepass_group(y, x, pool, table, ranks, scales, slots, group,
+                                    max_d_out=max(widths), parts=num_chunks)
     else:
         L.lora_shrink_expand(y, x, pool, table, ranks, scales, slots, group,
                              max_d_out=max(widths), num_chunks=num_chunks)
     ref = torch_ref.lora_shrink_expand(y0.clone(), x, pool, table, ranks, scales, slots, group)
-    what = (f"{shape.name} {group_name} " + ("group pair" if pair else "fused")
-            + f", {num_tokens} tokens, chunks {num_chunks}")
+    what = f"{shape.name} {group_name} {how}, {num_tokens} tokens, chunks {num_chunks}"
     assert_close(y, ref, dtype, what)
     worst = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
     assert worst < 2 * TOL[dtype], f"{what}: an element is off by {worst:.2e} of the largest"
     assert torch.equal(y[slots == NO_ADAPTER], y0[slots == NO_ADAPTER])
 
 
-@pytest.mark.parametrize("pair", [False, True], ids=["fused", "group-pair"])
+@pytest.mark.parametrize("how", ["fused", "group pair", "one pass"])
 @pytest.mark.parametrize("num_tokens", [13, 64])  # pair: mbgmv_shrink; mbgmv_shrink_staged
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("group_name", ["qkv", "gate_up", "down"])
 @pytest.mark.parametrize("shape", LORA_SHAPES, ids=lambda s: s.name)
 def test_mbgmv_fused_group_matches_reference(L, gen, shape, group_name, dtype, num_tokens,
-                                             pair):
+                                             how):
     """Decode shrink + expand for a module group (q, k, v into the fused output's columns;
-    gate and up; down with d_in 11008..14336) in one launch (fused) or one launch each
-    (lora_decode_group: members on grid.z): ranks differ per module and slot, rank-0
+    gate and up; down with d_in 11008..14336) in one launch (fused, one pass) or one launch
+    each (lora_decode_group: members on grid.z): ranks differ per module and slot, rank-0
     modules and no-adapter tokens are left as they were."""
-    check_fused(L, gen, shape, group_name, dtype, num_tokens, pair=pair)
+    check_fused(L, gen, shape, group_name, dtype, num_tokens, how=how)
 
 
 @pytest.mark.parametrize("num_chunks", [1, 3, 1000])
@@ -757,13 +762,13 @@ def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(L, gen, dtype):
                                  lora)
     assert_close(y, y_ref, dtype, "backend expand")
 
-    # LoRA groups of the GQA shape: q, k, v (the group's shrink and expand, one MBGMM pair for
-    # the group) and o alone (the one-pass kernel on Hopper, else MBGMV shrink and expand;
-    # the MBGMM pair for one module).
+    # LoRA groups of the GQA shape: q, k, v and o alone (decode: the one-pass kernel on
+    # Hopper, else the group's shrink and expand or, for o, MBGMV shrink and expand; prefill:
+    # one MBGMM pair for the group or the module).
     dev = torch.cuda.current_device()
-    assert L.decode_lora_path(num_decode, 3, dev) == "group pair"
-    assert L.decode_lora_path(num_decode, 1, dev) == (
-        "one pass" if L.onepass_available(dev) else "pair")
+    hopper = L.onepass_available(dev)
+    assert L.decode_lora_path(num_decode, 3, dev) == ("one pass" if hopper else "group pair")
+    assert L.decode_lora_path(num_decode, 1, dev) == ("one pass" if hopper else "pair")
     from slora.kernels.backend import LoraGroup
     for group_name in ("qkv", "o"):
         d_in, widths = group_dims(shape, group_name)
