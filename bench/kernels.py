@@ -14,7 +14,7 @@
    kernel (`lora_decode_onepass`: shrink and expand in one launch, each block adding its
    rows' part into y), also with twice its parts. A row's time is the path the worker takes
    for one module (decode_lora_path): on Hopper the one-pass kernel below ONEPASS_MAX_TOKENS
-   tokens, elsewhere the pair below FUSED_DECODE_MIN_TOKENS; the fused kernel from there on.
+   tokens; otherwise the pair below FUSED_DECODE_MIN_TOKENS and the fused kernel from there.
    Bytes count each adapter row and each activation once (A and B^T rows of the distinct
    adapters, x read, y read and written, v written and read; the fused and one-pass kernels
    keep v on chip). Then a group, q, k and v together (what the worker runs for them): the
@@ -223,7 +223,7 @@ def bench_decode_lora(pool, copy_bw, quick):
 def bench_decode_lora_group(pool, copy_bw, quick):
     """q, k and v of Llama-2-7B (three 4096 -> 4096 modules), rank 16, one adapter per
     token, the path the worker takes (decode_lora_path): on Hopper the one-pass kernel
-    (lora_decode_onepass_group) below ONEPASS_MAX_TOKENS; elsewhere below
+    (lora_decode_onepass_group) below ONEPASS_MAX_TOKENS; otherwise below
     FUSED_GROUP_MIN_TOKENS the group's shrink and its expand, one launch each
     (lora_decode_group); the fused kernel (one launch) from there; beside them the others
     and shrink + expand per module (six launches)."""

@@ -271,24 +271,29 @@ single module too (H100, rank 16, one adapter per token: 28.3 against 30.9 us at
 at 64 the pair wins, 11.3 against 14.7)."""
 
 
-ONEPASS_MAX_TOKENS = 512
-"""Below this many decode tokens a single module takes the one-pass kernel where it runs at
-full speed (onepass_available: Hopper), from there the fused kernel (H200, Llama-2-7B q_proj,
-one adapter per token, one pass against fused: rank 16 18.3 / 22.9 us at 256 tokens, 35.3 /
-36.2 at 512; rank 64 65.7 / 73.6 at 256, 128.8 / 127.9 at 512; with one adapter for all
-512 tokens the fused kernel wins, 19.9 / 23.4 and 64.1 / 86.5)."""
+ONEPASS = True
+"""decode_lora_path takes the one-pass kernel where it runs at full speed (False: the routing
+of other GPUs, for comparison)."""
+ONEPASS_MAX_TOKENS = 128
+"""Below this many decode tokens a module group (or a single module) takes the one-pass kernel
+where it runs at full speed (onepass_available: Hopper); from here the routing of other GPUs.
+Alone the one-pass kernel wins up to 256 tokens and more (H200, q,k,v at rank 16, one adapter
+per token: 50.9 us at 256 tokens against the fused kernel's 56.2), but in the worker's decode
+step (bench/decode_step.py, dummy Llama-2-7B, rank 16 on q, k, v, o) the graph replay at 128
+requests took 14.83 / 14.86 ms with it against 14.68 / 14.65 without, and 9.78 / 9.76 against
+9.84 / 9.83 at 64."""
 
 
 def decode_lora_path(num_tokens: int, num_members: int, device_index: int) -> str:
     """Which decode LoRA launches a module group of `num_members` takes for `num_tokens`
     decode tokens on the GPU `device_index` (CudaBackend.lora_group; bench/kernels.py reports
-    the same path). On Hopper (onepass_available): "one pass" (lora_decode_onepass, or
-    lora_decode_onepass_group for several modules) below ONEPASS_MAX_TOKENS, "fused"
-    (lora_shrink_expand) from there. Elsewhere, several modules: "fused" from
-    FUSED_GROUP_MIN_TOKENS tokens, "group pair" (lora_decode_group) below; one module:
-    "fused" from FUSED_DECODE_MIN_TOKENS, "pair" (lora_decode) below."""
-    if onepass_available(device_index):
-        return "one pass" if num_tokens < ONEPASS_MAX_TOKENS else "fused"
+    the same path). On Hopper (onepass_available) below ONEPASS_MAX_TOKENS: "one pass"
+    (lora_decode_onepass, or lora_decode_onepass_group for several modules). Otherwise,
+    several modules: "fused" (lora_shrink_expand) from FUSED_GROUP_MIN_TOKENS tokens, "group
+    pair" (lora_decode_group) below; one module: "fused" from FUSED_DECODE_MIN_TOKENS, "pair"
+    (lora_decode) below."""
+    if ONEPASS and num_tokens < ONEPASS_MAX_TOKENS and onepass_available(device_index):
+        return "one pass"
     if num_members > 1:
         return "fused" if num_tokens >= FUSED_GROUP_MIN_TOKENS else "group pair"
     return "fused" if num_tokens >= FUSED_DECODE_MIN_TOKENS else "pair"
