@@ -142,6 +142,24 @@ def _check_segments(seg_starts, seg_slots, pool) -> int:
     return seg_slots.shape[0]
 
 
+def _check_token_slots(token_slots, pool, num_tokens: int, against: str = "x") -> None:
+    """token_slots: int32 [num_tokens], one per row of `against`."""
+    _check_int("token_slots", token_slots, pool, 1)
+    if token_slots.shape[0] != num_tokens:
+        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; "
+                         f"{against} has {num_tokens}")
+
+
+def _check_same_tokens(y, x, pool) -> tuple[int, int]:
+    """y and x as _check_rows wants them, with as many rows; returns (num_tokens, d_in)."""
+    _check_rows("y", y, pool)
+    _check_rows("x", x, pool)
+    num_tokens, d_in = x.shape
+    if y.shape[0] != num_tokens:
+        raise ValueError(f"y has {y.shape[0]} tokens; x has {num_tokens}")
+    return num_tokens, d_in
+
+
 def _check_scales(lora_scales, pool, num_slots: int) -> None:
     _check_cuda("lora_scales", lora_scales, pool.device)
     if lora_scales.dtype != torch.float32 or tuple(lora_scales.shape) != (num_slots,):
@@ -173,9 +191,7 @@ def lora_shrink(x, pool, lora_page_table, lora_ranks, token_slots, *, out=None,
     _check_rows("x", x, pool)
     num_tokens, d_in = x.shape
     H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks, d_in, "d_in")
-    _check_int("token_slots", token_slots, pool, 1)
-    if token_slots.shape[0] != num_tokens:
-        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
+    _check_token_slots(token_slots, pool, num_tokens)
     if out is None:
         out = torch.empty(num_tokens, max_rank, dtype=torch.float32, device=x.device)
     _check_v(out, pool, num_tokens, max_rank, "out")
@@ -244,9 +260,7 @@ def lora_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slot
     """
     num_tokens, d_out, H, num_slots, max_rank, ppr = _check_expand(
         y, v, pool, lora_page_table, lora_ranks, lora_scales)
-    _check_int("token_slots", token_slots, pool, 1)
-    if token_slots.shape[0] != num_tokens:
-        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; y has {num_tokens}")
+    _check_token_slots(token_slots, pool, num_tokens, "y")
     if num_tokens == 0 or max_rank == 0 or d_out == 0:
         return y
     _launch_mbgmv_expand(y, v, pool, lora_page_table, lora_ranks, lora_scales, token_slots,
@@ -358,14 +372,13 @@ def _launch_onepass(y, x, pool, H, lora_page_table, num_slots, max_rank, ppr, lo
         raise ValueError(f"parts must be a positive int, got {parts!r}")
     parts = min(parts, groups)
     smem = math.ceil(groups / parts) * ONEPASS_ROWS * (ONEPASS_THREADS // 32 + 1) * 4
-    overlap = _overlap(overlap_previous, dev)
     launch(get_kernel(MBGMV, pool.dtype, "mbgmv_onepass", dev),
            (num_tokens, parts, num_members), (ONEPASS_THREADS,),
            (ptr(y), i64(y.stride(0)), ptr(x), i64(x.stride(0)), ptr(pool), i32(H),
             ptr(lora_page_table), i32(num_slots), i32(max_rank), i32(ppr), ptr(lora_ranks),
-            ptr(lora_scales), ptr(token_slots), i32(d_in), i32(d_out), i32(overlap),
+            ptr(lora_scales), ptr(token_slots), i32(d_in), i32(d_out),
             *_group_args(group, num_slots * max_rank * ppr)),
-           dev, shared_mem=smem, pdl=overlap)
+           dev, shared_mem=smem, pdl=_overlap(overlap_previous, dev))
     return y
 
 
@@ -377,17 +390,12 @@ def lora_decode_onepass(y, x, pool, lora_page_table, lora_ranks, lora_scales, to
     their B^T rows into y by vector reductions. y is rounded once per part; the parts land in
     any order (not bit-reproducible). overlap_previous: as lora_decode's (the first pool loads
     are issued before the wait, x and y are touched after it). Returns y."""
-    _check_rows("x", x, pool)
-    _check_rows("y", y, pool)
-    (num_tokens, d_in), d_out = x.shape, y.shape[1]
-    if y.shape[0] != num_tokens:
-        raise ValueError(f"y has {y.shape[0]} tokens; x has {num_tokens}")
+    num_tokens, d_in = _check_same_tokens(y, x, pool)
+    d_out = y.shape[1]
     H, num_slots, max_rank, ppr = _check_lora_tables(pool, lora_page_table, lora_ranks,
                                                      max(d_in, d_out), "max(d_in, d_out)")
     _check_scales(lora_scales, pool, num_slots)
-    _check_int("token_slots", token_slots, pool, 1)
-    if token_slots.shape[0] != num_tokens:
-        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {num_tokens}")
+    _check_token_slots(token_slots, pool, num_tokens)
     if num_tokens == 0 or max_rank == 0 or d_out == 0:
         return y
     return _launch_onepass(y, x, pool, H, lora_page_table, num_slots, max_rank, ppr,
@@ -417,11 +425,7 @@ FUSED_THREADS = 128
 def _check_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out):
     """The checks of a module group's arguments (every module's tables); returns
     (num_tokens, d_in, H, num_slots, max_rank, pages_per_row)."""
-    _check_rows("y", y, pool)
-    _check_rows("x", x, pool)
-    num_tokens, d_in = x.shape
-    if y.shape[0] != num_tokens:
-        raise ValueError(f"y has {y.shape[0]} tokens; x has {num_tokens}")
+    num_tokens, d_in = _check_same_tokens(y, x, pool)
     _check_int("lora_page_table", lora_page_table, pool, 4)
     num_modules, num_slots, max_rank, ppr = lora_page_table.shape
     H = _check_pool(pool)
@@ -443,9 +447,7 @@ def _check_decode_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, to
                         group, max_d_out):
     """_check_group, and token_slots and group: the checks of a decode group launch."""
     shapes = _check_group(y, x, pool, lora_page_table, lora_ranks, lora_scales, max_d_out)
-    _check_int("token_slots", token_slots, pool, 1)
-    if token_slots.shape[0] != shapes[0]:
-        raise ValueError(f"token_slots has {token_slots.shape[0]} tokens; x has {shapes[0]}")
+    _check_token_slots(token_slots, pool, shapes[0])
     _check_int("group", group, pool, 2)
     if group.shape[1] != 3 or not 1 <= group.shape[0] <= 65535:
         raise ValueError(f"group must be [num_members, 3], got {tuple(group.shape)}")

@@ -477,9 +477,9 @@ extern "C" __global__ void __launch_bounds__(128) mbgmv_fused(FUSED_ARGS)
 // A group of modules that read the same x (see mbgmv_shrink): grid.z = members, member z adds
 // into its width of y from its column, from its module's tables (table_stride ints apart) and
 // scales; group == nullptr: one module, grid.z = 1.
-// overlap = 1 (launched behind the kernel before it, which writes neither the slots, tables
-// nor pool): the first group's pool loads are issued before waiting for it; x is read and y
-// added to after.
+// Launched behind the kernel before it (programmatic dependent launch; that kernel writes
+// neither the slots, tables nor pool), the first group's pool loads are issued before waiting
+// for it, and x is read and y added to after. Launched plainly the wait is a no-op.
 #define ONEPASS_RG 4
 
 __device__ __forceinline__ void red_add_vec(elem_t* p, const float (&c)[VEC])
@@ -548,8 +548,7 @@ mbgmv_onepass_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restric
                    const int* __restrict__ page_table, int num_slots, int max_rank,
                    int pages_per_row, const int* __restrict__ ranks,
                    const float* __restrict__ scales, const int* __restrict__ token_slots,
-                   int d_in, int d_out, int overlap, const int* __restrict__ group,
-                   i64 table_stride)
+                   int d_in, int d_out, const int* __restrict__ group, i64 table_stride)
 {
     constexpr int RG = ONEPASS_RG, WARPS = THREADS / 32;
     constexpr int IN_STEP = THREADS * VEC * XU, OUT_STEP = THREADS * VEC * OU;
@@ -657,11 +656,11 @@ mbgmv_onepass_body(elem_t* __restrict__ y, i64 y_stride, const elem_t* __restric
     const elem_t* __restrict__ pool, int H, const int* __restrict__ page_table,              \
     int num_slots, int max_rank, int pages_per_row, const int* __restrict__ ranks,           \
     const float* __restrict__ scales, const int* __restrict__ token_slots, int d_in,         \
-    int d_out, int overlap, const int* __restrict__ group, i64 table_stride
+    int d_out, const int* __restrict__ group, i64 table_stride
 
 extern "C" __global__ void __launch_bounds__(256, 2) mbgmv_onepass(ONEPASS_ARGS)
 {
     mbgmv_onepass_body<256, 2, 2>(y, y_stride, x, x_stride, pool, H, page_table, num_slots,
                                   max_rank, pages_per_row, ranks, scales, token_slots, d_in,
-                                  d_out, overlap, group, table_stride);
+                                  d_out, group, table_stride);
 }
