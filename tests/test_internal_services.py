@@ -407,7 +407,11 @@ def test_a_full_queue_refuses_with_resource_exhausted(small_stack):
     async def run():
         async with grpc.aio.insecure_channel(small_stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            calls = [stub.Submit(long_request(i)) for i in range(3)]
+            # The first runs before the others arrive: three at once could all find it still
+            # waiting, and the third would be refused.
+            calls = [stub.Submit(long_request(0))]
+            await wait_for_stats(stub, lambda v: v["num_running"] == 1)
+            calls += [stub.Submit(long_request(i)) for i in (1, 2)]
             full = await wait_for_stats(stub, lambda v: v["num_waiting"] == 2)
             refused = await collect(stub, long_request(3))
             for call in calls:
@@ -431,7 +435,9 @@ def test_killing_the_worker_ends_every_stream_with_unavailable(small_stack):
     async def run():
         async with grpc.aio.insecure_channel(small_stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            tasks = [asyncio.create_task(collect(stub, long_request(10 + i))) for i in range(3)]
+            tasks = [asyncio.create_task(collect(stub, long_request(10)))]
+            await wait_for_stats(stub, lambda v: v["num_running"] == 1)  # as in the test above
+            tasks += [asyncio.create_task(collect(stub, long_request(10 + i))) for i in (1, 2)]
             await wait_for_stats(stub, lambda v: v["num_running"] == 1 and v["num_waiting"] == 2)
             killed_at = time.monotonic()
             small_stack.worker.kill()
