@@ -251,9 +251,10 @@ def check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, lora_delta, wha
 
 
 def reference_delta(lp, slots):
-    """delta(x, zeros): the reference's LoRA of x added into zeros (for check_behind_gemm)."""
-    def delta(x, zeros):
-        return torch_ref.lora_expand(zeros, torch_ref.lora_shrink(
+    """delta(x, y): the reference's LoRA of x added into y, in place (check_behind_gemm
+    passes zeros)."""
+    def delta(x, y):
+        return torch_ref.lora_expand(y, torch_ref.lora_shrink(
             x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
             lp.scales, slots)
     return delta
@@ -294,9 +295,7 @@ def check_onepass(L, gen, shape, module, dtype, num_tokens, parts=None):
     y = y0.clone()
     L.lora_decode_onepass(y, x, lp.pool, lp.page_table, lp.ranks, lp.scales, slots,
                           parts=parts)
-    ref = torch_ref.lora_expand(y0.clone(), torch_ref.lora_shrink(
-        x, lp.pool, lp.page_table, lp.ranks, slots), lp.pool, lp.page_table, lp.ranks,
-        lp.scales, slots)
+    ref = reference_delta(lp, slots)(x, y0.clone())
     what = f"{shape.name} {module} {num_tokens} tokens one pass, parts {parts}"
     assert_close(y, ref, dtype, what)
     worst = float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
