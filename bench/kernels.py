@@ -401,13 +401,14 @@ def bench_prefill_lora(pool, copy_bw, gemm, quick):
     d_in = d_out = H
     seg_len = tokens // num_segs
     seg_starts, seg_slots = prefill_segments()
+    reps = 10 if quick else 30
     sets = [(torch.randn(tokens, d_in, device=DEV, dtype=DTYPE),
              torch.randn(tokens, d_out, device=DEV, dtype=DTYPE)) for _ in range(3)]
     v = torch.empty(tokens, max_rank, device=DEV)
     group = torch.tensor([[0, 0, d_out]], dtype=torch.int32, device=DEV)
     # The library floor of any LoRA kept apart from the base GEMM: y read and written (two
     # thirds of torch's y += x, which moves three such matrices) ...
-    t_add = graph_time([lambda x=x, y=y: y.add_(x) for x, y in sets], reps=10 if quick else 30)
+    t_add = graph_time([lambda x=x, y=y: y.add_(x) for x, y in sets], reps=reps)
     t_y = t_add * 2 / 3
     for rank in (16, 64, 128):
         table, ranks, scales = prefill_tables(pool, rank)
@@ -416,19 +417,19 @@ def bench_prefill_lora(pool, copy_bw, gemm, quick):
             t4, r2, s2 = table.unsqueeze(0), ranks.unsqueeze(0), scales.unsqueeze(0)
             return lambda: L.lora_shrink_expand_segments(y, x, pool, t4, r2, s2, seg_starts,
                                                          seg_slots, group, max_d_out=d_out)
-        t_ours = graph_time([ours(x, y) for x, y in sets], reps=10 if quick else 30)
+        t_ours = graph_time([ours(x, y) for x, y in sets], reps=reps)
 
         def shrink(x):
             def f():
                 v.zero_()
                 L.lora_shrink_segments(x, pool, table, ranks, seg_starts, seg_slots, out=v)
             return f
-        t_shrink = graph_time([shrink(x) for x, _ in sets], reps=10 if quick else 30)
+        t_shrink = graph_time([shrink(x) for x, _ in sets], reps=reps)
         # ... and x read through cuBLAS's x @ A^T of one adapter of this rank (dense A).
         a_dense = torch.randn(rank, d_in, device=DEV, dtype=DTYPE)
         v_lib = torch.empty(tokens, rank, device=DEV, dtype=DTYPE)
         t_lib = graph_time([lambda x=x: torch.mm(x, a_dense.T, out=v_lib) for x, _ in sets],
-                           reps=10 if quick else 30)
+                           reps=reps)
         floor = t_lib + t_y
         x, y = sets[0]
         slots = torch.repeat_interleave(seg_slots, seg_len)
@@ -438,7 +439,8 @@ def bench_prefill_lora(pool, copy_bw, gemm, quick):
             torch_ref.lora_expand(y, vr, pool, table, ranks, scales, slots)
         t_ref = events_time(ref, 3, warmup=1)
         flops = 2 * tokens * rank * (d_in + d_out)
-        nbytes = tokens * (d_in * 2 + d_out * 4) + num_segs * rank * (d_in + d_out) * 2
+        xy_bytes = tokens * (d_in * 2 + d_out * 4)  # x read, y read and written
+        nbytes = xy_bytes + num_segs * rank * (d_in + d_out) * 2
         roof = min(gemm, flops / (nbytes / copy_bw))
         rate = flops / t_ours
         rows.append(dict(
@@ -448,14 +450,12 @@ def bench_prefill_lora(pool, copy_bw, gemm, quick):
             speedup=t_ref / t_ours, ref_us=t_ref * 1e6, shrink_us=t_shrink * 1e6,
             target_us=flops / (0.3 * gemm) * 1e6, lib_shrink_us=t_lib * 1e6,
             y_rw_us=t_y * 1e6, floor_us=floor * 1e6,
-            dram_us=tokens * (d_in * 2 + d_out * 4) / copy_bw * 1e6))
+            dram_us=xy_bytes / copy_bw * 1e6))
         print(f"prefill LoRA r{rank}: {t_ours * 1e6:.1f} us (shrink alone "
               f"{t_shrink * 1e6:.1f}), {rate / 1e12:.1f} TFLOP/s "
               f"({rows[-1]['pct']:.1f}% of GEMM, {rows[-1]['pct_roofline']:.0f}% of roofline "
-              f"{roof / 1e12:.0f}), {rows[-1]['speedup']:.1f}x torch ref; 30% of the GEMM "
-              f"rate needs {rows[-1]['target_us']:.1f} us, cuBLAS x @ A^T {t_lib * 1e6:.1f} + "
-              f"y read and written {t_y * 1e6:.1f} = {floor * 1e6:.1f}; x, y's bytes at the "
-              f"copy bandwidth {rows[-1]['dram_us']:.1f}", flush=True)
+              f"{roof / 1e12:.0f}), {rows[-1]['speedup']:.1f}x torch ref; {judge(rows[-1])}",
+              flush=True)
     return rows
 
 
