@@ -14,6 +14,7 @@ import threading
 import time
 
 from slora.bench import driver
+from slora.common.lifecycle import python_module_command
 from slora.bench.workload import seed_registry
 
 READY_PREFIX = "SLORA_READY"
@@ -36,7 +37,7 @@ class Stack:
 
     def start(self, name: str, module: str, *args: str) -> int:
         """Runs `python -m module args`; waits for its SLORA_READY line; returns its port."""
-        cmd = [sys.executable, "-m", module, *args]
+        cmd = python_module_command(module, *args)
         self._write(name, "$ " + " ".join(cmd))
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, bufsize=1, start_new_session=True,

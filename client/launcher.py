@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S
+from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, python_module_command
 
 READY_PREFIX = "SLORA_READY"
 STOP_GRACE_S = DEFAULT_SHUTDOWN_GRACE_S + 5.0
@@ -36,7 +36,7 @@ class Child:
     def start(self, timeout_s: float) -> int:
         self.ready.clear()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", *self.args], stdout=subprocess.PIPE,
+            python_module_command(*self.args), stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
         deadline = time.monotonic() + timeout_s

@@ -18,6 +18,7 @@ import inspect
 import logging
 import os
 import signal
+import sys
 import time
 
 import grpc
@@ -32,6 +33,16 @@ STOP_GRACE_S = 1.0
 """What server.stop gives the calls still running when the drain's grace period is over."""
 DEFAULT_SHUTDOWN_GRACE_S = 25.0
 """Running calls' time to finish after SIGTERM (Kubernetes' default kill comes after 30 s)."""
+
+
+def python_module_command(module: str, *args) -> list[str]:
+    """The command line running `python -P -m <module> <args>` with this interpreter.
+
+    `-P` keeps the current directory off `sys.path`: started from a clone of this repo, a
+    bare `-m` would make our top-level folders (`kernels/`, `worker/`, ...) importable by
+    their bare names, and `kernels` is also a PyPI package that transformers imports. Every
+    process slora starts goes through here."""
+    return [sys.executable, "-P", "-m", module, *map(str, args)]
 
 
 def ready_line(name: str, port: int, metrics_port: int) -> str:

@@ -12,10 +12,11 @@ import queue
 import re
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
+
+from slora.common.lifecycle import python_module_command
 
 PORT_PATTERN = re.compile(r"\bport=(\d+)")
 NO_PORT = 0
@@ -23,8 +24,8 @@ NO_PORT = 0
 
 
 def slora_module(module: str, *args: str) -> list[str]:
-    """The command line running `python -m <module> <args>` with this interpreter."""
-    return [sys.executable, "-m", module, *map(str, args)]
+    """The command line running `python -P -m <module> <args>` with this interpreter."""
+    return python_module_command(module, *args)
 
 
 def _pump_lines(stream, lines: queue.Queue) -> None:

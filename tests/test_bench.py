@@ -308,7 +308,7 @@ TINY_COMMAND = ["--model", "dummy-tiny", "--device", "cpu", "--num-adapters", "4
 
 def _run_serving(out_dir, *extra: str) -> tuple[dict, str]:
     proc = subprocess.run(
-        [sys.executable, "-m", "slora.bench.serving", *TINY_COMMAND, "--out", str(out_dir),
+        [sys.executable, "-P", "-m", "slora.bench.serving", *TINY_COMMAND, "--out", str(out_dir),
          *extra], capture_output=True, text=True, timeout=600,
         env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -317,7 +317,7 @@ def test_two_hundred_clients_that_vanish_mid_stream_give_the_pool_back(stack):
     that process (its connections drop, no cancel is sent): the pool is back to idle (no
     KV page, nothing running or waiting) within 10 s, and the stack serves."""
     client = subprocess.Popen(
-        [sys.executable, "-c", DISCONNECTING_CLIENTS, stack.address, stack.admin_key, "200"],
+        [sys.executable, "-P", "-c", DISCONNECTING_CLIENTS, stack.address, stack.admin_key, "200"],
         stdout=subprocess.PIPE, text=True)
     try:
         line = client.stdout.readline()

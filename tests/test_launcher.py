@@ -25,7 +25,7 @@ def test_every_compose_command_is_a_real_entry_point():
     for name, service in ours.items():
         command = service["command"]
         assert command[:2] == ["slora", name], f"{name}: {command}"
-        proc = subprocess.run([sys.executable, "-m", "slora.client.cli", *command[1:], "--help"],
+        proc = subprocess.run([sys.executable, "-P", "-m", "slora.client.cli", *command[1:], "--help"],
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
         assert "usage" in proc.stdout.lower()
@@ -49,7 +49,7 @@ def test_cli_without_a_server_says_how_to_start_one():
     """A call to an address where nothing listens: UNAVAILABLE, exit 1, and a hint that
     names the address and `slora up`, without a traceback."""
     address = f"127.0.0.1:{free_port()}"
-    proc = subprocess.run([sys.executable, "-m", "slora.client.cli", "generate", "Hi",
+    proc = subprocess.run([sys.executable, "-P", "-m", "slora.client.cli", "generate", "Hi",
                            "--address", address, "--api-key", "none"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr

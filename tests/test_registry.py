@@ -455,7 +455,7 @@ def test_second_server_on_the_same_data_dir_is_refused(valkey):
     """Two servers appending to one AOF would corrupt it: the second is refused, by name."""
     with pytest.raises(RuntimeError, match="another valkey-server is using"):
         EmbeddedRedis(valkey.data_dir).start()
-    proc = subprocess.run([sys.executable, "-m", "slora.adapter_store.embedded_redis",
+    proc = subprocess.run([sys.executable, "-P", "-m", "slora.adapter_store.embedded_redis",
                            "--data-dir", str(valkey.data_dir)], capture_output=True, text=True,
                           timeout=60)
     assert proc.returncode == 1 and "another valkey-server is using" in proc.stderr
@@ -468,7 +468,7 @@ def test_acknowledged_registrations_survive_sigkill_of_redis(tmp_path, model, ad
     data_dir = tmp_path / "valkey"
 
     def launch(port: int | None = None) -> tuple[subprocess.Popen, str]:
-        cmd = [sys.executable, "-m", "slora.adapter_store.embedded_redis",
+        cmd = [sys.executable, "-P", "-m", "slora.adapter_store.embedded_redis",
                "--data-dir", str(data_dir)] + (["--port", str(port)] if port else [])
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = proc.stdout.readline()

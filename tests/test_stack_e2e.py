@@ -211,25 +211,28 @@ def test_bad_input_gets_its_status_and_serving_goes_on(stack, tmp_path, case, ca
 
 
 def test_full_queue_is_resource_exhausted(tmp_path):
-    """A scheduler that runs one request and queues one more refuses a third at once."""
+    """A scheduler that runs one request and queues one more refuses a third at once. The
+    scheduler is paused once the first runs, so the queue fills however fast the machine
+    is."""
     base = make_tiny_llama(str(tmp_path / "base"), num_kv_heads=2, seed=9)
     argv = worker_argv(base)
     argv[argv.index("--max-num-seqs") + 1] = "1"
-    argv[argv.index("--max-model-len") + 1] = "512"  # the first request runs long
     stack = Stack(str(tmp_path), base, argv, ["--max-queue-len", "1"]).start_all()
     try:
         with stack.client() as c:
-            first = c.stream([5, 6], max_new_tokens=500, ignore_eos=True)
+            first = c.stream([5, 6], max_new_tokens=40, ignore_eos=True)
             next(first)  # running
+            stack.pause(True)
             second = c.stream([5, 7], max_new_tokens=4, ignore_eos=True)
-            with cf.ThreadPoolExecutor(1) as pool:
+            with cf.ThreadPoolExecutor(2) as pool:
+                running = pool.submit(lambda: [e.token_ids for e in first])
                 waiting = pool.submit(lambda: [e.token_ids for e in second])
-                time.sleep(0.5)
+                stack.wait_for_stats(lambda v: v["num_waiting"] == 1)
                 with pytest.raises(SloraClientError) as err:
                     c.generate([5, 8], max_new_tokens=2)
                 assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value
                 assert "queue" in err.value.details
-                first.close()
-                assert waiting.result(timeout=60)
+                stack.pause(False)
+                assert running.result(timeout=60) and waiting.result(timeout=60)
     finally:
         stack.stop_all()
