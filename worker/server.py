@@ -30,6 +30,7 @@ import logging
 import signal
 
 import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from slora.common.aio import run_async
 from slora.common.config import EngineConfig
@@ -196,10 +197,15 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
                                         cuda_graphs)
     server = grpc.aio.server(options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, model_path, executor), server)
+    # Health for probes (compose, Kubernetes): SERVING once the weights are loaded, which is
+    # before the server starts listening.
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     bound_port = server.add_insecure_port(f"{host}:{port}")
     if bound_port == 0:
         raise OSError(f"worker: cannot listen on {host}:{port}")
     await server.start()
+    await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s (%d pages, %s on %s) on %s:%d", config.model.name,
              config.pool.num_pages, config.dtype, config.device, host, bound_port)
     metrics.register_worker_stats(worker)
