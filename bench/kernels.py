@@ -56,7 +56,7 @@ import torch
 
 from slora.kernels import launchers as L
 from slora.kernels import torch_ref
-from slora.kernels.backend import LoraBatch, LoraGroup
+from slora.kernels.backend import LoraBatch, LoraGroup, LoraTables
 from slora.kernels.cuda_backend import CudaBackend
 from slora.kernels.cuda_compile import prebuild
 
@@ -345,11 +345,12 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
             path = L.decode_lora_path(batch, 1, pool.device.index)
 
             def layer(w, t, lora=True, overlap=True):
+                tables = LoraTables(t.unsqueeze(0), ranks.unsqueeze(0), scales.unsqueeze(0))
+
                 def f():  # Model.linear: the GEMM, then the LoRA of its group
                     torch.matmul(x, w.T, out=y)
                     if lora:
-                        backend.lora_group(y, x, pool, t.unsqueeze(0), ranks.unsqueeze(0),
-                                           scales.unsqueeze(0), group, lora_batch,
+                        backend.lora_group(y, x, pool, tables, group, lora_batch,
                                            after_base_gemm=overlap)
                     next_kernel()
                 return f
@@ -478,13 +479,13 @@ def bench_prefill_lora_behind_gemm(pool, gemm, quick):
              torch.randn(d_out, d_in, device=DEV, dtype=DTYPE) * d_in ** -0.5)
             for _ in range(3)]
     for rank in (16, 64, 128):
-        table, ranks, scales = (t.unsqueeze(0) for t in prefill_tables(pool, rank))
+        tables = LoraTables(*(t.unsqueeze(0) for t in prefill_tables(pool, rank)))
 
         def layer(x, y, w, lora=True):
             def f():  # Model.linear: the GEMM, then the LoRA of its group
                 torch.matmul(x, w.T, out=y)
                 if lora:
-                    backend.lora_group(y, x, pool, table, ranks, scales, group, lora_batch,
+                    backend.lora_group(y, x, pool, tables, group, lora_batch,
                                        after_base_gemm=True)
                 next_kernel()
             return f

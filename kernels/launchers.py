@@ -755,13 +755,15 @@ def _check_out(out, like, name="out"):
 
 
 def paged_attention_decode(q, pool, kv_page_table, context_lens, num_kv_heads, scale, *,
-                           max_context_len=None, out=None):
-    """One query token per request, at the last position of its context.
+                           sliding_window=0, max_context_len=None, out=None):
+    """One query token per request, at the last position of its context (so it sees the
+    last min(W, context_len) positions with a window W > 0).
 
     q [num_reqs, num_heads, head_dim]; returns the same shape. `max_context_len` bounds the
-    context lengths (default: kv_page_table's width); it sets how the context is split over
-    blocks, so keep it fixed across replays of a captured graph.
+    context lengths (default: kv_page_table's width); with the window it sets how the context
+    is split over blocks, so keep both fixed across replays of a captured graph.
     """
+    window = torch_ref.check_sliding_window(sliding_window)
     H, num_heads, head_dim = _check_attention(q, pool, kv_page_table, context_lens, num_kv_heads)
     num_reqs = q.shape[0]
     if context_lens.shape[0] != num_reqs:
@@ -770,6 +772,8 @@ def paged_attention_decode(q, pool, kv_page_table, context_lens, num_kv_heads, s
     if num_reqs == 0:
         return out
     max_ctx = max(1, int(max_context_len or kv_page_table.shape[1]))
+    if window:
+        max_ctx = min(max_ctx, window)  # the most positions one query reads
     group = num_heads // num_kv_heads
     maxg = next(g for g in (1, 2, 4, 8) if g >= min(group, 8))
     subs = math.ceil(group / maxg)
@@ -791,28 +795,31 @@ def paged_attention_decode(q, pool, kv_page_table, context_lens, num_kv_heads, s
     scale_log2 = float(scale) * math.log2(math.e)
     launch(kernel, (num_reqs, num_kv_heads * subs, num_splits), (128,),
            (ptr(q), ptr(pool), i32(H), ptr(kv_page_table), i32(kv_page_table.shape[1]),
-            ptr(context_lens), i32(num_heads), i32(num_kv_heads), f32(scale_log2),
-            i32(split_len), i32(num_splits), ptr(out), *parts),
+            ptr(context_lens), i32(window), i32(num_heads), i32(num_kv_heads),
+            f32(scale_log2), i32(split_len), i32(num_splits), ptr(out), *parts),
            dev)
     if num_splits > 1:
         launch(get_kernel(ATTENTION, pool.dtype, "paged_decode_reduce", dev),
                (num_reqs, num_heads), (head_dim,),
-               (parts[0], parts[1], ptr(context_lens), i32(num_heads), i32(head_dim),
-                i32(split_len), i32(num_splits), ptr(out)),
+               (parts[0], parts[1], ptr(context_lens), i32(window), i32(num_heads),
+                i32(head_dim), i32(split_len), i32(num_splits), ptr(out)),
                dev)
     return out
 
 
 def paged_attention(q, pool, kv_page_table, context_lens, query_start_loc, num_kv_heads, scale,
-                    *, out=None):
-    """Causal attention of each request's new tokens over its whole context, K/V read
-    through the page table (the new tokens' K/V already stored).
+                    *, sliding_window=0, out=None):
+    """Causal attention of each request's new tokens over its context, K/V read through the
+    page table (the new tokens' K/V already stored).
 
     q [num_tokens, num_heads, head_dim], the tokens of request b at rows
     query_start_loc[b]:query_start_loc[b+1] (absolute rows of q), which are the last positions
-    of its context of context_lens[b] tokens. Returns [num_tokens, num_heads, head_dim] in q's
-    dtype; rows of q outside every request are left unwritten in `out`.
+    of its context of context_lens[b] tokens. sliding_window W > 0: a query at position p
+    sees the keys at p - W < j <= p only (the kernel skips the 64-position tiles before the
+    window); 0: all j <= p. Returns [num_tokens, num_heads, head_dim] in q's dtype; rows of q
+    outside every request are left unwritten in `out`.
     """
+    window = torch_ref.check_sliding_window(sliding_window)
     H, num_heads, head_dim = _check_attention(q, pool, kv_page_table, context_lens, num_kv_heads)
     _check_int("query_start_loc", query_start_loc, pool, 1)
     num_reqs = context_lens.shape[0]
@@ -824,7 +831,7 @@ def paged_attention(q, pool, kv_page_table, context_lens, query_start_loc, num_k
         return out
     if pool.dtype == torch.float32:  # no fp32 tensor-core path: the reference
         ref = torch_ref.paged_attention(q, pool, kv_page_table, context_lens, query_start_loc,
-                                        num_kv_heads, scale)
+                                        num_kv_heads, scale, sliding_window=window)
         out.copy_(ref)
         return out
     dev = pool.device.index
@@ -832,8 +839,8 @@ def paged_attention(q, pool, kv_page_table, context_lens, query_start_loc, num_k
     scale_log2 = float(scale) * math.log2(math.e)
     launch(kernel, (math.ceil(q.shape[0] / 64) + num_reqs, num_heads), (128,),
            (ptr(q), ptr(pool), i32(H), ptr(kv_page_table), i32(kv_page_table.shape[1]),
-            ptr(context_lens), ptr(query_start_loc), i32(num_reqs), i32(num_heads),
-            i32(num_kv_heads), f32(scale_log2), ptr(out)),
+            ptr(context_lens), ptr(query_start_loc), i32(window), i32(num_reqs),
+            i32(num_heads), i32(num_kv_heads), f32(scale_log2), ptr(out)),
            dev)
     return out
 
@@ -881,8 +888,9 @@ def add_rms_norm(h, delta, weight, eps):
 
 
 def rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids, num_heads,
-                  num_kv_heads):
-    """Rotary q and k, k and v stored into each token's page; returns q (torch_ref)."""
+                  num_kv_heads, *, q_norm=None, k_norm=None, norm_eps=1e-6):
+    """Rotary q and k, k and v stored into each token's page; returns q (torch_ref). With
+    q_norm and k_norm, each q and k head is RMS-normed first (torch ops, then the kernel)."""
     H = _check_pool(pool)
     _check_rows("qkv", qkv, pool)
     num_tokens = qkv.shape[0]
@@ -904,9 +912,25 @@ def rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids, num_hea
                 or not t.is_contiguous():
             raise ValueError(f"{name} must be a contiguous float32 [max_positions, {head_dim}] "
                              f"tensor, got {t.dtype} {tuple(t.shape)}")
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm come together: got only "
+                         f"{'q_norm' if k_norm is None else 'k_norm'}")
     if (head_dim // 2) % _vec(pool.dtype):
         return torch_ref.rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids,
-                                       num_heads, num_kv_heads)
+                                       num_heads, num_kv_heads, q_norm=q_norm, k_norm=k_norm,
+                                       norm_eps=norm_eps)
+    if q_norm is not None:
+        for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+            _check_cuda(name, w, pool.device)
+            if w.dtype != qkv.dtype or tuple(w.shape) != (head_dim,):
+                raise ValueError(f"{name} must be a {qkv.dtype} [{head_dim}] tensor, got "
+                                 f"{w.dtype} {tuple(w.shape)}")
+        nq = num_heads + num_kv_heads
+        heads = qkv[:, :nq * head_dim].unflatten(1, (nq, head_dim))
+        normed = torch.cat([torch_ref.head_rms_norm(heads[:, :num_heads], q_norm, norm_eps),
+                            torch_ref.head_rms_norm(heads[:, num_heads:], k_norm, norm_eps)],
+                           dim=1)
+        qkv = torch.cat([normed.flatten(1), qkv[:, nq * head_dim:]], dim=1)
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q

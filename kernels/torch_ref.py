@@ -16,6 +16,8 @@ Page tables:
   [num_modules, ...], and `group` [num_members, 3] int32: (module index, first column of y,
   width) of each member.
 * `kv_page_table` [num_reqs, max_pages] int32: page of each context position of a request.
+  With a sliding window W, a request's positions before its first query's window
+  (first_visible_position) are never read: their pages may be anything.
 
 Every CUDA launcher in this package has the same signature and argument names.
 """
@@ -135,24 +137,42 @@ def add_rms_norm(h: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     return weight * xf.to(h.dtype)
 
 
+def head_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * RMSNorm of each head vector, as Hugging Face Qwen3's q_norm / k_norm do (the
+    norm in float32, rounded to x's dtype, then times the weight).
+
+    x [num_tokens, num_heads, head_dim]; weight [head_dim]. Returns a new tensor.
+    """
+    xf = torch.nn.functional.rms_norm(x.float(), (x.shape[-1],), eps=eps)
+    return weight * xf.to(x.dtype)
+
+
 def rope_store_kv(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                   sin_signed: torch.Tensor, pool: torch.Tensor, token_page_ids: torch.Tensor,
-                  num_heads: int, num_kv_heads: int) -> torch.Tensor:
+                  num_heads: int, num_kv_heads: int, *, q_norm: torch.Tensor | None = None,
+                  k_norm: torch.Tensor | None = None, norm_eps: float = 1e-6) -> torch.Tensor:
     """Rotary embedding of the q and k heads of the fused projection's output, the rotated
     k and the v of each token stored into its page (as store_kv); returns the rotated q.
 
     qkv [num_tokens, (num_heads + 2 * num_kv_heads) * head_dim] (rows may be strided);
     positions [num_tokens] int; cos, sin_signed [max_positions, head_dim] float32 tables
     (the halves repeated; the sine's first half negated), rounded to qkv's dtype as Hugging
-    Face Llama does: x * cos + rotate_half(x) * sin. Returns q [num_tokens, num_heads,
-    head_dim], contiguous.
+    Face Llama does: x * cos + rotate_half(x) * sin. q_norm, k_norm [head_dim] (Qwen3; both
+    or neither): every q head, and every k head, goes through head_rms_norm with that weight
+    before the rotation. Returns q [num_tokens, num_heads, head_dim], contiguous.
     """
+    if (q_norm is None) != (k_norm is None):
+        raise ValueError("q_norm and k_norm come together: got only "
+                         f"{'q_norm' if k_norm is None else 'k_norm'}")
     num_tokens = qkv.shape[0]
     head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     nq = num_heads + num_kv_heads
     c = cos[positions.long()].to(qkv.dtype).unsqueeze(1)
     s = sin_signed[positions.long()].to(qkv.dtype).unsqueeze(1)
     x = qkv[:, :nq * head_dim].view(num_tokens, nq, head_dim)
+    if q_norm is not None:
+        x = torch.cat([head_rms_norm(x[:, :num_heads], q_norm, norm_eps),
+                       head_rms_norm(x[:, num_heads:], k_norm, norm_eps)], dim=1)
     qk = torch.addcmul(x * c, x.roll(head_dim // 2, dims=-1), s)
     store_kv(qk[:, num_heads:].reshape(num_tokens, num_kv_heads * head_dim),
              qkv[:, nq * head_dim:], pool, token_page_ids)
@@ -166,16 +186,39 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.silu(gate) * up
 
 
+def check_sliding_window(sliding_window) -> int:
+    """The window as an int >= 0 (NO_WINDOW, 0: the whole context), or a ValueError that
+    names the value."""
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) \
+            or sliding_window < 0:
+        raise ValueError(f"sliding_window must be an int >= 0 (0: no window), got "
+                         f"{sliding_window!r}")
+    return sliding_window
+
+
+def first_visible_position(q_pos, sliding_window: int):
+    """The first context position a query at q_pos sees: 0 without a window, else
+    q_pos - W + 1 (at least 0), as Hugging Face Mistral's mask (key j visible from query p
+    when p - W < j <= p). Works on ints and tensors alike."""
+    if isinstance(q_pos, torch.Tensor):
+        return (q_pos - sliding_window + 1).clamp_min(0) if sliding_window \
+            else torch.zeros_like(q_pos)
+    return max(0, q_pos - sliding_window + 1) if sliding_window else 0
+
+
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, kv_page_table: torch.Tensor,
                     context_lens: torch.Tensor, query_start_loc: torch.Tensor,
-                    num_kv_heads: int, scale: float) -> torch.Tensor:
-    """Causal attention of each request's new tokens over its whole context, K/V read
-    through the page table (the new tokens' K/V already stored).
+                    num_kv_heads: int, scale: float, *, sliding_window: int = 0) -> torch.Tensor:
+    """Causal attention of each request's new tokens over its context, K/V read through the
+    page table (the new tokens' K/V already stored).
 
     q [num_tokens, num_heads, head_dim], the tokens of request b at rows
     query_start_loc[b]:query_start_loc[b+1], which are the last positions of its context of
-    context_lens[b] tokens. Returns [num_tokens, num_heads, head_dim] in q's dtype.
+    context_lens[b] tokens. sliding_window W > 0: a query at position p sees the keys at
+    p - W < j <= p only (first_visible_position); 0: all j <= p. Returns [num_tokens,
+    num_heads, head_dim] in q's dtype.
     """
+    window = check_sliding_window(sliding_window)
     num_tokens, num_heads, head_dim = q.shape
     kv_dim = num_kv_heads * head_dim
     group = num_heads // num_kv_heads
@@ -185,15 +228,18 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, kv_page_table: torch.Te
         s, e = starts[b], starts[b + 1]
         if e == s:
             continue
-        pages = kv_page_table[b, :ctx].long()
-        k = pool[pages, 0, :kv_dim].float().view(ctx, num_kv_heads, head_dim)
-        v = pool[pages, 1, :kv_dim].float().view(ctx, num_kv_heads, head_dim)
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, ctx, hd]
+        lo = first_visible_position(ctx - (e - s), window)  # no query sees a key before it
+        pages = kv_page_table[b, lo:ctx].long()
+        k = pool[pages, 0, :kv_dim].float().view(ctx - lo, num_kv_heads, head_dim)
+        v = pool[pages, 1, :kv_dim].float().view(ctx - lo, num_kv_heads, head_dim)
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1)  # [heads, ctx - lo, hd]
         v = v.repeat_interleave(group, dim=1).transpose(0, 1)
         qb = q[s:e].float().transpose(0, 1)  # [heads, q_len, hd]
-        scores = (qb @ k.transpose(1, 2)) * scale  # [heads, q_len, ctx]
+        scores = (qb @ k.transpose(1, 2)) * scale  # [heads, q_len, ctx - lo]
         q_pos = torch.arange(ctx - (e - s), ctx, device=q.device)
-        mask = torch.arange(ctx, device=q.device)[None, :] > q_pos[:, None]
+        k_pos = torch.arange(lo, ctx, device=q.device)
+        mask = (k_pos[None, :] > q_pos[:, None]) \
+            | (k_pos[None, :] < first_visible_position(q_pos, window)[:, None])
         scores.masked_fill_(mask, float("-inf"))
         out[s:e] = (scores.softmax(-1) @ v).transpose(0, 1).to(q.dtype)
     return out
@@ -201,11 +247,12 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, kv_page_table: torch.Te
 
 def paged_attention_decode(q: torch.Tensor, pool: torch.Tensor, kv_page_table: torch.Tensor,
                            context_lens: torch.Tensor, num_kv_heads: int,
-                           scale: float) -> torch.Tensor:
-    """One query token per request, at the last position of its context.
+                           scale: float, *, sliding_window: int = 0) -> torch.Tensor:
+    """One query token per request, at the last position of its context (so it sees the
+    last min(W, context_len) positions with a window W > 0).
 
     q [num_reqs, num_heads, head_dim]; returns the same shape.
     """
     query_start_loc = torch.arange(q.shape[0] + 1, device=q.device, dtype=torch.int32)
     return paged_attention(q, pool, kv_page_table, context_lens, query_start_loc,
-                           num_kv_heads, scale)
+                           num_kv_heads, scale, sliding_window=sliding_window)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from slora.common.config import LORA_MODULE_INDEX, ModelConfig
-from slora.kernels.backend import AttentionBatch, LoraBatch, LoraGroup
+from slora.kernels.backend import NO_WINDOW, AttentionBatch, LoraBatch, LoraGroup
 from slora.worker.pool import UnifiedPool
 from slora.worker.weights import LlamaWeights
 
@@ -119,8 +119,8 @@ class LlamaModel:
             modules &= lora.modules
         if not modules:
             return
-        self.backend.lora_group(y, x, pool.layer(layer), pool.lora_page_table, pool.lora_ranks,
-                                pool.lora_scales, self.lora_groups[projection][modules], lora,
+        self.backend.lora_group(y, x, pool.layer(layer), pool.lora_tables,
+                                self.lora_groups[projection][modules], lora,
                                 after_base_gemm=after_base_gemm)
 
     def linear(self, x: torch.Tensor, layer: int, projection: str, pool: UnifiedPool,
@@ -147,7 +147,8 @@ class LlamaModel:
             # q and k rotated, k and v stored into the new tokens' pages: [num_tokens, nh, hd]
             q = be.rope_store_kv(qkv, batch.positions, self.cos, self.sin_signed, pages,
                                  batch.attn, nh, nkv)
-            attn = be.paged_attention(q, pages, batch.attn, nkv, self.attn_scale)
+            attn = be.paged_attention(q, pages, batch.attn, nkv, self.attn_scale,
+                                      sliding_window=NO_WINDOW)  # Llama: the whole context
             o = self.linear(attn.reshape(num_tokens, cfg.q_dim), i, "o_proj", pool, lora)
             x = be.add_rms_norm(h, o, lw["post_norm"], eps)
             gate_up = self.linear(x, i, "gate_up_proj", pool, lora)  # [num_tokens, 2 inter]

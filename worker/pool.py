@@ -24,7 +24,8 @@ import torch
 
 from slora.adapter_store import LoraAdapter
 from slora.common.config import LORA_MODULE_INDEX, LORA_MODULES, ModelConfig, PoolConfig
-from slora.kernels.backend import TorchBackend
+from slora.kernels.backend import LoraTables
+from slora.kernels.torch_backend import TorchBackend
 
 
 @dataclass
@@ -66,6 +67,8 @@ class UnifiedPool:
                                            device=device)
         self.lora_ranks = torch.zeros(num_modules, slots, dtype=torch.int32, device=device)
         self.lora_scales = torch.zeros(num_modules, slots, dtype=torch.float32, device=device)
+        self.lora_tables = LoraTables(self.lora_page_table, self.lora_ranks, self.lora_scales)
+        """The three tables as the backend takes them (the same tensors, updated in place)."""
         self._cuda = self.pages.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.pages.device) if self._cuda else None
         self.slot_modules: list[frozenset[str]] = [frozenset()] * slots

@@ -2,6 +2,10 @@
 // A context position's K and V are the first kv_dim elements of the two halves of its page;
 // head kh's slice is [kh * HD, (kh + 1) * HD). Scores are kept in the log2 domain: q is scaled
 // by softmax_scale * log2(e) and exponentials are exp2.
+//
+// Sliding window (`window` W > 0, Hugging Face Mistral's): a query at position p sees the keys
+// at p - W < j <= p; W = 0 sees all j <= p. Positions before a query's window are never read,
+// not even their page ids, so the scheduler may reuse those pages.
 #include "common.cuh"
 
 #define NEG_BIG (-1e30f)  // "no score yet": finite, so exp2(NEG_BIG - NEG_BIG) is 1, not NaN
@@ -34,7 +38,7 @@ template <int HD, int MAXG>
 __device__ __forceinline__ void paged_decode_impl(
     const elem_t* __restrict__ q, const elem_t* __restrict__ pool, int H,
     const int* __restrict__ kv_page_table, int max_pages, const int* __restrict__ context_lens,
-    int num_heads, int num_kv_heads, float scale_log2, int split_len, int num_splits,
+    int window, int num_heads, int num_kv_heads, float scale_log2, int split_len, int num_splits,
     elem_t* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_ml)
 {
     constexpr int LPT = HD / VEC;        // lanes per token
@@ -51,7 +55,9 @@ __device__ __forceinline__ void paged_decode_impl(
     const int h0 = kh * G + sub * MAXG;
     const int ng = min(MAXG, G - sub * MAXG);
     const int ctx = context_lens[b];
-    const int t_begin = blockIdx.z * split_len;
+    // The splits cover the query's window [lo, ctx), at most min(W, max context) positions.
+    const int lo = window > 0 ? max(0, ctx - window) : 0;
+    const int t_begin = lo + blockIdx.z * split_len;
     const int t_end = min(ctx, t_begin + split_len);
     if (t_begin >= t_end) {
         if (ctx <= 0 && num_splits == 1)  // empty context: zeros, not NaN
@@ -182,10 +188,11 @@ __device__ __forceinline__ void paged_decode_impl(
 #define DECODE_ARGS                                                                            \
     const elem_t* __restrict__ q, const elem_t* __restrict__ pool, int H,                      \
     const int* __restrict__ kv_page_table, int max_pages, const int* __restrict__ context_lens, \
-    int num_heads, int num_kv_heads, float scale_log2, int split_len, int num_splits,           \
-    elem_t* __restrict__ out, float* __restrict__ part_acc, float* __restrict__ part_ml
-#define DECODE_PASS q, pool, H, kv_page_table, max_pages, context_lens, num_heads, num_kv_heads, \
-    scale_log2, split_len, num_splits, out, part_acc, part_ml
+    int window, int num_heads, int num_kv_heads, float scale_log2, int split_len,               \
+    int num_splits, elem_t* __restrict__ out, float* __restrict__ part_acc,                    \
+    float* __restrict__ part_ml
+#define DECODE_PASS q, pool, H, kv_page_table, max_pages, context_lens, window, num_heads,      \
+    num_kv_heads, scale_log2, split_len, num_splits, out, part_acc, part_ml
 #define DECODE_INST(HD, G)                                                                     \
     extern "C" __global__ void __launch_bounds__(DEC_THREADS)                                  \
     paged_decode_hd##HD##_g##G(DECODE_ARGS) { paged_decode_impl<HD, G>(DECODE_PASS); }
@@ -201,13 +208,14 @@ DECODE_INST(128, 8)
 // Merge the splits of each (request, head): grid (num_reqs, num_heads); block head_dim.
 extern "C" __global__ void
 paged_decode_reduce(const float* __restrict__ part_acc, const float* __restrict__ part_ml,
-                    const int* __restrict__ context_lens, int num_heads, int head_dim,
-                    int split_len, int num_splits, elem_t* __restrict__ out)
+                    const int* __restrict__ context_lens, int window, int num_heads,
+                    int head_dim, int split_len, int num_splits, elem_t* __restrict__ out)
 {
     const int b = blockIdx.x, h = blockIdx.y, d = threadIdx.x;
     const int ctx = context_lens[b];
+    const int span = window > 0 ? min(ctx, window) : ctx;  // positions the query sees
     const i64 bh = (i64)b * num_heads + h;
-    const int nz = min(num_splits, (ctx + split_len - 1) / split_len);
+    const int nz = min(num_splits, (span + split_len - 1) / split_len);
     if (nz <= 0) {
         out[bh * head_dim + d] = from_f32(0.f);
         return;
@@ -230,8 +238,9 @@ paged_decode_reduce(const float* __restrict__ part_acc, const float* __restrict_
 // warp 16 of them, and walks the request's context 64 positions at a time: K and V tiles are
 // gathered page by page into shared memory, S = Q K^T and O += P V run as mma.sync m16n8k16
 // with float32 accumulators, the softmax stays in registers. The new tokens are the last
-// q_len positions of the context of context_lens[b], so row i attends to positions
-// <= context_len - q_len + i. Blocks are numbered over all requests' tiles (grid.x is an upper
+// q_len positions of the context of context_lens[b], so row i at position
+// p = context_len - q_len + i attends to positions <= p (and > p - W with a window W: the
+// block starts at the tile holding its first row's first key). Blocks are numbered over all requests' tiles (grid.x is an upper
 // bound, ceil(num_tokens / 64) + num_reqs; grid.y the query heads).
 #if defined(SLORA_HALF)
 
@@ -241,8 +250,8 @@ template <int HD>
 __device__ __forceinline__ void paged_prefill_impl(
     const elem_t* __restrict__ q, const elem_t* __restrict__ pool, int H,
     const int* __restrict__ kv_page_table, int max_pages, const int* __restrict__ context_lens,
-    const int* __restrict__ query_start_loc, int num_reqs, int num_heads, int num_kv_heads,
-    float scale_log2, elem_t* __restrict__ out)
+    const int* __restrict__ query_start_loc, int window, int num_reqs, int num_heads,
+    int num_kv_heads, float scale_log2, elem_t* __restrict__ out)
 {
     constexpr int LD = HD + 8;   // padded rows: conflict-free ldmatrix
     constexpr int VPR = HD / VEC;
@@ -289,16 +298,17 @@ __device__ __forceinline__ void paged_prefill_impl(
     const int qpos[2] = {pos0 + m0 + warp * 16 + g, pos0 + m0 + warp * 16 + g + 8};
     const int last_pos = pos0 + min(m0 + 63, q_len - 1);
     const int num_kv_tiles = last_pos / 64 + 1;
+    const int kv_lo = window > 0 ? max(0, pos0 + m0 - window + 1) : 0;  // first key read
     const int* pt = kv_page_table + (i64)b * max_pages;
     const elem_t* kvbase = pool + kh * HD;
 
-    for (int j = 0; j < num_kv_tiles; ++j) {
+    for (int j = kv_lo / 64; j < num_kv_tiles; ++j) {
         const int n0 = j * 64;
         __syncthreads();  // every warp is done with the previous tile (and with Q in ks)
         for (int idx = tid; idx < 64 * VPR; idx += PF_THREADS) {
             const int r = idx / VPR, c = (idx % VPR) * VEC;
             const int t = n0 + r;
-            const bool ok = t < ctx;
+            const bool ok = t >= kv_lo && t < ctx;
             const elem_t* src = ok ? kvbase + (i64)pt[t] * 2 * H + c : pool;
             cp_async16(&ks[r][c], src, ok ? 16 : 0);
             cp_async16(&vs[r][c], ok ? src + H : pool, ok ? 16 : 0);
@@ -327,7 +337,9 @@ __device__ __forceinline__ void paged_prefill_impl(
 #pragma unroll
             for (int c = 0; c < 4; ++c) {
                 const int key = n0 + ni * 8 + tig * 2 + (c & 1);
-                s[ni][c] = key <= qpos[c >> 1] ? s[ni][c] * scale_log2 : NEG_INF;
+                const int qp = qpos[c >> 1];
+                const bool seen = key <= qp && (window <= 0 || key > qp - window);
+                s[ni][c] = seen ? s[ni][c] * scale_log2 : NEG_INF;
             }
 #pragma unroll
         for (int r = 0; r < 2; ++r) {
@@ -391,10 +403,10 @@ __device__ __forceinline__ void paged_prefill_impl(
         const elem_t* __restrict__ q, const elem_t* __restrict__ pool, int H,                  \
         const int* __restrict__ kv_page_table, int max_pages,                                  \
         const int* __restrict__ context_lens, const int* __restrict__ query_start_loc,         \
-        int num_reqs, int num_heads, int num_kv_heads, float scale_log2,                       \
+        int window, int num_reqs, int num_heads, int num_kv_heads, float scale_log2,           \
         elem_t* __restrict__ out) {                                                             \
         paged_prefill_impl<HD>(q, pool, H, kv_page_table, max_pages, context_lens,             \
-                               query_start_loc, num_reqs, num_heads, num_kv_heads,             \
+                               query_start_loc, window, num_reqs, num_heads, num_kv_heads,     \
                                scale_log2, out);                                               \
     }
 PREFILL_INST(64)

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from slora.kernels import torch_ref
-from slora.kernels.backend import AttentionBatch, LoraBatch, TorchBackend
+from slora.kernels.backend import NO_WINDOW, AttentionBatch, LoraBatch, LoraGroup, LoraTables
+from slora.kernels.torch_backend import TorchBackend
 from slora.kernels.torch_ref import NO_ADAPTER
 
 HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
@@ -753,13 +754,13 @@ def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(L, gen, dtype):
     x = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
     y0 = torch.randn(n, d_out, device="cuda", generator=gen).to(dtype)
     cuda_be, torch_be = CudaBackend(), TorchBackend()
-    v = cuda_be.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, lora)
-    v_ref = torch_be.lora_shrink(x, lp.pool, lp.page_table, lp.ranks, lora)
-    assert_close(v, v_ref, dtype, "backend shrink")
-    y = cuda_be.lora_expand(y0.clone(), v_ref, lp.pool, lp.page_table, lp.ranks, lp.scales, lora)
-    y_ref = torch_be.lora_expand(y0.clone(), v_ref, lp.pool, lp.page_table, lp.ranks, lp.scales,
-                                 lora)
-    assert_close(y, y_ref, dtype, "backend expand")
+    tables = LoraTables(lp.page_table.unsqueeze(0), lp.ranks.unsqueeze(0),
+                        lp.scales.unsqueeze(0))
+    single = LoraGroup(((0, 0, d_out),), torch.tensor([[0, 0, d_out]], dtype=torch.int32,
+                                                      device="cuda"))
+    y = cuda_be.lora_group(y0.clone(), x, lp.pool, tables, single, lora)
+    y_ref = torch_be.lora_group(y0.clone(), x, lp.pool, tables, single, lora)
+    assert_close(y, y_ref, dtype, "backend LoRA of one module")
 
     # LoRA groups of the GQA shape: q, k, v and o alone (decode: the one-pass kernel on
     # Hopper, else the group's shrink and expand or, for o, MBGMV shrink and expand; prefill:
@@ -768,7 +769,6 @@ def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(L, gen, dtype):
     hopper = L.onepass_available(dev)
     assert L.decode_lora_path(num_decode, 3, dev) == ("one pass" if hopper else "group pair")
     assert L.decode_lora_path(num_decode, 1, dev) == ("one pass" if hopper else "pair")
-    from slora.kernels.backend import LoraGroup
     for group_name in ("qkv", "o"):
         d_in, widths = group_dims(shape, group_name)
         gpool, gtable, granks, gscales, group, width = make_group_pool(shape.hidden, d_in,
@@ -776,10 +776,10 @@ def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(L, gen, dtype):
         members = tuple(tuple(r) for r in group.tolist())
         xg = torch.randn(n, d_in, device="cuda", generator=gen).to(dtype)
         yg0 = (torch.randn(n, width, device="cuda", generator=gen) * 0.01).to(dtype)
-        yg = cuda_be.lora_group(yg0.clone(), xg, gpool, gtable, granks, gscales,
-                                LoraGroup(members, group), lora)
-        yg_ref = torch_be.lora_group(yg0.clone(), xg, gpool, gtable, granks, gscales,
-                                     LoraGroup(members, group), lora)
+        gtables = LoraTables(gtable, granks, gscales)
+        yg = cuda_be.lora_group(yg0.clone(), xg, gpool, gtables, LoraGroup(members, group), lora)
+        yg_ref = torch_be.lora_group(yg0.clone(), xg, gpool, gtables, LoraGroup(members, group),
+                                     lora)
         assert_close(yg, yg_ref, dtype, f"backend LoRA group {group_name}")
 
     # Attention: 12 decode requests, then 3 prefills (one with a cached prefix).
@@ -794,9 +794,12 @@ def test_cuda_backend_matches_torch_backend_on_a_mixed_batch(L, gen, dtype):
                           num_decode_reqs=num_decode, max_query_len=90,
                           max_context_len=max(lens))
     q = torch.randn(n, shape.num_heads, shape.head_dim, device="cuda", generator=gen).to(dtype)
-    out = cuda_be.paged_attention(q, pool, attn, shape.num_kv_heads, 0.088)
-    ref = torch_be.paged_attention(q, pool, attn, shape.num_kv_heads, 0.088)
-    assert_close(out, ref, dtype, "backend attention")
+    for window in (NO_WINDOW, 37):
+        out = cuda_be.paged_attention(q, pool, attn, shape.num_kv_heads, 0.088,
+                                      sliding_window=window)
+        ref = torch_be.paged_attention(q, pool, attn, shape.num_kv_heads, 0.088,
+                                       sliding_window=window)
+        assert_close(out, ref, dtype, f"backend attention, window {window}")
 
 
 def test_decode_step_kernels_replay_in_a_cuda_graph(L, gen):
