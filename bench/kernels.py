@@ -127,11 +127,11 @@ def fill_pool(num_pages: int, width: int) -> torch.Tensor:
 @contextlib.contextmanager
 def plain_launches():
     """lora_decode without programmatic dependent launch."""
-    saved, L.PDL = L.PDL, False
+    saved, L.routing.PDL = L.routing.PDL, False
     try:
         yield
     finally:
-        L.PDL = saved
+        L.routing.PDL = saved
 
 
 def bench_decode_lora(pool, copy_bw, quick):

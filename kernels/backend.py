@@ -148,7 +148,7 @@ class Backend(abc.ABC):
     name: str
     """"torch" or "cuda"."""
     ops: types.ModuleType
-    """torch_ref, or kernels/launchers.py: the same functions, the same argument names."""
+    """torch_ref, or kernels/launchers/: the same functions, the same argument names."""
 
     @abc.abstractmethod
     def lora_group(self, y: torch.Tensor, x: torch.Tensor, pool: torch.Tensor,

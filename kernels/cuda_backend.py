@@ -1,4 +1,4 @@
-"""The CUDA kernels (kernels/cuda/, launched through kernels/launchers.py) behind the backend
+"""The CUDA kernels (kernels/cuda/, launched through kernels/launchers/) behind the backend
 interface of kernels/backend.py.
 
 A step's batch holds the decode tokens first (one per request: MBGMV and decode attention),

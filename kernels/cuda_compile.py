@@ -263,7 +263,12 @@ def f32(x: float) -> np.float32:
     return np.float32(x)
 
 
-def prebuild(device_index: int = 0, dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list[Path]:
+NULL = np.uint64(0)
+"""A null pointer argument."""
+
+
+def prebuild(device_index: int = 0,
+             dtypes=(torch.bfloat16, torch.float16, torch.float32)) -> list[Path]:
     """Build every module for the device's architecture in parallel (nvcc only)."""
     nvcc = find_nvcc()
     if nvcc is None:

@@ -8,7 +8,7 @@ import torch
 
 @pytest.fixture(scope="module")
 def L():
-    """kernels/launchers.py (imported here: it needs CuPy)."""
+    """kernels/launchers/ (imported here: it needs CuPy)."""
     from slora.kernels import launchers
     return launchers
 

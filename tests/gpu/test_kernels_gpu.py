@@ -493,10 +493,10 @@ def test_mbgmv_fused_any_number_of_chunks(L, gen, num_chunks):
 def mbgmm_tile(L, request):
     """Runs the test with the MBGMM shrink and expand on tiles of 64 and of 128 tokens (the
     launchers pick by the segments' average length)."""
-    saved = L.SHRINK_TILE, L.EXPAND_TILE
-    L.SHRINK_TILE = L.EXPAND_TILE = request.param
+    saved = L.routing.SHRINK_TILE, L.routing.EXPAND_TILE
+    L.routing.SHRINK_TILE = L.routing.EXPAND_TILE = request.param
     yield request.param
-    L.SHRINK_TILE, L.EXPAND_TILE = saved
+    L.routing.SHRINK_TILE, L.routing.EXPAND_TILE = saved
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
