@@ -301,9 +301,11 @@ def test_repeated_settings_check_the_median_of_their_per_run_ratios():
 # -- the one command -----------------------------------------------------------------------
 
 TINY_COMMAND = ["--model", "dummy-tiny", "--device", "cpu", "--num-adapters", "4",
-                "--num-requests", "6", "--rate", "100", "--input-range", "4", "16",
-                "--output-range", "2", "8", "--warmup-requests", "2", "--max-num-seqs", "4"]
-"""Six requests at once against four sequences: the server is saturated for a while."""
+                "--num-requests", "6", "--rate", "100000", "--input-range", "4", "16",
+                "--output-range", "8", "16", "--warmup-requests", "2", "--max-num-seqs", "4"]
+"""Six requests arriving within microseconds against four sequences, each at least 8 tokens
+long: more than four are in flight until two have ended, however fast the machine is (at
+100 req/s an idle machine finished each before the fourth arrived)."""
 
 
 def _run_serving(out_dir, *extra: str) -> tuple[dict, str]:
