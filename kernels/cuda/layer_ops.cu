@@ -62,15 +62,21 @@ add_rms_norm(elem_t* __restrict__ h, const elem_t* __restrict__ delta, int has_d
 // Rotary embedding of token t's q and k heads (x * cos + rotate_half(x) * sin, the tables
 // [max_pos, head_dim] float32 with the sine's first half negated, rounded to the element type
 // first), q written to q_out [num_tokens, num_heads, head_dim], the rotated k and v to the
-// token's page (pool[p_t, 0, :kv_dim], pool[p_t, 1, :kv_dim], as store_kv).
+// token's page (pool[p_t, 0, :kv_dim], pool[p_t, 1, :kv_dim], as store_kv). With q_norm and
+// k_norm (Qwen3; null: none) each q and k head is RMS-normed first, as torch_ref.head_rms_norm:
+// rnd(w * rnd(x * rsqrt(mean(x^2) + eps))).
 // grid (num_tokens); block 128. A work item is a vector of the first half of a head and the
-// vector of the second half that it pairs with.
+// vector of the second half that it pairs with: a head's hv = head_dim / 2 / VEC items sit
+// on hv consecutive lanes of one warp (the launcher passes q_norm only where hv is a power of
+// two <= 32), which sum the head's squares by shuffles. Every lane of a warp runs the same
+// iterations, so the shuffles see all 32.
 extern "C" __global__ void __launch_bounds__(128)
 rope_store_kv(const elem_t* __restrict__ qkv, i64 qkv_stride, const int* __restrict__ positions,
               const float* __restrict__ cos_table, const float* __restrict__ sin_table,
               elem_t* __restrict__ q_out, elem_t* __restrict__ pool, int H,
               const int* __restrict__ token_page_ids, int num_heads, int num_kv_heads,
-              int head_dim)
+              int head_dim, const elem_t* __restrict__ q_norm, const elem_t* __restrict__ k_norm,
+              float norm_eps)
 {
     const int t = blockIdx.x;
     const elem_t* x = qkv + (i64)t * qkv_stride;
@@ -79,12 +85,31 @@ rope_store_kv(const elem_t* __restrict__ qkv, i64 qkv_stride, const int* __restr
     const float* cs = cos_table + (i64)positions[t] * head_dim;
     const float* sn = sin_table + (i64)positions[t] * head_dim;
     const int num_rot = (num_heads + num_kv_heads) * hv;
-    for (int item = threadIdx.x; item < num_rot; item += 128) {
-        const int head = item / hv, i = (item % hv) * VEC;
+    for (int base = 0; base < num_rot; base += 128) {
+        const int item = base + threadIdx.x;
+        const bool ok = item < num_rot;
+        const int head = ok ? item / hv : 0, i = (item % hv) * VEC;
         const elem_t* src = x + head * head_dim;
         float a[VEC], b[VEC], ra[VEC], rb[VEC];
-        unpack(ld_vec(src + i), a);
-        unpack(ld_vec(src + half + i), b);
+        unpack(ok ? ld_vec(src + i) : vzero(), a);
+        unpack(ok ? ld_vec(src + half + i) : vzero(), b);
+        if (q_norm != nullptr) {  // uniform over the block
+            float ss = 0.f;
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) ss = fmaf(b[e], b[e], fmaf(a[e], a[e], ss));
+            for (int o = hv / 2; o > 0; o >>= 1) ss += __shfl_xor_sync(0xffffffffu, ss, o);
+            const float rstd = rsqrtf(ss / (float)head_dim + norm_eps);
+            const elem_t* w = head < num_heads ? q_norm : k_norm;
+            float wa[VEC], wb[VEC];
+            unpack(ld_vec(w + i), wa);
+            unpack(ld_vec(w + half + i), wb);
+#pragma unroll
+            for (int e = 0; e < VEC; ++e) {
+                a[e] = rnd(wa[e] * rnd(a[e] * rstd));
+                b[e] = rnd(wb[e] * rnd(b[e] * rstd));
+            }
+        }
+        if (!ok) continue;  // the last iteration: no shuffle after this
 #pragma unroll
         for (int e = 0; e < VEC; ++e) {
             const float c0 = rnd(cs[i + e]), c1 = rnd(cs[half + i + e]);

@@ -10,7 +10,7 @@ import math
 import torch
 
 from slora.kernels import torch_ref
-from slora.kernels.cuda_compile import f32, get_kernel, i32, i64, launch, ptr
+from slora.kernels.cuda_compile import NULL, f32, get_kernel, i32, i64, launch, ptr
 from slora.kernels.launchers.checks import (check_act, check_cuda, check_int, check_pool,
                                             check_rows, vec_size)
 
@@ -49,7 +49,7 @@ def add_rms_norm(h, delta, weight, eps):
 def rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids, num_heads,
                   num_kv_heads, *, q_norm=None, k_norm=None, norm_eps=1e-6):
     """Rotary q and k, k and v stored into each token's page; returns q (torch_ref). With
-    q_norm and k_norm, each q and k head is RMS-normed first (torch ops, then the kernel)."""
+    q_norm and k_norm (Qwen3), each q and k head is RMS-normed first, in the same kernel."""
     H = check_pool(pool)
     check_rows("qkv", qkv, pool)
     num_tokens = qkv.shape[0]
@@ -74,22 +74,21 @@ def rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids, num_hea
     if (q_norm is None) != (k_norm is None):
         raise ValueError("q_norm and k_norm come together: got only "
                          f"{'q_norm' if k_norm is None else 'k_norm'}")
-    if (head_dim // 2) % vec_size(pool.dtype):
+    for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
+        if w is None:
+            continue
+        check_cuda(name, w, pool.device)
+        if w.dtype != qkv.dtype or tuple(w.shape) != (head_dim,) or w.stride(0) != 1 \
+                or w.data_ptr() % 16:
+            raise ValueError(f"{name} must be a contiguous, 16-byte aligned {qkv.dtype} "
+                             f"[{head_dim}] tensor, got {w.dtype} {tuple(w.shape)}")
+    half_vectors, rest = divmod(head_dim // 2, vec_size(pool.dtype))
+    # The norm sums a head's squares over its half_vectors lanes by shuffles (layer_ops.cu).
+    lanes_ok = half_vectors <= 32 and half_vectors & (half_vectors - 1) == 0
+    if rest or (q_norm is not None and not lanes_ok):
         return torch_ref.rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids,
                                        num_heads, num_kv_heads, q_norm=q_norm, k_norm=k_norm,
                                        norm_eps=norm_eps)
-    if q_norm is not None:
-        for name, w in (("q_norm", q_norm), ("k_norm", k_norm)):
-            check_cuda(name, w, pool.device)
-            if w.dtype != qkv.dtype or tuple(w.shape) != (head_dim,):
-                raise ValueError(f"{name} must be a {qkv.dtype} [{head_dim}] tensor, got "
-                                 f"{w.dtype} {tuple(w.shape)}")
-        nq = num_heads + num_kv_heads
-        heads = qkv[:, :nq * head_dim].unflatten(1, (nq, head_dim))
-        normed = torch.cat([torch_ref.head_rms_norm(heads[:, :num_heads], q_norm, norm_eps),
-                            torch_ref.head_rms_norm(heads[:, num_heads:], k_norm, norm_eps)],
-                           dim=1)
-        qkv = torch.cat([normed.flatten(1), qkv[:, nq * head_dim:]], dim=1)
     q = torch.empty(num_tokens, num_heads, head_dim, dtype=qkv.dtype, device=qkv.device)
     if num_tokens == 0:
         return q
@@ -97,7 +96,8 @@ def rope_store_kv(qkv, positions, cos, sin_signed, pool, token_page_ids, num_hea
     launch(get_kernel(LAYER_OPS, pool.dtype, "rope_store_kv", dev), (num_tokens,), (128,),
            (ptr(qkv), i64(qkv.stride(0)), ptr(positions), ptr(cos), ptr(sin_signed), ptr(q),
             ptr(pool), i32(H), ptr(token_page_ids), i32(num_heads), i32(num_kv_heads),
-            i32(head_dim)),
+            i32(head_dim), NULL if q_norm is None else ptr(q_norm),
+            NULL if k_norm is None else ptr(k_norm), f32(norm_eps)),
            dev)
     return q
 

@@ -1,26 +1,24 @@
 """The per-layer kernels of kernels/cuda/layer_ops.cu (residual add + RMSNorm, rotary
-embedding + K/V store, SiLU * up) against their torch references, on the shapes of real
-models, in bf16, fp16 and fp32, on fresh random inputs. Outputs land in memory that held NaN
+embedding + K/V store, with and without Qwen3's per-head q/k RMSNorm, SiLU * up) against
+their torch references, on the shapes of real models, in bf16, fp16 and fp32, on fresh
+random inputs. Outputs land in memory that held NaN
 just before (the caching allocator hands the freed block back), so an element a kernel
 forgot to write fails. Marked `gpu`; skipped without CUDA or CuPy.
 """
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
+from helpers_gpu import (GPU_ONLY, LLAMA2_7B, LLAMA2_13B, LLAMA3_8B, QWEN3_06B, QWEN3_8B,
+                         QWEN25_7B, SMOLLM2, case_id)
 from slora.kernels import torch_ref
 
-HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and CuPy")]
+pytestmark = GPU_ONLY
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 TOL = {torch.bfloat16: 1e-2, torch.float16: 5e-3, torch.float32: 1e-5}
-# (name, hidden, intermediate, num_heads, num_kv_heads)
-SHAPES = [("llama2-7b", 4096, 11008, 32, 32), ("llama2-13b", 5120, 13824, 40, 40),
-          ("llama3-8b-gqa", 4096, 14336, 32, 8), ("smollm2-135m-hd64", 576, 1536, 9, 3)]
+SHAPES = [LLAMA2_7B, LLAMA2_13B, LLAMA3_8B, SMOLLM2, QWEN25_7B, QWEN3_8B, QWEN3_06B]
 TOKENS = [1, 13, 300]
 
 
@@ -42,11 +40,11 @@ def rel_err(out, ref) -> float:
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("shape", SHAPES, ids=case_id)
 @pytest.mark.parametrize("num_tokens", TOKENS)
 @pytest.mark.parametrize("with_delta", [True, False], ids=["add", "no-add"])
 def test_add_rms_norm(L, gen, dtype, shape, num_tokens, with_delta):
-    hidden = shape[1]
+    hidden = shape.hidden
     h = randn(num_tokens, hidden, dtype=dtype, gen=gen, scale=3.0)
     delta = randn(num_tokens, hidden, dtype=dtype, gen=gen) if with_delta else None
     weight = randn(hidden, dtype=dtype, gen=gen, scale=0.5)
@@ -59,14 +57,15 @@ def test_add_rms_norm(L, gen, dtype, shape, num_tokens, with_delta):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("shape", SHAPES, ids=case_id)
 @pytest.mark.parametrize("num_tokens", TOKENS)
-def test_rope_store_kv(L, gen, dtype, shape, num_tokens):
+@pytest.mark.parametrize("qk_norm", [False, True], ids=["rope", "qk-norm-rope"])
+def test_rope_store_kv(L, gen, dtype, shape, num_tokens, qk_norm):
     """q rotated into a new tensor; the rotated k and v written into each token's page (the
-    pages shuffled), every other page and element untouched."""
-    _, hidden, _, nh, nkv = shape
-    hd = hidden // nh
-    H = hidden
+    pages shuffled), every other page and element untouched. qk_norm: each q and k head
+    RMS-normed with its own weight first (Qwen3), in the same kernel."""
+    nh, nkv, hd = shape.num_heads, shape.num_kv_heads, shape.head_dim
+    H = shape.hidden
     num_pages, max_pos = 2 * num_tokens + 50, 4096
     width = (nh + 2 * nkv) * hd
     # The fused projection's output, as a strided slice of a wider buffer.
@@ -80,9 +79,13 @@ def test_rope_store_kv(L, gen, dtype, shape, num_tokens):
     sin = torch.cat([-freqs.sin(), freqs.sin()], -1).float().cuda()
     pool = randn(num_pages, 2, H, dtype=dtype, gen=gen)
     pool_ref = pool.clone()
-    q_ref = torch_ref.rope_store_kv(qkv, positions, cos, sin, pool_ref, pages, nh, nkv)
+    norms = {}
+    if qk_norm:  # scales around 1, as trained q_norm / k_norm weights are
+        norms = dict(q_norm=randn(hd, dtype=dtype, gen=gen, scale=0.3) + 1,
+                     k_norm=randn(hd, dtype=dtype, gen=gen, scale=0.3) + 1, norm_eps=1e-6)
+    q_ref = torch_ref.rope_store_kv(qkv, positions, cos, sin, pool_ref, pages, nh, nkv, **norms)
     poison(num_tokens * nh * hd, dtype)
-    q = L.rope_store_kv(qkv, positions, cos, sin, pool, pages, nh, nkv)
+    q = L.rope_store_kv(qkv, positions, cos, sin, pool, pages, nh, nkv, **norms)
     assert q.shape == (num_tokens, nh, hd) and q.is_contiguous()
     assert rel_err(q, q_ref) < TOL[dtype] / 10
     assert rel_err(pool[pages.long()], pool_ref[pages.long()]) < TOL[dtype] / 10
@@ -94,10 +97,10 @@ def test_rope_store_kv(L, gen, dtype, shape, num_tokens):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: s[0])
+@pytest.mark.parametrize("shape", SHAPES, ids=case_id)
 @pytest.mark.parametrize("num_tokens", TOKENS)
 def test_silu_mul(L, gen, dtype, shape, num_tokens):
-    inter = shape[2]
+    inter = shape.intermediate
     gate_up = randn(num_tokens, 2 * inter, dtype=dtype, gen=gen, scale=2.0)
     ref = torch_ref.silu_mul(gate_up)
     poison(num_tokens * inter, dtype)
@@ -121,6 +124,12 @@ def test_layer_ops_reject_bad_shapes(L, gen):
     with pytest.raises(ValueError, match="positions"):
         L.rope_store_kv(randn(4, 48, dtype=torch.bfloat16, gen=gen), pos[:3], table, table,
                         pool, pos, 1, 1)
+    qkv, cos = randn(4, 48, dtype=torch.bfloat16, gen=gen), torch.zeros(16, 16, device="cuda")
+    weight = randn(16, dtype=torch.bfloat16, gen=gen)
+    with pytest.raises(ValueError, match="q_norm and k_norm come together: got only q_norm"):
+        L.rope_store_kv(qkv, pos, cos, cos, pool, pos, 1, 1, q_norm=weight)
+    with pytest.raises(ValueError, match=r"k_norm must be .*\[16\] tensor, got .* \(8,\)"):
+        L.rope_store_kv(qkv, pos, cos, cos, pool, pos, 1, 1, q_norm=weight, k_norm=weight[:8])
 
 
 # (name, H, num_layers, d_in, d_out) of one module: a square projection, an MLP one whose
