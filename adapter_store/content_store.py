@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import fcntl
 import hashlib
+import logging
 import os
 import shutil
 import uuid
@@ -41,6 +42,8 @@ from slora.adapter_store.peft import (
 from slora.common.config import ModelConfig
 from slora.common.errors import AdapterError
 
+logger = logging.getLogger(__name__)
+
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 INCOMING_DIR, LOCKS_DIR = ".incoming", ".locks"
 UPLOAD_SHOWN_AS = "upload"
@@ -56,6 +59,9 @@ class StagedAdapter:
     sha256: str
     file_sizes: tuple[int, ...]
     """Bytes of adapter_config.json, adapter_model.safetensors."""
+    warning: str | None = None
+    """What the user should know about an adapter accepted anyway (a base model name that
+    is not the served model's), or None."""
 
 
 def _file_sizes(folder: str) -> tuple[int, ...]:
@@ -75,11 +81,12 @@ class ContentStore:
     methods block (file copies, reading every tensor): run them in a thread."""
 
     def __init__(self, store_dir: str, model: ModelConfig, base_model_name: str | None,
-                 max_rank: int):
+                 max_rank: int, strict_base_model: bool = False):
         self.store_dir = os.path.abspath(store_dir)
         self.model = model
         self.base_model_name = base_model_name
         self.max_rank = max_rank
+        self.strict_base_model = strict_base_model
         for sub in (INCOMING_DIR, LOCKS_DIR):
             os.makedirs(os.path.join(self.store_dir, sub), exist_ok=True)
 
@@ -126,12 +133,15 @@ class ContentStore:
         return folder
 
     def _validate(self, adapter_id: str, folder: str, shown_as: str) -> StagedAdapter:
-        """The full PEFT check (every tensor read), the base model check, the hash; fsyncs
-        the files. Errors name `shown_as` (the user's path, or "upload"), not the copy."""
+        """The full PEFT check (every tensor read: shapes from another base model refuse
+        it), the base model name check, the hash; fsyncs the files. Errors name `shown_as`
+        (the user's path, or "upload"), not the copy."""
         try:
             spec = read_adapter_config(adapter_id, folder, self.model, self.max_rank)
-            check_base_model(spec, self.base_model_name)
+            if self.strict_base_model:
+                check_base_model(spec, self.base_model_name, strict=True)
             load_peft_adapter(adapter_id, folder, self.model, self.max_rank)
+            warning = check_base_model(spec, self.base_model_name)
         except AdapterError as e:
             file = e.file.replace(folder, shown_as, 1) if e.file else e.file
             raise type(e)(e.adapter_id, file, e.reason) from None
@@ -141,7 +151,9 @@ class ContentStore:
                 while chunk := f.read(1 << 20):
                     digest.update(chunk)
                 os.fsync(f.fileno())
-        return StagedAdapter(folder, spec, digest.hexdigest(), _file_sizes(folder))
+        if warning is not None:
+            logger.warning(warning)
+        return StagedAdapter(folder, spec, digest.hexdigest(), _file_sizes(folder), warning)
 
     def place(self, staged: StagedAdapter) -> bool:
         """Rename the staged copy to its content name, or drop it if that folder exists;

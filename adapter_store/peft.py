@@ -2,13 +2,15 @@
 
 A PEFT folder holds adapter_config.json and adapter_model.safetensors with one lora_A
 [r, d_in] and one lora_B [d_out, r] per targeted module per covered layer, keyed
-`base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight`. We stack them
+`base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight` or any other
+layout PEFT's loaders apply (peft_keys.py). Which config fields are served, and which refuse
+the adapter, is peft_fields.py. We stack them
 over layers: A [num_layers, r, d_in], B [num_layers, d_out, r], zeros at layers the adapter
 does not cover, so the worker can copy a module's rank-rows into pool pages in one go.
 The LoRA delta of a module at layer l is `scale * (x @ A[l].T) @ B[l].T`.
 
 Which (layer, module) pairs an adapter covers, and each pair's rank and alpha, follow PEFT's
-own rules (`check_target_module_exists`, `get_pattern_key` in peft 0.21): target_modules is a
+own rules (`check_target_module_exists`, `get_pattern_key` in peft 0.22): target_modules is a
 list of names (a module matches when its full name equals one or ends with `.name`) or a regex
 full-matched against full names like `model.layers.0.self_attn.q_proj`; layers_to_transform,
 exclude_modules, rank_pattern and alpha_pattern apply as PEFT applies them. Where the patterns
@@ -33,6 +35,10 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from slora.adapter_store.peft_fields import check_fields, check_shape_fields
+from slora.adapter_store.peft_keys import (
+    KeyLayout, canonical_key, module_full_name,
+)
 from slora.adapter_store.safetensors_check import SafetensorsHeaderError, check_safetensors
 from slora.common.config import LORA_MODULES, ModelConfig
 from slora.common.errors import AdapterBaseModelMismatch, AdapterError
@@ -40,37 +46,6 @@ from slora.common.errors import AdapterBaseModelMismatch, AdapterError
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
-
-MODULE_PARENT: dict[str, str] = {
-    "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
-    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
-}
-KEY_FORMAT = "base_model.model.model.layers.{i}.{self_attn|mlp}.{module}.lora_{A|B}.weight"
-_KEY_RE = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+)\.(\w+)\.lora_([AB])\.weight")
-
-# Config fields that change the maths of the adapter beyond y += scale * x A^T B^T; refused
-# when truthy. velora_config only changes the training backward pass, so it is accepted.
-_UNSUPPORTED = {
-    "use_dora": "DoRA adapters (use_dora) are not supported",
-    "lora_bias": "LoRA bias terms (lora_bias) are not supported",
-    "fan_in_fan_out": "fan_in_fan_out (Conv1D-style transposed weights) is not supported",
-    "modules_to_save": "modules_to_save (full copies of base modules) is not supported",
-    "target_parameters": "target_parameters (LoRA on raw parameters) is not supported",
-    "trainable_token_indices": "trainable_token_indices (embedding deltas) is not supported",
-    "layer_replication": "layer_replication is not supported",
-    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens) is not supported",
-    "use_qalora": "QA-LoRA (use_qalora) is not supported",
-    "use_bdlora": "BD-LoRA (use_bdlora) is not supported",
-    "arrow_config": "Arrow routing (arrow_config) is not supported",
-    "kasa_config": "KaSA (kasa_config) is not supported",
-    "monteclora_config": "MonteCLoRA (monteclora_config) is not supported",
-}
-
-
-def module_full_name(layer: int, module: str) -> str:
-    """The module's name in LlamaForCausalLM.named_modules(), as PEFT matches it."""
-    return f"model.layers.{layer}.{MODULE_PARENT[module]}.{module}"
-
 
 def _llama_other_module_names(num_layers: int) -> list[str]:
     """Every other module name of a LlamaForCausalLM: what target_modules must not match."""
@@ -122,14 +97,6 @@ class LoraAdapter(AdapterSpec):
     @property
     def num_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for ab in self.weights.values() for t in ab)
-
-
-def _is_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_rank(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _load_config_json(adapter_id: str, path: str) -> tuple[dict, str]:
@@ -219,69 +186,10 @@ def _pattern_value(patterns: dict, key: str, default):
 
 def _check_config_fields(adapter_id: str, cfg_file: str, cfg: dict, model: ModelConfig,
                          max_rank: int) -> None:
-    """Refuse what we cannot serve, before working out coverage."""
-    def refuse(reason: str):
+    """Refuse what we cannot serve (peft_fields.py), before working out coverage."""
+    reason = check_fields(cfg) or check_shape_fields(cfg, model, max_rank)
+    if reason is not None:
         raise AdapterError(adapter_id, cfg_file, reason)
-
-    if cfg.get("peft_type") != "LORA":
-        refuse(f"peft_type {cfg.get('peft_type')!r} is not LORA")
-    for field, reason in _UNSUPPORTED.items():
-        if cfg.get(field):
-            refuse(f"{reason} (found {field}={cfg[field]!r})")
-    if cfg.get("bias", "none") != "none":
-        refuse(f"bias {cfg['bias']!r} is not supported (only 'none')")
-    r = cfg.get("r")
-    if not _is_rank(r) or r <= 0:
-        refuse(f"r must be a positive integer, found {r!r}")
-    if r > max_rank:
-        refuse(f"rank {r} exceeds this pool's max_lora_rank {max_rank}")
-    if not _is_number(cfg.get("lora_alpha")):
-        refuse(f"lora_alpha must be a finite number, found {cfg.get('lora_alpha')!r}")
-    if not isinstance(cfg.get("use_rslora", False), bool):
-        refuse(f"use_rslora must be true or false, found {cfg['use_rslora']!r}")
-    for name, ok, what in (("rank_pattern", _is_rank, "rank"),
-                           ("alpha_pattern", _is_number, "alpha")):
-        patterns = cfg.get(name) or {}
-        if not isinstance(patterns, dict):
-            refuse(f"{name} must be an object, found {patterns!r}")
-        for key, value in patterns.items():
-            if not ok(value) or (what == "rank" and value <= 0):
-                refuse(f"{name} gives {key!r} an invalid {what} {value!r}")
-            if what == "rank" and value > max_rank:
-                refuse(f"{name} gives {key!r} rank {value}, which exceeds this pool's "
-                       f"max_lora_rank {max_rank}")
-    targets = cfg.get("target_modules")
-    if targets == "all-linear":
-        targets = cfg["target_modules"] = list(LORA_MODULES)  # PEFT: all Linear but lm_head
-    elif not (isinstance(targets, str) or (
-            isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
-        refuse(f"target_modules must be a non-empty list of names or a regex, found {targets!r}")
-    exclude = cfg.get("exclude_modules")
-    if not (exclude is None or isinstance(exclude, str) or (
-            isinstance(exclude, list) and all(isinstance(e, str) for e in exclude))):
-        refuse(f"exclude_modules must be a list of names or a regex, found {exclude!r}")
-    # Strings are regexes (lists are plain names); pattern dicts are keyed by regexes.
-    layers_pattern = cfg.get("layers_pattern")
-    if not (layers_pattern is None or isinstance(layers_pattern, str) or (
-            isinstance(layers_pattern, list) and all(isinstance(p, str) for p in layers_pattern))):
-        refuse(f"layers_pattern must be a name or a list of names, found {layers_pattern!r}")
-    regexes = [(n, cfg[n]) for n in ("target_modules", "exclude_modules")
-               if isinstance(cfg.get(n), str)]
-    regexes += [("layers_pattern", p) for p in
-                ([layers_pattern] if isinstance(layers_pattern, str) else layers_pattern or [])]
-    regexes += [(n, k) for n in ("rank_pattern", "alpha_pattern") for k in cfg.get(n) or {}]
-    for name, pattern in regexes:
-        try:
-            re.compile(pattern)
-        except re.error as e:
-            refuse(f"{name} has {pattern!r}, not a valid regular expression ({e})")
-    if isinstance(targets, str) and cfg.get("layers_to_transform") is not None:
-        refuse("layers_to_transform cannot be used with a regex target_modules (PEFT refuses it)")
-    layers = cfg.get("layers_to_transform")
-    for layer in [layers] if _is_rank(layers) else (layers or []):
-        if not _is_rank(layer) or not 0 <= layer < model.num_layers:
-            refuse(f"layers_to_transform names layer {layer!r}; this model has layers "
-                   f"0..{model.num_layers - 1}")
 
 
 def _check_targets(adapter_id: str, cfg_file: str, targets: _Targets,
@@ -308,6 +216,11 @@ def read_adapter_config(adapter_id: str, path: str, model: ModelConfig,
                         max_rank: int) -> AdapterSpec:
     """Validate a PEFT folder's adapter_config.json against the model and the pool's
     max_lora_rank, and check a safetensors weights file is there; reads no tensors."""
+    return _read_config(adapter_id, path, model, max_rank)[0]
+
+
+def _read_config(adapter_id: str, path: str, model: ModelConfig,
+                 max_rank: int) -> tuple[AdapterSpec, dict]:
     cfg, cfg_file = _load_config_json(adapter_id, path)
     _check_config_fields(adapter_id, cfg_file, cfg, model, max_rank)
     _weights_file(adapter_id, path)
@@ -345,46 +258,76 @@ def read_adapter_config(adapter_id: str, path: str, model: ModelConfig,
         adapter_id=adapter_id, path=path, base_model_name=base if isinstance(base, str) else None,
         module_ranks=module_ranks, module_scales=module_scales, rank=max(module_ranks.values()),
         lora_alpha=alpha, use_rslora=use_rslora, layer_ranks=layer_ranks,
-        layer_scales=layer_scales)
+        layer_scales=layer_scales), cfg
 
 
-def _parse_key(adapter_id: str, file: str, key: str, spec: AdapterSpec,
-               num_layers: int) -> tuple[int, str, str]:
-    """(layer, module, "A" | "B") of a tensor key, or an AdapterError saying why not."""
-    def refuse(reason: str):
-        raise AdapterError(adapter_id, file, reason)
+def _parse_keys(adapter_id: str, file: str, keys, spec: AdapterSpec, cfg: dict,
+                model: ModelConfig) -> dict[str, tuple[int, str, str]]:
+    """key -> (layer, module, "A" | "B") for every LoRA weight key (peft_keys.py), checked
+    against the config; keys to skip are left out. An AdapterError names any other key."""
+    layout = KeyLayout(skip_velora=bool(cfg.get("velora_config")))
+    parsed = {}
+    for key in keys:
+        try:
+            parts = layout.parse(key)
+        except ValueError as e:
+            raise AdapterError(adapter_id, file, str(e)) from None
+        if parts is None:
+            continue
+        layer, _, module, which = parts
+        if layer >= model.num_layers:  # a deeper model's adapter
+            raise AdapterBaseModelMismatch(
+                adapter_id, file, f"tensor {key!r} is for layer {layer}; this server's base "
+                f"model {model.name!r} has layers 0..{model.num_layers - 1}")
+        if module not in spec.layer_ranks:
+            raise AdapterError(adapter_id, file, f"tensor {key!r} is for {module}, which "
+                               "target_modules does not name (targets: "
+                               f"{', '.join(spec.layer_ranks)})")
+        if spec.layer_ranks[module][layer] == 0:
+            raise AdapterError(adapter_id, file, f"tensor {key!r} is for {module} at layer "
+                               f"{layer}, which the config does not cover (layers_to_transform "
+                               "/ exclude_modules)")
+        parsed[key] = (layer, module, which)
+    for m, ranks in spec.layer_ranks.items():
+        for layer, r_l in enumerate(ranks):
+            for which in "AB":
+                if r_l and (layer, m, which) not in layout.key_of:
+                    raise AdapterError(adapter_id, file,
+                                       f"tensor {canonical_key(layer, m, which)!r} is missing: "
+                                       f"the config targets {m} at layer {layer}")
+    return parsed
 
-    if "lora_embedding_" in key:
-        refuse(f"tensor {key!r} is a LoRA embedding weight; only the q, k, v, o, gate, up, "
-               "down projections can be served")
-    if "lora_magnitude_vector" in key:
-        refuse(f"tensor {key!r} is a DoRA magnitude vector; DoRA adapters are not supported")
-    match = _KEY_RE.fullmatch(key)
-    if match is None:
-        refuse(f"tensor key {key!r} does not parse; expected {KEY_FORMAT}")
-    layer, parent, module, which = int(match[1]), match[2], match[3], match[4]
-    if MODULE_PARENT.get(module) != parent:
-        refuse(f"tensor key {key!r} does not parse: {parent}.{module} is not one of the "
-               "q, k, v, o (self_attn) or gate, up, down (mlp) projections")
-    if layer >= num_layers:
-        refuse(f"tensor {key!r} is for layer {layer}; this model has layers 0..{num_layers - 1}")
-    if module not in spec.layer_ranks:
-        refuse(f"tensor {key!r} is for {module}, which target_modules does not name "
-               f"(targets: {', '.join(spec.layer_ranks)})")
-    if spec.layer_ranks[module][layer] == 0:
-        refuse(f"tensor {key!r} is for {module} at layer {layer}, which the config does not "
-               "cover (layers_to_transform / exclude_modules)")
-    return layer, module, which
+
+def _expected_shape(spec: AdapterSpec, model: ModelConfig, layer: int, module: str,
+                    which: str) -> tuple[int, int]:
+    r_l, (d_in, d_out) = spec.layer_ranks[module][layer], model.module_shape(module)
+    return (r_l, d_in) if which == "A" else (d_out, r_l)
 
 
-def _check_tensor(adapter_id: str, file: str, key: str, tensor: torch.Tensor,
-                  expected: tuple[int, int]) -> None:
+def _check_shape(adapter_id: str, file: str, key: str, shape: tuple[int, ...],
+                 spec: AdapterSpec, model: ModelConfig, layer: int, module: str,
+                 which: str) -> None:
+    """A width that is not the base model's is FAILED_PRECONDITION (trained on another
+    base); a rank that is not the config's is INVALID_ARGUMENT."""
+    expected = _expected_shape(spec, model, layer, module, which)
+    if tuple(shape) == expected:
+        return
+    rank_axis = 0 if which == "A" else 1
+    if len(shape) == 2 and shape[1 - rank_axis] != expected[1 - rank_axis]:
+        base = f" (its config names base model {spec.base_model_name!r})" \
+            if spec.base_model_name else ""
+        raise AdapterBaseModelMismatch(
+            adapter_id, file, f"tensor {key!r} ({module} lora_{which} at layer {layer}) has "
+            f"shape {list(shape)}; this server's base model {model.name!r} needs "
+            f"{list(expected)}, so the adapter was trained on another base model{base}")
+    raise AdapterError(adapter_id, file, f"tensor {key!r} has shape {list(shape)}; expected "
+                       f"{list(expected)} (rank {expected[rank_axis]} from the config)")
+
+
+def _check_tensor(adapter_id: str, file: str, key: str, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():
         raise AdapterError(adapter_id, file, f"tensor {key!r} has dtype {tensor.dtype}; "
                            "expected a floating-point dtype")
-    if tuple(tensor.shape) != expected:
-        raise AdapterError(adapter_id, file, f"tensor {key!r} has shape {list(tensor.shape)}; "
-                           f"expected {list(expected)}")
     if not bool(torch.isfinite(tensor).all()):
         raise AdapterError(adapter_id, file, f"tensor {key!r} has NaN or Inf values")
 
@@ -397,7 +340,7 @@ def load_peft_adapter(adapter_id: str, path: str, model: ModelConfig, max_rank: 
     pin_memory pins the weights for fast copies to the GPU; it is ignored where CUDA is not
     available (pinning needs a CUDA driver).
     """
-    spec = read_adapter_config(adapter_id, path, model, max_rank)
+    spec, cfg = _read_config(adapter_id, path, model, max_rank)
     file = _weights_file(adapter_id, path)
     pin = pin_memory and torch.cuda.is_available()
     weights = {}
@@ -410,29 +353,29 @@ def load_peft_adapter(adapter_id: str, path: str, model: ModelConfig, max_rank: 
     except (SafetensorsHeaderError, OSError) as e:
         raise AdapterError(adapter_id, file, f"not a readable safetensors file ({e})") \
             from None
-    for key, entry in header.tensors.items():  # every name and shape, before any tensor byte
-        layer, m, which = _parse_key(adapter_id, file, key, spec, model.num_layers)
-        r_l, (d_in, d_out) = spec.layer_ranks[m][layer], model.module_shape(m)
-        expected = (r_l, d_in) if which == "A" else (d_out, r_l)
-        if entry.shape != expected:
-            raise AdapterError(adapter_id, file, f"tensor {key!r} has shape {list(entry.shape)}; "
-                               f"expected {list(expected)}")
-    seen: set[tuple[int, str, str]] = set()
+    # Every name and shape, before any tensor byte.
+    parsed = _parse_keys(adapter_id, file, header.tensors, spec, cfg, model)
+    for key, (layer, m, which) in parsed.items():
+        _check_shape(adapter_id, file, key, header.tensors[key].shape, spec, model, layer, m,
+                     which)
     try:
         handle = safe_open(file, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own error types for a bad header
         raise AdapterError(adapter_id, file, f"not a readable safetensors file ({e})") from None
     with handle as f:
-        for key in f.keys():
-            layer, m, which = _parse_key(adapter_id, file, key, spec, model.num_layers)
-            r_l, (d_in, d_out) = spec.layer_ranks[m][layer], model.module_shape(m)
+        if set(f.keys()) != set(header.tensors):
+            raise AdapterError(adapter_id, file, "the safetensors library reads other tensor "
+                               "names than the file's header holds")
+        for key, (layer, m, which) in parsed.items():
             try:
                 tensor = f.get_tensor(key)
             except Exception as e:
                 raise AdapterError(adapter_id, file, f"tensor {key!r} cannot be read ({e})") \
                     from None
-            _check_tensor(adapter_id, file, key, tensor,
-                          (r_l, d_in) if which == "A" else (d_out, r_l))
+            _check_tensor(adapter_id, file, key, tensor)
+            _check_shape(adapter_id, file, key, tuple(tensor.shape), spec, model, layer, m,
+                         which)
+            r_l = spec.layer_ranks[m][layer]
             a, b = weights[m]
             if which == "A":
                 a[layer, :r_l] = tensor
@@ -440,16 +383,6 @@ def load_peft_adapter(adapter_id: str, path: str, model: ModelConfig, max_rank: 
                 scale = spec.module_scales[m]
                 ratio = spec.layer_scales[m][layer] / scale if scale else 1.0
                 b[layer, :, :r_l] = tensor.float() * ratio if ratio != 1.0 else tensor
-            seen.add((layer, m, which))
-    for m, ranks in spec.layer_ranks.items():
-        for layer, r_l in enumerate(ranks):
-            for which in "AB":
-                if r_l and (layer, m, which) not in seen:
-                    key = (f"base_model.model.{module_full_name(layer, m)}"
-                           f".lora_{which}.weight")
-                    raise AdapterError(adapter_id, file,
-                                       f"tensor {key!r} is missing: the config targets {m} "
-                                       f"at layer {layer}")
     return LoraAdapter(**vars(spec), weights=weights)
 
 
@@ -457,14 +390,38 @@ def _normalize_name(name: str) -> str:
     return os.path.basename(os.path.normpath(name.strip())).lower()
 
 
-def check_base_model(adapter: AdapterSpec, expected_name: str | None) -> None:
-    """Refuse an adapter trained on another base model. Lenient: passes when either name is
-    unknown (None or empty), and compares only the last path component, case-insensitively,
-    so 'meta-llama/Llama-2-7b-hf' and '/models/llama-2-7b-hf' agree."""
-    if not adapter.base_model_name or not expected_name:
-        return
-    if _normalize_name(adapter.base_model_name) != _normalize_name(expected_name):
+def base_model_warning(adapter_id: str, adapter_base: str | None,
+                       served_name: str | None) -> str | None:
+    """The warning for an adapter whose base_model_name_or_path is not the served model's
+    name; None when they agree or either is unknown. Names agree when their last path
+    components do, case-insensitively: 'meta-llama/Llama-2-7b-hf' and '/models/llama-2-7b-hf'."""
+    if not adapter_base or not served_name or \
+            _normalize_name(adapter_base) == _normalize_name(served_name):
+        return None
+    return (f"adapter {adapter_id!r} names base model {adapter_base!r}, not {served_name!r} "
+            "(the model this server serves); it is served because its tensor shapes fit")
+
+
+def check_base_model(adapter: AdapterSpec, expected_name: str | None,
+                     strict: bool = False) -> str | None:
+    """base_model_warning for this adapter; with `strict`, an AdapterBaseModelMismatch
+    instead, also when the adapter names no base model.
+
+    PEFT writes whatever the trainer passed (often a local folder), so a name that differs
+    proves nothing: the tensor shapes, checked when the adapter is read, are what refuse an
+    adapter of another base. The name refuses only when the operator asks
+    (--strict-base-model)."""
+    warning = base_model_warning(adapter.adapter_id, adapter.base_model_name, expected_name)
+    if not strict or not expected_name:
+        return warning
+    config_file = os.path.join(adapter.path, CONFIG_FILE)
+    if not adapter.base_model_name:
         raise AdapterBaseModelMismatch(
-            adapter.adapter_id, os.path.join(adapter.path, CONFIG_FILE),
+            adapter.adapter_id, config_file, "names no base_model_name_or_path; this server "
+            f"checks it strictly (--strict-base-model) and serves {expected_name!r}")
+    if warning is not None:
+        raise AdapterBaseModelMismatch(
+            adapter.adapter_id, config_file,
             f"trained on base model {adapter.base_model_name!r}; this server serves "
-            f"{expected_name!r}")
+            f"{expected_name!r} and checks the name strictly (--strict-base-model)")
+    return None

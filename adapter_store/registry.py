@@ -136,14 +136,17 @@ class AdapterRegistry:
 
     `redis` is a redis.asyncio client (see `connect`); `store_dir` the folder owned by the
     store (a shared volume when frontends run on several hosts); `model` and `max_rank` what
-    every adapter is validated against; `base_model_name` the served model's name, to refuse
-    adapters trained on another (None: no check).
+    every adapter is validated against; `base_model_name` the served model's name: an adapter
+    that names another is accepted with a warning when its shapes fit, refused with
+    `strict_base_model` (None: no check).
     """
 
     def __init__(self, redis: aioredis.Redis, store_dir: str, model: ModelConfig,
-                 base_model_name: str | None, max_rank: int):
+                 base_model_name: str | None, max_rank: int, strict_base_model: bool = False):
         self.redis = redis
-        self.store = ContentStore(store_dir, model, base_model_name, max_rank)
+        self.store = ContentStore(store_dir, model, base_model_name, max_rank,
+                                  strict_base_model)
+        self.base_model_name = base_model_name
         self.model = model
         self._register_script = redis.register_script(REGISTER_LUA)
         self._delete_script = redis.register_script(DELETE_LUA)

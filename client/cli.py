@@ -54,6 +54,9 @@ def _up_parser(sub) -> None:
     p.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     p.add_argument("--tls-client-ca", default=None,
                    help="PEM CA that client certificates must be signed by (mTLS)")
+    p.add_argument("--strict-base-model", action="store_true",
+                   help="refuse adapters whose base_model_name_or_path is not the served "
+                        "model's name (default: accept them with a warning when the shapes fit)")
 
 
 def _client_parent() -> argparse.ArgumentParser:
@@ -162,6 +165,8 @@ def _print_adapter(a) -> None:
     print(f"{a.ref or a.adapter_id}\trank={a.rank}\talpha={a.lora_alpha:g}\t"
           f"targets={','.join(a.target_modules)}\tpages={a.num_pages}\t"
           f"sha256={a.sha256[:12]}\tbytes={a.size_bytes}")
+    for warning in a.warnings:
+        print(f"slora: warning: {warning}", file=sys.stderr)
 
 
 def _run_client(args) -> int:

@@ -104,7 +104,8 @@ def build_children(args, model: str) -> list[Child]:
     children.append(Child("frontend", [
         "slora.frontend.server", "--host", args.host, "--port", str(args.port),
         "--data-dir", data_dir, "--scheduler-address", f"127.0.0.1:{scheduler_port}",
-        "--redis-url", redis_url, *frontend_security_args(args, data_dir)]))
+        "--redis-url", redis_url, *frontend_security_args(args, data_dir),
+        *(["--strict-base-model"] if getattr(args, "strict_base_model", False) else [])]))
     return children
 
 

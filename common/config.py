@@ -42,6 +42,9 @@ class ModelConfig:
     "original_max_position_embeddings"}, or None."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
+    sliding_window: int | None = None
+    """Mistral's attention window, in tokens (each token sees itself and the window - 1
+    before it); None: every token sees the whole context."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "llama"
@@ -126,6 +129,7 @@ class ModelConfig:
             rope_theta=float(rope_theta), rope_scaling=rope_scaling,
             max_position_embeddings=d.get("max_position_embeddings", 4096),
             tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            sliding_window=d.get("sliding_window") if arch == "mistral" else None,
             bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids, name=name,
         )
 
@@ -154,6 +158,18 @@ DUMMY_MODELS: dict[str, dict] = {
                              num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
                              max_position_embeddings=8192),
 }
+
+
+def refuse_sliding_window_shorter_than_context(model: ModelConfig, max_model_len: int) -> None:
+    """Attention here sees the whole context, so a Mistral whose sliding window is shorter
+    than the longest context served would be served wrong past the window: refused, until
+    attention honours the window."""
+    window = model.sliding_window
+    if window is not None and window < max_model_len:
+        raise ConfigError(
+            f"model config: sliding_window {window} is shorter than max_model_len "
+            f"{max_model_len}; this server does not apply sliding-window attention yet, so "
+            f"serve this model with max_model_len {window} or less")
 
 
 def dummy_model_config(name: str) -> ModelConfig:
@@ -220,6 +236,7 @@ class EngineConfig:
 
     def check(self) -> None:
         """Checks across configs: one request with the largest adapter must always fit."""
+        refuse_sliding_window_shorter_than_context(self.model, self.scheduler.max_model_len)
         if self.scheduler.max_model_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"max_model_len {self.scheduler.max_model_len} exceeds the model's "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import grpc
 
 from slora.adapter_store.intake import AdapterRoots
+from slora.adapter_store.peft import base_model_warning
 from slora.adapter_store.registry import AdapterRecord, Sharing
 from slora.adapter_store.uploads import UploadWriter
 from slora.common.errors import InvalidRequestError, PermissionDeniedError, SloraError
@@ -17,15 +18,19 @@ from slora.frontend.generation import abort_with
 from slora.v1 import adapters_pb2, adapters_pb2_grpc, scheduler_pb2
 
 
-def record_to_proto(r: AdapterRecord, viewer: str) -> adapters_pb2.Adapter:
+def record_to_proto(r: AdapterRecord, viewer: str,
+                    served_model: str | None = None) -> adapters_pb2.Adapter:
     """The record as `viewer` (a tenant) sees it: whom it is shared with is the owner's
-    business only."""
+    business only. `served_model`: the served model's name, to warn about a base_model that
+    is not it."""
+    warning = base_model_warning(r.adapter_id, r.base_model, served_model)
     return adapters_pb2.Adapter(
         adapter_id=r.adapter_id, owner=r.owner, rank=r.rank, lora_alpha=r.lora_alpha,
         target_modules=list(r.target_modules), base_model=r.base_model or "",
         sha256=r.sha256, size_bytes=r.size_bytes, created_unix=r.created_unix,
         num_pages=r.num_pages, use_rslora=r.use_rslora, public=r.public,
-        shared_with=list(r.shared_with) if viewer == r.owner else [], ref=r.qualified_id)
+        shared_with=list(r.shared_with) if viewer == r.owner else [], ref=r.qualified_id,
+        warnings=[warning] if warning else [])
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
@@ -49,7 +54,7 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
                 max_bytes=self.max_upload_bytes, max_adapters=self.max_adapters)
         except SloraError as e:
             await abort_with(context, e)
-        return record_to_proto(record, tenant)
+        return record_to_proto(record, tenant, self.registry.base_model_name)
 
     async def Upload(self, request_iterator, context):
         tenant = principal().tenant
@@ -80,13 +85,13 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         finally:
             if writer is not None:
                 writer.abort()
-        return record_to_proto(record, tenant)
+        return record_to_proto(record, tenant, self.registry.base_model_name)
 
     async def Get(self, request, context):
         tenant = principal().tenant
         try:
             return record_to_proto(await self.registry.lookup(request.adapter_id, tenant),
-                                   tenant)
+                                   tenant, self.registry.base_model_name)
         except SloraError as e:
             await abort_with(context, e)
 
@@ -97,7 +102,8 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         except SloraError as e:
             await abort_with(context, e)
         return adapters_pb2.ListAdaptersResponse(
-            adapters=[record_to_proto(r, tenant) for r in records])
+            adapters=[record_to_proto(r, tenant, self.registry.base_model_name)
+                      for r in records])
 
     async def Delete(self, request, context):
         """New requests for the adapter are refused at once; the delete completes when the

@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder with tokenizer.json (default: the served model's folder)")
     p.add_argument("--max-upload-bytes", type=int, default=4 << 30,
                    help="largest adapter upload, in bytes")
+    p.add_argument("--strict-base-model", action="store_true",
+                   help="refuse adapters whose base_model_name_or_path is not the served "
+                        "model's name (default: accept them with a warning when the shapes fit)")
     p.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="on SIGTERM, seconds that running calls get to finish")
     add_security_args(p)
@@ -90,7 +93,7 @@ async def serve(args) -> None:
     redis_client = connect(args.redis_url)
     store_dir = os.path.join(args.data_dir, "adapters")
     registry = AdapterRegistry(redis_client, store_dir, model, info.model_name,
-                               info.max_lora_rank)
+                               info.max_lora_rank, strict_base_model=args.strict_base_model)
     security = await setup_security(args, redis_client, store_dir)
 
     public_names = [generation_pb2.DESCRIPTOR.services_by_name["Generation"].full_name,

