@@ -33,6 +33,20 @@ def test_every_compose_command_is_a_real_entry_point():
     assert redis["image"].startswith("redis:") and "--appendonly" in redis["command"]
 
 
+@pytest.mark.parametrize("flags, strict", [([], False), (["--strict-base-model"], True)])
+def test_up_passes_strict_base_model_to_the_frontend(flags, strict, tmp_path):
+    """`slora up --strict-base-model` starts the frontend with the flag, which its own
+    parser reads; without it the frontend's check stays lenient."""
+    from slora.client.cli import build_parser
+    from slora.client.launcher import build_children
+    from slora.frontend.server import build_parser as frontend_parser
+
+    args = build_parser().parse_args(["up", "--data-dir", str(tmp_path), *flags])
+    frontend = next(c for c in build_children(args, "dummy-tiny") if c.name == "frontend")
+    assert frontend.args[0] == "slora.frontend.server"
+    assert frontend_parser().parse_args(frontend.args[1:]).strict_base_model is strict
+
+
 def readme_first_command() -> str:
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
