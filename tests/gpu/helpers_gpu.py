@@ -208,3 +208,38 @@ def make_kv_pool(shape: ModelShape, context_lens: list[int], dtype, gen):
         table[b, :ctx] = perm[at:at + ctx]
         at += ctx
     return pool, table, torch.tensor(context_lens, dtype=torch.int32, device="cuda")
+
+
+def check_behind_gemm(gen, dtype, num_tokens, d_in, width, lora, lora_delta, what,
+                      scratch=None):
+    """The worker's order: x made by a kernel, the base GEMM y = x @ W^T, then lora(y, x)
+    twice in a row (the second right behind the first's last kernel, as bench/kernels.py
+    replays them), eagerly and over graph replays on new x with y (and `scratch`) poisoned:
+    y must be the base plus twice lora_delta(x). A launch that wrote its scratch before the
+    kernel before it had read it, or read y before the kernel before it was done, fails."""
+    w = (torch.randn(width, d_in, device="cuda", generator=gen) * d_in ** -0.5).to(dtype)
+    x = torch.empty(num_tokens, d_in, device="cuda", dtype=dtype)
+    x_src = torch.empty_like(x)
+    y = torch.empty(num_tokens, width, device="cuda", dtype=dtype)
+
+    def step():
+        torch.mul(x_src, 1.0, out=x)  # two kernels before the first LoRA launch
+        torch.matmul(x, w.T, out=y)
+        for _ in range(2):
+            lora(y, x)
+
+    def reference():
+        base = (x.float() @ w.float().T).to(dtype)
+        return base + 2 * lora_delta(x, torch.zeros_like(y)).float()
+
+    x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
+    step()
+    assert_close(y.float(), reference(), dtype, f"{what}, eager")
+    graph = capture(step)
+    for replay in range(3):
+        x_src.copy_(torch.randn(num_tokens, d_in, device="cuda", generator=gen))
+        y.fill_(float("nan"))
+        if scratch is not None:
+            scratch.fill_(float("nan"))
+        graph.replay()
+        assert_close(y.float(), reference(), dtype, f"{what}, graph replay {replay}")
