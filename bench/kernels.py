@@ -507,10 +507,13 @@ def bench_prefill_lora_behind_gemm(pool, gemm, quick):
 def bench_decode_attention(copy_bw, quick):
     rows = []
     batch = 64
-    for name, num_heads, num_kv_heads in (("llama2-7b", 32, 32), ("llama3-8b-gqa", 32, 8)):
+    # (name, heads, KV heads, sliding window, contexts): Mistral-7B reads its last 4096 only.
+    for name, num_heads, num_kv_heads, window, contexts in (
+            ("llama2-7b", 32, 32, 0, (1024, 4096)), ("llama3-8b-gqa", 32, 8, 0, (1024, 4096)),
+            ("mistral-7b-w4096", 32, 8, 4096, (8192,))):
         head_dim = H // num_heads
         kv_dim = num_kv_heads * head_dim
-        for ctx in (1024, 4096):
+        for ctx in contexts:
             num_pages = batch * ctx + 64
             pool = fill_pool(num_pages, H)
             perm = torch.randperm(num_pages, device=DEV).to(torch.int32)
@@ -520,11 +523,12 @@ def bench_decode_attention(copy_bw, quick):
             out = torch.empty_like(q)
             scale = head_dim ** -0.5
             t_ours = graph_time([lambda: L.paged_attention_decode(
-                q, pool, table, lens, num_kv_heads, scale, out=out)],
+                q, pool, table, lens, num_kv_heads, scale, sliding_window=window, out=out)],
                 reps=10 if quick else 30, per_graph=4)
             t_ref = events_time(lambda: torch_ref.paged_attention_decode(
-                q, pool, table, lens, num_kv_heads, scale), 2, warmup=1)
-            nbytes = batch * ctx * kv_dim * 2 * 2 + 2 * q.numel() * 2
+                q, pool, table, lens, num_kv_heads, scale, sliding_window=window), 2, warmup=1)
+            read = min(ctx, window) if window else ctx  # positions each query reads
+            nbytes = batch * read * kv_dim * 2 * 2 + 2 * q.numel() * 2
             rows.append(dict(
                 section="decode attention", config=f"{name} batch 64 ctx {ctx}",
                 time_us=t_ours * 1e6, rate=nbytes / t_ours / 1e9, unit="GB/s",
