@@ -80,6 +80,10 @@ class KeyLayout:
             for part, what in _KNOWN_EXTRAS:
                 if part in key:
                     raise ValueError(f"tensor {key!r} is {what}")
+            if key.endswith(("embed_tokens.weight", "lm_head.weight")):
+                raise ValueError(f"tensor {key!r} is a full embedding or output weight, which "
+                                 "PEFT saves when the vocabulary was resized (or embeddings "
+                                 "were trained); this server serves the base model's own")
             if key.endswith(".bias"):
                 raise ValueError(f"tensor {key!r} is a bias (bias / lora_bias in the config); "
                                  "bias terms are not supported")

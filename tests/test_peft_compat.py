@@ -126,6 +126,19 @@ def another_base(env, out):
     return make_peft_adapter(base, out, r=2)
 
 
+def resized_vocabulary(env, out):
+    """Fine-tuned after adding tokens: PEFT saves the resized embeddings and lm_head."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    model = LlamaForCausalLM.from_pretrained(env.trained_from, dtype=torch.float32)
+    _quiet(model.resize_token_embeddings, 260, mean_resizing=False)
+    peft_model = _quiet(get_peft_model, model, LoraConfig(r=2, target_modules=["q_proj"],
+                                                          task_type="CAUSAL_LM"))
+    _quiet(peft_model.save_pretrained, out)
+    return out
+
+
 def _prefixless(k: str) -> str:
     return k.removeprefix("base_model.model.")
 
@@ -205,6 +218,8 @@ REFUSED = [
          refused=("INVALID_ARGUMENT", "use_qalora")),
     Case("unknown-variant", edited(peft_made(), use_hyperlora=True),
          refused=("INVALID_ARGUMENT", "use_hyperlora=True")),
+    Case("resized-vocabulary", resized_vocabulary,
+         refused=("INVALID_ARGUMENT", "lm_head.weight", "vocabulary was resized")),
     Case("two-adapter-names", two_adapters_in_one_file,
          refused=("INVALID_ARGUMENT", "belongs to adapter 'second'", "'first'")),
     Case("unknown-key", rekeyed(lambda k: k.replace("lora_A", "lora_X")),
