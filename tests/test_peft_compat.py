@@ -121,6 +121,18 @@ def two_adapters_in_one_file(env, out):
     return rekeyed(rename)(env, out)
 
 
+def one_weight_twice(env, out):
+    """q_proj's A at layer 0 also under transformers' key, without PEFT's prefix."""
+    from safetensors.torch import load_file, save_file
+
+    path = peft_made()(env, out)
+    file = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(file)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    save_file({**tensors, _prefixless(key): tensors[key].clone()}, file)
+    return path
+
+
 def another_base(env, out):
     base = make_tiny_llama(os.path.join(env.root, "hidden-32"), num_kv_heads=2, hidden_size=32)
     return make_peft_adapter(base, out, r=2)
@@ -166,6 +178,10 @@ ACCEPTED = [
                                           rank_pattern={"q_proj": 2})),
     Case("layers-to-transform", peft_made(target_modules=("q_proj", "o_proj"),
                                           layers_to_transform=[1])),
+    Case("regex-targets-exclude", peft_made(target_modules=r".*\.(q_proj|down_proj)",
+                                            exclude_modules=["model.layers.0.mlp.down_proj"])),
+    Case("layers-pattern", peft_made(target_modules=("k_proj", "gate_proj"),
+                                     layers_to_transform=[0], layers_pattern="layers")),
     Case("lora-dropout", peft_made(lora_dropout=0.3)),
     Case("fan-in-fan-out", edited(peft_made(), fan_in_fan_out=True)),
     Case("init-gaussian", peft_made(init_lora_weights="gaussian")),
@@ -220,6 +236,11 @@ REFUSED = [
          refused=("INVALID_ARGUMENT", "use_hyperlora=True")),
     Case("resized-vocabulary", resized_vocabulary,
          refused=("INVALID_ARGUMENT", "lm_head.weight", "vocabulary was resized")),
+    *(Case(field_name.replace("_", "-"), edited(peft_made(), **{field_name: {"on": 1}}),
+           refused=("INVALID_ARGUMENT", field_name))
+      for field_name in ("use_bdlora", "arrow_config", "kasa_config", "monteclora_config")),
+    Case("one-weight-twice", one_weight_twice,
+         refused=("INVALID_ARGUMENT", "are the same weight", "in two layouts")),
     Case("two-adapter-names", two_adapters_in_one_file,
          refused=("INVALID_ARGUMENT", "belongs to adapter 'second'", "'first'")),
     Case("unknown-key", rekeyed(lambda k: k.replace("lora_A", "lora_X")),
