@@ -11,12 +11,14 @@ layout with both and comparing the loaded weights), for one tensor, here q_proj'
     ...q_proj.lora_A.default.weight                                  a PeftModel's state_dict,
     ...q_proj.lora_A.<name>.weight                                   with the adapter's name
 
-PeftModel.from_pretrained applies the prefixed forms (with an adapter name when it is the name
-it loads under, `default` unless told), transformers' load_adapter the forms without a prefix;
-we accept all of them, as both loaders end up computing the same W + scale * B A. One file
-holds one adapter: its keys carry at most one adapter name, and no tensor
-twice. Any other key (a bias, a DoRA magnitude vector, a full module copy, a typo) is refused
-by name: PEFT would ignore it with a warning, and the adapter would not be the one trained.
+PeftModel.from_pretrained applies keys with the whole `base_model.model.model.` prefix, with
+or without the adapter name it loads under (`default` unless told); transformers' load_adapter
+applies the first key and those without that prefix, with or without `.default.`
+(tests/test_peft_compat.py loads each layout with the loader that applies it). We accept them
+all: both loaders then compute the same W + scale * B A. One file holds one adapter: its keys
+carry at most one adapter name, and no tensor twice. Any other key (a bias, a DoRA magnitude
+vector, a full module or embedding copy, a typo) is refused by name: PEFT would skip it with a
+warning, and the adapter served would not be the one trained.
 VeLoRA's `lora_velora_embed` buffers only serve its training backward pass; they are skipped
 when the config sets velora_config.
 """
