@@ -9,15 +9,10 @@ import os
 import torch
 from safetensors.torch import save_file
 
-from slora.common.config import DUMMY_MODELS, ModelConfig, dummy_model_config
+from slora.common.config import ModelConfig
 
-ALL_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
            "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-
-
-def model_config_of(model: str) -> ModelConfig:
-    return dummy_model_config(model) if model in DUMMY_MODELS else ModelConfig.from_folder(model)
 
 
 def demo_adapter_tensors(cfg: ModelConfig, rank: int, targets: tuple[str, ...], seed: int,
@@ -37,8 +32,10 @@ def demo_adapter_tensors(cfg: ModelConfig, rank: int, targets: tuple[str, ...], 
 
 
 def write_demo_adapter(out_dir: str, cfg: ModelConfig, rank: int, seed: int,
-                       targets: tuple[str, ...] = ALL_MODULES, lora_alpha: float | None = None,
+                       targets: tuple[str, ...] | None = None, lora_alpha: float | None = None,
                        base_model_name: str | None = None) -> str:
+    """`targets`: the projections the adapter targets; None for all of the model's."""
+    targets = cfg.lora_modules if targets is None else targets
     os.makedirs(out_dir, exist_ok=True)
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank,
@@ -53,9 +50,8 @@ def write_demo_adapter(out_dir: str, cfg: ModelConfig, rank: int, seed: int,
     return out_dir
 
 
-def write_demo_adapters(model: str, out_root: str, count: int, ranks: list[int],
+def write_demo_adapters(cfg: ModelConfig, out_root: str, count: int, ranks: list[int],
                         seed: int = 0) -> list[str]:
     """`count` adapters named demo-<i>, ranks round-robin from `ranks`."""
-    cfg = model_config_of(model)
     return [write_demo_adapter(os.path.join(out_root, f"demo-{i}"), cfg, ranks[i % len(ranks)],
                                seed + i) for i in range(count)]

@@ -40,21 +40,26 @@ from slora.adapter_store.peft_keys import (
     KeyLayout, canonical_key, module_full_name,
 )
 from slora.adapter_store.safetensors_check import SafetensorsHeaderError, check_safetensors
-from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.config import STANDARD_LORA_MODULES, ModelConfig
 from slora.common.errors import AdapterBaseModelMismatch, AdapterError
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 PICKLE_FILE = "adapter_model.bin"
 
-def _llama_other_module_names(num_layers: int) -> list[str]:
-    """Every other module name of a LlamaForCausalLM: what target_modules must not match."""
+def _other_module_names(model: ModelConfig) -> list[str]:
+    """Every other module name of the model's Hugging Face module tree (the same in every
+    family slora serves, Qwen3's q/k norms aside), and the projections the family's adapters
+    may not target: what target_modules must not match."""
     names = ["model", "model.embed_tokens", "model.layers", "model.norm", "model.rotary_emb",
              "lm_head"]
-    for i in range(num_layers):
+    untargeted = [m for m in STANDARD_LORA_MODULES if m not in model.lora_modules]
+    for i in range(model.num_layers):
         p = f"model.layers.{i}"
         names += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm",
                   f"{p}.post_attention_layernorm"]
+        names += [f"{p}.self_attn.{n}" for n in ("q_norm", "k_norm") if model.qk_norm]
+        names += [module_full_name(i, m) for m in untargeted]
     return names
 
 
@@ -67,7 +72,8 @@ class AdapterSpec:
     base_model_name: str | None
     """PEFT's base_model_name_or_path (a hub name or a local path), None when absent."""
     module_ranks: dict[str, int]
-    """Rank of each targeted module (short name, LORA_MODULES order); untargeted are absent."""
+    """Rank of each targeted module (short name, the model's lora_modules order); untargeted
+    are absent."""
     module_scales: dict[str, float]
     """The factor the kernel applies to each targeted module: lora_alpha / r, or
     lora_alpha / sqrt(r) with use_rslora, after rank_pattern / alpha_pattern."""
@@ -194,13 +200,16 @@ def _check_config_fields(adapter_id: str, cfg_file: str, cfg: dict, model: Model
 
 def _check_targets(adapter_id: str, cfg_file: str, targets: _Targets,
                    model: ModelConfig) -> None:
-    """target_modules may match only the q, k, v, o, gate, up, down projections."""
-    proj_names = [module_full_name(i, m) for i in range(model.num_layers) for m in LORA_MODULES]
-    others = [n for n in _llama_other_module_names(model.num_layers) if targets.matches(n)]
+    """target_modules may match only the projections the model's family serves LoRA on."""
+    proj_names = [module_full_name(i, m) for i in range(model.num_layers)
+                  for m in model.lora_modules]
+    others = [n for n in _other_module_names(model) if targets.matches(n)]
     if others:
+        served = ", ".join(m.removesuffix("_proj") for m in model.lora_modules)
         raise AdapterError(adapter_id, cfg_file,
                            f"target_modules {targets.target_modules!r} matches {others[0]!r}; "
-                           "only the q, k, v, o, gate, up, down projections can be served")
+                           f"only the {served} projections can be served on this "
+                           f"{model.model_type} model")
     entries = ([targets.target_modules] if isinstance(targets.target_modules, str)
                else targets.target_modules)
     for entry in entries:
@@ -231,7 +240,7 @@ def _read_config(adapter_id: str, path: str, model: ModelConfig,
     rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
     layer_ranks: dict[str, tuple[int, ...]] = {}
     layer_scales: dict[str, tuple[float, ...]] = {}
-    for m in LORA_MODULES:
+    for m in model.lora_modules:
         ranks, scales = [], []
         for i in range(model.num_layers):
             key = module_full_name(i, m)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import re
 
-from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.config import ModelConfig
 
 # Fields that never change the forward pass of a LoRA on nn.Linear modules at inference.
 NO_EFFECT_FIELDS = (
@@ -144,7 +144,8 @@ def check_shape_fields(cfg: dict, model: ModelConfig, max_rank: int) -> str | No
                         f"max_lora_rank {max_rank}")
     targets = cfg.get("target_modules")
     if targets == "all-linear":
-        targets = cfg["target_modules"] = list(LORA_MODULES)  # PEFT: all Linear but lm_head
+        # PEFT: all Linear but lm_head
+        targets = cfg["target_modules"] = list(model.lora_modules)
     elif not (isinstance(targets, str) or (
             isinstance(targets, list) and targets and all(isinstance(t, str) for t in targets))):
         return f"target_modules must be a non-empty list of names or a regex, found {targets!r}"

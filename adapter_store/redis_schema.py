@@ -90,7 +90,7 @@ class AdapterRecord:
     lora_alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
-    """Targeted projections, in LORA_MODULES order."""
+    """Targeted projections, in the model's lora_modules order."""
     module_ranks: dict[str, int]
     base_model: str
     """base_model_name_or_path of its adapter_config.json; "" when absent."""

@@ -51,7 +51,7 @@ from slora.adapter_store.redis_schema import (  # noqa: F401 (re-exported for ca
     shared_key,
 )
 from slora.adapter_store.tenancy import NO_TENANT, TENANT_RE, qualified_id, split_ref
-from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.config import ModelConfig
 from slora.common.errors import (
     AdapterDeletingError,
     AdapterExistsError,
@@ -190,7 +190,7 @@ class AdapterRegistry:
         return AdapterRecord(
             adapter_id=spec.adapter_id, owner=owner, rank=spec.rank, lora_alpha=spec.lora_alpha,
             use_rslora=spec.use_rslora,
-            target_modules=tuple(m for m in LORA_MODULES if m in spec.module_ranks),
+            target_modules=tuple(m for m in self.model.lora_modules if m in spec.module_ranks),
             module_ranks=dict(spec.module_ranks), base_model=spec.base_model_name or "",
             path=self.store.folder(staged.sha256), sha256=staged.sha256,
             size_bytes=sum(staged.file_sizes), created_unix=time.time(),

@@ -4,7 +4,7 @@ same device, with the same requests:
 * the in-process Engine (no gRPC): `build_engine`, then driver.run_engine;
 * Hugging Face PEFT with mixed-adapter batches (`adapter_names=`), on a fixed sample of the
   requests: `run_peft`, on an HF LlamaForCausalLM holding the very weights our worker makes
-  (worker/weights.py dummy_weights, mapped onto its state dict) and the same adapters;
+  (models/loader.py init_dummy, mapped onto its state dict) and the same adapters;
 * the roofline: the bytes a decode step must read (weights, the batch's KV cache, the rows of
   the distinct adapters in the batch) over the copy bandwidth measured in this run, as
   tokens/s (`measure_copy_bandwidth`, `decode_roofline`).
@@ -27,7 +27,7 @@ from slora.bench.driver import NOT_YET, Progress, RequestRecord, RunResult, new_
 from slora.bench.workload import (
     DUMMY_TARGETS, DummyAdapter, DummyAdapterFactory, Workload, adapter_bytes,
 )
-from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.config import STANDARD_LORA_MODULES, ModelConfig
 
 # -- the in-process engine -----------------------------------------------------------------
 
@@ -59,31 +59,36 @@ def build_engine(engine_argv: list[str], adapters: list[DummyAdapter],
 
 # -- Hugging Face PEFT ---------------------------------------------------------------------
 
-def hf_state_dict(weights) -> dict[str, torch.Tensor]:
-    """worker/weights.py LlamaWeights -> LlamaForCausalLM's state dict (same tensors)."""
-    from slora.worker.weights import LAYER_PARAMS
-
-    sd = {"model.embed_tokens.weight": weights.embed, "model.norm.weight": weights.norm,
-          "lm_head.weight": weights.lm_head}
-    for i, layer in enumerate(weights.layers):
-        for key, suffix in LAYER_PARAMS.items():
-            sd[f"model.layers.{i}.{suffix}"] = layer[key]
-    return sd
+def llama_hf_config(model: ModelConfig) -> dict:
+    """The dummy Llama as LlamaConfig keyword arguments."""
+    d = {
+        "vocab_size": model.vocab_size, "hidden_size": model.hidden_size,
+        "intermediate_size": model.intermediate_size, "num_hidden_layers": model.num_layers,
+        "num_attention_heads": model.num_heads, "num_key_value_heads": model.num_kv_heads,
+        "head_dim": model.head_dim, "rms_norm_eps": model.rms_norm_eps,
+        "rope_theta": model.rope_theta, "max_position_embeddings": model.max_position_embeddings,
+        "tie_word_embeddings": model.tie_word_embeddings, "bos_token_id": model.bos_token_id,
+        "eos_token_id": list(model.eos_token_ids),
+    }
+    if model.rope_scaling is not None:
+        d["rope_scaling"] = dict(model.rope_scaling)
+    return d
 
 
 def build_hf_model(model: ModelConfig, seed: int, dtype: torch.dtype, device: torch.device):
     """LlamaForCausalLM with the dummy weights our worker makes from `seed`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slora.engine.args import model_config_to_hf_dict
-    from slora.worker.weights import dummy_weights
+    from slora.kernels.backend import TorchBackend
+    from slora.models.loader import checkpoint_tensors
+    from slora.models.registry import build_model, family_of
 
-    hf = model_config_to_hf_dict(model)
-    config = LlamaConfig(**hf, pad_token_id=0)
+    config = LlamaConfig(**llama_hf_config(model), pad_token_id=0)
     with torch.device("meta"):
         hf_model = LlamaForCausalLM(config)
-    weights = dummy_weights(model, seed, dtype, device)
-    hf_model.load_state_dict(hf_state_dict(weights), strict=True, assign=True)
+    ours = build_model(model, None, TorchBackend(), dtype, device, seed)
+    state = checkpoint_tensors(ours, family_of(model.model_type))
+    hf_model.load_state_dict(state, strict=True, assign=True)
     if model.tie_word_embeddings:
         hf_model.tie_weights()
     # Buffers are not in the state dict: make the rotary tables on the device.
@@ -245,7 +250,7 @@ def measure_copy_bandwidth(device: torch.device, num_bytes: int | None = None,
 
 def decode_weight_bytes(model: ModelConfig, dtype_size: int) -> int:
     """Bytes of the weights one decode step reads: every projection, the norms, lm_head."""
-    per_layer = sum(i * o for i, o in map(model.module_shape, LORA_MODULES))
+    per_layer = sum(i * o for i, o in map(model.module_shape, STANDARD_LORA_MODULES))
     per_layer += 2 * model.hidden_size
     return dtype_size * (model.num_layers * per_layer + model.vocab_size * model.hidden_size
                          + model.hidden_size)

@@ -1,9 +1,11 @@
 """Decode-step time of the worker against its roofline, with CUDA graphs and without.
 
-    python bench/decode_step.py [--out DIR] [--batches 1,8,16,32,64,128,256] [--steps 10]
+    python bench/decode_step.py [--model dummy-llama-7b] [--out DIR] [--batches 1,8,...,256]
+                                [--steps 10]
     python bench/decode_step.py --plot DIR/decode_step.json     # redraw the PNG from JSON
 
-Dummy Llama-2-7B in bf16 on the GPU, pool max rank 64, max_model_len 2048. For each batch
+A dummy model (default Llama-2-7B; any `dummy-<family>-<size>` preset, e.g.
+dummy-qwen2.5-7b, dummy-mistral-7b, dummy-qwen3-8b) in bf16 on the GPU, pool max rank 64, max_model_len 2048. For each batch
 size b and adapter mode (none; b distinct rank-16 adapters on q, k, v, o, the paper's
 targets), b requests sit at context 512: adopted by the worker as if prefilled
 (`Worker.adopt_request`), their K/V pages holding random values. The worker then runs real
@@ -120,14 +122,14 @@ def step_bytes(model, batch: int, context: float, num_adapters: int) -> dict[str
 
 
 class Bench:
-    def __init__(self, max_batch: int):
+    def __init__(self, max_batch: int, model: str = "dummy-llama-7b"):
         from slora.adapter_store import HostAdapterCache
-        from slora.common.config import (EngineConfig, PoolConfig, SchedulerConfig,
-                                         dummy_model_config)
+        from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
+        from slora.models.registry import dummy_model_config
         from slora.engine.args import default_num_pages
         from slora.worker.executor import Worker
 
-        self.model = dummy_model_config("dummy-llama-7b")
+        self.model = dummy_model_config(model)
         num_pages = default_num_pages(self.model, MAX_LORA_RANK, MAX_MODEL_LEN, "bfloat16",
                                       "cuda")
         config = EngineConfig(
@@ -238,7 +240,7 @@ class Bench:
 
 def table(rows: list[dict], meta: dict) -> str:
     out = [f"GPU: {meta['gpu']}; copy bandwidth {meta['copy_bw'] / 1e9:.0f} GB/s (read + write); "
-           f"dummy Llama-2-7B bf16, context {CONTEXT_LEN}, rank-{ADAPTER_RANK} adapters on "
+           f"{meta.get('model', 'dummy-llama-7b')} bf16, context {CONTEXT_LEN}, rank-{ADAPTER_RANK} adapters on "
            f"q,k,v,o (one per request), graphs captured in {meta['capture_s']:.1f} s",
            "",
            "| batch | adapters | graphs step (ms) | eager step (ms) | graph replay (ms) "
@@ -287,6 +289,8 @@ def main() -> None:
     ap.add_argument("--batches", default=",".join(map(str, BATCHES)))
     ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
     ap.add_argument("--plot", type=Path, help="only redraw the PNG from this JSON")
+    ap.add_argument("--model", default="dummy-llama-7b",
+                    help="a dummy-<family>-<size> preset (slora.models.registry.DUMMY_MODELS)")
     args = ap.parse_args()
     if args.plot:
         data = json.loads(args.plot.read_text())
@@ -301,7 +305,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"{gpu}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    bench = Bench(max(batches))
+    bench = Bench(max(batches), args.model)
+    print(f"model {args.model}", flush=True)
     print(f"worker ready in {bench.init_s:.1f} s (graphs captured in {bench.capture_s:.1f} s), "
           f"{bench.num_pages} pages", flush=True)
     rows = []
@@ -320,7 +325,7 @@ def main() -> None:
                   f"{row['graphs_s'] * 1e3:7.2f} ms, eager {row['eager_s'] * 1e3:7.2f} ms, "
                   f"replay {row['replay_s'] * 1e3:7.2f} ms, roofline "
                   f"{row['roofline_s'] * 1e3:7.2f} ms", flush=True)
-    meta = {"gpu": gpu, "copy_bw": bw, "capture_s": bench.capture_s,
+    meta = {"gpu": gpu, "model": args.model, "copy_bw": bw, "capture_s": bench.capture_s,
             "adapter_load_rate": bench.load_rate, "num_pages": bench.num_pages}
     text = table(rows, meta)
     if args.out:

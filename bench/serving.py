@@ -51,7 +51,8 @@ from slora.bench.workload import (
     PRESETS, DummyAdapter, DummyAdapterFactory, Workload, WorkloadConfig, adapter_bytes,
     generate_requests, preset_adapters, write_peft_adapters,
 )
-from slora.common.config import ModelConfig, dummy_model_config
+from slora.common.config import ModelConfig
+from slora.models.registry import dummy_model_config
 WARMUP_OUTPUT_LEN = 16
 PRESET_TARGETS = {"S1": 0.90, "S2": 0.75}
 """The issue's share of the base model's throughput each preset must keep."""

@@ -47,7 +47,7 @@ import torch
 
 from slora.adapter_store import LoraAdapter, load_peft_adapter
 from slora.adapter_store.peft import CONFIG_FILE, WEIGHTS_FILE, module_full_name
-from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.config import STANDARD_LORA_MODULES, ModelConfig
 from slora.common.errors import ConfigError
 
 DUMMY_TARGETS: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -242,7 +242,7 @@ class DummyAdapterFactory:
             d_in, d_out = self.model.module_shape(module)
             num = self.model.num_layers + BANK_WINDOWS
             gen = torch.Generator().manual_seed(
-                self.seed * 7919 + LORA_MODULES.index(module) * 1031 + rank)
+                self.seed * 7919 + STANDARD_LORA_MODULES.index(module) * 1031 + rank)
             a = torch.randn(num, rank, d_in, generator=gen) / math.sqrt(d_in)
             b = torch.randn(num, d_out, rank, generator=gen) * 0.01
             a, b = a.to(self.dtype), b.to(self.dtype)

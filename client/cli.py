@@ -237,6 +237,7 @@ def _keys(args, client) -> None:
 
 def _demo(args, client) -> int:
     from slora.adapter_store.demo import write_demo_adapters
+    from slora.models.registry import DUMMY_MODELS, dummy_model_config, model_config_from_folder
 
     ranks = [int(r) for r in args.ranks.split(",")]
     out = os.path.abspath(os.path.expanduser(args.out))
@@ -245,7 +246,8 @@ def _demo(args, client) -> int:
         from slora.models.gguf_convert import ensure_default_model
 
         model = ensure_default_model(os.path.expanduser(DEFAULT_DATA_DIR))
-    paths = write_demo_adapters(model, out, args.count, ranks, args.seed)
+    cfg = dummy_model_config(model) if model in DUMMY_MODELS else model_config_from_folder(model)
+    paths = write_demo_adapters(cfg, out, args.count, ranks, args.seed)
     for i, path in enumerate(paths):
         if not args.no_register:
             client.register_adapter(os.path.basename(path), path)

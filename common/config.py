@@ -6,25 +6,27 @@ context length against the pool).
 """
 from __future__ import annotations
 
-import json
 import math
-import os
+import dataclasses
 from dataclasses import dataclass, field
 
 from slora.common.errors import ConfigError
 
-# The projections a LoRA adapter may target, in the order their pages are laid out.
-LORA_MODULES: tuple[str, ...] = (
+STANDARD_LORA_MODULES: tuple[str, ...] = (
     "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
 )
-LORA_MODULE_INDEX: dict[str, int] = {name: i for i, name in enumerate(LORA_MODULES)}
+"""The projections of a Llama-style decoder layer, by their PEFT names. A family (models/)
+declares which of them its adapters may target; ModelConfig.lora_modules carries that."""
 
 DTYPES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Shape of a Llama-architecture base model (Llama-2, Llama-3, Mistral, SmolLM2)."""
+    """Shape and features of a base model, whatever its family (models/ builds it from the
+    family's config.json and builds the family's layers from it). Family-neutral: the
+    scheduler, the frontend and adapter_store read the shapes, the pages and the LoRA targets
+    from here without knowing any family."""
 
     vocab_size: int
     hidden_size: int
@@ -42,14 +44,25 @@ class ModelConfig:
     "original_max_position_embeddings"}, or None."""
     max_position_embeddings: int = 4096
     tie_word_embeddings: bool = False
-    sliding_window: int | None = None
-    """Mistral's attention window, in tokens (each token sees itself and the window - 1
-    before it); None: every token sees the whole context."""
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = "llama"
+    model_type: str = "llama"
+    """The family (config.json's model_type): llama, mistral, qwen2 or qwen3."""
+    lora_modules: tuple[str, ...] = STANDARD_LORA_MODULES
+    """The projections an adapter may target, as the family declares them, in the order
+    their pages are laid out (and their index in the pool's LoRA tables)."""
+    qkv_bias: bool = False
+    """q, k and v projections carry a bias (Qwen2)."""
+    qk_norm: bool = False
+    """Each q and k head is RMS-normalised before the rotary embedding (Qwen3)."""
+    sliding_window: int = 0
+    """Each token attends to the last `sliding_window` positions, itself included (Mistral);
+    0: the whole context."""
 
     def __post_init__(self):
+        object.__setattr__(self, "lora_modules", tuple(self.lora_modules))
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
         if self.head_dim == 0:
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -66,6 +79,13 @@ class ModelConfig:
             raise ConfigError(
                 f"model config: K/V width {self.kv_dim} exceeds hidden size {self.hidden_size}; "
                 "a pool page half cannot hold one token's K")
+        unknown = [m for m in self.lora_modules if m not in STANDARD_LORA_MODULES]
+        if unknown or not self.lora_modules:
+            raise ConfigError(f"model config: LoRA targets {list(self.lora_modules)}; each must "
+                              f"be one of {list(STANDARD_LORA_MODULES)}")
+        if self.sliding_window < 0:
+            raise ConfigError(f"model config: sliding_window must be >= 0 (0: none), got "
+                              f"{self.sliding_window}")
         if self.rope_scaling is not None and self.rope_scaling.get("rope_type", "default") not in (
                 "default", "llama3"):
             raise ConfigError(
@@ -96,86 +116,31 @@ class ModelConfig:
 
     @property
     def max_lora_pages_per_row(self) -> int:
-        return max(self.lora_pages_per_row(m) for m in LORA_MODULES)
+        return max(self.lora_pages_per_row(m) for m in self.lora_modules)
+
+    @property
+    def lora_module_index(self) -> dict[str, int]:
+        """Module -> its index in the pool's LoRA tables (lora_modules order)."""
+        return {m: i for i, m in enumerate(self.lora_modules)}
 
     def adapter_num_pages(self, module_ranks: dict[str, int]) -> int:
         """Pages an adapter with these per-module ranks takes in the unified pool."""
         return sum(r * self.lora_pages_per_row(m) for m, r in module_ranks.items())
 
-    @classmethod
-    def from_hf_dict(cls, d: dict, name: str = "llama") -> "ModelConfig":
-        arch = d.get("model_type", "llama")
-        if arch not in ("llama", "mistral"):
-            raise ConfigError(f"model config: model_type {arch!r} is not a Llama-family model")
-        if d.get("attention_bias") or d.get("mlp_bias"):
-            raise ConfigError("model config: attention_bias / mlp_bias are not supported")
-        if d.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"model config: hidden_act {d.get('hidden_act')!r} (need silu)")
-        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
-        rope_theta = d.get("rope_theta", rope.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        rope_scaling = None
-        if rope_type != "default":
-            rope_scaling = {k: v for k, v in rope.items() if k != "rope_theta"}
-            rope_scaling["rope_type"] = rope_type
-        eos = d.get("eos_token_id")
-        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        return cls(
-            vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-            intermediate_size=d["intermediate_size"], num_layers=d["num_hidden_layers"],
-            num_heads=d["num_attention_heads"],
-            num_kv_heads=d.get("num_key_value_heads") or d["num_attention_heads"],
-            head_dim=d.get("head_dim") or 0, rms_norm_eps=d.get("rms_norm_eps", 1e-5),
-            rope_theta=float(rope_theta), rope_scaling=rope_scaling,
-            max_position_embeddings=d.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            sliding_window=d.get("sliding_window") if arch == "mistral" else None,
-            bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids, name=name,
-        )
+    def to_dict(self) -> dict:
+        """Plain JSON types; `ModelConfig.from_dict` gives this config back exactly (it
+        crosses processes in the worker's Info)."""
+        d = dataclasses.asdict(self)
+        d["lora_modules"], d["eos_token_ids"] = list(self.lora_modules), list(self.eos_token_ids)
+        return d
 
     @classmethod
-    def from_folder(cls, path: str) -> "ModelConfig":
-        cfg_path = os.path.join(path, "config.json")
-        try:
-            with open(cfg_path) as f:
-                d = json.load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"model folder {path!r} has no config.json") from None
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
-        return cls.from_hf_dict(d, name=os.path.basename(os.path.normpath(path)))
-
-
-# Real model shapes with seeded random weights, for benchmarks (as the paper's own are).
-DUMMY_MODELS: dict[str, dict] = {
-    "dummy-tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160, num_layers=2,
-                       num_heads=4, num_kv_heads=2, max_position_embeddings=2048),
-    "dummy-llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                           num_layers=32, num_heads=32, num_kv_heads=32),
-    "dummy-llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                            num_layers=40, num_heads=40, num_kv_heads=40),
-    "dummy-llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                             num_layers=32, num_heads=32, num_kv_heads=8, rope_theta=500000.0,
-                             max_position_embeddings=8192),
-}
-
-
-def refuse_sliding_window_shorter_than_context(model: ModelConfig, max_model_len: int) -> None:
-    """Attention here sees the whole context, so a Mistral whose sliding window is shorter
-    than the longest context served would be served wrong past the window: refused, until
-    attention honours the window."""
-    window = model.sliding_window
-    if window is not None and window < max_model_len:
-        raise ConfigError(
-            f"model config: sliding_window {window} is shorter than max_model_len "
-            f"{max_model_len}; this server does not apply sliding-window attention yet, so "
-            f"serve this model with max_model_len {window} or less")
-
-
-def dummy_model_config(name: str) -> ModelConfig:
-    if name not in DUMMY_MODELS:
-        raise ConfigError(f"unknown dummy model {name!r}; known: {', '.join(DUMMY_MODELS)}")
-    return ModelConfig(name=name, eos_token_ids=(2,), bos_token_id=1, **DUMMY_MODELS[name])
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"model config: unknown fields {unknown}")
+        return cls(**d)
 
 
 @dataclass
@@ -236,13 +201,12 @@ class EngineConfig:
 
     def check(self) -> None:
         """Checks across configs: one request with the largest adapter must always fit."""
-        refuse_sliding_window_shorter_than_context(self.model, self.scheduler.max_model_len)
         if self.scheduler.max_model_len > self.model.max_position_embeddings:
             raise ConfigError(
                 f"max_model_len {self.scheduler.max_model_len} exceeds the model's "
                 f"max_position_embeddings {self.model.max_position_embeddings}")
         max_adapter_pages = self.model.adapter_num_pages(
-            {m: self.pool.max_lora_rank for m in LORA_MODULES})
+            {m: self.pool.max_lora_rank for m in self.model.lora_modules})
         need = self.scheduler.max_model_len + max_adapter_pages
         if need > self.pool.num_pages:
             raise ConfigError(

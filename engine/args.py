@@ -6,10 +6,11 @@ never parses model or pool flags: it rebuilds the worker's EngineConfig from the
 Info (`engine_config_from_model_info`), so the planner and the worker cannot disagree about
 the model or the pool.
 
-ModelInfo.model_config_json holds the model in Hugging Face config.json form (what
-`ModelConfig.from_hf_dict` reads, so a frontend validates adapters against it exactly as
-against a model folder), plus one key of ours, "slora", with the rest of the worker's
-EngineConfig: pool, scheduler limits, dtype, device, seed, host cache size. The flat fields
+ModelInfo.model_config_json holds the model as `ModelConfig.to_dict()` (the family already
+resolved from config.json: shapes, features and LoRA targets, so a frontend validates
+adapters against exactly what the worker serves without knowing any family), plus one key of
+ours, "slora", with the rest of the worker's EngineConfig: pool, scheduler limits, dtype,
+device, seed, host cache size. The flat fields
 of ModelInfo (num_pages, max_lora_rank, ...) repeat what a frontend needs without the JSON.
 """
 from __future__ import annotations
@@ -20,10 +21,10 @@ import json
 import os
 
 from slora.common.config import (
-    DUMMY_MODELS, LORA_MODULES, EngineConfig, ModelConfig, PoolConfig, SchedulerConfig,
-    dummy_model_config,
+    STANDARD_LORA_MODULES, EngineConfig, ModelConfig, PoolConfig, SchedulerConfig,
 )
 from slora.common.errors import ConfigError
+from slora.models.registry import DUMMY_MODELS, dummy_model_config, model_config_from_folder
 from slora.v1 import scheduler_pb2
 
 SLORA_KEY = "slora"
@@ -40,7 +41,8 @@ DEFAULT_MODEL = "default"
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("model and pool")
     g.add_argument("--model", required=True,
-                   help="a Hugging Face Llama folder (config.json + *.safetensors); "
+                   help="a Hugging Face model folder (config.json + *.safetensors) of a "
+                        "supported family (llama, mistral, qwen2, qwen3); "
                         f"'{DEFAULT_MODEL}' for SmolLM2-135M-Instruct (converted once into "
                         "--data-dir); or a dummy model with seeded random weights: "
                         f"{', '.join(DUMMY_MODELS)}")
@@ -87,7 +89,7 @@ def _pick_device(device: str | None) -> str:
 
 
 def _weight_bytes(model: ModelConfig, dtype_size: int) -> int:
-    per_layer = sum(i * o for i, o in map(model.module_shape, LORA_MODULES))
+    per_layer = sum(i * o for i, o in map(model.module_shape, STANDARD_LORA_MODULES))
     embeddings = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
     return dtype_size * (model.num_layers * per_layer + embeddings)
 
@@ -99,7 +101,7 @@ def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dt
 
     dtype_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     page_bytes = model.num_layers * 2 * model.hidden_size * dtype_size
-    max_adapter_pages = model.adapter_num_pages({m: pool_rank for m in LORA_MODULES})
+    max_adapter_pages = model.adapter_num_pages({m: pool_rank for m in model.lora_modules})
     if not device.startswith("cuda"):
         return 4 * (max_model_len + max_adapter_pages)
     free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
@@ -122,9 +124,9 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
         from slora.models.gguf_convert import ensure_default_model
 
         model_path = ensure_default_model(os.path.expanduser(args.data_dir))
-        model = ModelConfig.from_folder(model_path)
+        model = model_config_from_folder(model_path)
     elif os.path.isdir(args.model):
-        model, model_path = ModelConfig.from_folder(args.model), args.model
+        model, model_path = model_config_from_folder(args.model), args.model
     else:
         raise ConfigError(f"--model {args.model!r} is neither a folder, nor "
                           f"{DEFAULT_MODEL!r}, nor a dummy model ({', '.join(DUMMY_MODELS)})")
@@ -150,29 +152,11 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
 
 # -- the config across processes -----------------------------------------------------------
 
-def model_config_to_hf_dict(model: ModelConfig) -> dict:
-    """The model as a Hugging Face config.json; `ModelConfig.from_hf_dict(d, model.name)`
-    gives `model` back exactly."""
-    d = {
-        "model_type": "llama", "hidden_act": "silu", "vocab_size": model.vocab_size,
-        "hidden_size": model.hidden_size, "intermediate_size": model.intermediate_size,
-        "num_hidden_layers": model.num_layers, "num_attention_heads": model.num_heads,
-        "num_key_value_heads": model.num_kv_heads, "head_dim": model.head_dim,
-        "rms_norm_eps": model.rms_norm_eps, "rope_theta": model.rope_theta,
-        "max_position_embeddings": model.max_position_embeddings,
-        "tie_word_embeddings": model.tie_word_embeddings, "bos_token_id": model.bos_token_id,
-        "eos_token_id": list(model.eos_token_ids),
-    }
-    if model.rope_scaling is not None:
-        d["rope_scaling"] = dict(model.rope_scaling)
-    return d
-
-
 def model_info_from_config(config: EngineConfig,
                            model_path: str | None) -> scheduler_pb2.ModelInfo:
     """`model_path`: the model folder, None for dummy weights."""
     model = config.model
-    d = model_config_to_hf_dict(model)
+    d = model.to_dict()
     d[SLORA_KEY] = {
         "pool": dataclasses.asdict(config.pool),
         "scheduler": dataclasses.asdict(config.scheduler),
@@ -197,7 +181,7 @@ def engine_config_from_model_info(info: scheduler_pb2.ModelInfo) -> EngineConfig
         raise ConfigError(f"worker Info: model_config_json has no {SLORA_KEY!r} section "
                           f"with the engine config ({e!r})") from None
     return EngineConfig(
-        model=ModelConfig.from_hf_dict(d, name=info.model_name),
+        model=ModelConfig.from_dict(d),
         pool=PoolConfig(**ours["pool"]), scheduler=SchedulerConfig(**ours["scheduler"]),
         dtype=ours["dtype"], device=ours["device"],
         host_cache_bytes=ours["host_cache_bytes"], seed=ours["seed"])

@@ -7,8 +7,9 @@ import itertools
 
 from slora.adapter_store import read_adapter_config
 from slora.common.config import EngineConfig
-from slora.common.errors import AdapterError, AdapterNotFoundError, InvalidRequestError
+from slora.common.errors import AdapterNotFoundError, InvalidRequestError
 from slora.common.sampling_params import SamplingParams
+from slora.protos.step import StepCommand, StepResult
 from slora.scheduler.adapter_residency import AdapterRef
 from slora.scheduler.planner import Scheduler
 from slora.scheduler.request import RequestOutput
@@ -54,22 +55,25 @@ class Engine:
         if not (cmd.new_requests or cmd.running_requests or cmd.finished_req_ids
                 or cmd.adapter_loads or cmd.adapter_evictions):
             return []
-        try:
-            result = self.worker.execute(cmd)
-        except AdapterError as e:
-            # The files changed under us since registration: fail that adapter's requests,
-            # keep serving the rest (they are recomputed from their tokens).
-            return self._recover_from_adapter_error(e)
+        result = self.worker.execute(cmd)
+        if result.error:
+            return self._recover_from_failed_step(cmd, result)
         return self.scheduler.update(result)
 
-    def _recover_from_adapter_error(self, e: AdapterError) -> list[RequestOutput]:
-        self.adapters.pop(e.adapter_id, None)
-        outputs = self.scheduler.abort_adapter(e.adapter_id, str(e))
-        # The worker stopped part-way through this step (later adapter loads never ran):
-        # both sides forget everything, and running requests are recomputed from their
-        # tokens, which is always correct.
+    def _recover_from_failed_step(self, cmd: StepCommand, result: StepResult
+                                  ) -> list[RequestOutput]:
+        """An adapter whose files changed under us since registration: its requests fail,
+        the rest go on. Any other failure: this step's requests fail. The worker stopped
+        part-way through the step and emptied itself; the scheduler forgets its side too, and
+        running requests are recomputed from their tokens, which is always correct."""
+        if result.failed_adapter_id:
+            self.adapters.pop(result.failed_adapter_id, None)
+            outputs = self.scheduler.abort_adapter(result.failed_adapter_id, result.error)
+        else:
+            outputs = self.scheduler.abort_requests(
+                [r.req_id for r in cmd.new_requests] + [r.req_id for r in cmd.running_requests],
+                result.error)
         self.scheduler.forget_worker_state()
-        self.worker.reset()
         return outputs
 
     def has_unfinished(self) -> bool:

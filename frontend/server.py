@@ -87,8 +87,9 @@ async def serve(args) -> None:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *SCHEDULER_CHANNEL_OPTIONS])
     scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
     info = await wait_for_scheduler(scheduler)
-    model = ModelConfig.from_hf_dict(json.loads(info.model_config_json),
-                                     name=info.model_name)
+    model_dict = json.loads(info.model_config_json)
+    model_dict.pop("slora", None)  # the rest of the worker's EngineConfig (engine/args.py)
+    model = ModelConfig.from_dict(model_dict)
     tokenizer = load_tokenizer(args.tokenizer or info.model_path or None, info.vocab_size)
     redis_client = connect(args.redis_url)
     store_dir = os.path.join(args.data_dir, "adapters")

@@ -66,9 +66,11 @@ def step_command_from_proto(msg: worker_pb2.StepCommand) -> dc.StepCommand:
 def step_result_to_proto(result: dc.StepResult) -> worker_pb2.StepResult:
     return worker_pb2.StepResult(
         step_id=result.step_id, request_ids=result.req_ids, token_ids=result.token_ids,
-        logprobs=result.logprobs, step_time_s=result.step_time_s)
+        logprobs=result.logprobs, step_time_s=result.step_time_s, error=result.error,
+        failed_adapter_id=result.failed_adapter_id)
 
 
 def step_result_from_proto(msg: worker_pb2.StepResult) -> dc.StepResult:
     return dc.StepResult(msg.step_id, list(msg.request_ids), list(msg.token_ids),
-                         list(msg.logprobs), msg.step_time_s)
+                         list(msg.logprobs), msg.step_time_s, msg.error,
+                         msg.failed_adapter_id)

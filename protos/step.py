@@ -84,3 +84,7 @@ class StepResult:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     step_time_s: float = 0.0
+    error: str = ""
+    """Set when the step failed (the worker then holds no request and no adapter)."""
+    failed_adapter_id: str = ""
+    """The adapter that could not be loaded, when that is the failure."""

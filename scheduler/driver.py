@@ -38,7 +38,7 @@ import time
 
 import grpc
 
-from slora.common.config import LORA_MODULES, EngineConfig
+from slora.common.config import EngineConfig
 from slora.common.errors import InvalidRequestError, SloraError
 from slora.engine.args import engine_config_from_model_info
 from slora.protos.convert import sampling_from_proto, step_command_to_proto, step_result_from_proto
@@ -152,7 +152,7 @@ class StepDriver:
         self._submitted_at: dict[str, float] = {}
         """Submission time of requests not yet admitted once, for the queue-wait metric."""
         self.max_adapter_pages = self.config.model.adapter_num_pages(
-            {m: self.config.pool.max_lora_rank for m in LORA_MODULES})
+            {m: self.config.pool.max_lora_rank for m in self.config.model.lora_modules})
 
     # -- requests in and out (called by the servicer) --------------------------------------
 

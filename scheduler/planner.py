@@ -69,13 +69,19 @@ class Scheduler:
 
     def abort_adapter(self, adapter_id: str, error: str) -> list[RequestOutput]:
         """Ends every request of an adapter the worker could not load."""
+        outs = self.abort_requests(
+            [r.req_id for r in self.requests.values() if r.adapter_id == adapter_id], error)
+        self.residency.drop(adapter_id, StepCommand(step_id=-1))
+        return outs
+
+    def abort_requests(self, req_ids: list[str], error: str) -> list[RequestOutput]:
+        """Ends these requests with `error` (the step that ran them failed)."""
         outs = []
-        for req in [r for r in self.requests.values() if r.adapter_id == adapter_id]:
+        for req in [self.requests[r] for r in req_ids if r in self.requests]:
             self._finish(req, FinishReason.ERROR)
             out = self._output(req, [], [])
             out.error = error
             outs.append(out)
-        self.residency.drop(adapter_id, StepCommand(step_id=-1))
         return outs
 
     def forget_worker_state(self) -> None:

@@ -1,4 +1,4 @@
-"""Tiny Llama base models and PEFT LoRA adapters made locally, for tests (no hub downloads).
+"""Tiny base models (Llama, Mistral, Qwen2, Qwen3) and PEFT LoRA adapters made locally, for tests (no hub downloads).
 
 Import from a test as `from helpers_peft import make_tiny_llama, make_peft_adapter` (pytest puts
 tests/ on sys.path). Both write Hugging Face folders that slora loads the way it loads real
@@ -22,28 +22,55 @@ TINY_LLAMA = dict(
 """The tiny base: H=64, intermediate 160, 2 layers, 4 heads of head_dim 16, vocab 256."""
 
 
-def make_tiny_llama(path: str, *, num_kv_heads: int = 4, seed: int = 0, **overrides) -> str:
-    """Save a seeded random float32 `LlamaForCausalLM` (TINY_LLAMA updated by `overrides`,
-    LlamaConfig field names) to `path` with save_pretrained (safetensors); returns `path`."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+FAMILY_CLASSES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+}
+"""transformers' own config and model class of each family slora serves."""
 
+
+def make_tiny_model(path: str, family: str = "llama", *, num_kv_heads: int = 4, seed: int = 0,
+                    **overrides) -> str:
+    """Save a seeded random float32 model of `family` (transformers' own config class with
+    TINY_LLAMA's fields, updated by `overrides` in that class's field names) to `path` with
+    save_pretrained (safetensors); returns `path`. Outside Llama, biases (Qwen2's q, k, v)
+    and norm weights are randomised too: transformers makes them zeros and ones, which would
+    hide a bias or a norm weight read from the wrong place."""
+    import transformers
+
+    config_cls, model_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[family])
     fields = dict(TINY_LLAMA, num_key_value_heads=num_kv_heads, **overrides)
-    config = LlamaConfig(**fields)
+    config = config_cls(**fields)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).to(torch.float32)
+        model = model_cls(config).to(torch.float32)
+        if family != "llama":
+            with torch.no_grad():
+                for name, param in model.named_parameters():
+                    if name.endswith("bias"):
+                        param.normal_(0.0, 0.1)
+                    elif name.endswith("norm.weight"):
+                        param.uniform_(0.5, 1.5)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     return path
 
 
+def make_tiny_llama(path: str, *, num_kv_heads: int = 4, seed: int = 0, **overrides) -> str:
+    """Save a seeded random float32 `LlamaForCausalLM` (TINY_LLAMA updated by `overrides`,
+    LlamaConfig field names) to `path` with save_pretrained (safetensors); returns `path`."""
+    return make_tiny_model(path, "llama", num_kv_heads=num_kv_heads, seed=seed, **overrides)
+
+
 def _load_base(base_model_or_path):
     """A fresh base model that get_peft_model may modify in place (it injects LoRA layers)."""
     if isinstance(base_model_or_path, (str, os.PathLike)):
-        from transformers import LlamaForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        return LlamaForCausalLM.from_pretrained(os.fspath(base_model_or_path),
-                                                dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(os.fspath(base_model_or_path),
+                                                    dtype=torch.float32)
     return copy.deepcopy(base_model_or_path)
 
 

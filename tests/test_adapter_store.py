@@ -22,8 +22,9 @@ from slora.adapter_store import (
     read_adapter_config,
 )
 from slora.adapter_store.peft import CONFIG_FILE, WEIGHTS_FILE, module_full_name
-from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.config import STANDARD_LORA_MODULES, ModelConfig
 from slora.common.errors import AdapterBaseModelMismatch, AdapterError
+from slora.models.registry import model_config_from_folder
 
 MAX_RANK = 64
 ADAPTER_ID = "acme-7"
@@ -37,14 +38,14 @@ def base_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def model(base_dir) -> ModelConfig:
-    return ModelConfig.from_folder(base_dir)
+    return model_config_from_folder(base_dir)
 
 
 @pytest.fixture(scope="session")
 def good_adapter(base_dir, tmp_path_factory) -> str:
     """Rank 4, alpha 8, on all seven projections."""
     return make_peft_adapter(base_dir, str(tmp_path_factory.mktemp("good")), r=4,
-                             target_modules=list(LORA_MODULES), lora_alpha=8, seed=1)
+                             target_modules=list(STANDARD_LORA_MODULES), lora_alpha=8, seed=1)
 
 
 def peft_lora_layers(base_dir: str, adapter_dir: str) -> dict[tuple[int, str], tuple]:
@@ -58,7 +59,7 @@ def peft_lora_layers(base_dir: str, adapter_dir: str) -> dict[tuple[int, str], t
         peft_model = PeftModel.from_pretrained(base, adapter_dir)
     out = {}
     for layer_idx, layer in enumerate(peft_model.base_model.model.model.layers):
-        for m in LORA_MODULES:
+        for m in STANDARD_LORA_MODULES:
             mod = getattr(layer.self_attn if m in ("q_proj", "k_proj", "v_proj", "o_proj")
                           else layer.mlp, m)
             if hasattr(mod, "lora_A") and "default" in mod.lora_A:
@@ -111,7 +112,7 @@ def test_loaded_adapter_computes_what_peft_computes(case, base_dir, model, tmp_p
 
     assert adapter.layer_ranks == case.layer_ranks
     assert set(adapter.weights) == {m for _, m in peft_layers}
-    assert list(adapter.weights) == [m for m in LORA_MODULES if m in adapter.weights]
+    assert list(adapter.weights) == [m for m in STANDARD_LORA_MODULES if m in adapter.weights]
     for m, (a, b) in adapter.weights.items():
         d_in, d_out = model.module_shape(m)
         r = adapter.module_ranks[m]
@@ -170,7 +171,7 @@ def test_weights_come_in_the_requested_dtype(good_adapter, model):
     bf16 = load_peft_adapter(ADAPTER_ID, good_adapter, model, MAX_RANK, dtype=torch.bfloat16)
     assert all(t.dtype == torch.bfloat16 for ab in bf16.weights.values() for t in ab)
     assert bf16.num_bytes * 2 == f32.num_bytes
-    expected = sum(model.num_layers * 4 * sum(model.module_shape(m)) for m in LORA_MODULES) * 4
+    expected = sum(model.num_layers * 4 * sum(model.module_shape(m)) for m in STANDARD_LORA_MODULES) * 4
     assert f32.num_bytes == expected
 
 
@@ -186,7 +187,7 @@ def test_all_linear_targets_every_projection(good_adapter, model, tmp_path):
     path = _edit_config(target_modules="all-linear")(
         str(shutil.copytree(good_adapter, tmp_path / "a")))
     spec = read_adapter_config(ADAPTER_ID, path, model, MAX_RANK)
-    assert list(spec.module_ranks) == list(LORA_MODULES)
+    assert list(spec.module_ranks) == list(STANDARD_LORA_MODULES)
 
 
 def test_read_adapter_config_reads_no_tensors(good_adapter, model, tmp_path):
@@ -194,7 +195,7 @@ def test_read_adapter_config_reads_no_tensors(good_adapter, model, tmp_path):
     path = shutil.copytree(good_adapter, tmp_path / "a")
     (path / WEIGHTS_FILE).write_bytes(b"\x00" * 16)
     spec = read_adapter_config(ADAPTER_ID, str(path), model, MAX_RANK)
-    assert spec.module_ranks == {m: 4 for m in LORA_MODULES}
+    assert spec.module_ranks == {m: 4 for m in STANDARD_LORA_MODULES}
     assert spec.base_model_name and spec.base_model_name.endswith("tiny-llama")
     with pytest.raises(AdapterError, match="not a readable safetensors file"):
         load_peft_adapter(ADAPTER_ID, str(path), model, MAX_RANK)
@@ -382,7 +383,7 @@ def test_adapter_larger_than_cache_is_returned_but_not_kept(three_adapters, base
                                                             tmp_path):
     """An adapter bigger than the whole capacity is served, not kept, and evicts nothing."""
     big_path = make_peft_adapter(base_dir, str(tmp_path / "big"), r=8, lora_alpha=8,
-                                 target_modules=list(LORA_MODULES))
+                                 target_modules=list(STANDARD_LORA_MODULES))
     small_size = load_peft_adapter("x", three_adapters["a"], model, MAX_RANK).num_bytes
     cache = HostAdapterCache(small_size + 1, model=model, max_rank=MAX_RANK)
     small = cache.get("a", three_adapters["a"])

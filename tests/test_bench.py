@@ -22,9 +22,9 @@ from slora.bench.workload import (
     adapter_bytes, adapter_popularity, dummy_adapter_loader, generate_requests,
     parse_dummy_path, preset_adapters, write_peft_adapters,
 )
-from slora.common.config import dummy_model_config
 from slora.common.errors import ConfigError
 from slora.common.sampling_params import SamplingParams
+from slora.models.registry import dummy_model_config
 
 TINY = dummy_model_config("dummy-tiny")
 LLAMA_7B = dummy_model_config("dummy-llama-7b")

@@ -10,12 +10,13 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from helpers_peft import make_peft_adapter, make_tiny_llama
-from slora.common.config import EngineConfig, ModelConfig, PoolConfig, SchedulerConfig
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.common.errors import (
     AdapterError, AdapterNotFoundError, ConfigError, InvalidRequestError, QueueFullError,
 )
 from slora.common.sampling_params import SamplingParams
 from slora.engine.engine import Engine
+from slora.models.registry import model_config_from_folder
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +30,7 @@ def folders(tmp_path_factory):
 
 def make_engine(base: str, max_queue_len: int = 64) -> Engine:
     return Engine(EngineConfig(
-        model=ModelConfig.from_folder(base),
+        model=model_config_from_folder(base),
         pool=PoolConfig(num_pages=1024, max_adapter_slots=4, max_lora_rank=16),
         scheduler=SchedulerConfig(max_num_batched_tokens=32, max_model_len=64,
                                   max_queue_len=max_queue_len)), base)
@@ -148,7 +149,7 @@ def test_full_queue_refuses_then_accepts_again(folders):
 def test_pool_too_small_for_one_request_is_a_config_error(folders):
     _, base, _ = folders
     with pytest.raises(ConfigError, match="cannot hold one request"):
-        EngineConfig(model=ModelConfig.from_folder(base),
+        EngineConfig(model=model_config_from_folder(base),
                      pool=PoolConfig(num_pages=100, max_lora_rank=16),
                      scheduler=SchedulerConfig(max_model_len=64))
 

@@ -12,6 +12,7 @@ from helpers_peft import make_peft_adapter, make_tiny_llama
 from slora.common.config import EngineConfig, ModelConfig, PoolConfig, SchedulerConfig
 from slora.common.sampling_params import SamplingParams
 from slora.engine.engine import Engine
+from slora.models.registry import model_config_from_folder
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def setup(request, tmp_path_factory) -> Setup:
     for case in ADAPTERS[1:]:
         peft.load_adapter(paths[case.name], adapter_name=case.name)
     peft.eval()
-    return Setup(base_path, paths, peft, ModelConfig.from_folder(base_path))
+    return Setup(base_path, paths, peft, model_config_from_folder(base_path))
 
 
 def peft_logits(setup: Setup, adapter: str | None, token_ids: list[int]) -> torch.Tensor:

@@ -18,12 +18,13 @@ from helpers_peft import make_peft_adapter, make_tiny_llama
 from helpers_procs import slora_module, start_process, stop_process
 from slora.adapter_store import read_adapter_config
 from slora.common.config import (
-    EngineConfig, ModelConfig, PoolConfig, SchedulerConfig, dummy_model_config,
+    EngineConfig, ModelConfig, PoolConfig, SchedulerConfig,
 )
 from slora.engine.args import engine_config_from_model_info, model_info_from_config
 from slora.engine.engine import Engine
 from slora.protos.convert import sampling_from_proto
 from slora.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
+from slora.models.registry import dummy_model_config, model_config_from_folder
 
 ATTN = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP = ["gate_proj", "up_proj", "down_proj"]
@@ -65,7 +66,7 @@ class Stack:
 def models(tmp_path_factory) -> Models:
     root = tmp_path_factory.mktemp("services")
     base = make_tiny_llama(str(root / "base"), num_kv_heads=2, seed=11)
-    model = ModelConfig.from_folder(base)
+    model = model_config_from_folder(base)
     adapters = {}
     for i, (rank, targets) in enumerate(ADAPTER_SHAPES):
         path = make_peft_adapter(base, str(root / f"a{i}"), r=rank, target_modules=targets,

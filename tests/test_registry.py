@@ -29,7 +29,7 @@ from slora.adapter_store.registry import (
     request_key,
 )
 from slora.adapter_store.uploads import UploadWriter
-from slora.common.config import LORA_MODULES, ModelConfig
+from slora.common.config import STANDARD_LORA_MODULES, ModelConfig
 from slora.common.errors import (
     AdapterBaseModelMismatch,
     AdapterDeletingError,
@@ -39,6 +39,7 @@ from slora.common.errors import (
     InvalidRequestError,
     RegistryUnavailableError,
 )
+from slora.models.registry import model_config_from_folder
 
 MAX_RANK = 64
 BASE_NAME = "tiny-llama"
@@ -51,7 +52,7 @@ def base_dir(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="module")
 def model(base_dir) -> ModelConfig:
-    return ModelConfig.from_folder(base_dir)
+    return model_config_from_folder(base_dir)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def adapters(base_dir, tmp_path_factory) -> dict[str, str]:
     return {
         "small": make_peft_adapter(base_dir, str(root / "small"), r=4, seed=1),
         "large": make_peft_adapter(base_dir, str(root / "large"), r=8, lora_alpha=16,
-                                   target_modules=list(LORA_MODULES), use_rslora=True, seed=2),
+                                   target_modules=list(STANDARD_LORA_MODULES), use_rslora=True, seed=2),
         "small_other": make_peft_adapter(base_dir, str(root / "small_other"), r=4, seed=3),
     }
 
@@ -133,10 +134,10 @@ def test_register_path_records_every_field(redis_url, tmp_path, model, base_dir,
     record, before, after, h, stats = with_registry(redis_url, tmp_path, model, fn)
     sha = files_sha256(src)
     sizes = [os.path.getsize(os.path.join(src, n)) for n in (CONFIG_FILE, WEIGHTS_FILE)]
-    module_ranks = {m: 8 for m in LORA_MODULES}
+    module_ranks = {m: 8 for m in STANDARD_LORA_MODULES}
     assert record == AdapterRecord(
         adapter_id="acme.large_1", owner="acme", rank=8, lora_alpha=16.0, use_rslora=True,
-        target_modules=LORA_MODULES, module_ranks=module_ranks, base_model=base_dir,
+        target_modules=STANDARD_LORA_MODULES, module_ranks=module_ranks, base_model=base_dir,
         path=str(tmp_path / sha), sha256=sha, size_bytes=sum(sizes),
         created_unix=record.created_unix, num_pages=model.adapter_num_pages(module_ranks),
         state="ready")

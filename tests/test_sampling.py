@@ -6,10 +6,11 @@ import math
 import pytest
 import torch
 
-from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig, dummy_model_config
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.common.sampling_params import SamplingParams
 from slora.engine.engine import Engine
 from slora.worker.sampling import _filtered_probs
+from slora.models.registry import dummy_model_config
 
 
 def make_engine(num_pages: int = 2048, max_num_seqs: int = 16) -> Engine:

@@ -1,11 +1,12 @@
 """The planner's behaviours, one by one, with made-up worker results."""
 from __future__ import annotations
 
-from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig, dummy_model_config
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.common.sampling_params import SamplingParams
 from slora.protos.step import StepResult
 from slora.scheduler.adapter_residency import AdapterRef
 from slora.scheduler.planner import Scheduler
+from slora.models.registry import dummy_model_config
 
 MODEL = dummy_model_config("dummy-tiny")
 

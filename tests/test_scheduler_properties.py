@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig, dummy_model_config
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.common.sampling_params import SamplingParams
 from slora.protos.step import StepCommand, StepResult
 from slora.scheduler.adapter_residency import AdapterRef
 from slora.scheduler.planner import Scheduler
+from slora.models.registry import dummy_model_config
 
 MODEL = dummy_model_config("dummy-tiny")  # 13 pages per rank on all modules
 ADAPTERS = [AdapterRef(f"a{i}", f"/adapters/a{i}", MODEL.adapter_num_pages({"q_proj": r,

@@ -22,6 +22,7 @@ from slora.models.gguf_convert import (
     ensure_default_model,
     find_smollm2_gguf,
 )
+from slora.models.registry import model_config_from_folder
 
 pytestmark = pytest.mark.slow
 
@@ -111,7 +112,7 @@ def test_converted_config_has_smollm2_shape(converted):
     """config.json holds the shape read from the GGUF metadata, as ModelConfig reads it."""
     from slora.common.config import ModelConfig
 
-    cfg = ModelConfig.from_folder(converted)
+    cfg = model_config_from_folder(converted)
     assert (cfg.num_layers, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (30, 576, 9, 3)
     assert (cfg.intermediate_size, cfg.vocab_size, cfg.head_dim) == (1536, 49152, 64)
     assert cfg.tie_word_embeddings and cfg.rope_theta == 100000.0
@@ -220,7 +221,7 @@ def test_engine_greedy_tokens_equal_transformers_on_gguf(converted, transformers
     from slora.common.sampling_params import SamplingParams
     from slora.engine.engine import Engine
 
-    config = EngineConfig(model=ModelConfig.from_folder(converted),
+    config = EngineConfig(model=model_config_from_folder(converted),
                           pool=PoolConfig(num_pages=512, max_lora_rank=8),
                           scheduler=SchedulerConfig(max_model_len=128))
     engine = Engine(config, converted)

@@ -15,10 +15,11 @@ import random
 import pytest
 
 from helpers_peft import make_peft_adapter, make_tiny_llama
-from slora.common.config import EngineConfig, ModelConfig, PoolConfig, SchedulerConfig
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.common.sampling_params import SamplingParams
 from slora.engine.engine import Engine
 from slora.worker.cuda_graphs import DECODE, StepGraphs, bucket_sizes, mixed_bucket_sizes
+from slora.models.registry import model_config_from_folder
 
 MAX_NUM_SEQS = 8
 MAX_NUM_BATCHED_TOKENS = 32
@@ -42,7 +43,7 @@ def folders(tmp_path_factory):
 def make_engine(folders) -> Engine:
     base, adapters = folders
     config = EngineConfig(
-        model=ModelConfig.from_folder(base),
+        model=model_config_from_folder(base),
         pool=PoolConfig(num_pages=2048, max_adapter_slots=4, max_lora_rank=8),
         scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS,
                                   max_num_batched_tokens=MAX_NUM_BATCHED_TOKENS,
@@ -55,22 +56,23 @@ def make_engine(folders) -> Engine:
 
 def emulate_graphs(engine: Engine) -> StepGraphs:
     """Steps take the graph path (padded inputs, static buffers), each 'replay' running the
-    captured function eagerly; 'capturing' a LoRA set pads the inputs as a capture does."""
+    captured step eagerly; 'capturing' a LoRA set pads the inputs as a capture does."""
     worker = engine.worker
-    graphs = StepGraphs(worker._padded_forward, worker.inputs.write_padding, MAX_NUM_SEQS,
+    graphs = StepGraphs(frozenset(worker.config.model.lora_modules), MAX_NUM_SEQS,
                         MAX_NUM_BATCHED_TOKENS, worker.device)
 
     def replay(kind: str, size: int, modules: frozenset):
         (graphs.num_replays if kind == DECODE else graphs.num_mixed_replays)[size] += 1
-        return graphs._forward(kind, size, modules)
+        return worker._padded_forward(kind, size, modules)
 
     def capture(modules: frozenset):
-        graphs._prepare()
-        graphs.lora_sets.append(modules)
+        worker.inputs.write_padding()
+        graphs.captured(modules, 0.0)
 
-    graphs.replay, graphs.capture = replay, capture
-    graphs.capture_startup()
+    graphs.replay, worker._capture = replay, capture
     worker.graphs, worker.use_cuda_graphs = graphs, True
+    for modules in graphs.startup_sets():
+        capture(modules)
     return graphs
 
 

@@ -32,7 +32,7 @@ import torch
 from slora.common.sampling_params import SamplingParams
 from slora.kernels.backend import AttentionBatch, LoraBatch
 from slora.protos.step import NO_ADAPTER_SLOT
-from slora.worker.model import ForwardBatch
+from slora.models.decoder import ForwardBatch
 
 PAD_TOKEN_ID = 0
 

@@ -11,7 +11,7 @@ launches).
 
 What a graph holds: the step's page-table write (its new tokens' page ids), the gather of
 the batch's page-table rows, and the model's forward pass to float32 logits (worker/batch.py
-`StepInputs.forward_batch`, then `LlamaModel.forward`). Its inputs are views of StepInputs'
+`StepInputs.forward_batch`, then models/decoder.py `CausalLM.forward`). Its inputs are views of StepInputs'
 device buffer at fixed offsets, so a replay reads whatever the step copied there; the LoRA
 tables and the pool are persistent tensors. Sampling stays outside: it is per request
 (greedy, temperature, top-k/p, seeded generators) and reads the rows of the graph's logits
@@ -37,11 +37,16 @@ exit at once. (Decode tokens run as one-token prefill queries instead took 1.5x 
 attention time: bench/profile_step.py.)
 
 LoRA sets: a graph cannot skip kernels, so each bucket is captured per set of projections
-that carry LoRA: at start-up with none (the base model alone) and with all seven; on first
+that carry LoRA: at start-up with none (the base model alone) and with all of the family's
+LoRA targets; on first
 use, for the set of projections that a step's adapters target (S-LoRA's workloads target
 q, k, v, o, say), all buckets at once, up to `MAX_LORA_SETS` sets. A step whose set has no
 graphs replays the all-projection graphs: LoRA kernels of a projection no adapter targets
 find rank 0 and exit.
+
+Who calls whom: the executor drives capture (it owns the model and the inputs) and asks this
+cache which shapes to capture and which graph a step replays; the batch builder asks it for
+a step's bucket. This module calls neither back.
 
 Memory: all graphs share one memory pool, captured from the largest bucket down so that the
 smaller ones reuse its blocks. That is safe because replays are serial on one stream and each
@@ -50,14 +55,11 @@ replay's logits are consumed (sampled) before the next replay is queued.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
-import time
 from collections import Counter
-from collections.abc import Callable
 
 import torch
-
-from slora.common.config import LORA_MODULES
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +72,6 @@ MIXED_DECODE_ROWS = (16, 64, 256)
 padding rows cost GEMM rows, which are nearly free next to the prefill tokens'."""
 MAX_LORA_SETS = 4
 """Sets of LoRA projections with graphs of their own, besides none and all."""
-ALL_MODULES = frozenset(LORA_MODULES)
 NO_MODULES: frozenset[str] = frozenset()
 
 DECODE, MIXED = "decode", "mixed"
@@ -115,23 +116,19 @@ def _num_rows(size: "int | MixedShape") -> int:
 
 
 class StepGraphs:
-    """Captured steps, keyed by (kind, bucket size, LoRA projections).
+    """Captured steps, keyed by (kind, bucket size, LoRA projections): which to capture, which
+    a step replays, and the replays themselves. A decode graph's logits are [size, vocab], a
+    mixed one's [max_reqs, vocab]."""
 
-    `forward(kind, size, modules)` queues one padded step of that shape on the current stream
-    (size: a decode batch, or a mixed (D, S)) and returns its logits (decode: [size, vocab];
-    mixed: [max_reqs, vocab]); `prepare()` makes the worker's inputs all padding, so that
-    capturing reads and writes nothing a request owns."""
-
-    def __init__(self, forward: Callable[[str, int, frozenset], torch.Tensor],
-                 prepare: Callable[[], None], max_batch: int, max_num_tokens: int,
+    def __init__(self, all_modules: frozenset, max_batch: int, max_num_tokens: int,
                  device: torch.device):
+        self.all_modules = all_modules
+        """Every projection the model's adapters may target."""
         self.sizes = bucket_sizes(max_batch)
         self.max_batch = max_batch
         self.mixed_sizes = mixed_bucket_sizes(max_num_tokens)
         self.mixed_decode_sizes = mixed_decode_sizes(max_batch)
         self.device = device
-        self._forward = forward
-        self._prepare = prepare
         self._pool = None
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.lora_sets: list[frozenset] = []
@@ -157,49 +154,44 @@ class StepGraphs:
         return mixed_prefill_reqs(num_tokens, self.max_batch)
 
     def lora_set(self, modules: frozenset) -> frozenset:
-        """The captured set a step whose adapters target `modules` replays; captures the
-        set's graphs first when there is room for it (inputs become padding: call this
-        before building the step)."""
+        """The set a step whose adapters target `modules` replays: its own when captured or
+        when there is room to capture it (`is_captured` says which), else all projections."""
         if not modules:
             return NO_MODULES
-        if modules in self.lora_sets:
+        if modules in self.lora_sets or len(self.lora_sets) < MAX_LORA_SETS + 2:
             return modules
-        if len(self.lora_sets) >= MAX_LORA_SETS + 2:
-            return ALL_MODULES
-        self.capture(modules)
-        return modules
+        return self.all_modules
 
-    def capture(self, modules: frozenset) -> None:
-        """Captures every bucket of both kinds for one LoRA set."""
-        start = time.perf_counter()
-        self._prepare()
+    def is_captured(self, modules: frozenset) -> bool:
+        return modules in self.lora_sets
+
+    def startup_sets(self) -> list[frozenset]:
+        """The sets every worker captures at start: LoRA on every projection, and none."""
+        return [self.all_modules, NO_MODULES]
+
+    def shapes(self) -> list[tuple[str, "int | MixedShape"]]:
+        """Every bucket of both kinds, largest first: the others reuse its memory."""
+        shapes = [(MIXED, (d, s)) for d in self.mixed_decode_sizes
+                  for s in self.mixed_sizes] + [(DECODE, s) for s in self.sizes]
+        return sorted(shapes, key=lambda shape: -_num_rows(shape[1]))
+
+    @contextlib.contextmanager
+    def recording(self, kind: str, size: "int | MixedShape", modules: frozenset):
+        """Captures what the block queues on the current stream as the graph of (kind,
+        size, modules); the block puts the step's logits tensor in the dict it is given."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        # Largest first: the others reuse its memory.
-        shapes = sorted([(MIXED, (d, s)) for d in self.mixed_decode_sizes
-                         for s in self.mixed_sizes] + [(DECODE, s) for s in self.sizes],
-                        key=lambda shape: -_num_rows(shape[1]))
-        with torch.inference_mode():
-            for kind, size in shapes:
-                # One eager run first: kernels loaded, cuBLAS set up for this shape.
-                self._forward(kind, size, modules)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool,
-                                      capture_error_mode="thread_local"):
-                    logits = self._forward(kind, size, modules)
-                self._graphs[(kind, size, modules)] = (graph, logits)
-        torch.cuda.synchronize(self.device)
-        self.lora_sets.append(modules)
-        took = time.perf_counter() - start
-        self.capture_time_s += took
-        log.info("captured %d step graphs for LoRA on %s in %.2f s", len(shapes),
-                 ",".join(sorted(modules)) or "no projection", took)
+        graph, out = torch.cuda.CUDAGraph(), {}
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            yield out
+        self._graphs[(kind, size, modules)] = (graph, out["logits"])
 
-    def capture_startup(self) -> None:
-        """The graphs every worker has: the base model alone, and LoRA on every projection."""
-        self.capture(ALL_MODULES)
-        self.capture(NO_MODULES)
+    def captured(self, modules: frozenset, took_s: float) -> None:
+        """Every shape of `modules` is recorded."""
+        self.lora_sets.append(modules)
+        self.capture_time_s += took_s
+        log.info("captured %d step graphs for LoRA on %s in %.2f s", len(self.shapes()),
+                 ",".join(sorted(modules)) or "no projection", took_s)
 
     def replay(self, kind: str, size: "int | MixedShape", modules: frozenset) -> torch.Tensor:
         """Replays a graph on the current stream; returns its logits buffer (valid until

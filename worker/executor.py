@@ -7,27 +7,39 @@ decode requests first, then prefill chunks, as kernels/backend.py requires), run
 CUDA-graph replay when the backend is CUDA and the step fits a graph bucket
 (worker/cuda_graphs.py), eagerly otherwise, and samples.
 
+Who calls whom, one way: the executor builds the batch (worker/batch.py), which asks the
+graph cache (worker/cuda_graphs.py) for the step's bucket; the executor drives captures and
+replays. Neither calls back into the executor.
+
+A step that fails (an adapter whose files changed since registration, or a bug) leaves the
+worker empty (every request and adapter slot dropped, as `reset`) and comes back as a
+StepResult with `error` set (and `failed_adapter_id` for an adapter), the same object the
+in-process engine reads and the worker server puts on the wire.
+
 Nothing a step does on the host grows with the requests' contexts or with the number of
 registered adapters: the page table stays on the device and takes only the step's new page
 ids; adapters are known to the worker only by the slots the scheduler loads.
 """
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
 
 from slora.adapter_store import HostAdapterCache, load_peft_adapter
 from slora.common.config import EngineConfig
+from slora.common.errors import AdapterError
 from slora.common.sampling_params import SamplingParams
 from slora.kernels.backend import get_backend
+from slora.models.registry import build_model
 from slora.protos.step import StepCommand, StepResult
 from slora.worker.batch import RequestState, ScheduledRequest, StepBatch, StepInputs
 from slora.worker.cuda_graphs import DECODE, NO_MODULES, StepGraphs
-from slora.worker.model import LlamaModel
 from slora.worker.pool import UnifiedPool
 from slora.worker.sampling import sample
-from slora.worker.weights import dummy_weights, load_hf_weights
+
+log = logging.getLogger(__name__)
 
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
                 "bfloat16": torch.bfloat16}
@@ -42,12 +54,9 @@ class Worker:
         self.device = torch.device(config.device)
         self.dtype = TORCH_DTYPES[config.dtype]
         cfg, sched = config.model, config.scheduler
-        if model_path is None:
-            weights = dummy_weights(cfg, config.seed, self.dtype, self.device)
-        else:
-            weights = load_hf_weights(cfg, model_path, self.dtype, self.device)
         self.backend = get_backend(self.device, backend)
-        self.model = LlamaModel(cfg, weights, self.backend)
+        self.model = build_model(cfg, model_path, self.backend, self.dtype, self.device,
+                                 config.seed)
         self.pool = UnifiedPool(cfg, config.pool, self.dtype, self.device, self.backend)
         pin = self.device.type == "cuda"
         self.host_cache = HostAdapterCache(
@@ -59,10 +68,11 @@ class Worker:
                                  sched.max_model_len, self.pool.scratch_page, self.device)
         self.graphs: StepGraphs | None = None
         if cuda_graphs and self.backend.name == "cuda":
-            self.graphs = StepGraphs(self._padded_forward, self.inputs.write_padding,
+            self.graphs = StepGraphs(frozenset(cfg.lora_modules),
                                      min(sched.max_num_seqs, sched.max_num_batched_tokens),
                                      sched.max_num_batched_tokens, self.device)
-            self.graphs.capture_startup()
+            for modules in self.graphs.startup_sets():
+                self._capture(modules)
         self.use_cuda_graphs = self.graphs is not None
         """Benchmarks turn this off to time the same worker eagerly."""
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
@@ -98,6 +108,20 @@ class Worker:
             self.inputs.free_row(state.row)
 
     def execute(self, cmd: StepCommand) -> StepResult:
+        """Runs one step. A failure comes back in the result (see the module docstring)."""
+        try:
+            return self._execute(cmd)
+        except AdapterError as e:
+            log.warning("step %d: %s", cmd.step_id, e)
+            self.reset()
+            return StepResult(cmd.step_id, error=str(e), failed_adapter_id=e.adapter_id)
+        except Exception as e:  # a bug: the scheduler fails this step's requests, serving goes on
+            log.exception("step %d failed", cmd.step_id)
+            self.reset()
+            return StepResult(cmd.step_id, error=f"step {cmd.step_id} failed on the worker: "
+                                                 f"{type(e).__name__}: {e}")
+
+    def _execute(self, cmd: StepCommand) -> StepResult:
         start = time.perf_counter()
         for req_id in cmd.finished_req_ids:
             self._drop_request(req_id)
@@ -138,8 +162,9 @@ class Worker:
         lora_modules = self.pool.modules_of(slots)
         graphs = self.graphs if self.use_cuda_graphs else None
         if graphs is not None:
-            # May capture this set's graphs first, over padding inputs: before building.
             lora_modules = graphs.lora_set(lora_modules)
+            if not graphs.is_captured(lora_modules):
+                self._capture(lora_modules)  # over padding inputs: before building the step
         with torch.inference_mode():
             step = self.inputs.build(scheduled, graphs)
             self.pool.commit_loads(slots)
@@ -185,6 +210,21 @@ class Worker:
             step.num_tokens, step.num_reqs, step.num_decode, step.num_segs,
             step.max_query_len, step.max_context_len, step.any_lora, num_sampled, lora_modules)
         return self.model.forward(batch, self.pool)
+
+    def _capture(self, modules: frozenset) -> None:
+        """Captures every bucket of both kinds for one LoRA set, over padding inputs (the
+        captures read and write no request's pages)."""
+        start = time.perf_counter()
+        self.inputs.write_padding()
+        with torch.inference_mode():
+            for kind, size in self.graphs.shapes():
+                # One eager run first: kernels loaded, cuBLAS set up for this shape.
+                self._padded_forward(kind, size, modules)
+                torch.cuda.synchronize(self.device)
+                with self.graphs.recording(kind, size, modules) as out:
+                    out["logits"] = self._padded_forward(kind, size, modules)
+        torch.cuda.synchronize(self.device)
+        self.graphs.captured(modules, time.perf_counter() - start)
 
     def _padded_forward(self, kind: str, size, lora_modules: frozenset) -> torch.Tensor:
         """The step a graph captures. Decode: `size` requests, logits of every row. Mixed,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from slora.adapter_store import LoraAdapter
-from slora.common.config import LORA_MODULE_INDEX, LORA_MODULES, ModelConfig, PoolConfig
+from slora.common.config import ModelConfig, PoolConfig
 from slora.kernels.backend import LoraTables
 from slora.kernels.torch_backend import TorchBackend
 
@@ -37,7 +37,8 @@ class _PendingLoad:
     rows: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """module -> (A [L, r, d_in], B [L, d_out, r]) on the pool's device (staging)."""
     page_ids: torch.Tensor
-    """[num_pages] int64 on the device: the adapter's pages, LORA_MODULES order."""
+    """[num_pages] int64 on the device: the adapter's pages, in the model's lora_modules
+    order."""
     ranks: torch.Tensor
     """[num_modules] int32 on the device: the slot's new lora_ranks column."""
     scales: torch.Tensor
@@ -59,7 +60,9 @@ class UnifiedPool:
         h = model.hidden_size
         self.pages = torch.zeros(model.num_layers, pool.num_pages + 1, 2, h, dtype=dtype,
                                  device=device)
-        num_modules, slots = len(LORA_MODULES), pool.max_adapter_slots
+        self.lora_modules = model.lora_modules
+        self.module_index = model.lora_module_index
+        num_modules, slots = len(self.lora_modules), pool.max_adapter_slots
         self.max_pages_per_row = model.max_lora_pages_per_row
         # Per module, contiguous: lora_page_table[m] is a kernel's [slots, rank, n] table.
         self.lora_page_table = torch.zeros(num_modules, slots, pool.max_lora_rank,
@@ -92,11 +95,11 @@ class UnifiedPool:
         self.evict_adapter(slot)
         self.slot_modules[slot] = frozenset(adapter.module_ranks)
         device = self.pages.device
-        ranks = torch.zeros(len(LORA_MODULES), dtype=torch.int32)
-        scales = torch.zeros(len(LORA_MODULES), dtype=torch.float32)
+        ranks = torch.zeros(len(self.lora_modules), dtype=torch.int32)
+        scales = torch.zeros(len(self.lora_modules), dtype=torch.float32)
         for module, rank in adapter.module_ranks.items():
-            ranks[LORA_MODULE_INDEX[module]] = rank
-            scales[LORA_MODULE_INDEX[module]] = adapter.module_scales[module]
+            ranks[self.module_index[module]] = rank
+            scales[self.module_index[module]] = adapter.module_scales[module]
         small = (torch.tensor(page_ids, dtype=torch.int64), ranks, scales)
         if not self._cuda:
             self._pending[slot] = _PendingLoad(adapter, dict(adapter.weights), *small, None)
@@ -126,7 +129,7 @@ class UnifiedPool:
 
     def _write_rows(self, slot: int, load: _PendingLoad) -> None:
         offset = 0
-        for module in LORA_MODULES:
+        for module in self.lora_modules:
             if module not in load.rows:
                 continue
             a, b = load.rows[module]  # [L, r, d_in], [L, d_out, r]
@@ -136,7 +139,7 @@ class UnifiedPool:
             offset += rank * n
             self.backend.write_adapter_rows(self.pages, a, pages, 0)
             self.backend.write_adapter_rows(self.pages, b.transpose(1, 2), pages, 1)
-            self.lora_page_table[LORA_MODULE_INDEX[module], slot, :rank, :n] = pages
+            self.lora_page_table[self.module_index[module], slot, :rank, :n] = pages
         self.lora_ranks[:, slot] = load.ranks
         self.lora_scales[:, slot] = load.scales
 

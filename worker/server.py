@@ -10,11 +10,11 @@ adapter in any slot. A newer stream supersedes an older one, whose later command
 answered with an error and not run (a scheduler that restarted, or one that reset).
 
 When a step fails (an AdapterError: the adapter's files changed since registration; or
-anything else), the worker is part-way through it: finished ids dropped, some slots evicted
-or loaded, no request advanced. And the scheduler has already sent the next command, planned
-as if this one had succeeded. So the worker
-* answers the failed step with `error` (and `failed_adapter_id` for an adapter error);
-* drops all per-request state and empties every adapter slot, at once;
+anything else), the executor stops part-way through it, drops all per-request state and
+empties every adapter slot, and returns a result with `error` (and `failed_adapter_id` for
+an adapter error): executor.py. The scheduler has already sent the next command, planned as
+if this one had succeeded. So the server
+* answers the failed step with that result;
 * answers every later command of that stream with an error, running none of them.
 The scheduler, on the failed result, sends its running requests back to the queue (they are
 recomputed from their tokens), forgets which adapters are resident and opens a new stream,
@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from slora.common.aio import run_async
 from slora.common.config import EngineConfig
-from slora.common.errors import AdapterError, SloraError
+from slora.common.errors import SloraError
 from slora.common.lifecycle import ready_line
 from slora.common.logs import add_log_args, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
@@ -135,26 +135,20 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 step_id=step_id,
                 error=f"step {step_id} not run: step {session.failed_step_id} of this "
                       "stream failed; open a new Steps stream")
-        try:
-            if isinstance(cmd, Exception):
-                raise cmd
-            self._log_command(cmd)
-            result = self.worker.execute(cmd)
-            metrics.STEP_TIME.observe(result.step_time_s)
-            return result
-        except AdapterError as e:
-            log.warning("step %d: %s", step_id, e)
-            session.failed_step_id = step_id
-            self._drop_state()
-            return worker_pb2.StepResult(step_id=step_id, error=str(e),
-                                         failed_adapter_id=e.adapter_id)
-        except Exception as e:  # a bug: keep serving, the scheduler fails this step's requests
-            log.exception("step %d failed", step_id)
+        if isinstance(cmd, Exception):  # the command did not convert: not run
+            log.error("step %d: %s", step_id, cmd)
             session.failed_step_id = step_id
             self._drop_state()
             return worker_pb2.StepResult(
                 step_id=step_id,
-                error=f"step {step_id} failed on the worker: {type(e).__name__}: {e}")
+                error=f"step {step_id} failed on the worker: {type(cmd).__name__}: {cmd}")
+        self._log_command(cmd)
+        result = self.worker.execute(cmd)  # a failed step comes back in the result
+        if result.error:
+            session.failed_step_id = step_id
+        else:
+            metrics.STEP_TIME.observe(result.step_time_s)
+        return result
 
 
     @staticmethod

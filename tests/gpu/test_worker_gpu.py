@@ -26,8 +26,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from slora.common.config import EngineConfig, ModelConfig, PoolConfig, SchedulerConfig
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.common.sampling_params import SamplingParams
+from slora.models.registry import model_config_from_folder
 
 HAS_GPU = torch.cuda.is_available() and importlib.util.find_spec("cupy") is not None
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not HAS_GPU, reason="needs CUDA and CuPy")]
@@ -167,7 +168,7 @@ def make_engine(setup: Setup, device: str, cuda_graphs: bool = True):
     from slora.engine.engine import Engine
 
     config = EngineConfig(
-        model=ModelConfig.from_folder(setup.model_path),
+        model=model_config_from_folder(setup.model_path),
         pool=PoolConfig(num_pages=8192, max_adapter_slots=8, max_lora_rank=64),
         scheduler=SchedulerConfig(max_num_seqs=MAX_NUM_SEQS, max_num_batched_tokens=64,
                                   max_model_len=256),
@@ -316,7 +317,7 @@ def test_no_cuda_graphs_flag_captures_none(setup):
     from slora.worker.executor import Worker
 
     config = EngineConfig(
-        model=ModelConfig.from_folder(setup.model_path),
+        model=model_config_from_folder(setup.model_path),
         pool=PoolConfig(num_pages=2048, max_adapter_slots=2, max_lora_rank=8),
         scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
                                   max_model_len=128),

@@ -1,0 +1,172 @@
+"""Parallel linear layers, each with the LoRA of the projections it computes.
+
+Base and LoRA compute stay separate (never merged): `y = x W^T (+ b) + scale_i (x A_i^T)
+B_i^T`, the first term one dense GEMM for the whole batch, the LoRA term the backend's
+batched kernels over the adapters' pages, every token free to use its own adapter and rank.
+
+A layer fuses the projections that share an input (q, k, v; gate, up) into one weight, so a
+decoder layer is four GEMMs; their LoRA runs as one group (`LoraGroup`: for decode tokens one
+kernel launch per group and layer), each member adding into its own columns of the output.
+
+Sharding (models/parallel.py): a column-parallel layer holds its rank's slice of each
+member's outputs (LoRA B is cut like the weight, so each member's LoRA output lands in the
+rank's own columns); a row-parallel layer holds a slice of the inputs, and adds its LoRA
+delta into its partial sum before the one all-reduce, which then carries both. Each layer's
+`weight_loader` cuts its rank's shard out of a full checkpoint tensor.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from slora.common.config import ModelConfig
+from slora.common.errors import ConfigError
+from slora.kernels.backend import LoraGroup
+from slora.models.parallel import TensorParallel
+
+
+@dataclass(frozen=True)
+class Member:
+    """One projection of a fused layer: its PEFT name and where its shard sits."""
+
+    module: str
+    """PEFT name (q_proj, ...): what an adapter targets."""
+    first_row: int
+    """First output row of the member's full weight this rank holds."""
+    num_rows: int
+    """Rows (output features) this rank holds."""
+
+
+class ParallelLinear(torch.nn.Module):
+    """y = x W^T (+ b) for this rank's shard of W ([out_local, in_local]), plus the LoRA of
+    each member the model's adapters may target. The step's pool, tables and batch come in
+    `ctx` (models/decoder.py StepContext)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer: int, in_features: int,
+                 members: list[Member], *, bias: bool = False):
+        super().__init__()
+        self.tp, self.layer, self.members = tp, layer, members
+        out_features = sum(m.num_rows for m in members)
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features),
+                                         requires_grad=False)
+        self.bias = (torch.nn.Parameter(torch.zeros(out_features), requires_grad=False)
+                     if bias else None)
+        self._lora_index = cfg.lora_module_index
+        self.lora_groups: dict[frozenset[str], LoraGroup] = {}
+
+    def make_lora_groups(self) -> None:
+        """A LoraGroup for every non-empty subset of the members adapters may target (a step
+        runs LoRA only for the modules its adapters target); made once on the weights'
+        device, since a CUDA-graph capture cannot copy them there."""
+        cols, col = {}, 0
+        for m in self.members:
+            if m.module in self._lora_index:
+                cols[m.module] = (self._lora_index[m.module], col, m.num_rows)
+            col += m.num_rows
+        device = self.weight.device
+        for n in range(1, len(cols) + 1):
+            for subset in itertools.combinations(cols, n):
+                members = tuple(cols[m] for m in subset)
+                table = torch.tensor(members, dtype=torch.int32, device=device)
+                self.lora_groups[frozenset(subset)] = LoraGroup(members, table)
+
+    def member(self, shard_id: str | None) -> tuple[int, Member]:
+        """(first output row in the fused weight, the member) of a checkpoint tensor."""
+        row = 0
+        for m in self.members:
+            if shard_id is None or m.module == shard_id:
+                return row, m
+            row += m.num_rows
+        raise KeyError(shard_id)
+
+    def weight_loader(self, param: torch.nn.Parameter, loaded: torch.Tensor,
+                      shard_id: str | None) -> None:
+        """Copies this rank's shard of a full checkpoint tensor (one member's, or the whole
+        weight's when shard_id is None) into `param` (the weight, or the bias)."""
+        row, m = self.member(shard_id)
+        rows = loaded.narrow(0, m.first_row, m.num_rows)
+        rows = self.cut_inputs(rows) if param is self.weight else rows
+        target = param.data.narrow(0, row, m.num_rows)
+        if tuple(rows.shape) != tuple(target.shape):
+            raise ConfigError(f"shape {tuple(loaded.shape)} does not give this layer's shard "
+                              f"{tuple(target.shape)}")
+        target.copy_(rows)
+
+    def cut_inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        """This rank's columns (inputs) of a weight's rows: all of them, but row-parallel."""
+        return rows
+
+    def gemm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None:
+            return x @ self.weight.T
+        return torch.addmm(self.bias, x, self.weight.T)
+
+    def add_lora(self, y: torch.Tensor, x: torch.Tensor, ctx) -> None:
+        """y += each token's adapter's LoRA of the members, in place, each into its columns
+        of y; launched right behind the GEMM that made y (see Backend.lora_group)."""
+        lora = ctx.lora
+        if not lora.any_lora:
+            return
+        modules = frozenset(m.module for m in self.members)
+        if lora.modules is not None:
+            modules &= lora.modules
+        group = self.lora_groups.get(modules)
+        if group is None:  # no member is a LoRA target of this family
+            return
+        pool = ctx.pool
+        ctx.backend.lora_group(y, x, pool.layer(self.layer), pool.lora_page_table,
+                               pool.lora_ranks, pool.lora_scales, group, lora,
+                               after_base_gemm=True)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        y = self.gemm(x)
+        self.add_lora(y, x, ctx)
+        return y
+
+
+class ColumnParallelLinear(ParallelLinear):
+    """Projections of one input whose outputs are split across ranks (gate and up: each
+    rank a slice of each)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer: int, in_features: int,
+                 outputs: dict[str, int], *, bias: bool = False):
+        members = []
+        for module, width in outputs.items():
+            local = tp.split(width, f"{module} width")
+            members.append(Member(module, tp.rank * local, local))
+        super().__init__(cfg, tp, layer, in_features, members, bias=bias)
+
+
+class QKVParallelLinear(ParallelLinear):
+    """q, k and v of one decoder layer: this rank's q heads, and its K/V heads (split, or
+    copied when there are fewer KV heads than ranks)."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer: int, *, bias: bool):
+        hd = cfg.head_dim
+        num_heads = tp.split(cfg.num_heads, "num_attention_heads")
+        num_kv, first_kv = tp.kv_heads(cfg.num_kv_heads)
+        self.num_heads, self.num_kv_heads = num_heads, num_kv
+        members = [Member("q_proj", tp.rank * num_heads * hd, num_heads * hd),
+                   Member("k_proj", first_kv * hd, num_kv * hd),
+                   Member("v_proj", first_kv * hd, num_kv * hd)]
+        super().__init__(cfg, tp, layer, cfg.hidden_size, members, bias=bias)
+
+
+class RowParallelLinear(ParallelLinear):
+    """One projection whose inputs are split across ranks (o, down): a partial sum per rank,
+    its LoRA delta added before the all-reduce that completes both."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer: int, module: str,
+                 in_features: int, out_features: int):
+        self.local_in = tp.split(in_features, f"{module} input width")
+        super().__init__(cfg, tp, layer, self.local_in, [Member(module, 0, out_features)])
+
+    def cut_inputs(self, rows: torch.Tensor) -> torch.Tensor:
+        return rows.narrow(1, self.tp.rank * self.local_in, self.local_in)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        y = self.gemm(x)
+        self.add_lora(y, x, ctx)
+        return self.tp.all_reduce(y)
