@@ -79,7 +79,7 @@ def build_hf_model(model: ModelConfig, seed: int, dtype: torch.dtype, device: to
     """LlamaForCausalLM with the dummy weights our worker makes from `seed`."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slora.kernels.backend import TorchBackend
+    from slora.kernels.torch_backend import TorchBackend
     from slora.models.loader import checkpoint_tensors
     from slora.models.registry import build_model, family_of
 

@@ -28,7 +28,8 @@ SERVICES = {
 def _up_parser(sub) -> None:
     p = sub.add_parser("up", help="start redis, worker, scheduler and frontend")
     p.add_argument("--model", default=None,
-                   help="HF-format Llama folder or a dummy name such as dummy-llama-7b "
+                   help="HF-format folder (Llama, Mistral, Qwen2, Qwen3) or a dummy name "
+                        "such as dummy-llama-7b, dummy-qwen2.5-7b, dummy-mistral-7b "
                         "(default: SmolLM2-135M-Instruct, converted once into --data-dir)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                    help="models, adapters, redis data and the admin key (default $SLORA_DATA_DIR "

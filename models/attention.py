@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from slora.common.config import ModelConfig
+from slora.kernels.backend import NO_WINDOW
 from slora.models.linear import QKVParallelLinear, RowParallelLinear
 from slora.models.norm import HeadNorm
 from slora.models.parallel import TensorParallel
@@ -16,22 +17,26 @@ class PagedAttention(torch.nn.Module):
     """Attention of this rank's heads, K/V read from and written to the pool's pages."""
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int,
-                 sliding_window: int = 0):
+                 sliding_window: int = NO_WINDOW):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.scale = head_dim ** -0.5
         self.sliding_window = sliding_window
-        """Each query attends to the last sliding_window positions, itself included; 0: all."""
+        """Each query attends to the last sliding_window positions, itself included;
+        NO_WINDOW (0): all."""
 
-    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, rotary, layer: int,
-                ctx) -> torch.Tensor:
+    def forward(self, qkv: torch.Tensor, positions: torch.Tensor, rotary, layer: int, ctx,
+                q_norm: HeadNorm | None = None, k_norm: HeadNorm | None = None) -> torch.Tensor:
         """qkv [num_tokens, (num_heads + 2 num_kv_heads) head_dim] -> [num_tokens,
-        num_heads head_dim]; the new tokens' rotated K and their V stored in their pages."""
+        num_heads head_dim]; the new tokens' rotated K and their V stored in their pages.
+        q_norm, k_norm (Qwen3): each q and k head normalised before the rotation."""
         be, pages, attn = ctx.backend, ctx.pool.layer(layer), ctx.attn
+        norms = {} if q_norm is None else dict(q_norm=q_norm.weight, k_norm=k_norm.weight,
+                                               norm_eps=q_norm.eps)
         q = be.rope_store_kv(qkv, positions, rotary.cos, rotary.sin_signed, pages, attn,
-                             self.num_heads, self.num_kv_heads)  # [num_tokens, nh, hd]
-        kwargs = {"sliding_window": self.sliding_window} if self.sliding_window else {}
-        out = be.paged_attention(q, pages, attn, self.num_kv_heads, self.scale, **kwargs)
+                             self.num_heads, self.num_kv_heads, **norms)  # [tokens, nh, hd]
+        out = be.paged_attention(q, pages, attn, self.num_kv_heads, self.scale,
+                                 sliding_window=self.sliding_window)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
 
@@ -51,10 +56,5 @@ class SelfAttention(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, rotary, ctx) -> torch.Tensor:
         qkv = self.qkv_proj(x, ctx)  # [num_tokens, (nh + 2 nkv) hd]
-        if self.q_norm is not None:
-            a = self.attn
-            heads = qkv[:, :(a.num_heads + a.num_kv_heads) * a.head_dim].unflatten(
-                1, (a.num_heads + a.num_kv_heads, a.head_dim))
-            self.q_norm.normalize_(heads[:, :a.num_heads])
-            self.k_norm.normalize_(heads[:, a.num_heads:])
-        return self.o_proj(self.attn(qkv, positions, rotary, self.layer, ctx), ctx)
+        out = self.attn(qkv, positions, rotary, self.layer, ctx, self.q_norm, self.k_norm)
+        return self.o_proj(out, ctx)

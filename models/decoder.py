@@ -15,7 +15,7 @@ from slora.common.config import ModelConfig
 from slora.kernels.backend import AttentionBatch, LoraBatch
 from slora.models.attention import SelfAttention
 from slora.models.embedding import LMHead, VocabEmbedding
-from slora.models.linear import ColumnParallelLinear, RowParallelLinear
+from slora.models.linear import ColumnParallelLinear, ParallelLinear, RowParallelLinear
 from slora.models.norm import RMSNorm
 from slora.models.parallel import TensorParallel
 from slora.models.rotary import RotaryEmbedding
@@ -95,8 +95,8 @@ class CausalLM(torch.nn.Module):
         self.rotary = RotaryEmbedding(cfg.head_dim, cfg.max_position_embeddings,
                                       cfg.rope_theta, cfg.rope_scaling)
 
-    def linears(self):
-        return [m for m in self.modules() if hasattr(m, "make_lora_groups")]
+    def linears(self) -> list[ParallelLinear]:
+        return [m for m in self.modules() if isinstance(m, ParallelLinear)]
 
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, pool) -> torch.Tensor:

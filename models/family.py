@@ -32,6 +32,14 @@ class Family:
     lora_modules: tuple[str, ...] = STANDARD_LORA_MODULES
 
 
+def preset(vocab: int, hidden: int, intermediate: int, layers: int, heads: int, kv_heads: int,
+           **more) -> dict:
+    """A dummy preset's config.json fields: the shapes, then anything else by its name."""
+    return dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                num_hidden_layers=layers, num_attention_heads=heads,
+                num_key_value_heads=kv_heads, **more)
+
+
 def refuse(d: dict, model_type: str, key: str, why: str) -> None:
     raise ConfigError(f"model config: {model_type} with {key}={d.get(key)!r} is not "
                       f"supported: {why}")

@@ -116,8 +116,7 @@ class ParallelLinear(torch.nn.Module):
         if group is None:  # no member is a LoRA target of this family
             return
         pool = ctx.pool
-        ctx.backend.lora_group(y, x, pool.layer(self.layer), pool.lora_page_table,
-                               pool.lora_ranks, pool.lora_scales, group, lora,
+        ctx.backend.lora_group(y, x, pool.layer(self.layer), pool.lora_tables, group, lora,
                                after_base_gemm=True)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:

@@ -2,7 +2,7 @@
 shared decoder as it is (models/decoder.py), no bias, full attention."""
 from __future__ import annotations
 
-from slora.models.family import LAYER, Family, hf_model_config, refuse
+from slora.models.family import LAYER, Family, hf_model_config, preset, refuse
 
 _L = f"model.layers.{LAYER}"
 CHECKPOINT_NAMES: dict[str, tuple[str, str | None]] = {
@@ -33,17 +33,9 @@ def config_from_hf(d: dict, name: str):
 FAMILY = Family(
     model_type="llama", config_from_hf=config_from_hf, checkpoint_names=CHECKPOINT_NAMES,
     presets={
-        "dummy-tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=160,
-                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                           max_position_embeddings=2048),
-        "dummy-llama-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                               num_hidden_layers=32, num_attention_heads=32,
-                               num_key_value_heads=32),
-        "dummy-llama-13b": dict(vocab_size=32000, hidden_size=5120, intermediate_size=13824,
-                                num_hidden_layers=40, num_attention_heads=40,
-                                num_key_value_heads=40),
-        "dummy-llama-3-8b": dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                                 num_hidden_layers=32, num_attention_heads=32,
-                                 num_key_value_heads=8, rope_theta=500000.0,
-                                 max_position_embeddings=8192),
+        "dummy-tiny": preset(512, 64, 160, 2, 4, 2, max_position_embeddings=2048),
+        "dummy-llama-7b": preset(32000, 4096, 11008, 32, 32, 32),
+        "dummy-llama-13b": preset(32000, 5120, 13824, 40, 40, 40),
+        "dummy-llama-3-8b": preset(128256, 4096, 14336, 32, 32, 8, rope_theta=500000.0,
+                                   max_position_embeddings=8192),
     })

@@ -2,7 +2,7 @@
 exactly (each token attends to the last `sliding_window` positions, itself included)."""
 from __future__ import annotations
 
-from slora.models.family import Family, hf_model_config, refuse
+from slora.models.family import Family, hf_model_config, preset, refuse
 from slora.models.llama import CHECKPOINT_NAMES
 
 
@@ -18,8 +18,6 @@ def config_from_hf(d: dict, name: str):
 FAMILY = Family(
     model_type="mistral", config_from_hf=config_from_hf, checkpoint_names=CHECKPOINT_NAMES,
     presets={
-        "dummy-mistral-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                                 num_hidden_layers=32, num_attention_heads=32,
-                                 num_key_value_heads=8, sliding_window=4096,
-                                 max_position_embeddings=32768, rms_norm_eps=1e-5),
+        "dummy-mistral-7b": preset(32000, 4096, 14336, 32, 32, 8, sliding_window=4096,
+                                   max_position_embeddings=32768),
     })

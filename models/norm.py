@@ -21,14 +21,9 @@ class RMSNorm(torch.nn.Module):
 
 class HeadNorm(torch.nn.Module):
     """RMSNorm over each head of width head_dim (Qwen3's q_norm and k_norm): one weight of
-    head_dim shared by the heads."""
+    head_dim shared by the heads, applied inside the backend's rope_store_kv."""
 
     def __init__(self, head_dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = torch.nn.Parameter(torch.ones(head_dim), requires_grad=False)
-
-    def normalize_(self, heads: torch.Tensor) -> None:
-        """heads [num_tokens, num_heads, head_dim] (any row stride), normalised in place."""
-        x = torch.nn.functional.rms_norm(heads.float(), (heads.shape[-1],), eps=self.eps)
-        heads.copy_(self.weight * x.to(heads.dtype))

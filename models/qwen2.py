@@ -2,7 +2,7 @@
 sizes (0.5B, 1.5B, 3B), full attention (its `use_sliding_window` is refused)."""
 from __future__ import annotations
 
-from slora.models.family import LAYER, Family, hf_model_config, no_sliding_window
+from slora.models.family import LAYER, Family, hf_model_config, no_sliding_window, preset
 from slora.models.llama import CHECKPOINT_NAMES as LLAMA_NAMES
 
 CHECKPOINT_NAMES = {
@@ -19,14 +19,10 @@ def config_from_hf(d: dict, name: str):
 
 FAMILY = Family(
     model_type="qwen2", config_from_hf=config_from_hf, checkpoint_names=CHECKPOINT_NAMES,
-    presets={
-        "dummy-qwen2.5-0.5b": dict(vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                                   num_hidden_layers=24, num_attention_heads=14,
-                                   num_key_value_heads=2, tie_word_embeddings=True,
-                                   rope_theta=1000000.0, max_position_embeddings=32768,
-                                   rms_norm_eps=1e-6),
-        "dummy-qwen2.5-7b": dict(vocab_size=152064, hidden_size=3584, intermediate_size=18944,
-                                 num_hidden_layers=28, num_attention_heads=28,
-                                 num_key_value_heads=4, rope_theta=1000000.0,
-                                 max_position_embeddings=32768, rms_norm_eps=1e-6),
+    presets={  # rope_theta 1e6, rms_norm_eps 1e-6, 32768 positions: as Qwen2.5's configs
+        name: preset(*shape, rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=32768,
+                     tie_word_embeddings=tied)
+        for name, shape, tied in (
+            ("dummy-qwen2.5-0.5b", (151936, 896, 4864, 24, 14, 2), True),
+            ("dummy-qwen2.5-7b", (152064, 3584, 18944, 28, 28, 4), False))
     })

@@ -2,7 +2,7 @@
 (q_norm, k_norm), head_dim given by the config (not hidden / heads), no bias."""
 from __future__ import annotations
 
-from slora.models.family import LAYER, Family, hf_model_config, no_sliding_window, refuse
+from slora.models.family import LAYER, Family, hf_model_config, no_sliding_window, preset, refuse
 from slora.models.llama import CHECKPOINT_NAMES as LLAMA_NAMES
 
 CHECKPOINT_NAMES = {
@@ -22,14 +22,11 @@ def config_from_hf(d: dict, name: str):
 
 FAMILY = Family(
     model_type="qwen3", config_from_hf=config_from_hf, checkpoint_names=CHECKPOINT_NAMES,
-    presets={
-        "dummy-qwen3-0.6b": dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-                                 num_hidden_layers=28, num_attention_heads=16,
-                                 num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
-                                 rope_theta=1000000.0, max_position_embeddings=40960,
+    presets={  # head_dim 128 at every size, apart from hidden / heads (0.6B: 1024 / 16)
+        "dummy-qwen3-0.6b": preset(151936, 1024, 3072, 28, 16, 8, head_dim=128,
+                                   tie_word_embeddings=True, rope_theta=1e6,
+                                   max_position_embeddings=40960, rms_norm_eps=1e-6),
+        "dummy-qwen3-8b": preset(151936, 4096, 12288, 36, 32, 8, head_dim=128,
+                                 rope_theta=1e6, max_position_embeddings=40960,
                                  rms_norm_eps=1e-6),
-        "dummy-qwen3-8b": dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-                               num_hidden_layers=36, num_attention_heads=32,
-                               num_key_value_heads=8, head_dim=128, rope_theta=1000000.0,
-                               max_position_embeddings=40960, rms_norm_eps=1e-6),
     })

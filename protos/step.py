@@ -30,8 +30,8 @@ class AdapterLoad:
     """Where the worker's host cache reads the PEFT folder from."""
     slot: int
     page_ids: list[int]
-    """Pages for the adapter's rows: for each targeted module in LORA_MODULES order, for
-    each rank-row, that module's pages-per-row pages."""
+    """Pages for the adapter's rows: for each targeted module in the model's lora_modules
+    order, for each rank-row, that module's pages-per-row pages."""
 
 
 @dataclass

@@ -32,12 +32,13 @@ FAMILY_CLASSES = {
 
 
 def make_tiny_model(path: str, family: str = "llama", *, num_kv_heads: int = 4, seed: int = 0,
-                    **overrides) -> str:
+                    reinit=None, **overrides) -> str:
     """Save a seeded random float32 model of `family` (transformers' own config class with
     TINY_LLAMA's fields, updated by `overrides` in that class's field names) to `path` with
     save_pretrained (safetensors); returns `path`. Outside Llama, biases (Qwen2's q, k, v)
     and norm weights are randomised too: transformers makes them zeros and ones, which would
-    hide a bias or a norm weight read from the wrong place."""
+    hide a bias or a norm weight read from the wrong place. `reinit(model)`, when given,
+    sets the weights last (under the same seed)."""
     import transformers
 
     config_cls, model_cls = (getattr(transformers, n) for n in FAMILY_CLASSES[family])
@@ -53,6 +54,9 @@ def make_tiny_model(path: str, family: str = "llama", *, num_kv_heads: int = 4, 
                         param.normal_(0.0, 0.1)
                     elif name.endswith("norm.weight"):
                         param.uniform_(0.5, 1.5)
+        if reinit is not None:
+            with torch.no_grad():
+                reinit(model)
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     return path

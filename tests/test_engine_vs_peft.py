@@ -129,16 +129,12 @@ def run_staggered(engine: Engine, reqs, check=None) -> dict[str, list[int]]:
     return outputs
 
 
-def test_mixed_adapter_batches_give_peft_tokens_and_logits(setup):
-    """27 requests, 9 adapters of ranks 1-64 (attention only, MLP only, all linear, rslora)
-    and no adapter, arriving 3 per step: every request's greedy tokens are PEFT's, and the
-    logits of every step of the mixed batch are within 1e-4 of PEFT's."""
-    engine = make_engine(setup, num_pages=4096)
+def run_keeping_logits(engine: Engine, reqs) -> tuple[dict, dict, list]:
+    """run_staggered, keeping each request's logits of every step and, per step, the
+    adapters (None: no adapter) of the requests it sampled."""
     engine.worker.keep_logits = True
-    reqs = make_requests(seed=1)
     step_logits: dict[str, list[torch.Tensor]] = {}
     batch_adapters: list[set[str | None]] = []
-    """Per step: the adapters (None: no adapter) of the requests it sampled."""
 
     def keep(engine):
         for req_id, logits in engine.worker.last_logits.items():
@@ -147,19 +143,35 @@ def test_mixed_adapter_batches_give_peft_tokens_and_logits(setup):
         engine.worker.last_logits = {}
 
     outputs = run_staggered(engine, reqs, check=keep)
+    return outputs, step_logits, batch_adapters
+
+
+def assert_peft_tokens_and_logits(setup, reqs, outputs, step_logits, label: str = "") -> None:
+    """Every request's tokens are PEFT's greedy tokens for it alone, and its logits of every
+    step within 1e-4 of PEFT's."""
+    for i, (prompt, adapter) in enumerate(reqs):
+        got = outputs[f"r{i}"]
+        want = peft_greedy(setup, adapter, prompt, MAX_NEW_TOKENS)
+        assert got == want, f"{label}adapter {adapter}, prompt {prompt}: {got} != PEFT {want}"
+        ref = peft_logits(setup, adapter, prompt + got)[len(prompt) - 1:-1]
+        ours = torch.stack(step_logits[f"r{i}"])
+        err = (ours - ref).abs().max().item()
+        assert err < 1e-4, f"{label}adapter {adapter}, prompt {prompt}: logits differ by {err}"
+
+
+def test_mixed_adapter_batches_give_peft_tokens_and_logits(setup):
+    """27 requests, 9 adapters of ranks 1-64 (attention only, MLP only, all linear, rslora)
+    and no adapter, arriving 3 per step: every request's greedy tokens are PEFT's, and the
+    logits of every step of the mixed batch are within 1e-4 of PEFT's."""
+    engine = make_engine(setup, num_pages=4096)
+    reqs = make_requests(seed=1)
+    outputs, step_logits, batch_adapters = run_keeping_logits(engine, reqs)
     # The batches really mixed: as many adapters as the pool has slots, and no adapter, in
     # one step.
     slots = engine.config.pool.max_adapter_slots
     assert slots < len(ADAPTERS)
     assert max(len(a) for a in batch_adapters) == slots + 1, batch_adapters
-    for i, (prompt, adapter) in enumerate(reqs):
-        got = outputs[f"r{i}"]
-        want = peft_greedy(setup, adapter, prompt, MAX_NEW_TOKENS)
-        assert got == want, f"adapter {adapter}, prompt {prompt}: {got} != PEFT {want}"
-        ref = peft_logits(setup, adapter, prompt + got)[len(prompt) - 1:-1]
-        ours = torch.stack(step_logits[f"r{i}"])
-        err = (ours - ref).abs().max().item()
-        assert err < 1e-4, f"adapter {adapter}, prompt {prompt}: logits differ by {err}"
+    assert_peft_tokens_and_logits(setup, reqs, outputs, step_logits)
     stats = engine.scheduler.stats()
     assert stats["pages_kv"] == 0 and stats["num_running"] == 0
     assert stats["adapter_loads"] >= len(ADAPTERS)

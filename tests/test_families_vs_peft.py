@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from helpers_peft import make_peft_adapter, make_tiny_model
-from test_engine_vs_peft import MAX_NEW_TOKENS, peft_greedy, peft_logits, run_staggered
-from slora.common.config import EngineConfig, ModelConfig, PoolConfig, SchedulerConfig
+from test_engine_vs_peft import Setup, assert_peft_tokens_and_logits, run_keeping_logits
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.engine.engine import Engine
 from slora.models.registry import model_config_from_folder
 
@@ -56,14 +56,6 @@ CASES = {
 }
 """Qwen3's head_dim 32 makes q 128 wide on a hidden size of 64: q's and o's LoRA rows take
 two pages each. Mistral's window of 8 is shorter than most prompts (up to 40 tokens)."""
-
-
-@dataclass
-class Setup:
-    base_path: str
-    adapter_paths: dict[str, str]
-    peft: object
-    config: ModelConfig
 
 
 def adapter_name(i: int) -> str:
@@ -115,28 +107,11 @@ def test_family_mixed_adapter_batches_give_peft_tokens_and_logits(setup):
     alone, 3 arriving per step: each request's greedy tokens are PEFT's, and every step's
     logits within 1e-4 of PEFT's."""
     engine = make_engine(setup)
-    engine.worker.keep_logits = True
     rng = random.Random(11)
     names = [None] + list(setup.adapter_paths)
     reqs = [([rng.randrange(3, 256) for _ in range(rng.randint(2, MAX_PROMPT))],
              names[i % len(names)]) for i in range(NUM_REQUESTS)]
-    step_logits: dict[str, list[torch.Tensor]] = {}
-    batch_adapters: list[set] = []
-
-    def keep(engine):
-        for req_id, logits in engine.worker.last_logits.items():
-            step_logits.setdefault(req_id, []).append(logits)
-        batch_adapters.append({reqs[int(r[1:])][1] for r in engine.worker.last_logits})
-        engine.worker.last_logits = {}
-
-    outputs = run_staggered(engine, reqs, check=keep)
+    outputs, step_logits, batch_adapters = run_keeping_logits(engine, reqs)
     assert max(len(a) for a in batch_adapters) >= 4, batch_adapters  # batches really mixed
-    for i, (prompt, adapter) in enumerate(reqs):
-        got = outputs[f"r{i}"]
-        want = peft_greedy(setup, adapter, prompt, MAX_NEW_TOKENS)
-        assert got == want, (f"{setup.config.model_type}, adapter {adapter}, prompt "
-                             f"{prompt}: {got} != PEFT {want}")
-        ref = peft_logits(setup, adapter, prompt + got)[len(prompt) - 1:-1]
-        err = (torch.stack(step_logits[f"r{i}"]) - ref).abs().max().item()
-        assert err < 1e-4, (f"{setup.config.model_type}, adapter {adapter}, prompt {prompt}: "
-                            f"logits differ by {err}")
+    assert_peft_tokens_and_logits(setup, reqs, outputs, step_logits,
+                                  f"{setup.config.model_type}: ")
