@@ -20,10 +20,11 @@ import torch
 
 from helpers_peft import edit_adapter_config, make_peft_adapter, make_tiny_llama
 from slora.adapter_store.content_store import ContentStore
-from slora.common.config import EngineConfig, ModelConfig, PoolConfig, SchedulerConfig
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.common.errors import AdapterError
 from slora.common.sampling_params import SamplingParams
 from slora.engine.engine import Engine
+from slora.models.registry import model_config_from_folder
 
 MAX_RANK = 16
 NUM_NEW_TOKENS = 6
@@ -265,7 +266,7 @@ def compat(tmp_path_factory) -> Compat:
                                    num_kv_heads=2, seed=5)
     served = shutil.copytree(trained_from, os.path.join(root, "served-llama"))
     env = Env(trained_from, served, root)
-    model = ModelConfig.from_folder(served)
+    model = model_config_from_folder(served)
     out = Compat(env, ContentStore(os.path.join(root, "store"), model, model.name, MAX_RANK))
     for case in ACCEPTED + REFUSED:
         path = case.make(env, os.path.join(root, "adapters", case.name))
@@ -300,7 +301,7 @@ def greedy(model, prompt: list[int], n: int) -> list[int]:
 def engine_tokens(compat) -> dict[tuple[str, int], list[int]]:
     """(case, prompt index) -> the engine's greedy tokens, every accepted case's requests in
     one engine, in mixed batches."""
-    model = ModelConfig.from_folder(compat.env.served)
+    model = model_config_from_folder(compat.env.served)
     engine = Engine(EngineConfig(
         model=model, pool=PoolConfig(num_pages=2048, max_adapter_slots=8,
                                      max_lora_rank=MAX_RANK),
@@ -355,7 +356,7 @@ def test_local_base_folder_is_accepted_with_a_warning(compat):
 def test_strict_base_model_refuses_the_local_base_folder(compat, tmp_path):
     """With the operator's strict check the same adapter is FAILED_PRECONDITION, naming the
     folder PEFT wrote and the served model."""
-    model = ModelConfig.from_folder(compat.env.served)
+    model = model_config_from_folder(compat.env.served)
     strict = ContentStore(str(tmp_path / "store"), model, model.name, MAX_RANK,
                           strict_base_model=True)
     with pytest.raises(AdapterError) as info:
