@@ -23,6 +23,8 @@ Every CUDA launcher in this package has the same signature and argument names.
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 NO_ADAPTER = -1
@@ -190,11 +192,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def check_sliding_window(sliding_window) -> int:
     """The window as an int >= 0 (NO_WINDOW, 0: the whole context), or a ValueError that
     names the value."""
-    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) \
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, numbers.Integral) \
             or sliding_window < 0:
         raise ValueError(f"sliding_window must be an int >= 0 (0: no window), got "
                          f"{sliding_window!r}")
-    return sliding_window
+    return int(sliding_window)
 
 
 def first_visible_position(q_pos, sliding_window: int):

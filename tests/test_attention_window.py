@@ -95,3 +95,9 @@ def test_a_bad_window_is_refused_by_value(bad):
         torch_ref.paged_attention(torch.zeros(1, 1, 8), torch.zeros(1, 2, 8),
                                   torch.zeros(1, 1, dtype=torch.int32), torch.tensor([1]),
                                   torch.tensor([0, 1]), 1, 1.0, sliding_window=bad)
+
+
+def test_a_numpy_int_window_is_an_int_window():
+    """A window read off a config as a numpy integer serves as the same Python int."""
+    import numpy as np
+    assert torch.equal(reference_visible_keys(np.int64(5)), reference_visible_keys(5))
