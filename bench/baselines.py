@@ -38,7 +38,7 @@ def build_engine(engine_argv: list[str], adapters: list[DummyAdapter],
     """An Engine built from the worker's own flags, serving `adapters`: made in host memory
     from their seeds, or, given `peft_paths` (adapter id -> PEFT folder), read from there."""
     from slora.bench.dummy_worker import install_dummy_adapters
-    from slora.engine.args import add_engine_args, engine_config_from_args
+    from slora.worker.args import add_engine_args, engine_config_from_args
     from slora.engine.engine import Engine
     from slora.scheduler.adapter_residency import AdapterRef
 

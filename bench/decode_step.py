@@ -5,15 +5,15 @@
     python bench/decode_step.py --plot DIR/decode_step.json     # redraw the PNG from JSON
 
 A dummy model (default Llama-2-7B; any `dummy-<family>-<size>` preset, e.g.
-dummy-qwen2.5-7b, dummy-mistral-7b, dummy-qwen3-8b) in bf16 on the GPU, pool max rank 64, max_model_len 2048. For each batch
-size b and adapter mode (none; b distinct rank-16 adapters on q, k, v, o, the paper's
-targets), b requests sit at context 512: adopted by the worker as if prefilled
-(`Worker.adopt_request`), their K/V pages holding random values. The worker then runs real
-decode step commands (`Worker.execute`: the host builds the batch, the GPU runs the step,
-sampling brings the tokens back), timed on the host clock around execute, median of
-`--steps` after two warm-up steps; once replaying CUDA graphs, once eagerly, each on fresh
-requests. "graph replay" is the GPU time of the captured graph alone (CUDA events around
-replays, no host work or sampling).
+dummy-qwen2.5-7b, dummy-mistral-7b, dummy-qwen3-8b) in bf16 on the GPU, pool max rank 64,
+max_model_len 2048. For each batch size b and adapter mode (none; b distinct rank-16
+adapters on q, k, v, o, the paper's targets), b requests sit at context 512: adopted by the
+worker as if prefilled (`Worker.adopt_request`), their K/V pages holding random values. The
+worker then runs real decode step commands (`Worker.execute`: the host builds the batch,
+the GPU runs the step, sampling brings the tokens back), timed on the host clock around
+execute, median of `--steps` after two warm-up steps; once replaying CUDA graphs, once
+eagerly, each on fresh requests. "graph replay" is the GPU time of the captured graph alone
+(CUDA events around replays, no host work or sampling).
 
 Roofline: the bytes a decode step must read, over the copy bandwidth measured in the same run
 (a 1 GiB device-to-device copy, bytes read + written): every weight once (the seven
@@ -126,7 +126,7 @@ class Bench:
         from slora.adapter_store import HostAdapterCache
         from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
         from slora.models.registry import dummy_model_config
-        from slora.engine.args import default_num_pages
+        from slora.worker.args import default_num_pages
         from slora.worker.executor import Worker
 
         self.model = dummy_model_config(model)
@@ -240,7 +240,8 @@ class Bench:
 
 def table(rows: list[dict], meta: dict) -> str:
     out = [f"GPU: {meta['gpu']}; copy bandwidth {meta['copy_bw'] / 1e9:.0f} GB/s (read + write); "
-           f"{meta.get('model', 'dummy-llama-7b')} bf16, context {CONTEXT_LEN}, rank-{ADAPTER_RANK} adapters on "
+           f"{meta.get('model', 'dummy-llama-7b')} bf16, context {CONTEXT_LEN}, "
+           f"rank-{ADAPTER_RANK} adapters on "
            f"q,k,v,o (one per request), graphs captured in {meta['capture_s']:.1f} s",
            "",
            "| batch | adapters | graphs step (ms) | eager step (ms) | graph replay (ms) "

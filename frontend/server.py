@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -27,7 +26,6 @@ from grpc_reflection.v1alpha import reflection
 
 from slora.adapter_store.registry import AdapterRegistry, connect
 from slora.common.aio import run_async
-from slora.common.config import ModelConfig
 from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, Lifecycle, ready_line
 from slora.common.logs import add_log_args, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
@@ -38,6 +36,7 @@ from slora.frontend.keys import KeysService
 from slora.frontend.scheduler_watch import SCHEDULER_CHANNEL_OPTIONS, watch_scheduler
 from slora.frontend.security import add_security_args, bind_public_port, setup_security
 from slora.frontend.tokenizer import load_tokenizer
+from slora.protos.model_info import model_config_from_model_info
 from slora.v1 import (
     adapters_pb2, adapters_pb2_grpc, generation_pb2, generation_pb2_grpc, keys_pb2,
     keys_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc,
@@ -87,9 +86,7 @@ async def serve(args) -> None:
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *SCHEDULER_CHANNEL_OPTIONS])
     scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
     info = await wait_for_scheduler(scheduler)
-    model_dict = json.loads(info.model_config_json)
-    model_dict.pop("slora", None)  # the rest of the worker's EngineConfig (engine/args.py)
-    model = ModelConfig.from_dict(model_dict)
+    model = model_config_from_model_info(info)
     tokenizer = load_tokenizer(args.tokenizer or info.model_path or None, info.vocab_size)
     redis_client = connect(args.redis_url)
     store_dir = os.path.join(args.data_dir, "adapters")

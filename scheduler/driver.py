@@ -40,7 +40,7 @@ import grpc
 
 from slora.common.config import EngineConfig
 from slora.common.errors import InvalidRequestError, SloraError
-from slora.engine.args import engine_config_from_model_info
+from slora.protos.model_info import engine_config_from_model_info
 from slora.protos.convert import sampling_from_proto, step_command_to_proto, step_result_from_proto
 from slora.protos.step import StepCommand
 from slora.scheduler import metrics

@@ -6,8 +6,8 @@ SloraError becomes its `grpc_code` with its message. A Submit stream that ends e
 client cancelled or went away) cancels its request in the planner, freeing its pages at once.
 
 At start the scheduler asks the worker for its Info and rebuilds the worker's EngineConfig
-from it (engine/args.py), adding only its own limits: the planner's model and pool are the
-worker's by construction.
+from it (protos/model_info.py), adding only its own limits: the planner's model and pool are
+the worker's by construction.
 
 A Submit carries the client's deadline (gRPC propagates what is left of it from the
 frontend); a full queue's RESOURCE_EXHAUSTED carries the retry hint in the
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import time
 
@@ -27,13 +28,12 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from slora.common.aio import run_async
+from slora.common.config import EngineConfig
 from slora.common.errors import ConfigError, SloraError
 from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, Lifecycle, ready_line
 from slora.common.logs import add_log_args, request_id_var, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
-from slora.engine.args import (
-    engine_config_from_model_info, model_info_from_config, with_scheduler_limits,
-)
+from slora.protos.model_info import engine_config_from_model_info, model_info_from_config
 from slora.scheduler.driver import StepDriver, StreamEnd
 from slora.scheduler.metrics import register_driver_stats
 from slora.scheduler.planner import Scheduler
@@ -142,6 +142,23 @@ async def serve(args: argparse.Namespace) -> None:
     await lifecycle.drain(server, args.shutdown_grace_s)
     loop_task.cancel()
     await driver.close()
+
+
+def with_scheduler_limits(config: EngineConfig, *, max_num_seqs: int | None = None,
+                          max_num_batched_tokens: int | None = None,
+                          max_queue_len: int | None = None) -> EngineConfig:
+    """The worker's config with the scheduler's own limits. The worker sized its memory for
+    its batch limits, so the scheduler may lower them, never raise them."""
+    worker = config.scheduler
+    for name, value in (("max_num_seqs", max_num_seqs),
+                        ("max_num_batched_tokens", max_num_batched_tokens)):
+        if value is not None and value > getattr(worker, name):
+            raise ConfigError(f"--{name.replace('_', '-')} {value} exceeds the worker's "
+                              f"{getattr(worker, name)}; the scheduler may only lower it")
+    limits = {k: v for k, v in (("max_num_seqs", max_num_seqs),
+                                ("max_num_batched_tokens", max_num_batched_tokens),
+                                ("max_queue_len", max_queue_len)) if v is not None}
+    return dataclasses.replace(config, scheduler=dataclasses.replace(worker, **limits))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,11 +14,9 @@ import torch
 from helpers_peft import make_peft_adapter, make_tiny_model
 from helpers_stack import Stack, worker_argv
 from test_engine_vs_peft import Setup, peft_greedy
-from slora.engine.args import (
-    add_engine_args, engine_config_from_args, engine_config_from_model_info,
-    model_info_from_config,
-)
 from slora.models.registry import DUMMY_MODELS, model_config_from_folder
+from slora.protos.model_info import engine_config_from_model_info, model_info_from_config
+from slora.worker.args import add_engine_args, engine_config_from_args
 
 MAX_NEW = 6
 FAMILIES = {

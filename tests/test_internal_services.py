@@ -20,7 +20,7 @@ from slora.adapter_store import read_adapter_config
 from slora.common.config import (
     EngineConfig, ModelConfig, PoolConfig, SchedulerConfig,
 )
-from slora.engine.args import engine_config_from_model_info, model_info_from_config
+from slora.protos.model_info import engine_config_from_model_info, model_info_from_config
 from slora.engine.engine import Engine
 from slora.protos.convert import sampling_from_proto
 from slora.v1 import common_pb2, scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc

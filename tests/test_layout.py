@@ -86,3 +86,48 @@ def test_an_installed_distribution_of_one_of_our_names_is_the_one_imported(name)
         pytest.skip(f"no distribution provides a top-level {name!r} here")
     spec = importlib.util.find_spec(name)
     assert spec is not None and not inside_repo(spec.origin), spec
+
+
+ALLOWED_IMPORTS = {
+    "common": set(),
+    "kernels": set(),
+    "protos": {"common", "v1"},
+    "adapter_store": {"common"},
+    "models": {"common", "kernels"},
+    "scheduler": {"common", "protos", "v1"},
+    "worker": {"common", "protos", "v1", "models", "kernels", "adapter_store"},
+    "engine": {"common", "protos", "scheduler", "worker", "adapter_store"},
+}
+"""DESIGN.md's Layout: which of our folders each folder may import (itself aside). Above
+all, scheduler/ and worker/ never import engine/, and models/ nothing above kernels/."""
+
+
+def slora_imports(folder: str) -> dict[str, str]:
+    """Each `slora.<top>` folder this folder's code imports -> one file that does."""
+    import ast
+
+    found = {}
+    for dirpath, _, files in os.walk(os.path.join(REPO_ROOT, folder)):
+        for name in files:
+            if not name.endswith(".py") or name.endswith(("_pb2.py", "_pb2_grpc.py")):
+                continue
+            path = os.path.join(dirpath, name)
+            with open(path) as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                modules = ([node.module] if isinstance(node, ast.ImportFrom) and node.module
+                           else [a.name for a in node.names] if isinstance(node, ast.Import)
+                           else [])
+                for module in modules:
+                    parts = module.split(".")
+                    if parts[0] == "slora" and len(parts) > 1 and parts[1] != folder:
+                        found.setdefault(parts[1], os.path.relpath(path, REPO_ROOT))
+    return found
+
+
+@pytest.mark.parametrize("folder", list(ALLOWED_IMPORTS))
+def test_imports_flow_one_way(folder):
+    """A folder imports only the folders below it in DESIGN.md's Layout."""
+    wrong = {top: path for top, path in slora_imports(folder).items()
+             if top not in ALLOWED_IMPORTS[folder]}
+    assert not wrong, f"{folder}/ imports {wrong} (allowed: {sorted(ALLOWED_IMPORTS[folder])})"

@@ -18,7 +18,7 @@ from helpers_peft import edit_adapter_config, make_peft_adapter, make_tiny_llama
 from helpers_stack import Stack, worker_argv
 from slora.client import Client, SloraClientError
 from slora.common.sampling_params import SamplingParams
-from slora.engine.args import add_engine_args, engine_config_from_args
+from slora.worker.args import add_engine_args, engine_config_from_args
 from slora.engine.engine import Engine
 
 NUM_ADAPTERS = 20

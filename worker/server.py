@@ -38,11 +38,12 @@ from slora.common.errors import SloraError
 from slora.common.lifecycle import ready_line
 from slora.common.logs import add_log_args, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
-from slora.engine.args import add_engine_args, engine_config_from_args, model_info_from_config
+from slora.protos.model_info import model_info_from_config
 from slora.protos.convert import step_command_from_proto, step_result_to_proto
 from slora.protos.step import StepCommand, StepResult
 from slora.v1 import worker_pb2, worker_pb2_grpc
 from slora.worker import metrics
+from slora.worker.args import add_engine_args, engine_config_from_args
 from slora.worker.executor import Worker
 
 log = logging.getLogger("slora.worker")

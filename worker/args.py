@@ -1,23 +1,13 @@
-"""The engine's command line, and the one form of EngineConfig that crosses processes.
+"""The model and pool flags, and the EngineConfig they give.
 
-Owner: engine/. Every process that builds an engine (the worker, the in-process tools)
-adds `add_engine_args` to its parser and calls `engine_config_from_args`. The scheduler
-never parses model or pool flags: it rebuilds the worker's EngineConfig from the worker's
-Info (`engine_config_from_model_info`), so the planner and the worker cannot disagree about
-the model or the pool.
-
-ModelInfo.model_config_json holds the model as `ModelConfig.to_dict()` (the family already
-resolved from config.json: shapes, features and LoRA targets, so a frontend validates
-adapters against exactly what the worker serves without knowing any family), plus one key of
-ours, "slora", with the rest of the worker's EngineConfig: pool, scheduler limits, dtype,
-device, seed, host cache size. The flat fields
-of ModelInfo (num_pages, max_lora_rank, ...) repeat what a frontend needs without the JSON.
+Owner: worker/. Every process that builds a worker (the worker process, the in-process
+engine's tools, benchmarks) adds `add_engine_args` to its parser and calls
+`engine_config_from_args`. The scheduler never parses these flags: it rebuilds the worker's
+EngineConfig from the worker's Info (protos/model_info.py).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import os
 
 from slora.common.config import (
@@ -25,10 +15,7 @@ from slora.common.config import (
 )
 from slora.common.errors import ConfigError
 from slora.models.registry import DUMMY_MODELS, dummy_model_config, model_config_from_folder
-from slora.v1 import scheduler_pb2
 
-SLORA_KEY = "slora"
-"""The key of model_config_json holding the worker's EngineConfig besides the model."""
 GPU_MEMORY_FRACTION = 0.9
 """Share of the GPU's free memory the worker takes (weights, pool, activations)."""
 ACTIVATION_RESERVE_BYTES = 1 << 30
@@ -148,57 +135,3 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
         dtype=dtype, device=device, host_cache_bytes=int(args.host_cache_gib * 2**30),
         seed=args.seed)
     return config, model_path
-
-
-# -- the config across processes -----------------------------------------------------------
-
-def model_info_from_config(config: EngineConfig,
-                           model_path: str | None) -> scheduler_pb2.ModelInfo:
-    """`model_path`: the model folder, None for dummy weights."""
-    model = config.model
-    d = model.to_dict()
-    d[SLORA_KEY] = {
-        "pool": dataclasses.asdict(config.pool),
-        "scheduler": dataclasses.asdict(config.scheduler),
-        "dtype": config.dtype, "device": config.device,
-        "host_cache_bytes": config.host_cache_bytes, "seed": config.seed,
-    }
-    return scheduler_pb2.ModelInfo(
-        model_name=model.name, vocab_size=model.vocab_size,
-        max_model_len=config.scheduler.max_model_len, max_lora_rank=config.pool.max_lora_rank,
-        num_pages=config.pool.num_pages, hidden_size=model.hidden_size,
-        eos_token_ids=list(model.eos_token_ids), model_config_json=json.dumps(d),
-        model_path=os.path.abspath(model_path) if model_path else "")
-
-
-def engine_config_from_model_info(info: scheduler_pb2.ModelInfo) -> EngineConfig:
-    """The worker's EngineConfig, exactly, from its Info. Raises ConfigError when the JSON
-    lacks our key (a worker of another version)."""
-    try:
-        d = json.loads(info.model_config_json)
-        ours = d.pop(SLORA_KEY)
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ConfigError(f"worker Info: model_config_json has no {SLORA_KEY!r} section "
-                          f"with the engine config ({e!r})") from None
-    return EngineConfig(
-        model=ModelConfig.from_dict(d),
-        pool=PoolConfig(**ours["pool"]), scheduler=SchedulerConfig(**ours["scheduler"]),
-        dtype=ours["dtype"], device=ours["device"],
-        host_cache_bytes=ours["host_cache_bytes"], seed=ours["seed"])
-
-
-def with_scheduler_limits(config: EngineConfig, *, max_num_seqs: int | None = None,
-                          max_num_batched_tokens: int | None = None,
-                          max_queue_len: int | None = None) -> EngineConfig:
-    """The worker's config with the scheduler's own limits. The worker sized its memory for
-    its batch limits, so the scheduler may lower them, never raise them."""
-    worker = config.scheduler
-    for name, value in (("max_num_seqs", max_num_seqs),
-                        ("max_num_batched_tokens", max_num_batched_tokens)):
-        if value is not None and value > getattr(worker, name):
-            raise ConfigError(f"--{name.replace('_', '-')} {value} exceeds the worker's "
-                              f"{getattr(worker, name)}; the scheduler may only lower it")
-    limits = {k: v for k, v in (("max_num_seqs", max_num_seqs),
-                                ("max_num_batched_tokens", max_num_batched_tokens),
-                                ("max_queue_len", max_queue_len)) if v is not None}
-    return dataclasses.replace(config, scheduler=dataclasses.replace(worker, **limits))
