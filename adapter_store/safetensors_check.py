@@ -99,20 +99,27 @@ def check_safetensors(path: str) -> SafetensorsHeader:
     """Read and check the header of the safetensors file at `path` (see the module
     docstring); reads no tensor byte. Raises SafetensorsHeaderError naming what is wrong."""
     with open(path, "rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
-        if file_size < 8:
-            raise SafetensorsHeaderError(
-                f"the file has {file_size} bytes; a safetensors file starts with an 8-byte "
-                "header length")
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        if header_len > MAX_HEADER_BYTES:
-            raise SafetensorsHeaderError(
-                f"header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes "
-                "(not a safetensors file, or a hostile one)")
-        if header_len > file_size - 8:
-            raise SafetensorsHeaderError(
-                f"header length {header_len} runs past the end of the file ({file_size} bytes)")
-        raw = f.read(header_len)
+        return check_safetensors_file(f)
+
+
+def check_safetensors_file(f) -> SafetensorsHeader:
+    """`check_safetensors` of an open binary file, read from its start (intake checks the
+    user's file this way before copying a byte of it)."""
+    f.seek(0)
+    file_size = os.fstat(f.fileno()).st_size
+    if file_size < 8:
+        raise SafetensorsHeaderError(
+            f"the file has {file_size} bytes; a safetensors file starts with an 8-byte "
+            "header length")
+    (header_len,) = struct.unpack("<Q", f.read(8))
+    if header_len > MAX_HEADER_BYTES:
+        raise SafetensorsHeaderError(
+            f"header length {header_len} exceeds the limit of {MAX_HEADER_BYTES} bytes "
+            "(not a safetensors file, or a hostile one)")
+    if header_len > file_size - 8:
+        raise SafetensorsHeaderError(
+            f"header length {header_len} runs past the end of the file ({file_size} bytes)")
+    raw = f.read(header_len)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:

@@ -13,9 +13,11 @@ import sys
 import threading
 import time
 
+from slora.adapter_store.embedded_redis import PASSWORD_FILE, url_with_password
 from slora.bench import driver
-from slora.common.lifecycle import python_module_command
 from slora.bench.workload import seed_registry
+from slora.common.internal_auth import SECRET_FILE_NAME, call_metadata, load_or_create_secret
+from slora.common.lifecycle import python_module_command
 
 READY_PREFIX = "SLORA_READY"
 START_TIMEOUT_S = 600.0
@@ -34,6 +36,9 @@ class Stack:
         self.log_lock = threading.Lock()
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.ports: dict[str, int] = {}
+        self.secret_file = ""
+        """The deployment's internal secret (start_stack sets it)."""
+        self.redis_password_file = ""
 
     def start(self, name: str, module: str, *args: str) -> int:
         """Runs `python -m module args`; waits for its SLORA_READY line; returns its port."""
@@ -96,21 +101,28 @@ class Stack:
 
         with grpc.insecure_channel(f"127.0.0.1:{self.ports['scheduler']}") as ch:
             stub = scheduler_pb2_grpc.SchedulerStub(ch)
-            return dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=10).values)
+            secret = call_metadata(load_or_create_secret(self.secret_file))
+            return dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=10,
+                                   metadata=secret).values)
 
 
 def start_stack(stack: Stack, work_dir: str, worker_args: list[str], ranks) -> str:
-    """Starts Redis, the worker, the scheduler and the frontend; returns the frontend's
-    address."""
+    """Starts Redis, the worker, the scheduler and the frontend, with the deployment's
+    internal secret in <work_dir>/internal.secret; returns the frontend's address."""
+    redis_dir = os.path.join(work_dir, "redis")
+    stack.redis_password_file = os.path.join(redis_dir, PASSWORD_FILE)
+    stack.secret_file = os.path.join(work_dir, SECRET_FILE_NAME)
+    secret = ["--internal-secret-file", stack.secret_file]
     redis_port = stack.start("redis", "slora.adapter_store.embedded_redis",
-                             "--data-dir", os.path.join(work_dir, "redis"))
+                             "--data-dir", redis_dir)
     worker_port = stack.start("worker", "slora.bench.dummy_worker",
                               "--dummy-ranks", ",".join(map(str, sorted(set(ranks)))),
-                              "--port", "0", *worker_args)
+                              "--port", "0", *secret, *worker_args)
     scheduler_port = stack.start("scheduler", "slora.scheduler.server", "--port", "0",
-                                 "--worker-address", f"127.0.0.1:{worker_port}")
+                                 *secret, "--worker-address", f"127.0.0.1:{worker_port}")
     frontend_args = ["--port", "0", "--scheduler-address", f"127.0.0.1:{scheduler_port}",
                      "--redis-url", f"redis://127.0.0.1:{redis_port}/0",
+                     "--redis-password-file", stack.redis_password_file, *secret,
                      "--data-dir", os.path.join(work_dir, "data")]
     frontend_port = stack.start("frontend", "slora.frontend.server",
                                 *frontend_args, *_no_auth_flag(frontend_args))
@@ -133,8 +145,9 @@ def register_adapters(stack: Stack, target: str, model, adapters, mode: str,
     client on another machine would register it."""
     start = time.perf_counter()
     if mode == "host":
-        seed_registry(f"redis://127.0.0.1:{stack.ports['redis']}/0", model, adapters,
-                      dtype_size)
+        with open(stack.redis_password_file) as f:
+            url = url_with_password("127.0.0.1", stack.ports["redis"], f.read().strip())
+        seed_registry(url, model, adapters, dtype_size)
     else:
         from slora.client import Client
 

@@ -16,6 +16,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from slora.adapter_store.embedded_redis import PASSWORD_FILE
+from slora.common.internal_auth import SECRET_FILE_NAME
 from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, python_module_command
 
 READY_PREFIX = "SLORA_READY"
@@ -79,17 +81,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def check_port_free(host: str, port: int) -> None:
+    """RuntimeError naming the port if something listens on it (before anything starts:
+    the frontend would only find out after the model has loaded)."""
+    if port == 0:
+        return
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RuntimeError(f"cannot listen on {host}:{port}: {e.strerror} (another slora "
+                               "stack, or another program? stop it, or pass --port)") from None
+
+
 def build_children(args, model: str) -> list[Child]:
     """The children with fixed loopback ports, so a restarted one is found where it was."""
     data_dir = os.path.abspath(os.path.expanduser(args.data_dir))
     children = []
-    redis_url = args.redis_url
+    redis_url, redis_password = args.redis_url, []
     if not redis_url:
         redis_port = free_port()
         redis_url = f"redis://127.0.0.1:{redis_port}/0"
+        redis_dir = os.path.join(data_dir, "redis")
+        redis_password = ["--redis-password-file", os.path.join(redis_dir, PASSWORD_FILE)]
         children.append(Child("redis", ["slora.adapter_store.embedded_redis", "--data-dir",
-                                        os.path.join(data_dir, "redis"),
-                                        "--port", str(redis_port)]))
+                                        redis_dir, "--port", str(redis_port)]))
+    # The internal ports take only calls with this secret (made by the first to start).
+    secret = ["--internal-secret-file", os.path.join(data_dir, SECRET_FILE_NAME)]
     engine_args = ["--model", model, "--max-model-len", str(args.max_model_len)]
     for flag in ("num_pages", "device", "dtype", "max_lora_rank", "max_num_seqs"):
         value = getattr(args, flag)
@@ -97,14 +116,15 @@ def build_children(args, model: str) -> list[Child]:
             engine_args += [f"--{flag.replace('_', '-')}", str(value)]
     worker_port, scheduler_port = free_port(), free_port()
     children.append(Child("worker", ["slora.worker.server", "--port", str(worker_port),
-                                     *engine_args]))
+                                     *secret, *engine_args]))
     children.append(Child("scheduler", ["slora.scheduler.server", "--port",
-                                        str(scheduler_port), "--worker-address",
+                                        str(scheduler_port), *secret, "--worker-address",
                                         f"127.0.0.1:{worker_port}"]))
     children.append(Child("frontend", [
         "slora.frontend.server", "--host", args.host, "--port", str(args.port),
         "--data-dir", data_dir, "--scheduler-address", f"127.0.0.1:{scheduler_port}",
-        "--redis-url", redis_url, *frontend_security_args(args, data_dir),
+        *secret, "--redis-url", redis_url, *redis_password,
+        *frontend_security_args(args, data_dir),
         *(["--strict-base-model"] if getattr(args, "strict_base_model", False) else [])]))
     return children
 
@@ -123,6 +143,11 @@ def frontend_security_args(args, data_dir: str) -> list[str]:
 
 
 def up(args) -> int:
+    try:
+        check_port_free(args.host, args.port)
+    except RuntimeError as e:
+        print(f"slora up: {e}", file=sys.stderr, flush=True)
+        return 1
     model = args.model
     if model is None:
         from slora.models.gguf_convert import ensure_default_model

@@ -142,8 +142,16 @@ class Client:
     def get_adapter(self, adapter_id: str) -> adapters_pb2.Adapter:
         return self._call(self._adapters.Get, adapters_pb2.GetAdapterRequest(adapter_id=adapter_id))
 
-    def list_adapters(self) -> list[adapters_pb2.Adapter]:
-        return list(self._call(self._adapters.List, adapters_pb2.ListAdaptersRequest()).adapters)
+    def list_adapters(self, page_size: int = 0) -> list[adapters_pb2.Adapter]:
+        """Every adapter the caller may use, one page per call (`page_size` 0: the server's
+        default)."""
+        out, token = [], None
+        while token != "":
+            resp = self._call(self._adapters.List, adapters_pb2.ListAdaptersRequest(
+                page_size=page_size, page_token=token or ""))
+            out += resp.adapters
+            token = resp.next_page_token
+        return out
 
     def delete_adapter(self, adapter_id: str) -> None:
         self._call(self._adapters.Delete, adapters_pb2.DeleteAdapterRequest(adapter_id=adapter_id))
@@ -229,9 +237,14 @@ class AsyncClient:
         return await self._call(self._adapters.Get,
                                 adapters_pb2.GetAdapterRequest(adapter_id=adapter_id))
 
-    async def list_adapters(self) -> list[adapters_pb2.Adapter]:
-        resp = await self._call(self._adapters.List, adapters_pb2.ListAdaptersRequest())
-        return list(resp.adapters)
+    async def list_adapters(self, page_size: int = 0) -> list[adapters_pb2.Adapter]:
+        out, token = [], None
+        while token != "":
+            resp = await self._call(self._adapters.List, adapters_pb2.ListAdaptersRequest(
+                page_size=page_size, page_token=token or ""))
+            out += resp.adapters
+            token = resp.next_page_token
+        return out
 
     async def delete_adapter(self, adapter_id: str) -> None:
         await self._call(self._adapters.Delete,

@@ -112,3 +112,21 @@ class LastAdminKeyError(SloraError):
     """Revoking the only active admin key would leave nobody able to manage keys."""
 
     grpc_code = "FAILED_PRECONDITION"
+
+
+MAX_DETAILS_CHARS = 1024
+"""Longest error message a server sends. Messages repeat the client's input (a path, an id)
+to name what is wrong; gRPC carries them in a trailer, and a client refuses trailers over
+8 KiB ("received metadata size exceeds"), which would turn the right status into
+RESOURCE_EXHAUSTED."""
+
+
+def bounded(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
+    """`details` as it is, or cut in the middle with an ellipsis to `limit` characters (the
+    start names the value, the end usually the limit)."""
+    if len(details) <= limit:
+        return details
+    marker = "…({} characters cut)…"
+    room = limit - len(marker.format(len(details)))
+    head, tail = details[:room * 3 // 4], details[len(details) - room // 4:]
+    return head + marker.format(len(details) - len(head) - len(tail)) + tail

@@ -8,16 +8,27 @@ boundaries, and a collector that reads a stats dict at scrape time. All names st
 `slora_`; no metric has an adapter label (thousands of adapters would mean thousands of
 series). The default registry also exports the process's own `process_*` metrics
 (resident memory, CPU seconds, open files).
+
+The HTTP server is ours, around prometheus-client's WSGI app: prometheus-client's own
+`start_http_server` starts one thread per connection and waits forever for a request on
+it, so idle connections pile up threads. Here at most METRICS_MAX_THREADS connections are
+served at once (the next wait in the listen backlog), and a connection that sends no
+complete request within METRICS_READ_TIMEOUT_S is closed. A port in use is an error naming
+it (the socket never sets SO_REUSEPORT).
 """
 from __future__ import annotations
 
 import argparse
+import threading
 from dataclasses import dataclass
 from typing import Callable
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
-from prometheus_client import REGISTRY, start_http_server
+from prometheus_client import REGISTRY, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+
+from slora.common.errors import ConfigError
 
 METRICS_OFF = -1
 """--metrics-port value that serves no metrics (also what `start_metrics_server` returns)."""
@@ -28,6 +39,10 @@ TOKEN_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0
                    1.28)
 """Per-token and per-step times, seconds."""
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+METRICS_MAX_THREADS = 8
+"""Connections of the metrics endpoint served at once."""
+METRICS_READ_TIMEOUT_S = 2.0
+"""A connection's request must arrive within this (a Prometheus scrape sends it at once)."""
 
 
 def add_metrics_args(parser: argparse.ArgumentParser) -> None:
@@ -38,12 +53,56 @@ def add_metrics_args(parser: argparse.ArgumentParser) -> None:
                              "printed as metrics_port=N on the SLORA_READY line; -1: off)")
 
 
+class _QuietHandler(WSGIRequestHandler):
+    timeout = METRICS_READ_TIMEOUT_S
+    """socketserver sets it on the connection: a read that waits longer ends it."""
+
+    def log_message(self, format, *args):  # noqa: A002 (the base class's name)
+        pass  # one line per scrape on stderr would drown the JSON logs
+
+
+class BoundedMetricsServer(WSGIServer):
+    """One thread per connection, at most `max_threads` at once; the accept loop waits for
+    a free one. Never SO_REUSEPORT (socketserver's allow_reuse_port stays False)."""
+
+    allow_reuse_address = True  # only lets a restart bind over TIME_WAIT connections
+    daemon_threads = True
+
+    def __init__(self, address, max_threads: int = METRICS_MAX_THREADS):
+        super().__init__(address, _QuietHandler)
+        self._slots = threading.BoundedSemaphore(max_threads)
+
+    def process_request(self, request, client_address):
+        self._slots.acquire()
+        threading.Thread(target=self._serve_one, args=(request, client_address),
+                         name="slora-metrics-conn", daemon=True).start()
+
+    def _serve_one(self, request, client_address) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request, client_address) -> None:
+        pass  # a client that timed out or went away: nothing to report
+
+
 def start_metrics_server(host: str, port: int) -> int:
     """Serves the default registry at http://host:port/metrics from a daemon thread; returns
-    the bound port, or METRICS_OFF when `port` is negative."""
+    the bound port, or METRICS_OFF when `port` is negative. A port in use: ConfigError."""
     if port < 0:
         return METRICS_OFF
-    server, _thread = start_http_server(port, addr=host)
+    try:
+        server = BoundedMetricsServer((host, port))
+    except OSError as e:
+        raise ConfigError(f"metrics: cannot listen on {host}:{port}: {e.strerror} (another "
+                          "slora stack, or another program? --metrics-port 0 picks a free "
+                          "port)") from None
+    server.set_app(make_wsgi_app(REGISTRY))
+    threading.Thread(target=server.serve_forever, name="slora-metrics", daemon=True).start()
     return server.server_address[1]
 
 

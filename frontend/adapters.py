@@ -17,6 +17,10 @@ from slora.frontend.auth import principal
 from slora.frontend.generation import abort_with
 from slora.v1 import adapters_pb2, adapters_pb2_grpc, scheduler_pb2
 
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+"""List's largest page (a larger page_size gets this many), about 170 KB."""
+
 
 def record_to_proto(r: AdapterRecord, viewer: str,
                     served_model: str | None = None) -> adapters_pb2.Adapter:
@@ -96,14 +100,20 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             await abort_with(context, e)
 
     async def List(self, request, context):
+        """One page, in order of qualified id; the token is the last id of the page before."""
         tenant = principal().tenant
         try:
-            records = await self.registry.list_visible(tenant)
+            if request.page_size < 0:
+                raise InvalidRequestError(f"page_size is {request.page_size}; it must be 0 "
+                                          f"(the default, {DEFAULT_PAGE_SIZE}) or more")
+            page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+            records, next_token = await self.registry.list_visible_page(
+                tenant, page_size, request.page_token)
         except SloraError as e:
             await abort_with(context, e)
         return adapters_pb2.ListAdaptersResponse(
             adapters=[record_to_proto(r, tenant, self.registry.base_model_name)
-                      for r in records])
+                      for r in records], next_page_token=next_token)
 
     async def Delete(self, request, context):
         """New requests for the adapter are refused at once; the delete completes when the

@@ -27,6 +27,7 @@ import grpc
 from slora.adapter_store.keys import KeyStore
 from slora.adapter_store.tenancy import NO_TENANT
 from slora.common.errors import AuthenticationError, RegistryUnavailableError
+from slora.common.internal_auth import refusing_handler
 
 log = logging.getLogger("slora.frontend")
 
@@ -90,23 +91,6 @@ def bearer_key(metadata) -> str | None:
                 value = value.decode("latin-1")
             return value[len(BEARER):].strip() if value.lower().startswith(BEARER) else ""
     return None
-
-
-def _refusing(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, details: str):
-    """A handler of the same shape as `handler` that only aborts."""
-    async def refuse(request, context):
-        await context.abort(code, details)
-
-    async def refuse_stream(request, context):
-        await context.abort(code, details)
-        yield  # unreachable: makes this an async generator, as a streaming handler is
-
-    kind = ("stream" if handler.request_streaming else "unary") + "_" + \
-        ("stream" if handler.response_streaming else "unary")
-    behavior = refuse_stream if handler.response_streaming else refuse
-    return getattr(grpc, f"{kind}_rpc_method_handler")(
-        behavior, request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer)
 
 
 def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter | None):
@@ -176,12 +160,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             who = await self._who(handler_call_details.invocation_metadata)
         except (AuthenticationError, RegistryUnavailableError) as e:
             log.info("refused %s: %s", method, e)
-            return _refusing(handler, getattr(grpc.StatusCode, e.grpc_code), str(e))
+            return refusing_handler(handler, getattr(grpc.StatusCode, e.grpc_code), str(e))
         except Exception:  # a bug of ours: never let it through as an authenticated call
             log.exception("checking the API key of a %s call failed", method)
-            return _refusing(handler, grpc.StatusCode.INTERNAL, "checking the API key failed")
+            return refusing_handler(handler, grpc.StatusCode.INTERNAL, "checking the API key failed")
         if method.startswith(ADMIN_SERVICES) and not who.admin:
-            return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED,
+            return refusing_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
                              f"{method} needs an admin key; this key belongs to tenant "
                              f"{who.tenant!r}")
         return _as(handler, who, self.limiter if method in LIMITED_METHODS else None)

@@ -10,13 +10,15 @@ a Submit cancelled under us (the scheduler stopping) becomes UNAVAILABLE.
 """
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
 
 import grpc
 
-from slora.common.errors import InvalidRequestError, SloraError
+from slora.common.errors import InvalidRequestError, SloraError, bounded
 from slora.common.logs import request_id_var
 from slora.frontend import metrics
 from slora.frontend.auth import principal
@@ -32,22 +34,36 @@ from slora.v1 import common_pb2, generation_pb2, generation_pb2_grpc, scheduler_
 log = logging.getLogger("slora.frontend")
 
 MAX_REQUEST_ID_CHARS = 128
-MAX_PROMPT_CHARS = 1 << 20
+DEFAULT_MAX_PROMPT_BYTES = 1 << 20
+"""A text prompt's largest UTF-8 size, checked before it is tokenized (--max-prompt-bytes)."""
+TOKENIZER_THREADS = 2
+"""Prompts tokenized at once, off the event loop (HF tokenizers release the GIL)."""
 PASSED_TRAILERS = ("grpc-retry-pushback-ms",)
 """Trailing metadata of the scheduler's answer that the client gets too."""
 
 
 async def abort_with(context: grpc.aio.ServicerContext, err: SloraError) -> None:
-    await context.abort(getattr(grpc.StatusCode, err.grpc_code), str(err))
+    await context.abort(getattr(grpc.StatusCode, err.grpc_code), bounded(str(err)))
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, scheduler_stub, registry, tokenizer, model_info):
+    def __init__(self, scheduler_stub, registry, tokenizer, model_info,
+                 max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES):
         self.scheduler = scheduler_stub
         self.registry = registry
         self.tokenizer = tokenizer
         self.info = model_info
+        self.max_prompt_bytes = max_prompt_bytes
         self.adapter_records = StaleIfErrorCache()
+        self._tokenizer_threads = concurrent.futures.ThreadPoolExecutor(
+            TOKENIZER_THREADS, thread_name_prefix="slora-tokenize")
+
+    async def _tokenize(self, text: str, chat: bool) -> list[int]:
+        """On a tokenizer thread: the event loop goes on serving every other call (and
+        health checks) while a long prompt is tokenized."""
+        encode = self.tokenizer.apply_chat_template if chat else self.tokenizer.encode
+        return await asyncio.get_running_loop().run_in_executor(
+            self._tokenizer_threads, encode, text)
 
     # -- validation -----------------------------------------------------------------------
 
@@ -69,12 +85,13 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 raise InvalidRequestError("chat applies to a text prompt, not token ids")
             prompt_ids = list(request.prompt_token_ids.ids)
         elif which == "prompt":
-            if len(request.prompt) > MAX_PROMPT_CHARS:
-                raise InvalidRequestError(
-                    f"prompt has {len(request.prompt)} characters; at most {MAX_PROMPT_CHARS}")
             text = request.prompt
-            prompt_ids = (self.tokenizer.apply_chat_template(text) if request.chat
-                          else self.tokenizer.encode(text)) if text else []
+            num_bytes = len(text.encode("utf-8"))
+            if num_bytes > self.max_prompt_bytes:
+                raise InvalidRequestError(
+                    f"prompt has {num_bytes} bytes; this server takes at most "
+                    f"{self.max_prompt_bytes} (--max-prompt-bytes)")
+            prompt_ids = await self._tokenize(text, request.chat) if text else []
         else:
             prompt_ids = []
         if not prompt_ids:
@@ -139,7 +156,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         total_s=now - arrival))
                 if event.error:
                     outcome = "FAILED_PRECONDITION"
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION, event.error)
+                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
+                                        bounded(event.error))
                     return
                 if done:
                     outcome = "OK"
@@ -158,7 +176,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                              if k in PASSED_TRAILERS)
             if trailers:
                 context.set_trailing_metadata(trailers)
-            await context.abort(code, e.details() or "scheduler unavailable")
+            await context.abort(code, bounded(e.details() or "scheduler unavailable"))
         finally:
             call.cancel()
             self._finished(submit, request, outcome, arrival, first_token_at,

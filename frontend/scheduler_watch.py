@@ -1,7 +1,8 @@
 """The frontend's view of its scheduler: a background task on the scheduler's health Watch
 stream. The frontend's own health follows it, so a load balancer stops sending to a
 frontend whose scheduler is down (a dead scheduler ends the stream at once) and sends again
-when it is back (the channel retries the connection within a second)."""
+when it is back (the channel retries the connection within a second: its options are
+common/grpc_options.py's internal_channel_options)."""
 from __future__ import annotations
 
 import asyncio
@@ -15,12 +16,6 @@ from slora.frontend import metrics
 log = logging.getLogger("slora.frontend")
 
 RETRY_S = 0.25
-SCHEDULER_CHANNEL_OPTIONS = [
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-"""A restarted scheduler is found within a second (the default backoff grows to 120 s)."""
 
 
 async def watch_scheduler(channel: grpc.aio.Channel, set_serving) -> None:

@@ -26,6 +26,7 @@ import grpc
 from slora.adapter_store.intake import AdapterRoots
 from slora.adapter_store.keys import KeyStore, parse_key
 from slora.common.errors import AuthenticationError, ConfigError
+from slora.common.grpc_options import listen
 from slora.frontend.auth import AuthInterceptor, TenantLimiter
 
 log = logging.getLogger("slora.frontend")
@@ -131,13 +132,12 @@ async def bootstrap_admin_key(keys: KeyStore, key_file: str | None) -> None:
 
 def bind_public_port(server: grpc.aio.Server, args) -> int:
     """Listen on --host:--port, over TLS if configured; returns the port."""
-    address = f"{args.host}:{args.port}"
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ConfigError("--tls-cert and --tls-key go together")
     if not args.tls_cert:
         if args.tls_client_ca:
             raise ConfigError("--tls-client-ca needs --tls-cert and --tls-key")
-        return server.add_insecure_port(address)
+        return listen(server, "frontend", args.host, args.port)
 
     def read(path: str) -> bytes:
         with open(path, "rb") as f:
@@ -147,4 +147,4 @@ def bind_public_port(server: grpc.aio.Server, args) -> int:
     credentials = grpc.ssl_server_credentials(
         [(read(args.tls_key), read(args.tls_cert))], root_certificates=client_ca,
         require_client_auth=client_ca is not None)
-    return server.add_secure_port(address, credentials)
+    return listen(server, "frontend", args.host, args.port, credentials)

@@ -26,14 +26,17 @@ from grpc_reflection.v1alpha import reflection
 
 from slora.adapter_store.registry import AdapterRegistry, connect
 from slora.common.aio import run_async
+from slora.common.errors import ConfigError, SloraError
+from slora.common.grpc_options import internal_channel_options, server_options
+from slora.common.internal_auth import add_internal_secret_args, internal_secret, send_secret
 from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, Lifecycle, ready_line
 from slora.common.logs import add_log_args, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
 from slora.frontend import metrics
 from slora.frontend.adapters import AdaptersService
-from slora.frontend.generation import GenerationService
+from slora.frontend.generation import DEFAULT_MAX_PROMPT_BYTES, GenerationService
 from slora.frontend.keys import KeysService
-from slora.frontend.scheduler_watch import SCHEDULER_CHANNEL_OPTIONS, watch_scheduler
+from slora.frontend.scheduler_watch import watch_scheduler
 from slora.frontend.security import add_security_args, bind_public_port, setup_security
 from slora.frontend.tokenizer import load_tokenizer
 from slora.protos.model_info import model_config_from_model_info
@@ -50,7 +53,11 @@ MAX_MESSAGE_BYTES = 64 << 20
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slora-frontend", description=__doc__.splitlines()[0])
     p.add_argument("--scheduler-address", required=True, help="host:port of the scheduler")
-    p.add_argument("--redis-url", required=True, help="redis://host:port/db of adapter metadata")
+    p.add_argument("--redis-url", required=True,
+                   help="redis://[:PASSWORD@]host:port/db of adapter metadata")
+    p.add_argument("--redis-password-file", default=None,
+                   help="file with Redis's password (the embedded one's is "
+                        "<its data dir>/password), for a URL without one")
     p.add_argument("--data-dir", required=True,
                    help="folder of the adapter store (shared with the workers)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -62,12 +69,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strict-base-model", action="store_true",
                    help="refuse adapters whose base_model_name_or_path is not the served "
                         "model's name (default: accept them with a warning when the shapes fit)")
+    p.add_argument("--max-prompt-bytes", type=int, default=DEFAULT_MAX_PROMPT_BYTES,
+                   help="largest text prompt, in UTF-8 bytes (checked before tokenizing)")
     p.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="on SIGTERM, seconds that running calls get to finish")
     add_security_args(p)
+    add_internal_secret_args(p)
     add_metrics_args(p)
     add_log_args(p)
     return p
+
+
+def read_password(path: str | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"--redis-password-file {path}: {e.strerror}") from None
 
 
 async def wait_for_scheduler(stub, timeout_s: float = 120.0) -> scheduler_pb2.ModelInfo:
@@ -82,13 +102,14 @@ async def wait_for_scheduler(stub, timeout_s: float = 120.0) -> scheduler_pb2.Mo
 
 
 async def serve(args) -> None:
-    channel = grpc.aio.insecure_channel(args.scheduler_address, options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES), *SCHEDULER_CHANNEL_OPTIONS])
+    channel = grpc.aio.insecure_channel(args.scheduler_address,
+                                        options=internal_channel_options(),
+                                        interceptors=send_secret(internal_secret(args)))
     scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
     info = await wait_for_scheduler(scheduler)
     model = model_config_from_model_info(info)
     tokenizer = load_tokenizer(args.tokenizer or info.model_path or None, info.vocab_size)
-    redis_client = connect(args.redis_url)
+    redis_client = connect(args.redis_url, password=read_password(args.redis_password_file))
     store_dir = os.path.join(args.data_dir, "adapters")
     registry = AdapterRegistry(redis_client, store_dir, model, info.model_name,
                                info.max_lora_rank, strict_base_model=args.strict_base_model)
@@ -98,11 +119,10 @@ async def serve(args) -> None:
                     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
                     keys_pb2.DESCRIPTOR.services_by_name["Keys"].full_name]
     lifecycle = Lifecycle(public_names, on_call_done=metrics.on_call_done)
-    server = grpc.aio.server(interceptors=[lifecycle.calls, security.interceptor], options=[
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
+    server = grpc.aio.server(interceptors=[lifecycle.calls, security.interceptor],
+                             options=server_options(MAX_MESSAGE_BYTES))
     generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationService(scheduler, registry, tokenizer, info), server)
+        GenerationService(scheduler, registry, tokenizer, info, args.max_prompt_bytes), server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(
         AdaptersService(registry, scheduler, store_dir, args.max_upload_bytes, security.roots,
                         args.max_adapters_per_tenant), server)
@@ -131,7 +151,11 @@ async def serve(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging("frontend", args.log_level, args.log_format)
-    run_async(serve(args))
+    try:
+        run_async(serve(args))
+    except SloraError as e:  # a bad flag, a port in use: say which and stop
+        print(f"slora-frontend: error: {e}", file=sys.stderr, flush=True)
+        return 1
     return 0
 
 

@@ -51,7 +51,9 @@ class HFTokenizer:
         self.add_bos = bool(cfg.get("add_bos_token", False))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch lets go of the GIL while it works (encode does not): the frontend
+        # tokenizes on threads beside its event loop.
+        ids = self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if self.add_bos and add_special_tokens and self.bos_token:
             bos = self._tok.token_to_id(self.bos_token)
             if bos is not None and ids[:1] != [bos]:

@@ -40,6 +40,8 @@ import grpc
 
 from slora.common.config import EngineConfig
 from slora.common.errors import InvalidRequestError, SloraError
+from slora.common.grpc_options import DEFAULT_KEEPALIVE_S, internal_channel_options
+from slora.common.internal_auth import call_metadata
 from slora.protos.model_info import engine_config_from_model_info
 from slora.protos.convert import sampling_from_proto, step_command_to_proto, step_result_from_proto
 from slora.protos.step import StepCommand
@@ -57,19 +59,6 @@ MAX_STEPS_IN_FLIGHT = 2
 MAX_REQUEST_ID_LEN = 256
 RECONNECT_DELAYS_S = (0.1, 0.25, 0.5, 1.0)
 """Waits between attempts to reach a lost worker; the last one repeats."""
-WORKER_CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-    # A worker whose host vanished (no TCP reset) is found dead within ~15 s.
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    # A restarted worker is found within a second (the default backoff grows to 120 s).
-    ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
-    ("grpc.max_reconnect_backoff_ms", 1000),
-]
-"""Step commands carry whole prompts; worker/server.py allows the same sizes and pings."""
 WORKER_UP = ""
 """`StepDriver.worker_down_reason` while the worker is reachable."""
 
@@ -129,15 +118,21 @@ def _has_work(cmd: StepCommand) -> bool:
 
 class StepDriver:
     def __init__(self, planner: Scheduler, worker_address: str, worker_config: EngineConfig,
-                 on_worker_available=None):
+                 on_worker_available=None, keepalive_s: float = DEFAULT_KEEPALIVE_S,
+                 secret: str = ""):
         self.planner = planner
         self.config = planner.config
         self.worker_address = worker_address
         self._worker_config = worker_config
         """The worker's own config (before the scheduler's limits): a reconnected worker
         must have the same."""
-        self._channel = grpc.aio.insecure_channel(worker_address, options=WORKER_CHANNEL_OPTIONS)
+        # Keepalive pings find a worker whose host vanished (no TCP reset) within
+        # keepalive_s + 5 s; worker/server.py permits them (common/grpc_options.py).
+        self._channel = grpc.aio.insecure_channel(
+            worker_address, options=internal_channel_options(keepalive_s))
         self._stub = worker_pb2_grpc.WorkerStub(self._channel)
+        self._metadata = call_metadata(secret)
+        """The deployment's internal secret, which the worker requires on every call."""
         self._event_queues: dict[str, asyncio.Queue] = {}
         self._wake = asyncio.Event()
         self._requests_changed = asyncio.Event()
@@ -317,7 +312,7 @@ class StepDriver:
     async def run(self) -> None:
         """Runs until cancelled: one Steps stream after another."""
         while True:
-            call = self._stub.Steps()
+            call = self._stub.Steps(metadata=self._metadata)
             results: asyncio.Queue = asyncio.Queue()
             reader = asyncio.create_task(self._read_results(call, results))
             try:
@@ -413,7 +408,8 @@ class StepDriver:
         for attempt in itertools.count():
             await asyncio.sleep(RECONNECT_DELAYS_S[min(attempt, len(RECONNECT_DELAYS_S) - 1)])
             try:
-                info = await self._stub.Info(scheduler_pb2.InfoRequest(), timeout=5.0)
+                info = await self._stub.Info(scheduler_pb2.InfoRequest(), timeout=5.0,
+                                             metadata=self._metadata)
             except grpc.aio.AioRpcError:
                 continue
             try:

@@ -9,6 +9,12 @@ At start the scheduler asks the worker for its Info and rebuilds the worker's En
 from it (protos/model_info.py), adding only its own limits: the planner's model and pool are
 the worker's by construction.
 
+Trust. Every call but health checks needs the deployment's internal secret
+(common/internal_auth.py), which only the frontends hold. A Submit's AdapterRef names a path
+on the server that the worker will read: the scheduler takes it as given because only an
+authenticated frontend, which looked the adapter up in the registry for the calling tenant,
+can send one. Pause, Cancel and DropAdapter, which act on every tenant, need it as well.
+
 A Submit carries the client's deadline (gRPC propagates what is left of it from the
 frontend); a full queue's RESOURCE_EXHAUSTED carries the retry hint in the
 `grpc-retry-pushback-ms` trailing metadata, the key gRPC's retry design reads. Health
@@ -29,7 +35,13 @@ from grpc_health.v1 import health_pb2_grpc
 
 from slora.common.aio import run_async
 from slora.common.config import EngineConfig
-from slora.common.errors import ConfigError, SloraError
+from slora.common.errors import ConfigError, SloraError, bounded
+from slora.common.grpc_options import (
+    DEFAULT_KEEPALIVE_S, check_keepalive_s, listen, server_options,
+)
+from slora.common.internal_auth import (
+    InternalAuth, add_internal_secret_args, call_metadata, internal_secret,
+)
 from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, Lifecycle, ready_line
 from slora.common.logs import add_log_args, request_id_var, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
@@ -45,7 +57,7 @@ log = logging.getLogger("slora.scheduler")
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 
 async def _abort(context: grpc.aio.ServicerContext, error: SloraError):
-    await context.abort(getattr(grpc.StatusCode, error.grpc_code), str(error))
+    await context.abort(getattr(grpc.StatusCode, error.grpc_code), bounded(str(error)))
 
 
 class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
@@ -98,11 +110,19 @@ class SchedulerService(scheduler_pb2_grpc.SchedulerServicer):
 
 # -- the process ---------------------------------------------------------------------------
 
-async def serve(args: argparse.Namespace) -> None:
+async def serve(args: argparse.Namespace, secret: str) -> None:
+    # The ports first: one in use stops this process before it opens a Steps stream, which
+    # would replace the stream of the scheduler that holds the port.
+    lifecycle = Lifecycle([scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
+    server = grpc.aio.server(interceptors=[InternalAuth(secret, "scheduler"), lifecycle.calls],
+                             options=server_options())
+    port = listen(server, "scheduler", args.host, args.port)
+    metrics_port = start_metrics_server(args.metrics_host, args.metrics_port)
     channel = grpc.aio.insecure_channel(args.worker_address)
     try:
         info = await worker_pb2_grpc.WorkerStub(channel).Info(
-            scheduler_pb2.InfoRequest(), wait_for_ready=True, timeout=args.connect_timeout)
+            scheduler_pb2.InfoRequest(), wait_for_ready=True, timeout=args.connect_timeout,
+            metadata=call_metadata(secret))
     except grpc.aio.AioRpcError as e:
         raise ConfigError(f"worker at {args.worker_address} did not answer Info within "
                           f"{args.connect_timeout:g} s: {e.code().name} {e.details()}") from None
@@ -112,20 +132,15 @@ async def serve(args: argparse.Namespace) -> None:
     config = with_scheduler_limits(
         worker_config, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, max_queue_len=args.max_queue_len)
-    lifecycle = Lifecycle([scheduler_pb2.DESCRIPTOR.services_by_name["Scheduler"].full_name])
     driver = StepDriver(
         Scheduler(config), args.worker_address, worker_config,
-        on_worker_available=lambda up: asyncio.ensure_future(lifecycle.set_serving(up)))
+        on_worker_available=lambda up: asyncio.ensure_future(lifecycle.set_serving(up)),
+        keepalive_s=args.worker_keepalive_s, secret=secret)
     loop_task = asyncio.create_task(driver.run())
 
-    server = grpc.aio.server(interceptors=[lifecycle.calls])
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(driver, info.model_path), server)
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
-    port = server.add_insecure_port(f"{args.host}:{args.port}")
-    if port == 0:
-        raise ConfigError(f"scheduler: cannot listen on {args.host}:{args.port}")
     register_driver_stats(driver.stats)
-    metrics_port = start_metrics_server(args.metrics_host, args.metrics_port)
     await server.start()
     await lifecycle.set_serving(True)
     log.info("serving %s (%d pages) on %s:%d, worker %s", config.model.name,
@@ -182,12 +197,17 @@ def main(argv: list[str] | None = None) -> None:
                         "(RESOURCE_EXHAUSTED)")
     parser.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                         help="on SIGTERM, seconds that submitted requests get to finish")
+    parser.add_argument("--worker-keepalive-s", type=float, default=DEFAULT_KEEPALIVE_S,
+                        help="seconds between keepalive pings to the worker (a worker whose "
+                             "host vanished is found within this + 5 s); at least 1")
+    add_internal_secret_args(parser)
     add_metrics_args(parser)
     add_log_args(parser)
     args = parser.parse_args(argv)
     setup_logging("scheduler", args.log_level, args.log_format)
     try:
-        run_async(serve(args))
+        check_keepalive_s(args.worker_keepalive_s, "--worker-keepalive-s")
+        run_async(serve(args, internal_secret(args)))
     except SloraError as e:
         parser.exit(1, f"slora-scheduler: error: {e}\n")
 

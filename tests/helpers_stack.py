@@ -6,7 +6,10 @@ resident memory and JSON log lines.
 Import from a test as `from helpers_stack import Stack, worker_argv` (pytest puts tests/ on
 sys.path). The frontend runs with auth on: it makes the admin key at its first start and
 writes it to <root>/admin.key, and `Stack.client()` calls with it. `auth=False` starts the
-frontend with --no-auth instead.
+frontend with --no-auth instead. The internal services need the deployment's secret, made
+by the first process in <root>/internal.secret (`Stack.internal_metadata()` for a raw call
+to the scheduler or the worker); valkey needs its password (<root>/redis/password, in
+`Stack.redis_url`).
 """
 from __future__ import annotations
 
@@ -21,7 +24,9 @@ from dataclasses import dataclass, field
 import grpc
 
 from helpers_procs import slora_module, start_process, stderr_tail, stop_process
+from slora.adapter_store.embedded_redis import PASSWORD_FILE, url_with_password
 from slora.client import Client
+from slora.common.internal_auth import call_metadata, load_or_create_secret
 from slora.v1 import common_pb2, generation_pb2, scheduler_pb2, scheduler_pb2_grpc
 
 START_TIMEOUT_S = 120.0
@@ -66,17 +71,19 @@ class Stack:
 
     def _argv(self, name: str) -> list[str]:
         port = ["--port", str(self.ports.get(name, 0))]
+        secret = ["--internal-secret-file", self.secret_file]
         if name == "redis":
             return slora_module("slora.adapter_store.embedded_redis", "--data-dir",
                                 os.path.join(self.root, "redis"), *port)
         if name == "worker":
-            return slora_module("slora.worker.server", *port, *self.worker_args)
+            return slora_module("slora.worker.server", *port, *secret, *self.worker_args)
         if name == "scheduler":
-            return slora_module("slora.scheduler.server", *port, "--worker-address",
+            return slora_module("slora.scheduler.server", *port, *secret, "--worker-address",
                                 f"127.0.0.1:{self.ports['worker']}", *self.scheduler_args)
-        return slora_module("slora.frontend.server", *port,
+        return slora_module("slora.frontend.server", *port, *secret,
                             "--scheduler-address", f"127.0.0.1:{self.ports['scheduler']}",
-                            "--redis-url", self.redis_url,
+                            "--redis-url", f"redis://127.0.0.1:{self.ports['redis']}/0",
+                            "--redis-password-file", self.redis_password_file,
                             "--data-dir", os.path.join(self.root, "data"),
                             *self.frontend_args)
 
@@ -139,8 +146,22 @@ class Stack:
         return f"127.0.0.1:{self.ports['frontend']}"
 
     @property
+    def secret_file(self) -> str:
+        return os.path.join(self.root, "internal.secret")
+
+    @property
+    def redis_password_file(self) -> str:
+        return os.path.join(self.root, "redis", PASSWORD_FILE)
+
+    @property
     def redis_url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports['redis']}/0"
+        """With the password."""
+        with open(self.redis_password_file) as f:
+            return url_with_password("127.0.0.1", self.ports["redis"], f.read().strip())
+
+    def internal_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata of a raw call to the scheduler or the worker (the internal secret)."""
+        return call_metadata(load_or_create_secret(self.secret_file))
 
     @property
     def admin_key(self) -> str | None:
@@ -169,13 +190,15 @@ class Stack:
     def stats(self) -> dict[str, int]:
         channel, stub = self._scheduler()
         with channel:
-            return dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=10).values)
+            return dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=10,
+                                   metadata=self.internal_metadata()).values)
 
     def pause(self, paused: bool = True) -> bool:
         """Pauses (or resumes) the scheduler's steps; returns whether it was paused."""
         channel, stub = self._scheduler()
         with channel:
-            return stub.Pause(scheduler_pb2.PauseRequest(paused=paused), timeout=10).was_paused
+            return stub.Pause(scheduler_pb2.PauseRequest(paused=paused), timeout=10,
+                              metadata=self.internal_metadata()).was_paused
 
     def wait_for_stats(self, done, timeout_s: float = 10.0) -> dict[str, int]:
         """Polls Stats until `done(values)`; returns the last values either way."""

@@ -24,6 +24,7 @@ from helpers_procs import slora_module
 from helpers_stack import (
     PROCESS_ENV, Outcome, Stack, generate_request, stream_outcome, worker_argv,
 )
+from slora.common.internal_auth import SECRET_FILE_NAME, call_metadata, load_or_create_secret
 from slora.client import Client, UnavailableError
 from slora.v1 import generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
@@ -172,11 +173,13 @@ def test_worker_killed_mid_stream_ends_streams_then_slora_up_restarts_it(slora_u
 
     up.child("worker", newer_than=index)
     restarted_s = time.monotonic() - killed_at
+    secret = call_metadata(load_or_create_secret(os.path.join(up.data_dir, SECRET_FILE_NAME)))
     with grpc.insecure_channel(f"127.0.0.1:{scheduler['port']}") as channel:
         stub = scheduler_pb2_grpc.SchedulerStub(channel)
         deadline = time.monotonic() + 30
         while True:
-            stats = dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=5).values)
+            stats = dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=5,
+                                    metadata=secret).values)
             if stats["worker_available"] or time.monotonic() > deadline:
                 break
             time.sleep(0.05)

