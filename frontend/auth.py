@@ -14,12 +14,17 @@ slots for as long as they run; past the limit they get RESOURCE_EXHAUSTED at onc
 is per frontend process (N frontends allow a tenant N times the limit): exact, free of
 Redis round trips, and gone with the process, so a crash never leaks a slot.
 
+Revocation reaches calls already running: a generation re-verifies its key between tokens
+at most every REVOCATION_CHECK_S (KeyRecheck), and a revoked key's stream ends with
+UNAUTHENTICATED at its next token after that.
+
 With auth off (`--no-auth`) every caller is ANONYMOUS: tenant NO_TENANT, admin.
 """
 from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -51,6 +56,27 @@ class Principal:
 
 ANONYMOUS = Principal(tenant=NO_TENANT, admin=True, key_id="")
 current_principal: contextvars.ContextVar[Principal] = contextvars.ContextVar("principal")
+REVOCATION_CHECK_S = 1.0
+"""A running generation re-reads its key at most this often, between tokens."""
+_current_key_check: contextvars.ContextVar = contextvars.ContextVar("key_check", default=None)
+"""An async callable giving why the caller's key is no longer valid ("" while it is)."""
+
+
+class KeyRecheck:
+    """Revocation reaches running streams: `revoked()`, called between a stream's tokens,
+    re-verifies the caller's key once REVOCATION_CHECK_S has passed since the last check and
+    says why it is no longer valid ("" while it is, with auth off, and while Redis cannot
+    say: a verified key outlives an outage)."""
+
+    def __init__(self):
+        self._check = _current_key_check.get()
+        self._checked_at = time.monotonic()
+
+    async def revoked(self) -> str:
+        if self._check is None or time.monotonic() - self._checked_at < REVOCATION_CHECK_S:
+            return ""
+        self._checked_at = time.monotonic()
+        return await self._check()
 
 
 def principal() -> Principal:
@@ -93,8 +119,10 @@ def bearer_key(metadata) -> str | None:
     return None
 
 
-def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter | None):
-    """`handler` run as `who`, holding a request slot of its tenant if `limiter`."""
+def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter | None,
+        key_check=None):
+    """`handler` run as `who`, holding a request slot of its tenant if `limiter`;
+    `key_check` is what KeyRecheck calls."""
     def busy() -> str:
         return (f"tenant {who.tenant!r} has {limiter.max_per_tenant} requests running, its "
                 "limit; retry when one has finished")
@@ -106,6 +134,7 @@ def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter |
 
         async def behavior(request, context):
             current_principal.set(who)
+            _current_key_check.set(key_check)
             if limiter is not None and not limiter.try_acquire(who.tenant):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy())
             try:
@@ -119,6 +148,7 @@ def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter |
 
         async def behavior(request, context):
             current_principal.set(who)
+            _current_key_check.set(key_check)
             if limiter is not None and not limiter.try_acquire(who.tenant):
                 await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy())
             try:
@@ -168,4 +198,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return refusing_handler(handler, grpc.StatusCode.PERMISSION_DENIED,
                              f"{method} needs an admin key; this key belongs to tenant "
                              f"{who.tenant!r}")
-        return _as(handler, who, self.limiter if method in LIMITED_METHODS else None)
+        return _as(handler, who, self.limiter if method in LIMITED_METHODS else None,
+                   self._key_check(handler_call_details.invocation_metadata, who))
+
+    def _key_check(self, metadata, who: Principal):
+        if self.keys is None:
+            return None
+        key = bearer_key(metadata)
+
+        async def check() -> str:
+            try:
+                await self.keys.verify(key)
+            except AuthenticationError as e:
+                return f"the API key of this call is no longer valid ({e})"
+            except RegistryUnavailableError:
+                pass
+            return ""
+        return check

@@ -21,7 +21,7 @@ import grpc
 from slora.common.errors import InvalidRequestError, SloraError, bounded
 from slora.common.logs import request_id_var
 from slora.frontend import metrics
-from slora.frontend.auth import principal
+from slora.frontend.auth import KeyRecheck, principal
 from slora.frontend.adapter_records import StaleIfErrorCache
 from slora.frontend.stop_strings import (
     MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, StopStringMatcher,
@@ -123,6 +123,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         request_id_var.set(submit.request_id)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         matcher = StopStringMatcher(stops)
+        recheck = KeyRecheck()
         first_token_at = None
         num_output = 0
         outcome = "CANCELLED"
@@ -158,6 +159,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     outcome = "FAILED_PRECONDITION"
                     await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
                                         bounded(event.error))
+                    return
+                if not done and (revoked := await recheck.revoked()):
+                    outcome = "UNAUTHENTICATED"
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, revoked)
                     return
                 if done:
                     outcome = "OK"

@@ -19,6 +19,8 @@ from slora.common.errors import (
 )
 
 CONFIG, WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+TINY_DATA = b"\0" * 16
+"""The data section of the weights of the tree's folders: one 2x2 float32 tensor."""
 
 
 @pytest.fixture
@@ -29,7 +31,7 @@ def tree(tmp_path):
         folder = tmp_path / where / "ok"
         folder.mkdir(parents=True)
         (folder / CONFIG).write_text("{}")
-        (folder / WEIGHTS).write_bytes(b"w" * 100)
+        write_safetensors(folder / WEIGHTS, {"a": entry()}, TINY_DATA)
     os.symlink(tmp_path / "root" / "ok", tmp_path / "root" / "inner-link")
     os.symlink(tmp_path / "outside" / "ok", tmp_path / "root" / "out-link")
     return tmp_path
@@ -88,7 +90,22 @@ def test_fifos_are_refused_without_blocking_and_sizes_are_bounded(tree, tmp_path
     with pytest.raises(UploadTooLargeError, match="more than 50 bytes"):
         copy_adapter_files("a", str(tree / "root" / "ok"), str(dst), roots_of(tree), 50)
     copy_adapter_files("a", str(tree / "root" / "inner-link"), str(dst), roots_of(tree), 1000)
-    assert (dst / WEIGHTS).read_bytes() == b"w" * 100
+    assert (dst / WEIGHTS).read_bytes() == (tree / "root" / "ok" / WEIGHTS).read_bytes()
+
+
+def test_weights_that_are_no_safetensors_are_refused_before_the_copy(tree, tmp_path):
+    """A weights file whose header does not check (here 100 bytes of "w": a header length
+    of about 8.6e18) is refused naming the user's file, and nothing of it is copied."""
+    folder = tree / "root" / "not-safetensors"
+    folder.mkdir()
+    shutil.copy(tree / "root" / "ok" / CONFIG, folder)
+    (folder / WEIGHTS).write_bytes(b"w" * 100)
+    dst = tmp_path / "dst"
+    dst.mkdir()
+    with pytest.raises(AdapterError, match="not a readable safetensors file") as err:
+        copy_adapter_files("a", str(folder), str(dst), roots_of(tree), None)
+    assert str(folder / WEIGHTS) in str(err.value)
+    assert not (dst / WEIGHTS).exists()
 
 
 # ---- the safetensors header ------------------------------------------------------------------

@@ -396,7 +396,7 @@ def test_tenant_concurrency_limit_is_resource_exhausted_at_once(world):
 def test_keys_are_stored_hashed_and_listed_without_secrets(world):
     """No key's clear text (nor its secret part) is anywhere in Redis; the Keys service
     lists key ids, tenants and flags, never a secret; revoking one key leaves the others."""
-    client = redis.Redis(port=world.stack.ports["redis"])
+    client = redis.Redis.from_url(world.stack.redis_url)
     try:
         dump = b"".join(
             b"".join(client.hgetall(k).values()) if client.type(k) == b"hash" else
@@ -500,6 +500,7 @@ def start_frontend(world: World, extra: list[str]):
     argv = slora_module("slora.frontend.server", "--port", "0",
                         "--scheduler-address", f"127.0.0.1:{s.ports['scheduler']}",
                         "--redis-url", s.redis_url, "--data-dir", os.path.join(s.root, "data"),
+                        "--internal-secret-file", s.secret_file,
                         *s.frontend_args, *extra)
     proc, port = start_process(argv, "SLORA_READY", timeout=120)
     return proc, f"127.0.0.1:{port}"

@@ -30,6 +30,7 @@ from helpers_procs import slora_module
 from helpers_stack import PROCESS_ENV, Stack, worker_argv
 from slora.adapter_store.keys import new_key, parse_key
 from slora.client import SloraClientError
+from slora.frontend.auth import REVOCATION_CHECK_S
 from slora.v1 import (
     adapters_pb2, adapters_pb2_grpc, common_pb2, generation_pb2, generation_pb2_grpc,
     scheduler_pb2, scheduler_pb2_grpc, worker_pb2, worker_pb2_grpc,
@@ -61,7 +62,9 @@ def stack(tmp_path_factory):
     base = make_tiny_llama(str(root / "base"), num_kv_heads=2, seed=3)
     os.makedirs(root / "in")
     write_word_tokenizer(base)
-    s = Stack(str(root), base, worker_argv(base), adapter_roots=[str(root / "in")],
+    # max_model_len 512: a stream long enough to be revoked while it runs
+    s = Stack(str(root), base, worker_argv(base, max_model_len=512),
+              adapter_roots=[str(root / "in")],
               scheduler_args=["--worker-keepalive-s", str(KEEPALIVE_S)])
     s.start_all()
     try:
@@ -471,20 +474,30 @@ def test_a_wrong_secret_and_an_unknown_key_id_take_the_same_time(stack):
         f"secret {wrong * 1000:.1f} ms"
 
 
-def test_a_stream_opened_before_its_key_is_revoked_runs_to_its_end(stack):
-    """The promise: revocation refuses every call that starts after it; a stream already
-    running ends as it would have (at most max_model_len tokens, within its deadline).
-    Here: a 60-token stream, its key revoked after the first token, gets all 60; the next
-    call with the key is UNAUTHENTICATED."""
+def test_a_stream_whose_key_is_revoked_ends_at_its_next_token(stack):
+    """The promise: revocation refuses every call that starts after it, and ends a running
+    stream of the key with UNAUTHENTICATED at its first token once REVOCATION_CHECK_S (1 s)
+    has passed since the stream last checked. Here: a 400-token stream; after its first
+    token the scheduler pauses, the key is revoked and a second goes by; once steps resume
+    the stream ends with UNAUTHENTICATED before its last token; the next call with the key
+    is UNAUTHENTICATED too."""
     with stack.client() as admin:
         made = admin.create_key("frank")
     with stack.client(api_key=made.secret, retries=0) as frank:
-        events = frank.stream([5, 6, 7], max_new_tokens=60, ignore_eos=True)
-        first = next(events)
-        with stack.client() as admin:
-            admin.revoke_key(made.key.key_id)
-        num_tokens = len(first.token_ids) + sum(len(e.token_ids) for e in events)
-        with pytest.raises(SloraClientError) as err:
+        events = frank.stream([5, 6, 7], max_new_tokens=400, ignore_eos=True)
+        num_tokens = len(next(events).token_ids)
+        stack.pause(True)
+        try:
+            with stack.client() as admin:
+                admin.revoke_key(made.key.key_id)
+            time.sleep(REVOCATION_CHECK_S + 0.1)  # the check's period is the behaviour here
+        finally:
+            stack.pause(False)
+        with pytest.raises(SloraClientError) as ended:
+            for event in events:
+                num_tokens += len(event.token_ids)
+        with pytest.raises(SloraClientError) as refused:
             frank.generate([5, 6], max_new_tokens=2)
-    assert num_tokens == 60
-    assert err.value.code == grpc.StatusCode.UNAUTHENTICATED
+    assert ended.value.code == grpc.StatusCode.UNAUTHENTICATED, ended.value
+    assert "revoked" in ended.value.details and num_tokens < 400, (ended.value, num_tokens)
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
