@@ -133,7 +133,9 @@ def test_the_worker_answers_its_health_probe(tmp_path):
     from helpers_stack import PROCESS_ENV, worker_argv
 
     base = make_tiny_llama(str(tmp_path / "base"), num_kv_heads=2, seed=3)
-    proc, port = start_process(slora_module("slora.worker.server", *worker_argv(base)),
+    proc, port = start_process(slora_module("slora.worker.server", *worker_argv(base),
+                                            "--internal-secret-file",
+                                            str(tmp_path / "internal.secret")),
                                "SLORA_READY", env=PROCESS_ENV)
     try:
         probe = subprocess.run(

@@ -227,8 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging("worker", args.log_level, args.log_format)
     try:
-        secret = internal_secret(args)
         config, model_path = engine_config_from_args(args)
+        secret = internal_secret(args)
         run_async(serve(config, model_path, args.host, args.port, args.backend, secret,
                         args.metrics_host, args.metrics_port, args.cuda_graphs))
     except SloraError as e:  # a bad flag, model folder or config: say which and stop
