@@ -44,6 +44,12 @@ def _up_parser(sub) -> None:
     p.add_argument("--max-lora-rank", type=int, default=None)
     p.add_argument("--max-num-seqs", type=int, default=None)
     p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="worker processes, one per GPU (cuda:0..N-1), each holding 1/N of "
+                        "the model, adapters and pool; on the CPU, N processes over gloo")
+    p.add_argument("--collective-timeout-s", type=float, default=None,
+                   help="with --tensor-parallel-size: a rank that keeps a collective waiting "
+                        "this long takes the worker group down, to be restarted (default 20)")
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds each service may take to start")
     p.add_argument("--no-auth", action="store_true",

@@ -3,7 +3,10 @@
 Starts, in order, the embedded Redis (unless --redis-url), the worker, the scheduler and
 the frontend, each a real entry point of the package on loopback ports; waits for each
 one's `SLORA_READY <name> port=N` line; prints where the stack listens; restarts a child
-that dies; and on Ctrl-C or SIGTERM stops them all, last started first.
+that dies; and on Ctrl-C or SIGTERM stops them all, last started first. With
+--tensor-parallel-size N the worker child is rank 0 of the group and starts the other N-1
+ranks itself; a group whose rank fails exits as a whole (worker/server.py), and is restarted
+like any worker.
 """
 from __future__ import annotations
 
@@ -110,8 +113,9 @@ def build_children(args, model: str) -> list[Child]:
     # The internal ports take only calls with this secret (made by the first to start).
     secret = ["--internal-secret-file", os.path.join(data_dir, SECRET_FILE_NAME)]
     engine_args = ["--model", model, "--max-model-len", str(args.max_model_len)]
-    for flag in ("num_pages", "device", "dtype", "max_lora_rank", "max_num_seqs"):
-        value = getattr(args, flag)
+    for flag in ("num_pages", "device", "dtype", "max_lora_rank", "max_num_seqs",
+                 "tensor_parallel_size", "collective_timeout_s"):
+        value = getattr(args, flag, None)
         if value is not None:
             engine_args += [f"--{flag.replace('_', '-')}", str(value)]
     worker_port, scheduler_port = free_port(), free_port()

@@ -59,6 +59,10 @@ class ModelConfig:
     sliding_window: int = 0
     """Each token attends to the last `sliding_window` positions, itself included (Mistral);
     0: the whole context."""
+    lora_rank_multiple: int = 1
+    """Adapter ranks take pool pages in multiples of this: the tensor-parallel size of the
+    worker group, whose column-parallel projections deal each module's rank-rows out evenly
+    over the ranks (1 without tensor parallelism; EngineConfig sets it)."""
 
     def __post_init__(self):
         object.__setattr__(self, "lora_modules", tuple(self.lora_modules))
@@ -83,6 +87,9 @@ class ModelConfig:
         if unknown or not self.lora_modules:
             raise ConfigError(f"model config: LoRA targets {list(self.lora_modules)}; each must "
                               f"be one of {list(STANDARD_LORA_MODULES)}")
+        if self.lora_rank_multiple <= 0:
+            raise ConfigError(f"model config: lora_rank_multiple must be positive, got "
+                              f"{self.lora_rank_multiple}")
         if self.sliding_window < 0:
             raise ConfigError(f"model config: sliding_window must be >= 0 (0: none), got "
                               f"{self.sliding_window}")
@@ -123,9 +130,15 @@ class ModelConfig:
         """Module -> its index in the pool's LoRA tables (lora_modules order)."""
         return {m: i for i, m in enumerate(self.lora_modules)}
 
+    def padded_rank(self, rank: int) -> int:
+        """The rank-rows a module of this rank takes in the pool: `rank` rounded up to a
+        multiple of lora_rank_multiple."""
+        return -(-rank // self.lora_rank_multiple) * self.lora_rank_multiple
+
     def adapter_num_pages(self, module_ranks: dict[str, int]) -> int:
         """Pages an adapter with these per-module ranks takes in the unified pool."""
-        return sum(r * self.lora_pages_per_row(m) for m, r in module_ranks.items())
+        return sum(self.padded_rank(r) * self.lora_pages_per_row(m)
+                   for m, r in module_ranks.items())
 
     def to_dict(self) -> dict:
         """Plain JSON types; `ModelConfig.from_dict` gives this config back exactly (it
@@ -182,6 +195,9 @@ class SchedulerConfig:
                 raise ConfigError(f"scheduler: {f} must be positive, got {getattr(self, f)}")
 
 
+MAX_TENSOR_PARALLEL_SIZE = 64
+
+
 @dataclass
 class EngineConfig:
     model: ModelConfig
@@ -193,10 +209,18 @@ class EngineConfig:
     """Parsed adapters kept in host memory, least recently used out first."""
     seed: int = 0
     """Seed of dummy weights."""
+    tensor_parallel_size: int = 1
+    """Worker processes (one per GPU) that each hold a shard of the model and the pool."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype {self.dtype!r} not in {DTYPES}")
+        if not 1 <= self.tensor_parallel_size <= MAX_TENSOR_PARALLEL_SIZE:
+            raise ConfigError(f"tensor_parallel_size must be in [1, {MAX_TENSOR_PARALLEL_SIZE}], "
+                              f"got {self.tensor_parallel_size}")
+        if self.model.lora_rank_multiple != self.tensor_parallel_size:
+            self.model = dataclasses.replace(self.model,
+                                             lora_rank_multiple=self.tensor_parallel_size)
         self.check()
 
     def check(self) -> None:

@@ -130,3 +130,10 @@ def bounded(details: str, limit: int = MAX_DETAILS_CHARS) -> str:
     room = limit - len(marker.format(len(details)))
     head, tail = details[:room * 3 // 4], details[len(details) - room // 4:]
     return head + marker.format(len(details) - len(head) - len(tail)) + tail
+
+
+class TensorParallelGroupError(SloraError):
+    """A rank of the tensor-parallel worker group died, hung past the collective timeout or
+    lost its peers: the group is down and must be restarted as a whole."""
+
+    grpc_code = "UNAVAILABLE"

@@ -25,6 +25,10 @@ class Engine:
         self.adapters: dict[str, AdapterRef] = {}
         self._req_ids = itertools.count()
 
+    def close(self) -> None:
+        """Stops the other ranks of a tensor-parallel worker group (nothing without one)."""
+        self.worker.close()
+
     def add_adapter(self, adapter_id: str, path: str) -> AdapterRef:
         """Validates a PEFT folder (config and every tensor) and makes it servable."""
         cfg = self.config

@@ -161,6 +161,19 @@ class Backend(abc.ABC):
         x, the tables nor the pool)."""
 
     @abc.abstractmethod
+    def lora_shrink(self, x: torch.Tensor, pool: torch.Tensor, tables: LoraTables,
+                    module: int, batch: LoraBatch) -> torch.Tensor:
+        """The first half of one module's LoRA alone (tensor parallelism runs a collective
+        between the halves): v [num_tokens, tables.max_rank] float32, v[t, i] = x[t] @ A[i]
+        of token t's adapter for i below its rank, 0 elsewhere. x [num_tokens, d_in]."""
+
+    @abc.abstractmethod
+    def lora_expand(self, y: torch.Tensor, v: torch.Tensor, pool: torch.Tensor,
+                    tables: LoraTables, module: int, batch: LoraBatch) -> torch.Tensor:
+        """The second half: y[t] += scale * v[t, :r] @ B^T of token t's adapter, in place;
+        returns y. y [num_tokens, d_out] (may be a column slice); v as lora_shrink gives."""
+
+    @abc.abstractmethod
     def paged_attention(self, q: torch.Tensor, pool: torch.Tensor, batch: AttentionBatch,
                         num_kv_heads: int, scale: float, *,
                         sliding_window: int) -> torch.Tensor:

@@ -62,6 +62,32 @@ class CudaBackend(Backend):
                 group.table, max_d_out=group.max_d_out)
         return y
 
+    def lora_shrink(self, x, pool, tables: LoraTables, module: int, batch: LoraBatch):
+        """Decode tokens by MBGMV, prefill segments by MBGMM (which adds its splits of d_in
+        into zeroed rows)."""
+        page_table, ranks, _ = tables.module(module)
+        num_tokens, nd = x.shape[0], batch.num_decode_tokens
+        if nd == num_tokens:
+            return launchers.lora_shrink(x, pool, page_table, ranks, batch.token_slots)
+        v = torch.empty(num_tokens, tables.max_rank, dtype=torch.float32, device=x.device)
+        if nd:
+            launchers.lora_shrink(x[:nd], pool, page_table, ranks, batch.token_slots[:nd],
+                                  out=v[:nd])
+        v[nd:].zero_()
+        launchers.lora_shrink_segments(x, pool, page_table, ranks, batch.seg_starts,
+                                       batch.seg_slots, out=v)
+        return v
+
+    def lora_expand(self, y, v, pool, tables: LoraTables, module: int, batch: LoraBatch):
+        num_tokens, nd = y.shape[0], batch.num_decode_tokens
+        if nd:
+            launchers.lora_expand(y[:nd], v[:nd], pool, *tables.module(module),
+                                  batch.token_slots[:nd])
+        if nd < num_tokens:
+            launchers.lora_expand_segments(y, v, pool, *tables.module(module),
+                                           batch.seg_starts, batch.seg_slots)
+        return y
+
     def paged_attention(self, q, pool, batch: AttentionBatch, num_kv_heads: int, scale: float,
                         *, sliding_window: int):
         """[num_tokens, num_heads, head_dim]: decode requests by the split-context kernel,

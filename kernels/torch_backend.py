@@ -21,6 +21,13 @@ class TorchBackend(Backend):
                                   batch.token_slots)
         return y
 
+    def lora_shrink(self, x, pool, tables: LoraTables, module: int, batch: LoraBatch):
+        page_table, ranks, _ = tables.module(module)
+        return torch_ref.lora_shrink(x, pool, page_table, ranks, batch.token_slots)
+
+    def lora_expand(self, y, v, pool, tables: LoraTables, module: int, batch: LoraBatch):
+        return torch_ref.lora_expand(y, v, pool, *tables.module(module), batch.token_slots)
+
     def paged_attention(self, q, pool, batch: AttentionBatch, num_kv_heads: int, scale: float,
                         *, sliding_window: int):
         return torch_ref.paged_attention(q, pool, batch.kv_page_table, batch.context_lens,

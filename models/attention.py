@@ -50,7 +50,7 @@ class SelfAttention(torch.nn.Module):
         self.qkv_proj = QKVParallelLinear(cfg, tp, layer, bias=cfg.qkv_bias)
         nh, nkv, hd = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, cfg.head_dim
         self.attn = PagedAttention(nh, nkv, hd, cfg.sliding_window)
-        self.o_proj = RowParallelLinear(cfg, tp, layer, "o_proj", cfg.q_dim, cfg.hidden_size)
+        self.o_proj = RowParallelLinear(cfg, tp, layer, "o_proj", cfg.hidden_size)
         self.q_norm = HeadNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = HeadNorm(hd, cfg.rms_norm_eps) if cfg.qk_norm else None
 

@@ -52,10 +52,9 @@ class MLP(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer: int):
         super().__init__()
-        inter = cfg.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(cfg, tp, layer, cfg.hidden_size,
-                                                 {"gate_proj": inter, "up_proj": inter})
-        self.down_proj = RowParallelLinear(cfg, tp, layer, "down_proj", inter, cfg.hidden_size)
+                                                 ("gate_proj", "up_proj"))
+        self.down_proj = RowParallelLinear(cfg, tp, layer, "down_proj", cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         gate_up = self.gate_up_proj(x, ctx)  # [num_tokens, 2 inter_local]

@@ -33,7 +33,7 @@ class VocabEmbedding(torch.nn.Module):
         local = input_ids - self.first
         inside = (local >= 0) & (local < self.num_rows)
         h = self.weight[torch.where(inside, local, 0)] * inside.unsqueeze(1).to(self.weight.dtype)
-        return self.tp.all_reduce(h)
+        return self.tp.all_reduce(h, "embed")
 
 
 class LMHead(VocabEmbedding):
@@ -46,4 +46,4 @@ class LMHead(VocabEmbedding):
             self.weight = tied.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.tp.all_gather(x @ self.weight.T).float()
+        return self.tp.all_gather(x @ self.weight.T, "lm_head").float()

@@ -8,11 +8,15 @@ A layer fuses the projections that share an input (q, k, v; gate, up) into one w
 decoder layer is four GEMMs; their LoRA runs as one group (`LoraGroup`: for decode tokens one
 kernel launch per group and layer), each member adding into its own columns of the output.
 
-Sharding (models/parallel.py): a column-parallel layer holds its rank's slice of each
-member's outputs (LoRA B is cut like the weight, so each member's LoRA output lands in the
-rank's own columns); a row-parallel layer holds a slice of the inputs, and adds its LoRA
-delta into its partial sum before the one all-reduce, which then carries both. Each layer's
-`weight_loader` cuts its rank's shard out of a full checkpoint tensor.
+Sharding (models/parallel.py, models/sharding.py): a column-parallel layer holds its rank's
+slice of each member's outputs; a row-parallel layer holds a slice of the inputs and ends with
+one all-reduce. Each layer's `weight_loader` cuts its rank's shard out of a full checkpoint
+tensor. The LoRA of a sharded layer (`_add_sharded_lora`) runs as its shrink, one collective
+of the rank-r result and its expand: column-parallel, each rank's share of A's rank-rows, one
+all-gather for the whole group, and B cut like the weight, so each member's LoRA output lands
+in the rank's own columns; row-parallel, A cut along the inputs, an all-reduce of the partial
+x A^T, and the rank's slice of B's outputs added into its partial sum before the layer's
+all-reduce, which then carries both.
 """
 from __future__ import annotations
 
@@ -25,6 +29,7 @@ from slora.common.config import ModelConfig
 from slora.common.errors import ConfigError
 from slora.kernels.backend import LoraGroup
 from slora.models.parallel import TensorParallel
+from slora.models.sharding import gathered_lora_order
 
 
 @dataclass(frozen=True)
@@ -116,8 +121,23 @@ class ParallelLinear(torch.nn.Module):
         if group is None:  # no member is a LoRA target of this family
             return
         pool = ctx.pool
+        if self.tp.size > 1:
+            self._add_sharded_lora(y, x, ctx, group)
+            return
         ctx.backend.lora_group(y, x, pool.layer(self.layer), pool.lora_tables, group, lora,
                                after_base_gemm=True)
+
+    def _add_sharded_lora(self, y: torch.Tensor, x: torch.Tensor, ctx, group: LoraGroup) -> None:
+        """Column-parallel: each member's shrink through this rank's rows of A (the pool's
+        lora_shrink_tables), one all-gather of the group's [tokens, members, R / N], put back
+        in rank-row order, and each member's expand into its columns of y."""
+        be, pool, lora = ctx.backend, ctx.pool, ctx.lora
+        pages, tables = pool.layer(self.layer), pool.lora_tables
+        parts = torch.stack([be.lora_shrink(x, pages, pool.lora_shrink_tables, m, lora)
+                             for m, _, _ in group.members], dim=1)  # [tokens, members, R / N]
+        v = gathered_lora_order(self.tp.gather(parts, "lora"), tables.max_rank)
+        for k, (m, col, width) in enumerate(group.members):
+            be.lora_expand(y[:, col:col + width], v[:, k].contiguous(), pages, tables, m, lora)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         y = self.gemm(x)
@@ -130,11 +150,12 @@ class ColumnParallelLinear(ParallelLinear):
     rank a slice of each)."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer: int, in_features: int,
-                 outputs: dict[str, int], *, bias: bool = False):
+                 outputs: tuple[str, ...], *, bias: bool = False):
+        plan = tp.plan(cfg)
         members = []
-        for module, width in outputs.items():
-            local = tp.split(width, f"{module} width")
-            members.append(Member(module, tp.rank * local, local))
+        for module in outputs:
+            rows = plan.out_slice(module)
+            members.append(Member(module, rows.start, rows.stop - rows.start))
         super().__init__(cfg, tp, layer, in_features, members, bias=bias)
 
 
@@ -143,13 +164,12 @@ class QKVParallelLinear(ParallelLinear):
     copied when there are fewer KV heads than ranks)."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer: int, *, bias: bool):
-        hd = cfg.head_dim
-        num_heads = tp.split(cfg.num_heads, "num_attention_heads")
-        num_kv, first_kv = tp.kv_heads(cfg.num_kv_heads)
-        self.num_heads, self.num_kv_heads = num_heads, num_kv
-        members = [Member("q_proj", tp.rank * num_heads * hd, num_heads * hd),
-                   Member("k_proj", first_kv * hd, num_kv * hd),
-                   Member("v_proj", first_kv * hd, num_kv * hd)]
+        plan = tp.plan(cfg)
+        self.num_heads, self.num_kv_heads = plan.num_heads, plan.num_kv_heads
+        members = []
+        for module in ("q_proj", "k_proj", "v_proj"):
+            rows = plan.out_slice(module)
+            members.append(Member(module, rows.start, rows.stop - rows.start))
         super().__init__(cfg, tp, layer, cfg.hidden_size, members, bias=bias)
 
 
@@ -158,12 +178,26 @@ class RowParallelLinear(ParallelLinear):
     its LoRA delta added before the all-reduce that completes both."""
 
     def __init__(self, cfg: ModelConfig, tp: TensorParallel, layer: int, module: str,
-                 in_features: int, out_features: int):
-        self.local_in = tp.split(in_features, f"{module} input width")
+                 out_features: int):
+        plan = tp.plan(cfg)
+        inputs = plan.in_slice(module)
+        self.first_in, self.local_in = inputs.start, inputs.stop - inputs.start
+        self.lora_outputs = plan.out_slice(module)
+        """The columns of the partial sum this rank's slice of LoRA B adds into."""
         super().__init__(cfg, tp, layer, self.local_in, [Member(module, 0, out_features)])
 
     def cut_inputs(self, rows: torch.Tensor) -> torch.Tensor:
-        return rows.narrow(1, self.tp.rank * self.local_in, self.local_in)
+        return rows.narrow(1, self.first_in, self.local_in)
+
+    def _add_sharded_lora(self, y: torch.Tensor, x: torch.Tensor, ctx, group: LoraGroup) -> None:
+        """The shrink of this rank's input columns of A, an all-reduce of the partial
+        [tokens, max_rank], and the expand of its rows of B into its slice of y."""
+        be, pool, lora = ctx.backend, ctx.pool, ctx.lora
+        pages, tables = pool.layer(self.layer), pool.lora_tables
+        (m, _, _), = group.members
+        cols = self.lora_outputs
+        v = self.tp.all_reduce(be.lora_shrink(x, pages, tables, m, lora), "lora")
+        be.lora_expand(y[:, cols], v, pages, tables, m, lora)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         y = self.gemm(x)

@@ -33,6 +33,7 @@ def model_info_from_config(config: EngineConfig,
         "scheduler": dataclasses.asdict(config.scheduler),
         "dtype": config.dtype, "device": config.device,
         "host_cache_bytes": config.host_cache_bytes, "seed": config.seed,
+        "tensor_parallel_size": config.tensor_parallel_size,
     }
     return scheduler_pb2.ModelInfo(
         model_name=model.name, vocab_size=model.vocab_size,
@@ -55,7 +56,8 @@ def engine_config_from_model_info(info: scheduler_pb2.ModelInfo) -> EngineConfig
         model=ModelConfig.from_dict(d),
         pool=PoolConfig(**ours["pool"]), scheduler=SchedulerConfig(**ours["scheduler"]),
         dtype=ours["dtype"], device=ours["device"],
-        host_cache_bytes=ours["host_cache_bytes"], seed=ours["seed"])
+        host_cache_bytes=ours["host_cache_bytes"], seed=ours["seed"],
+        tensor_parallel_size=ours.get("tensor_parallel_size", 1))
 
 
 def model_config_from_model_info(info: scheduler_pb2.ModelInfo) -> ModelConfig:

@@ -48,13 +48,14 @@ class SloraUp:
     """`slora up` (client/launcher.py) on the tiny model, with its output lines and the
     ports and pids its children print on their ready lines."""
 
-    def __init__(self, data_dir: str, base: str):
+    def __init__(self, data_dir: str, base: str, *extra_args: str):
+        """`extra_args`: more `slora up` flags (test_tp_stack.py: --tensor-parallel-size)."""
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
             slora_module("slora.client.cli", "up", "--model", base, "--data-dir", data_dir,
                          "--port", "0", "--device", "cpu", "--dtype", "float32",
                          "--max-model-len", "512", "--num-pages", "4096",
-                         "--max-lora-rank", "16", "--start-timeout", "120"),
+                         "--max-lora-rank", "16", "--start-timeout", "120", *extra_args),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env={**os.environ, "PYTHONUNBUFFERED": "1", **PROCESS_ENV})
         self.lines: list[str] = []
@@ -108,22 +109,27 @@ class SloraUp:
                 pass
 
 
+def wait_serving(up: SloraUp, timeout_s: float = 180.0) -> SloraUp:
+    """Waits for `slora up` to serve; sets up.address, up.api_key and up.metadata."""
+    def serving():
+        for line in up.lines:
+            match = re.search(r"slora is serving .* on 127\.0\.0\.1:(\d+)", line)
+            if match:
+                return match.group(1)
+    up.address = f"127.0.0.1:{up.wait_for(serving, 'serving line', timeout_s)}"
+    with open(os.path.join(up.data_dir, "admin.key")) as f:
+        up.api_key = f.read().strip()
+    up.metadata = (("authorization", f"Bearer {up.api_key}"),)
+    return up
+
+
 @pytest.fixture(scope="module")
 def slora_up(tmp_path_factory):
     root = tmp_path_factory.mktemp("slora-up")
     base = make_tiny_llama(str(root / "base"), num_kv_heads=2, seed=21)
     up = SloraUp(str(root / "data"), base)
     try:
-        def serving():
-            for line in up.lines:
-                match = re.search(r"slora is serving .* on 127\.0\.0\.1:(\d+)", line)
-                if match:
-                    return match.group(1)
-        up.address = f"127.0.0.1:{up.wait_for(serving, 'serving line')}"
-        with open(os.path.join(up.data_dir, "admin.key")) as f:
-            up.api_key = f.read().strip()
-        up.metadata = (("authorization", f"Bearer {up.api_key}"),)
-        yield up
+        yield wait_serving(up)
     finally:
         up.stop()
 
@@ -137,9 +143,10 @@ def frontend_health(address: str) -> int:
         return -1
 
 
-async def kill_mid_stream(up: SloraUp, pid: int, num_streams: int = 4):
-    """Starts long streams; once each has a token, SIGKILLs `pid`; returns the outcomes
-    and the seconds from the kill to the end of the last stream."""
+async def kill_mid_stream(up: SloraUp, pid: int, num_streams: int = 4,
+                          signum: int = signal.SIGKILL, timeout_s: float = 30):
+    """Starts long streams; once each has a token, sends `signum` to `pid`; returns the
+    outcomes and the seconds from the signal to the end of the last stream."""
     async with grpc.aio.insecure_channel(up.address) as channel:
         stub = generation_pb2_grpc.GenerationStub(channel)
         started = asyncio.Semaphore(0)
@@ -153,8 +160,8 @@ async def kill_mid_stream(up: SloraUp, pid: int, num_streams: int = 4):
         for _ in range(num_streams):
             await asyncio.wait_for(started.acquire(), 60)
         killed_at = time.monotonic()
-        os.kill(pid, signal.SIGKILL)
-        outcomes = await asyncio.wait_for(asyncio.gather(*streams), 30)
+        os.kill(pid, signum)
+        outcomes = await asyncio.wait_for(asyncio.gather(*streams), timeout_s)
         return outcomes, time.monotonic() - killed_at
 
 

@@ -8,6 +8,7 @@ EngineConfig from the worker's Info (protos/model_info.py).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 
 from slora.common.config import (
@@ -16,6 +17,8 @@ from slora.common.config import (
 from slora.common.errors import ConfigError
 from slora.models.registry import DUMMY_MODELS, dummy_model_config, model_config_from_folder
 
+TENSOR_PARALLEL_ENV = "SLORA_TENSOR_PARALLEL_SIZE"
+"""The default of --tensor-parallel-size (compose sets it)."""
 GPU_MEMORY_FRACTION = 0.9
 """Share of the GPU's free memory the worker takes (weights, pool, activations)."""
 ACTIVATION_RESERVE_BYTES = 1 << 30
@@ -51,6 +54,14 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--host-cache-gib", type=float, default=4.0,
                    help="host memory for parsed adapters, GiB")
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and sampling")
+    g.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="worker processes, one per GPU (cuda:0 .. cuda:N-1), each holding a "
+                        "1/N shard of the weights, the adapters and the pool (Megatron-style); "
+                        f"on the CPU, N processes over gloo (default: ${TENSOR_PARALLEL_ENV}, "
+                        "else 1)")
+    g.add_argument("--collective-timeout-s", type=float, default=20.0,
+                   help="with --tensor-parallel-size > 1: a collective that waits longer than "
+                        "this for a rank takes the whole group down (a hung rank)")
     g = parser.add_argument_group("batching limits")
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest context of one request, prompt + output tokens (default: "
@@ -82,17 +93,23 @@ def _weight_bytes(model: ModelConfig, dtype_size: int) -> int:
 
 
 def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dtype: str,
-                      device: str) -> int:
-    """Pages for the pool when --num-pages is not given (see its help)."""
+                      device: str, tensor_parallel_size: int = 1) -> int:
+    """Pages for the pool when --num-pages is not given (see its help). With tensor
+    parallelism each GPU holds its shard of each page (the widest rank's counts) and about
+    1/N of the weights (free memory measured on the first GPU; the ranks' GPUs are alike)."""
     import torch
 
+    from slora.models.sharding import shard_plan
+
     dtype_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
-    page_bytes = model.num_layers * 2 * model.hidden_size * dtype_size
+    n = tensor_parallel_size
+    page_width = max(shard_plan(model, rank, n).page_width for rank in range(n))
+    page_bytes = model.num_layers * 2 * page_width * dtype_size
     max_adapter_pages = model.adapter_num_pages({m: pool_rank for m in model.lora_modules})
     if not device.startswith("cuda"):
         return 4 * (max_model_len + max_adapter_pages)
     free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-    budget = (int(free_bytes * GPU_MEMORY_FRACTION) - _weight_bytes(model, dtype_size)
+    budget = (int(free_bytes * GPU_MEMORY_FRACTION) - _weight_bytes(model, dtype_size) // n
               - ACTIVATION_RESERVE_BYTES)
     num_pages = budget // page_bytes
     if num_pages < max_model_len + max_adapter_pages:
@@ -122,8 +139,16 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
         "bfloat16" if device.startswith("cuda") else "float32")
     max_model_len = args.max_model_len or min(model.max_position_embeddings,
                                               DEFAULT_MAX_MODEL_LEN)
+    tp = getattr(args, "tensor_parallel_size", None)
+    if tp is None:
+        env = os.environ.get(TENSOR_PARALLEL_ENV, "1")
+        try:
+            tp = int(env)
+        except ValueError:
+            raise ConfigError(f"${TENSOR_PARALLEL_ENV}={env!r} is not an integer") from None
+    model = dataclasses.replace(model, lora_rank_multiple=tp)
     num_pages = args.num_pages or default_num_pages(model, args.max_lora_rank, max_model_len,
-                                                    dtype, device)
+                                                    dtype, device, tp)
     config = EngineConfig(
         model=model,
         pool=PoolConfig(num_pages=num_pages, max_adapter_slots=args.max_adapter_slots,
@@ -133,5 +158,5 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
             max_model_len=max_model_len,
             max_queue_len=getattr(args, "max_queue_len", SchedulerConfig.max_queue_len)),
         dtype=dtype, device=device, host_cache_bytes=int(args.host_cache_gib * 2**30),
-        seed=args.seed)
+        seed=args.seed, tensor_parallel_size=tp)
     return config, model_path

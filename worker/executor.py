@@ -19,6 +19,16 @@ in-process engine reads and the worker server puts on the wire.
 Nothing a step does on the host grows with the requests' contexts or with the number of
 registered adapters: the page table stays on the device and takes only the step's new page
 ids; adapters are known to the worker only by the slots the scheduler loads.
+
+Tensor parallelism (config.tensor_parallel_size N > 1): this object is one rank of the group
+(tp_group.py), holding its shard of the weights, of the pool and of every adapter it copies
+(models/sharding.py). Rank 0, the one built without a `group`, starts the others and is the
+only one its owner calls: `execute` hands each command to the other ranks before running it
+(adapters looked up in its host cache first, so an adapter error fails the step on rank 0
+before any rank starts it), and only rank 0 samples; the tokens it sampled travel with its
+next message, and `apply_sampled` appends them on the other ranks. A failure of the group
+itself (TensorParallelGroupError) is not a step's failure: it propagates, for the owner to
+take the group down. With N = 1 none of this runs: no group, no message, no collective.
 """
 from __future__ import annotations
 
@@ -29,15 +39,21 @@ import torch
 
 from slora.adapter_store import HostAdapterCache, load_peft_adapter
 from slora.common.config import EngineConfig
-from slora.common.errors import AdapterError
+from slora.common.errors import AdapterError, ConfigError, TensorParallelGroupError
 from slora.common.sampling_params import SamplingParams
 from slora.kernels.backend import get_backend
+from slora.models.parallel import TensorParallel
 from slora.models.registry import build_model
+from slora.models.sharding import check_shardable, shard_plan
+from slora.protos.convert import step_command_to_proto
 from slora.protos.step import StepCommand, StepResult
 from slora.worker.batch import RequestState, ScheduledRequest, StepBatch, StepInputs
 from slora.worker.cuda_graphs import DECODE, NO_MODULES, StepGraphs
-from slora.worker.pool import UnifiedPool
+from slora.worker.pool import UnifiedPool, shard_adapter
 from slora.worker.sampling import sample
+from slora.worker.tp_group import (
+    DEFAULT_COLLECTIVE_TIMEOUT_S, EAGER, PING, RESET, STEP, TensorParallelGroup,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,22 +63,54 @@ TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16,
 
 class Worker:
     def __init__(self, config: EngineConfig, model_path: str | None = None,
-                 backend: str = "auto", cuda_graphs: bool = True):
+                 backend: str = "auto", cuda_graphs: bool = True, *,
+                 group: TensorParallelGroup | None = None,
+                 collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S):
         """`cuda_graphs`: replay steps from CUDA graphs (captured here) when the backend is
-        CUDA; False runs every step eagerly."""
+        CUDA; False runs every step eagerly. With config.tensor_parallel_size > 1 and no
+        `group`, this is rank 0: it starts the other ranks (tp_group.py); a follower rank
+        passes the group it joined."""
         self.config = config
-        self.device = torch.device(config.device)
-        self.dtype = TORCH_DTYPES[config.dtype]
+        if config.tensor_parallel_size > 1 and group is None:
+            check_shardable(config.model, config.tensor_parallel_size)  # before any rank starts
+            group = TensorParallelGroup.launch(config, model_path, backend, cuda_graphs,
+                                               collective_timeout_s)
+        self.group = group
+        self.is_driver = group is None or group.rank == 0
+        """Rank 0 (or no group): samples, and answers its owner."""
+        self._sampled_tokens: list[int] = []
+        """Rank 0: tokens sampled since its last message to the other ranks."""
+        self._awaiting_tokens: list[RequestState] = []
+        """Other ranks: the requests whose tokens rank 0's next message carries."""
+        try:
+            self._build(model_path, backend, cuda_graphs)
+            if group is not None and group.rank == 0:
+                group.wait_ready()
+        except BaseException:
+            if group is not None and group.rank == 0:
+                group.close()
+            raise
+
+    def _build(self, model_path: str | None, backend: str, cuda_graphs: bool) -> None:
+        config, group = self.config, self.group
         cfg, sched = config.model, config.scheduler
+        self.device = group.device if group is not None else torch.device(config.device)
+        self.dtype = TORCH_DTYPES[config.dtype]
         self.backend = get_backend(self.device, backend)
+        tp = TensorParallel() if group is None else TensorParallel(group.size, group.rank,
+                                                                   group.comm)
+        plan = None if group is None else shard_plan(cfg, group.rank, group.size)
         self.model = build_model(cfg, model_path, self.backend, self.dtype, self.device,
-                                 config.seed)
-        self.pool = UnifiedPool(cfg, config.pool, self.dtype, self.device, self.backend)
+                                 config.seed, tp)
+        self.pool = UnifiedPool(cfg, config.pool, self.dtype, self.device, self.backend, plan)
         pin = self.device.type == "cuda"
-        self.host_cache = HostAdapterCache(
-            config.host_cache_bytes,
-            lambda adapter_id, path: load_peft_adapter(
-                adapter_id, path, cfg, config.pool.max_lora_rank, self.dtype, pin_memory=pin))
+
+        def load(adapter_id: str, path: str):
+            adapter = load_peft_adapter(adapter_id, path, cfg, config.pool.max_lora_rank,
+                                        self.dtype, pin_memory=pin and plan is None)
+            return adapter if plan is None else shard_adapter(adapter, plan, pin)
+
+        self.host_cache = HostAdapterCache(config.host_cache_bytes, load)
         self.requests: dict[str, RequestState] = {}
         self.inputs = StepInputs(sched.max_num_seqs, sched.max_num_batched_tokens,
                                  sched.max_model_len, self.pool.scratch_page, self.device)
@@ -82,7 +130,11 @@ class Worker:
 
     def reset(self) -> None:
         """Drops every request and resident adapter: the state of a new Steps stream, and
-        of the worker after a failed step (the scheduler forgets its side too)."""
+        of the worker after a failed step (the scheduler forgets its side too). Rank 0 has
+        the other ranks do the same."""
+        if self.group is not None and self.is_driver:
+            self.group.send(RESET)
+        self._sampled_tokens, self._awaiting_tokens = [], []
         self.requests.clear()
         self.inputs.free_all_rows()
         self.last_logits = {}
@@ -94,6 +146,8 @@ class Worker:
         """Holds a request whose first len(page_ids) tokens already have their K/V in those
         pages, as if it had been prefilled (benchmarks time decode steps this way, without
         running the prefill). Its next step computes token_ids[len(page_ids)]."""
+        if self.group is not None:
+            raise ConfigError("adopt_request is not supported with tensor parallelism")
         assert len(page_ids) < len(token_ids), "a request needs a token to compute next"
         self._drop_request(req_id)
         state = RequestState(req_id, list(token_ids), num_prompt_tokens, len(page_ids),
@@ -110,7 +164,11 @@ class Worker:
     def execute(self, cmd: StepCommand) -> StepResult:
         """Runs one step. A failure comes back in the result (see the module docstring)."""
         try:
-            return self._execute(cmd)
+            if self.group is not None:
+                self._send_step(cmd)
+            return self.run_step(cmd)
+        except TensorParallelGroupError:
+            raise
         except AdapterError as e:
             log.warning("step %d: %s", cmd.step_id, e)
             self.reset()
@@ -121,7 +179,41 @@ class Worker:
             return StepResult(cmd.step_id, error=f"step {cmd.step_id} failed on the worker: "
                                                  f"{type(e).__name__}: {e}")
 
-    def _execute(self, cmd: StepCommand) -> StepResult:
+    # -- the group ------------------------------------------------------------------------
+
+    def _send_step(self, cmd: StepCommand) -> None:
+        """Rank 0: the command (and the tokens of the last step) to the other ranks."""
+        for load in cmd.adapter_loads:  # an AdapterError here: no rank has started the step
+            self.host_cache.get(load.adapter_id, load.path)
+        self.group.send(STEP, step_command_to_proto(cmd).SerializeToString(),
+                        self._sampled_tokens, 0 if self.use_cuda_graphs else EAGER)
+        self._sampled_tokens = []
+
+    def ping(self) -> None:
+        """Rank 0 of a group: has every rank answer a collective (a hung one fails it
+        within the collective timeout)."""
+        self.group.send(PING, tokens=self._sampled_tokens)
+        self._sampled_tokens = []
+        self.group.ping()
+
+    def apply_sampled(self, token_ids: list[int]) -> None:
+        """Another rank: appends the tokens rank 0 sampled in the last step."""
+        if len(token_ids) != len(self._awaiting_tokens):
+            raise RuntimeError(f"rank 0 sent {len(token_ids)} sampled tokens; this rank "
+                               f"awaits {len(self._awaiting_tokens)}")
+        for state, token_id in zip(self._awaiting_tokens, token_ids):
+            state.token_ids.append(token_id)
+        self._awaiting_tokens = []
+
+    def close(self) -> None:
+        """Rank 0 of a group: stops the other ranks and leaves the group."""
+        if self.group is not None and self.is_driver:
+            self.group.close()
+
+    # -- one step -------------------------------------------------------------------------
+
+    def run_step(self, cmd: StepCommand) -> StepResult:
+        """Runs the step on this rank alone, raising what fails (`execute` on rank 0)."""
         start = time.perf_counter()
         for req_id in cmd.finished_req_ids:
             self._drop_request(req_id)
@@ -177,12 +269,16 @@ class Worker:
 
         result = StepResult(cmd.step_id)
         sampled = step.sampled
-        if sampled:
+        if sampled and not self.is_driver:
+            self._awaiting_tokens = list(sampled)
+        elif sampled:
             params = [s.sampling for s in sampled]
             out_idx = [len(s.token_ids) - s.num_prompt_tokens for s in sampled]
             token_ids, logprobs = sample(logits, params, out_idx, self.generator)
             for state, token_id in zip(sampled, token_ids):
                 state.token_ids.append(token_id)
+            if self.group is not None:
+                self._sampled_tokens = token_ids
             result.req_ids = [s.req_id for s in sampled]
             result.token_ids, result.logprobs = token_ids, logprobs
             if self.keep_logits:

@@ -15,9 +15,20 @@ current stream wait for that copy (a GPU-side wait, the host does not block) and
 the rows into their pages and the slot's page-table entries there. The pages themselves
 are only ever written on the current stream, in step order, because the previous step may
 still be reading pages that the scheduler has since freed and handed to this adapter.
+
+Tensor parallelism: each rank's pool holds its shard (models/sharding.py). A page id is the
+same slot on every rank; each half of a rank's page is `plan.page_width` wide (about H / N):
+its K/V heads of a token, or its shard of an adapter row. A module of rank r takes
+R = padded_rank(r) rank-rows of pages on every rank, as at N = 1. Row i's pages hold B's
+rank-row i (the rank's output columns) in their V halves, and for a row-parallel module A's
+row i (the rank's input columns) in their K halves. A column-parallel module's A rows are
+dealt out (row j * N + p to rank p) and each is whole (d_in = H wide): rank p lays its local
+row j over the K halves of the first pages of rows j * N .. j * N + N - 1, and reads it through
+`lora_shrink_page_table` [num_modules, slots, R / N, N], with `lora_shrink_ranks` rows.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +37,17 @@ from slora.adapter_store import LoraAdapter
 from slora.common.config import ModelConfig, PoolConfig
 from slora.kernels.backend import LoraTables
 from slora.kernels.torch_backend import TorchBackend
+from slora.models.sharding import COLUMN_PARALLEL, ShardPlan, shard_lora, shrink_rank
+
+
+def shard_adapter(adapter: LoraAdapter, plan: ShardPlan, pin_memory: bool) -> LoraAdapter:
+    """The adapter with only this rank's shard of each module's A and B (contiguous copies,
+    pinned when asked), as the host cache keeps it: each rank copies only its shard."""
+    weights = {}
+    for module, (a, b) in adapter.weights.items():
+        a, b = (t.contiguous().clone() for t in shard_lora(plan, module, a, b))
+        weights[module] = (a.pin_memory(), b.pin_memory()) if pin_memory else (a, b)
+    return dataclasses.replace(adapter, weights=weights)
 
 
 @dataclass
@@ -45,19 +67,23 @@ class _PendingLoad:
     """[num_modules] float32 on the device: the slot's new lora_scales column."""
     copied: torch.cuda.Event | None
     """Recorded on the copy stream after the last copy; None on the CPU."""
+    shrink_ranks: torch.Tensor | None = None
+    """[num_modules] int32 on the device: the slot's new lora_shrink_ranks column (tensor
+    parallelism only)."""
 
 
 class UnifiedPool:
     def __init__(self, model: ModelConfig, pool: PoolConfig, dtype: torch.dtype,
-                 device: torch.device, backend=None):
+                 device: torch.device, backend=None, plan: ShardPlan | None = None):
         """`backend` (kernels/backend.py) writes loaded adapters' rows into their pages;
-        the torch reference when None."""
+        the torch reference when None. `plan`: this rank's shard (tensor parallelism)."""
         self.model = model
+        self.plan = plan
         self.backend = backend if backend is not None else TorchBackend()
         self.num_pages = pool.num_pages
         self.scratch_page = pool.num_pages
         """A page outside the scheduler's range, for the padding of graph batches."""
-        h = model.hidden_size
+        h = model.hidden_size if plan is None else plan.page_width
         self.pages = torch.zeros(model.num_layers, pool.num_pages + 1, 2, h, dtype=dtype,
                                  device=device)
         self.lora_modules = model.lora_modules
@@ -72,6 +98,17 @@ class UnifiedPool:
         self.lora_scales = torch.zeros(num_modules, slots, dtype=torch.float32, device=device)
         self.lora_tables = LoraTables(self.lora_page_table, self.lora_ranks, self.lora_scales)
         """The three tables as the backend takes them (the same tensors, updated in place)."""
+        self.lora_shrink_page_table = self.lora_shrink_ranks = self.lora_shrink_tables = None
+        if plan is not None:
+            n = plan.size
+            self.lora_shrink_page_table = torch.zeros(
+                num_modules, slots, model.padded_rank(pool.max_lora_rank) // n, n,
+                dtype=torch.int32, device=device)
+            self.lora_shrink_ranks = torch.zeros(num_modules, slots, dtype=torch.int32,
+                                                 device=device)
+            self.lora_shrink_tables = LoraTables(self.lora_shrink_page_table,
+                                                 self.lora_shrink_ranks, self.lora_scales)
+            """The column-parallel modules' A rows of this rank, as the backend takes them."""
         self._cuda = self.pages.device.type == "cuda"
         self._copy_stream = torch.cuda.Stream(self.pages.device) if self._cuda else None
         self.slot_modules: list[frozenset[str]] = [frozenset()] * slots
@@ -101,17 +138,21 @@ class UnifiedPool:
             ranks[self.module_index[module]] = rank
             scales[self.module_index[module]] = adapter.module_scales[module]
         small = (torch.tensor(page_ids, dtype=torch.int64), ranks, scales)
+        if self.plan is not None:
+            small += (torch.tensor([shrink_rank(self.plan, int(ranks[m])) for m in
+                                    range(len(self.lora_modules))], dtype=torch.int32),)
         if not self._cuda:
-            self._pending[slot] = _PendingLoad(adapter, dict(adapter.weights), *small, None)
+            self._pending[slot] = _PendingLoad(adapter, dict(adapter.weights), *small[:3],
+                                               None, *small[3:])
             return
         small = tuple(t.pin_memory() for t in small)
         with torch.cuda.stream(self._copy_stream):
             rows = {m: (a.to(device, non_blocking=True), b.to(device, non_blocking=True))
                     for m, (a, b) in adapter.weights.items()}
-            page_ids_t, ranks_t, scales_t = (t.to(device, non_blocking=True) for t in small)
+            small = tuple(t.to(device, non_blocking=True) for t in small)
             copied = torch.cuda.Event()
             copied.record(self._copy_stream)
-        self._pending[slot] = _PendingLoad(adapter, rows, page_ids_t, ranks_t, scales_t, copied)
+        self._pending[slot] = _PendingLoad(adapter, rows, *small[:3], copied, *small[3:])
 
     def commit_loads(self, slots=None) -> None:
         """Writes the rows of the pending loads (of `slots`, or all) into their pages and
@@ -123,7 +164,8 @@ class UnifiedPool:
                 stream.wait_event(load.copied)
                 # Staged on the copy stream, read here: keep the memory until this stream is done.
                 for t in (load.page_ids, load.ranks, load.scales,
-                          *(x for ab in load.rows.values() for x in ab)):
+                          *(x for ab in load.rows.values() for x in ab),
+                          *(() if load.shrink_ranks is None else (load.shrink_ranks,))):
                     t.record_stream(stream)
             self._write_rows(slot, load)
 
@@ -132,16 +174,25 @@ class UnifiedPool:
         for module in self.lora_modules:
             if module not in load.rows:
                 continue
-            a, b = load.rows[module]  # [L, r, d_in], [L, d_out, r]
-            rank = a.shape[1]
+            a, b = load.rows[module]  # [L, r, d_in], [L, d_out, r] (this rank's shards)
+            rank = b.shape[2]
+            padded = self.model.padded_rank(rank)
             n = self.model.lora_pages_per_row(module)
-            pages = load.page_ids[offset:offset + rank * n].view(rank, n)
-            offset += rank * n
-            self.backend.write_adapter_rows(self.pages, a, pages, 0)
-            self.backend.write_adapter_rows(self.pages, b.transpose(1, 2), pages, 1)
-            self.lora_page_table[self.module_index[module], slot, :rank, :n] = pages
+            pages = load.page_ids[offset:offset + padded * n].view(padded, n)
+            offset += padded * n
+            m = self.module_index[module]
+            if self.plan is not None and module in COLUMN_PARALLEL:
+                shrink_pages = pages[:, 0].reshape(padded // self.plan.size, self.plan.size)
+                self.backend.write_adapter_rows(self.pages, a, shrink_pages[:a.shape[1]], 0)
+                self.lora_shrink_page_table[m, slot, :shrink_pages.shape[0]] = shrink_pages
+            else:
+                self.backend.write_adapter_rows(self.pages, a, pages[:rank], 0)
+            self.backend.write_adapter_rows(self.pages, b.transpose(1, 2), pages[:rank], 1)
+            self.lora_page_table[m, slot, :rank, :n] = pages[:rank]
         self.lora_ranks[:, slot] = load.ranks
         self.lora_scales[:, slot] = load.scales
+        if load.shrink_ranks is not None:
+            self.lora_shrink_ranks[:, slot] = load.shrink_ranks
 
     def modules_of(self, slots) -> frozenset[str]:
         """The projections targeted by the adapters in these slots (NO_ADAPTER ignored)."""
@@ -152,9 +203,13 @@ class UnifiedPool:
         self._pending.pop(slot, None)
         self.lora_ranks[:, slot] = 0
         self.lora_scales[:, slot] = 0.0
+        if self.lora_shrink_ranks is not None:
+            self.lora_shrink_ranks[:, slot] = 0
 
     def evict_all(self) -> None:
         self.slot_modules = [frozenset()] * len(self.slot_modules)
         self._pending.clear()
         self.lora_ranks.zero_()
         self.lora_scales.zero_()
+        if self.lora_shrink_ranks is not None:
+            self.lora_shrink_ranks.zero_()

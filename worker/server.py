@@ -22,6 +22,14 @@ if this one had succeeded. So the server
 The scheduler, on the failed result, sends its running requests back to the queue (they are
 recomputed from their tokens), forgets which adapters are resident and opens a new stream,
 which finds the worker empty: both sides agree again without any extra message.
+
+With --tensor-parallel-size N this process is rank 0 of the group (tp_group.py): it starts
+the other ranks, and pings them from the executor thread whenever no message has gone to them
+for PING_INTERVAL_S. When the group fails (a rank exits, or a collective fails or times
+out), there is no worker left to serve: this process kills the other ranks and exits with
+EXIT_GROUP_DOWN, which ends the Steps stream, so the scheduler ends the requests in flight
+with UNAVAILABLE, and the launcher (`slora up`, compose's restart policy) starts the whole
+group again.
 """
 from __future__ import annotations
 
@@ -30,14 +38,16 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import os
 import signal
+import time
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from slora.common.aio import run_async
 from slora.common.config import EngineConfig
-from slora.common.errors import SloraError
+from slora.common.errors import SloraError, TensorParallelGroupError
 from slora.common.grpc_options import listen, server_options
 from slora.common.internal_auth import InternalAuth, add_internal_secret_args, internal_secret
 from slora.common.lifecycle import ready_line
@@ -50,10 +60,13 @@ from slora.v1 import worker_pb2, worker_pb2_grpc
 from slora.worker import metrics
 from slora.worker.args import add_engine_args, engine_config_from_args
 from slora.worker.executor import Worker
+from slora.worker.tp_group import PING_INTERVAL_S
 
 log = logging.getLogger("slora.worker")
 
 NO_FAILED_STEP = -1
+EXIT_GROUP_DOWN = 75
+"""Exit status of rank 0 when its tensor-parallel group has failed."""
 END_OF_STREAM = None
 """Put on a stream's result queue after its last command."""
 
@@ -76,6 +89,29 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._active_session_id = 0
         """Read and written on the executor thread only."""
         self._info = model_info_from_config(worker.config, model_path)
+        self.last_message_s = time.monotonic()
+        """When the executor last gave the other ranks a message (tensor parallelism)."""
+        if worker.group is not None:
+            worker.group.on_rank_exit = lambda rank, code: self.group_down(
+                f"tensor-parallel rank {rank} exited with code {code}")
+
+    def group_down(self, reason: str) -> None:
+        """The tensor-parallel group has failed: kill its other ranks, exit (module doc)."""
+        log.error("%s: the worker group is down; exiting so that it is restarted", reason)
+        self.worker.group.kill_children()
+        logging.shutdown()
+        os._exit(EXIT_GROUP_DOWN)
+
+    def ping(self) -> None:
+        """On the executor thread: pings the other ranks if nothing has reached them for
+        PING_INTERVAL_S."""
+        if time.monotonic() - self.last_message_s < PING_INTERVAL_S:
+            return
+        try:
+            self.worker.ping()
+        except TensorParallelGroupError as e:
+            self.group_down(str(e))
+        self.last_message_s = time.monotonic()
 
     async def Info(self, request, context):
         return self._info
@@ -119,7 +155,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
         self._drop_state()
 
     def _drop_state(self) -> None:
-        self.worker.reset()
+        try:
+            self.worker.reset()
+        except TensorParallelGroupError as e:
+            self.group_down(str(e))
+        self.last_message_s = time.monotonic()
 
     def _run_step(self, session: _Session, step_id: int, cmd: StepCommand | Exception
                   ) -> StepResult | worker_pb2.StepResult:
@@ -142,7 +182,11 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 step_id=step_id,
                 error=f"step {step_id} failed on the worker: {type(cmd).__name__}: {cmd}")
         self._log_command(cmd)
-        result = self.worker.execute(cmd)  # a failed step comes back in the result
+        try:
+            result = self.worker.execute(cmd)  # a failed step comes back in the result
+        except TensorParallelGroupError as e:
+            self.group_down(f"step {step_id}: {e}")
+        self.last_message_s = time.monotonic()
         if result.error:
             session.failed_step_id = step_id
         else:
@@ -181,9 +225,18 @@ async def serve_until_signal(server: grpc.aio.Server, name: str, port: int,
     await server.stop(grace=1.0)
 
 
+async def _ping_while_idle(service: WorkerService,
+                           executor: concurrent.futures.ThreadPoolExecutor) -> None:
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(PING_INTERVAL_S / 2)
+        await loop.run_in_executor(executor, service.ping)
+
+
 async def serve(config: EngineConfig, model_path: str | None, host: str, port: int,
                 backend: str, secret: str, metrics_host: str = "127.0.0.1",
-                metrics_port: int = -1, cuda_graphs: bool = True) -> None:
+                metrics_port: int = -1, cuda_graphs: bool = True,
+                collective_timeout_s: float = 20.0) -> None:
     # The ports first: one in use fails at once, not after the model has loaded.
     server = grpc.aio.server(interceptors=[InternalAuth(secret, "worker")],
                              options=server_options())
@@ -191,9 +244,15 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
     metrics_port = start_metrics_server(metrics_host, metrics_port)
     executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="slora-step")
     loop = asyncio.get_running_loop()
-    worker = await loop.run_in_executor(executor, Worker, config, model_path, backend,
-                                        cuda_graphs)
-    worker_pb2_grpc.add_WorkerServicer_to_server(WorkerService(worker, model_path, executor), server)
+    # Built on the executor thread, which then lives as long as the server: the other
+    # ranks of a tensor-parallel group die with the thread that started them.
+    worker = await loop.run_in_executor(
+        executor, lambda: Worker(config, model_path, backend, cuda_graphs,
+                                 collective_timeout_s=collective_timeout_s))
+    service = WorkerService(worker, model_path, executor)
+    worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
+    pinger = asyncio.create_task(_ping_while_idle(service, executor)) \
+        if worker.group is not None else None
     # Health for probes (compose, Kubernetes): SERVING once the weights are loaded, which is
     # before the server starts listening.
     health_servicer = health.aio.HealthServicer()
@@ -206,13 +265,17 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
     try:
         await serve_until_signal(server, "worker", bound_port, metrics_port)
     finally:
+        if pinger is not None:
+            pinger.cancel()
+        await loop.run_in_executor(executor, worker.close)
         executor.shutdown(wait=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="slora-worker",
-        description="Serve slora.v1.Worker: run the scheduler's step commands on one device.")
+        description="Serve slora.v1.Worker: run the scheduler's step commands on one device, "
+                    "or on N with --tensor-parallel-size N.")
     add_engine_args(parser)
     parser.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda"],
                         help="LoRA and attention kernels: CuPy on CUDA (auto when available) "
@@ -230,7 +293,8 @@ def main(argv: list[str] | None = None) -> None:
         config, model_path = engine_config_from_args(args)
         secret = internal_secret(args)
         run_async(serve(config, model_path, args.host, args.port, args.backend, secret,
-                        args.metrics_host, args.metrics_port, args.cuda_graphs))
+                        args.metrics_host, args.metrics_port, args.cuda_graphs,
+                        args.collective_timeout_s))
     except SloraError as e:  # a bad flag, model folder or config: say which and stop
         parser.exit(1, f"slora-worker: error: {e}\n")
 

@@ -1,0 +1,292 @@
+"""The tensor-parallel worker group: N processes, one per GPU, one torch.distributed group.
+
+Owner: worker/. Rank 0 is the worker the scheduler talks to (worker/server.py, or the
+in-process Engine); it starts ranks 1..N-1 itself (`launch`), as `python -m
+slora.worker.tp_rank` children that read their spec on stdin, build their shard of the
+worker (executor.py) and follow rank 0 (tp_rank.py). Three process groups:
+* the default one (gloo): rendezvous and the start-up barrier, with a long timeout, since
+  ranks load their weights at their own pace;
+* `control` (gloo, on the CPU even beside GPUs): rank 0 broadcasts each message to the
+  other ranks: a step command as its protobuf bytes, plus the tokens rank 0 sampled in the
+  step before (only rank 0 samples; the others need them as the next decode inputs). One
+  broadcast of a fixed CONTROL_BYTES buffer, a second only for a longer message (prompts).
+  The followers wait here between steps, without a timeout of consequence;
+* `data` (NCCL on GPUs, gloo on the CPU): the model's collectives (TensorParallelComm), each
+  with the collective timeout.
+
+Failure. A collective that fails (a peer's socket closed: it died) or waits past the timeout
+(a peer hangs) raises TensorParallelGroupError; rank 0 also watches its children and calls
+`on_rank_exit` the moment one exits. The group is then down as a whole: rank 0's owner
+(worker/server.py) kills the other ranks and exits, the scheduler ends the requests in flight
+with UNAVAILABLE, and the launcher starts the group afresh. Followers die with rank 0
+(PR_SET_PDEATHSIG) or at their next collective. While idle, rank 0 pings (`ping`: a
+broadcast, then a one-value all-reduce over `data`), so a hung rank is found within the
+ping interval plus the collective timeout even when no step runs.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import struct
+import subprocess
+import threading
+from collections import Counter
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from slora.common.errors import TensorParallelGroupError
+from slora.common.lifecycle import python_module_command
+
+log = logging.getLogger("slora.worker.tp")
+
+CONTROL_BYTES = 16 << 10
+"""Bytes of the one broadcast a message normally takes; longer ones take a second."""
+STARTUP_TIMEOUT_S = 600.0
+"""Rendezvous and start-up barrier: ranks import torch and load their shards meanwhile."""
+IDLE_TIMEOUT = timedelta(days=7)
+"""How long a follower waits for rank 0's next message (rank 0's death is seen at once)."""
+DEFAULT_COLLECTIVE_TIMEOUT_S = 20.0
+PING_INTERVAL_S = 2.0
+"""Rank 0 pings after this long without a message (worker/server.py)."""
+STOP_WAIT_S = 10.0
+
+STEP, RESET, PING, STOP = 1, 2, 3, 4
+"""Message kinds."""
+_HEADER = struct.Struct("<IIII")
+"""kind, flags, payload bytes, sampled tokens."""
+EAGER = 1
+"""Flag of a STEP: run it eagerly (rank 0's use_cuda_graphs is off): every rank must run a
+step as the same graph, or eagerly, for their collectives to match."""
+
+
+@dataclass
+class RankSpec:
+    """What a follower needs to join the group and build its shard (JSON on its stdin)."""
+
+    rank: int
+    world_size: int
+    init_method: str
+    model_info: str
+    """The worker's EngineConfig as protos/model_info.py's ModelInfo, serialized, base64."""
+    model_path: str | None
+    backend: str
+    cuda_graphs: bool
+    collective_timeout_s: float
+    parent_pid: int
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_device(device: str, rank: int) -> torch.device:
+    """Rank's device: cuda:(k + rank) for a group on cuda:k; the CPU for all on the CPU."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return d
+    return torch.device("cuda", (d.index or 0) + rank)
+
+
+class TensorParallelComm:
+    """The model's collectives over the `data` group. Counts what each kind of collective
+    moves per rank (`elements[kind]`; eager calls only, a graph replay counts nothing): an
+    all-gather sends (N-1)/N of its output, a ring all-reduce 2 (N-1)/N of its input."""
+
+    def __init__(self, group, rank: int, size: int, nccl: bool):
+        self.group, self.rank, self.size, self._nccl = group, rank, size, nccl
+        self.elements: Counter[str] = Counter()
+
+    def all_reduce(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        """Sums t over the ranks, in place; returns t."""
+        self.elements[kind] += 2 * (self.size - 1) * t.numel() // self.size
+        try:
+            dist.all_reduce(t, group=self.group)
+        except RuntimeError as e:
+            raise TensorParallelGroupError(f"tensor-parallel all-reduce failed: {e}") from e
+        return t
+
+    def all_gather(self, t: torch.Tensor, kind: str) -> torch.Tensor:
+        """[N, *t.shape]: every rank's t, by rank."""
+        self.elements[kind] += (self.size - 1) * t.numel()
+        t = t.contiguous()
+        try:
+            if self._nccl:
+                out = torch.empty((self.size, *t.shape), dtype=t.dtype, device=t.device)
+                dist.all_gather_into_tensor(out, t, group=self.group)
+                return out
+            parts = [torch.empty_like(t) for _ in range(self.size)]
+            dist.all_gather(parts, t, group=self.group)
+        except RuntimeError as e:
+            raise TensorParallelGroupError(f"tensor-parallel all-gather failed: {e}") from e
+        return torch.stack(parts)
+
+
+class TensorParallelGroup:
+    """This process's membership of the group (see the module docstring)."""
+
+    def __init__(self, rank: int, size: int, device: torch.device,
+                 collective_timeout_s: float, children: list[subprocess.Popen] | None = None):
+        self.rank, self.size, self.device = rank, size, device
+        self.children = children or []
+        self.on_rank_exit = None
+        """Rank 0: called (rank, exit code) from a watcher thread when a follower exits
+        while the group is up."""
+        self._closing = False
+        nccl = device.type == "cuda"
+        if nccl:
+            torch.cuda.set_device(device)
+        timeout = timedelta(seconds=collective_timeout_s)
+        self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+        data = dist.new_group(backend="nccl" if nccl else "gloo", timeout=timeout)
+        self.comm = TensorParallelComm(data, rank, size, nccl)
+        self._buffer = torch.zeros(CONTROL_BYTES, dtype=torch.uint8)
+        self._ping = torch.zeros(1, dtype=torch.float32, device=device)
+        for i, child in enumerate(self.children, start=1):
+            threading.Thread(target=self._watch, args=(i, child), daemon=True,
+                             name=f"slora-tp-watch-{i}").start()
+
+    # -- forming the group ----------------------------------------------------------------
+
+    @classmethod
+    def launch(cls, config, model_path: str | None, backend: str, cuda_graphs: bool,
+               collective_timeout_s: float = DEFAULT_COLLECTIVE_TIMEOUT_S
+               ) -> "TensorParallelGroup":
+        """Rank 0: starts ranks 1..N-1 of `config` (an EngineConfig) and joins them."""
+        from slora.protos.model_info import model_info_from_config
+
+        size = config.tensor_parallel_size
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        info = model_info_from_config(config, model_path).SerializeToString()
+        children = []
+        try:
+            for rank in range(1, size):
+                spec = RankSpec(rank, size, init_method, base64.b64encode(info).decode(),
+                                model_path, backend, cuda_graphs, collective_timeout_s,
+                                os.getpid())
+                child = subprocess.Popen(python_module_command("slora.worker.tp_rank"),
+                                         stdin=subprocess.PIPE, text=True)
+                child.stdin.write(json.dumps(spec.__dict__))
+                child.stdin.close()
+                children.append(child)
+            cls._init(0, size, init_method)
+            return cls(0, size, rank_device(config.device, 0), collective_timeout_s, children)
+        except BaseException:
+            for child in children:
+                child.kill()
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            raise
+
+    @classmethod
+    def join(cls, spec: RankSpec, device: str) -> "TensorParallelGroup":
+        """A follower: joins rank 0's group."""
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        cls._init(spec.rank, spec.world_size, spec.init_method)
+        return cls(spec.rank, spec.world_size, rank_device(device, spec.rank),
+                   spec.collective_timeout_s)
+
+    @staticmethod
+    def _init(rank: int, size: int, init_method: str) -> None:
+        if dist.is_initialized():
+            raise TensorParallelGroupError(
+                "this process already belongs to a torch.distributed group: close the other "
+                "tensor-parallel worker first")
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size,
+                                timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+
+    def wait_ready(self) -> None:
+        """Returns once every rank has built its shard."""
+        try:
+            dist.barrier()
+        except RuntimeError as e:
+            raise TensorParallelGroupError(f"tensor-parallel start-up failed: {e}") from e
+
+    # -- messages -------------------------------------------------------------------------
+
+    def send(self, kind: int, payload: bytes = b"", tokens: list[int] = (),
+             flags: int = 0) -> None:
+        """Rank 0: one message to every other rank."""
+        body = _HEADER.pack(kind, flags, len(payload), len(tokens)) + payload + struct.pack(
+            f"<{len(tokens)}q", *tokens)
+        head = body[:CONTROL_BYTES]
+        self._buffer[:len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+        self._broadcast(self._buffer)
+        if len(body) > CONTROL_BYTES:
+            self._broadcast(torch.frombuffer(bytearray(body[CONTROL_BYTES:]), dtype=torch.uint8))
+
+    def receive(self) -> tuple[int, int, bytes, list[int]]:
+        """A follower: the next message (kind, flags, payload, tokens)."""
+        self._broadcast(self._buffer)
+        head = self._buffer.numpy().tobytes()
+        kind, flags, num_bytes, num_tokens = _HEADER.unpack_from(head)
+        size = _HEADER.size + num_bytes + 8 * num_tokens
+        body = head[:size]
+        if size > CONTROL_BYTES:
+            rest = torch.empty(size - CONTROL_BYTES, dtype=torch.uint8)
+            self._broadcast(rest)
+            body = head + rest.numpy().tobytes()
+        payload = body[_HEADER.size:_HEADER.size + num_bytes]
+        tokens = list(struct.unpack_from(f"<{num_tokens}q", body, _HEADER.size + num_bytes))
+        return kind, flags, payload, tokens
+
+    def _broadcast(self, t: torch.Tensor) -> None:
+        try:
+            dist.broadcast(t, src=0, group=self.control)
+        except RuntimeError as e:
+            raise TensorParallelGroupError(
+                f"tensor-parallel rank {self.rank}: control broadcast failed: {e}") from e
+
+    def ping(self) -> None:
+        """Every rank (rank 0 after sending PING): a one-value all-reduce that a hung or
+        dead rank fails within the collective timeout."""
+        self.comm.all_reduce(self._ping, "ping")
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    # -- ending ---------------------------------------------------------------------------
+
+    def _watch(self, rank: int, child: subprocess.Popen) -> None:
+        code = child.wait()
+        if not self._closing and self.on_rank_exit is not None:
+            self.on_rank_exit(rank, code)
+
+    def kill_children(self) -> None:
+        """Rank 0: SIGKILL every follower (a stopped one too)."""
+        self._closing = True
+        for child in self.children:
+            if child.poll() is None:
+                try:
+                    os.kill(child.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+
+    def close(self) -> None:
+        """Rank 0: asks the followers to stop, waits for them (killing the late ones) and
+        leaves the group. A follower: leaves the group."""
+        self._closing = True
+        if self.rank == 0 and any(c.poll() is None for c in self.children):
+            try:
+                self.send(STOP)
+            except TensorParallelGroupError:
+                pass
+            for child in self.children:
+                try:
+                    child.wait(STOP_WAIT_S)
+                except subprocess.TimeoutExpired:
+                    pass
+        self.kill_children()
+        for child in self.children:
+            child.wait()
+        if dist.is_initialized():
+            dist.destroy_process_group()
