@@ -45,9 +45,12 @@ def python_module_command(module: str, *args) -> list[str]:
     return [sys.executable, "-P", "-m", module, *map(str, args)]
 
 
-def ready_line(name: str, port: int, metrics_port: int) -> str:
-    """The line a launcher waits for; keep its form: `SLORA_READY <name> port=N ...`."""
-    return f"SLORA_READY {name} port={port} metrics_port={metrics_port} pid={os.getpid()}"
+def ready_line(name: str, port: int, metrics_port: int, **ports: int) -> str:
+    """The line a launcher waits for; keep its form: `SLORA_READY <name> port=N ...`.
+    `ports`: more ports the process serves (http_port=N)."""
+    more = "".join(f" {k}={v}" for k, v in ports.items())
+    return (f"SLORA_READY {name} port={port} metrics_port={metrics_port}{more} "
+            f"pid={os.getpid()}")
 
 
 def _code_name(code) -> str:
@@ -187,6 +190,14 @@ class ServerCalls(grpc.aio.ServerInterceptor):
             finally:
                 self._end(counted, method, code, start)
         return call
+
+    def begin_call(self) -> float:
+        """A call of another transport (the frontend's HTTP API) starts: it counts as
+        running until end_call, so the drain waits for it. Returns its start time."""
+        return self._begin(True)
+
+    def end_call(self, method: str, code: str, start: float) -> None:
+        self._end(True, method, code, start)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no call runs; False if some still run after `timeout_s`."""

@@ -10,11 +10,11 @@ import grpc
 
 from slora.adapter_store.intake import AdapterRoots
 from slora.adapter_store.peft import base_model_warning
-from slora.adapter_store.registry import AdapterRecord, Sharing
+from slora.adapter_store.registry import PRIVATE, AdapterRecord, Sharing
 from slora.adapter_store.uploads import UploadWriter
 from slora.common.errors import InvalidRequestError, PermissionDeniedError, SloraError
 from slora.frontend.auth import principal
-from slora.frontend.generation import abort_with
+from slora.frontend.generation import UpstreamError, abort_with
 from slora.v1 import adapters_pb2, adapters_pb2_grpc, scheduler_pb2
 
 DEFAULT_PAGE_SIZE = 100
@@ -47,18 +47,25 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         self.roots = roots if roots is not None else AdapterRoots((), store_dir)
         self.max_adapters = max_adapters_per_tenant
 
+    async def register_path(self, adapter_id: str, path: str, *, request_id: str = "",
+                            sharing: Sharing = PRIVATE) -> AdapterRecord:
+        """Registers the PEFT folder at `path` as the caller's (both APIs); raises
+        SloraError."""
+        if not path:
+            raise InvalidRequestError("path is empty: give a PEFT folder the servers can read")
+        return await self.registry.register_path(
+            adapter_id, path, owner=principal().tenant, request_id=request_id,
+            sharing=sharing, roots=self.roots, max_bytes=self.max_upload_bytes,
+            max_adapters=self.max_adapters)
+
     async def Register(self, request, context):
-        tenant = principal().tenant
         try:
-            if not request.path:
-                raise InvalidRequestError("path is empty: give a PEFT folder the servers can read")
-            record = await self.registry.register_path(
-                request.adapter_id, request.path, owner=tenant, request_id=request.request_id,
-                sharing=Sharing(request.public, tuple(request.shared_with)), roots=self.roots,
-                max_bytes=self.max_upload_bytes, max_adapters=self.max_adapters)
+            record = await self.register_path(
+                request.adapter_id, request.path, request_id=request.request_id,
+                sharing=Sharing(request.public, tuple(request.shared_with)))
         except SloraError as e:
             await abort_with(context, e)
-        return record_to_proto(record, tenant, self.registry.base_model_name)
+        return record_to_proto(record, principal().tenant, self.registry.base_model_name)
 
     async def Upload(self, request_iterator, context):
         tenant = principal().tenant
@@ -115,21 +122,18 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
             adapters=[record_to_proto(r, tenant, self.registry.base_model_name)
                       for r in records], next_page_token=next_token)
 
-    async def Delete(self, request, context):
-        """New requests for the adapter are refused at once; the delete completes when the
-        scheduler has no request left that uses it."""
+    async def delete(self, ref: str) -> None:
+        """Deletes the caller's adapter `ref` (both APIs): new requests for it are refused at
+        once; this returns when the scheduler has no request left that uses it. Raises
+        SloraError."""
         tenant = principal().tenant
-        try:
-            record = await self.registry.lookup(request.adapter_id, tenant,
-                                                include_deleting=True)
-            if record.owner != tenant:
-                raise PermissionDeniedError(
-                    f"adapter {request.adapter_id!r} belongs to tenant {record.owner!r}; only "
-                    "its owner may delete it")
-            adapter_id = record.qualified_id
-            await self.registry.mark_deleting(adapter_id)
-        except SloraError as e:
-            await abort_with(context, e)
+        record = await self.registry.lookup(ref, tenant, include_deleting=True)
+        if record.owner != tenant:
+            raise PermissionDeniedError(
+                f"adapter {ref!r} belongs to tenant {record.owner!r}; only its owner may "
+                "delete it")
+        adapter_id = record.qualified_id
+        await self.registry.mark_deleting(adapter_id)
         try:
             await self.scheduler.DropAdapter(
                 scheduler_pb2.DropAdapterRequest(adapter_id=adapter_id))
@@ -137,7 +141,13 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         except (SloraError, grpc.aio.AioRpcError) as e:
             await self.registry.cancel_delete(adapter_id)
             if isinstance(e, SloraError):
-                await abort_with(context, e)
-            await context.abort(grpc.StatusCode.UNAVAILABLE,
-                                f"scheduler unavailable while deleting: {e.details()}")
+                raise
+            raise UpstreamError("UNAVAILABLE",
+                                f"scheduler unavailable while deleting: {e.details()}") from None
+
+    async def Delete(self, request, context):
+        try:
+            await self.delete(request.adapter_id)
+        except SloraError as e:
+            await abort_with(context, e)
         return adapters_pb2.DeleteAdapterResponse()

@@ -22,6 +22,7 @@ With auth off (`--no-auth`) every caller is ANONYMOUS: tenant NO_TENANT, admin.
 """
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import logging
 import time
@@ -31,7 +32,7 @@ import grpc
 
 from slora.adapter_store.keys import KeyStore
 from slora.adapter_store.tenancy import NO_TENANT
-from slora.common.errors import AuthenticationError, RegistryUnavailableError
+from slora.common.errors import AuthenticationError, QuotaExceededError, RegistryUnavailableError
 from slora.common.internal_auth import refusing_handler
 
 log = logging.getLogger("slora.frontend")
@@ -79,6 +80,18 @@ class KeyRecheck:
         return await self._check()
 
 
+@contextlib.contextmanager
+def acting_as(who: Principal, key_check=None):
+    """`who` and its key check (AuthInterceptor.key_check) set for the block: how the HTTP
+    API runs a request as its caller (a gRPC call sets them in its own task, in _as)."""
+    tokens = current_principal.set(who), _current_key_check.set(key_check)
+    try:
+        yield
+    finally:
+        _current_key_check.reset(tokens[1])
+        current_principal.reset(tokens[0])
+
+
 def principal() -> Principal:
     """The caller of the running handler (set by AuthInterceptor)."""
     try:
@@ -102,6 +115,21 @@ class TenantLimiter:
         self.num_running[tenant] = n + 1
         return True
 
+    def busy_message(self, tenant: str) -> str:
+        return (f"tenant {tenant!r} has {self.max_per_tenant} requests running, its limit; "
+                "retry when one has finished")
+
+    @contextlib.contextmanager
+    def slot(self, tenant: str):
+        """One of `tenant`'s slots while the block runs; QuotaExceededError when none is
+        free."""
+        if not self.try_acquire(tenant):
+            raise QuotaExceededError(self.busy_message(tenant))
+        try:
+            yield
+        finally:
+            self.release(tenant)
+
     def release(self, tenant: str) -> None:
         n = self.num_running[tenant] - 1
         if n:
@@ -123,10 +151,6 @@ def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter |
         key_check=None):
     """`handler` run as `who`, holding a request slot of its tenant if `limiter`;
     `key_check` is what KeyRecheck calls."""
-    def busy() -> str:
-        return (f"tenant {who.tenant!r} has {limiter.max_per_tenant} requests running, its "
-                "limit; retry when one has finished")
-
     # The context variable is set inside the behavior, which runs in the call's own task, and
     # never reset: the task (and its context) ends with the call.
     if handler.response_streaming:
@@ -136,7 +160,8 @@ def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter |
             current_principal.set(who)
             _current_key_check.set(key_check)
             if limiter is not None and not limiter.try_acquire(who.tenant):
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy())
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    limiter.busy_message(who.tenant))
             try:
                 async for response in inner(request, context):
                     yield response
@@ -150,7 +175,8 @@ def _as(handler: grpc.RpcMethodHandler, who: Principal, limiter: TenantLimiter |
             current_principal.set(who)
             _current_key_check.set(key_check)
             if limiter is not None and not limiter.try_acquire(who.tenant):
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, busy())
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    limiter.busy_message(who.tenant))
             try:
                 return await inner(request, context)
             finally:
@@ -171,7 +197,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         self.keys = keys
         self.limiter = limiter
 
-    async def _who(self, metadata) -> Principal:
+    async def identify(self, metadata) -> Principal:
+        """The caller of a call with `metadata` ((key, value) pairs; the HTTP API passes its
+        Authorization header the same way). Raises AuthenticationError, or
+        RegistryUnavailableError when Redis cannot say."""
         if self.keys is None:
             return ANONYMOUS
         key = bearer_key(metadata)
@@ -187,7 +216,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or method.startswith(OPEN_SERVICES):
             return handler
         try:
-            who = await self._who(handler_call_details.invocation_metadata)
+            who = await self.identify(handler_call_details.invocation_metadata)
         except (AuthenticationError, RegistryUnavailableError) as e:
             log.info("refused %s: %s", method, e)
             return refusing_handler(handler, getattr(grpc.StatusCode, e.grpc_code), str(e))
@@ -199,9 +228,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                              f"{method} needs an admin key; this key belongs to tenant "
                              f"{who.tenant!r}")
         return _as(handler, who, self.limiter if method in LIMITED_METHODS else None,
-                   self._key_check(handler_call_details.invocation_metadata, who))
+                   self.key_check(handler_call_details.invocation_metadata, who))
 
-    def _key_check(self, metadata, who: Principal):
+    def key_check(self, metadata, who: Principal):
+        """What KeyRecheck calls for a call of `who` with `metadata` (None with auth off)."""
         if self.keys is None:
             return None
         key = bearer_key(metadata)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 import uuid
+from typing import AsyncIterator
 
 import grpc
 
@@ -46,6 +48,17 @@ async def abort_with(context: grpc.aio.ServicerContext, err: SloraError) -> None
     await context.abort(getattr(grpc.StatusCode, err.grpc_code), bounded(str(err)))
 
 
+class UpstreamError(SloraError):
+    """A request's end that is not a refusal of ours: the scheduler's status (with the
+    trailers the caller may see, PASSED_TRAILERS), the worker's error (FAILED_PRECONDITION)
+    or a key revoked while it ran (UNAUTHENTICATED)."""
+
+    def __init__(self, grpc_code: str, details: str, trailers: tuple = ()):
+        super().__init__(bounded(details))
+        self.grpc_code = grpc_code
+        self.trailers = trailers
+
+
 class GenerationService(generation_pb2_grpc.GenerationServicer):
     def __init__(self, scheduler_stub, registry, tokenizer, model_info,
                  max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES):
@@ -58,17 +71,25 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         self._tokenizer_threads = concurrent.futures.ThreadPoolExecutor(
             TOKENIZER_THREADS, thread_name_prefix="slora-tokenize")
 
-    async def _tokenize(self, text: str, chat: bool) -> list[int]:
+    async def _tokenize(self, text: str | list[dict], chat: bool) -> list[int]:
         """On a tokenizer thread: the event loop goes on serving every other call (and
-        health checks) while a long prompt is tokenized."""
+        health checks) while a long prompt is tokenized. `text`: a chat's messages too."""
         encode = self.tokenizer.apply_chat_template if chat else self.tokenizer.encode
         return await asyncio.get_running_loop().run_in_executor(
             self._tokenizer_threads, encode, text)
 
+    def _check_prompt_bytes(self, num_bytes: int, what: str) -> None:
+        if num_bytes > self.max_prompt_bytes:
+            raise InvalidRequestError(
+                f"{what} {num_bytes} bytes; this server takes at most "
+                f"{self.max_prompt_bytes} (--max-prompt-bytes)")
+
     # -- validation -----------------------------------------------------------------------
 
-    async def _prepare(self, request: generation_pb2.GenerateRequest):
-        """GenerateRequest -> SubmitRequest; raises SloraError naming what is wrong."""
+    async def _prepare(self, request: generation_pb2.GenerateRequest,
+                       messages: list[dict] | None = None):
+        """GenerateRequest (or its sampling and adapter with `messages`, a chat) ->
+        SubmitRequest; raises SloraError naming what is wrong."""
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequestError(
                 f"request_id has {len(request.request_id)} characters; at most "
@@ -80,17 +101,18 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 f"stop: at most {MAX_STOP_STRINGS} strings of {MAX_STOP_STRING_CHARS} "
                 "characters")
         which = request.WhichOneof("input")
-        if which == "prompt_token_ids":
+        if messages is not None:
+            self._check_prompt_bytes(
+                sum(len(m["content"].encode("utf-8", "surrogatepass")) for m in messages),
+                "messages have")
+            prompt_ids = await self._tokenize(messages, chat=True)
+        elif which == "prompt_token_ids":
             if request.chat:
                 raise InvalidRequestError("chat applies to a text prompt, not token ids")
             prompt_ids = list(request.prompt_token_ids.ids)
         elif which == "prompt":
             text = request.prompt
-            num_bytes = len(text.encode("utf-8"))
-            if num_bytes > self.max_prompt_bytes:
-                raise InvalidRequestError(
-                    f"prompt has {num_bytes} bytes; this server takes at most "
-                    f"{self.max_prompt_bytes} (--max-prompt-bytes)")
+            self._check_prompt_bytes(len(text.encode("utf-8", "surrogatepass")), "prompt has")
             prompt_ids = await self._tokenize(text, request.chat) if text else []
         else:
             prompt_ids = []
@@ -113,13 +135,19 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     # -- the calls ------------------------------------------------------------------------
 
-    async def GenerateStream(self, request, context):
+    async def events(self, request: generation_pb2.GenerateRequest, time_remaining,
+                     messages: list[dict] | None = None
+                     ) -> AsyncIterator[generation_pb2.GenerateEvent]:
+        """The request's events, for both APIs (gRPC here, HTTP in frontend/http/): text
+        deltas, the last one with finish reason, usage and timings. `time_remaining()` is
+        what is left of the caller's deadline in seconds (None: no deadline); `messages`,
+        a chat in place of `request.prompt`. Raises SloraError before the first event (bad
+        request, unknown adapter) and UpstreamError after.
+
+        Close it (contextlib.aclosing) when the caller goes away: that cancels the Submit
+        at once, and the scheduler frees the request's pages."""
         arrival = time.perf_counter()
-        try:
-            submit, prompt_ids, stops = await self._prepare(request)
-        except SloraError as e:
-            await abort_with(context, e)
-            return
+        submit, prompt_ids, stops = await self._prepare(request, messages)
         request_id_var.set(submit.request_id)
         detok = IncrementalDetokenizer(self.tokenizer, prompt_ids)
         matcher = StopStringMatcher(stops)
@@ -128,7 +156,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         num_output = 0
         outcome = "CANCELLED"
         """The status code this call ends with, for its log line."""
-        call = self.scheduler.Submit(submit, timeout=context.time_remaining())
+        call = self.scheduler.Submit(submit, timeout=time_remaining())
         try:
             async for event in call:
                 if first_token_at is None and event.token_ids:
@@ -157,13 +185,10 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                         total_s=now - arrival))
                 if event.error:
                     outcome = "FAILED_PRECONDITION"
-                    await context.abort(grpc.StatusCode.FAILED_PRECONDITION,
-                                        bounded(event.error))
-                    return
+                    raise UpstreamError(outcome, event.error)
                 if not done and (revoked := await recheck.revoked()):
                     outcome = "UNAUTHENTICATED"
-                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, revoked)
-                    return
+                    raise UpstreamError(outcome, revoked)
                 if done:
                     outcome = "OK"
                 yield out
@@ -179,13 +204,23 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             outcome = code.name
             trailers = tuple((k, v) for k, v in (e.trailing_metadata() or ())
                              if k in PASSED_TRAILERS)
-            if trailers:
-                context.set_trailing_metadata(trailers)
-            await context.abort(code, bounded(e.details() or "scheduler unavailable"))
+            raise UpstreamError(code.name, e.details() or "scheduler unavailable",
+                                trailers) from None
         finally:
             call.cancel()
             self._finished(submit, request, outcome, arrival, first_token_at,
                            len(prompt_ids), num_output)
+
+    async def GenerateStream(self, request, context):
+        try:
+            async with contextlib.aclosing(
+                    self.events(request, context.time_remaining)) as events:
+                async for event in events:
+                    yield event
+        except SloraError as e:
+            if isinstance(e, UpstreamError) and e.trailers:
+                context.set_trailing_metadata(e.trailers)
+            await abort_with(context, e)
 
     @staticmethod
     def _finished(submit, request, outcome: str, arrival: float, first_token_at,

@@ -35,6 +35,8 @@ from slora.common.metrics import add_metrics_args, start_metrics_server
 from slora.frontend import metrics
 from slora.frontend.adapters import AdaptersService
 from slora.frontend.generation import DEFAULT_MAX_PROMPT_BYTES, GenerationService
+from slora.frontend.http.app import add_http_args, start_http
+from slora.frontend.http.state import HttpApi
 from slora.frontend.keys import KeysService
 from slora.frontend.scheduler_watch import watch_scheduler
 from slora.frontend.security import add_security_args, bind_public_port, setup_security
@@ -73,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="largest text prompt, in UTF-8 bytes (checked before tokenizing)")
     p.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                    help="on SIGTERM, seconds that running calls get to finish")
+    add_http_args(p)
     add_security_args(p)
     add_internal_secret_args(p)
     add_metrics_args(p)
@@ -121,11 +124,11 @@ async def serve(args) -> None:
     lifecycle = Lifecycle(public_names, on_call_done=metrics.on_call_done)
     server = grpc.aio.server(interceptors=[lifecycle.calls, security.interceptor],
                              options=server_options(MAX_MESSAGE_BYTES))
-    generation_pb2_grpc.add_GenerationServicer_to_server(
-        GenerationService(scheduler, registry, tokenizer, info, args.max_prompt_bytes), server)
-    adapters_pb2_grpc.add_AdaptersServicer_to_server(
-        AdaptersService(registry, scheduler, store_dir, args.max_upload_bytes, security.roots,
-                        args.max_adapters_per_tenant), server)
+    generation = GenerationService(scheduler, registry, tokenizer, info, args.max_prompt_bytes)
+    adapters = AdaptersService(registry, scheduler, store_dir, args.max_upload_bytes,
+                               security.roots, args.max_adapters_per_tenant)
+    generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
+    adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, server)
     if security.keys is not None:
         keys_pb2_grpc.add_KeysServicer_to_server(KeysService(security.keys), server)
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
@@ -134,13 +137,17 @@ async def serve(args) -> None:
     port = bind_public_port(server, args)
     metrics_port = start_metrics_server(args.metrics_host, args.metrics_port)
     await server.start()
+    http_runner, http_port = await start_http(
+        args, HttpApi(generation, adapters, security.interceptor, lifecycle, info))
     await lifecycle.set_serving(True)
     watcher = asyncio.create_task(watch_scheduler(channel, lifecycle.set_serving))
     lifecycle.stop_on_signals()
-    print(ready_line("frontend", port, metrics_port), flush=True)
+    print(ready_line("frontend", port, metrics_port, http_port=http_port), flush=True)
 
     await lifecycle.wait_for_stop()
     await lifecycle.drain(server, args.shutdown_grace_s)
+    if http_runner is not None:
+        await http_runner.cleanup()
     watcher.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await watcher

@@ -4,8 +4,11 @@ transformers applies it); and incremental detokenization that never splits a UTF
 character nor a multi-token glyph."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+
+from slora.common.errors import InvalidRequestError
 
 REPLACEMENT_CHAR = "\ufffd"
 BYTE_OFFSET = 3
@@ -28,8 +31,9 @@ class ByteTokenizer:
         data = bytes(i - BYTE_OFFSET for i in ids if BYTE_OFFSET <= i < BYTE_OFFSET + 256)
         return data.decode("utf-8", errors="replace")
 
-    def apply_chat_template(self, user_message: str) -> list[int]:
-        return self.encode(f"user: {user_message}\nassistant:")
+    def apply_chat_template(self, chat: str | list[dict]) -> list[int]:
+        return self.encode("".join(f"{m['role']}: {m['content']}\n" for m in as_messages(chat))
+                           + "assistant:")
 
 
 class HFTokenizer:
@@ -63,10 +67,27 @@ class HFTokenizer:
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
 
-    def apply_chat_template(self, user_message: str) -> list[int]:
+    def apply_chat_template(self, chat: str | list[dict]) -> list[int]:
+        """The ids of `chat` (one user message, or messages of role and content) rendered
+        by the model's template, ready for the assistant's answer. A template that refuses
+        the messages (most check the order of roles) raises InvalidRequestError."""
+        messages = as_messages(chat)
         if not self.chat_template:
-            return self.encode(user_message)
+            return self.encode("\n".join(m["content"] for m in messages))
         import jinja2
+
+        try:
+            text = self._template().render(
+                messages=messages, add_generation_prompt=True,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+        except jinja2.TemplateError as e:
+            raise InvalidRequestError(f"the model's chat template refused the messages: {e}") \
+                from None
+        # The template writes the special tokens itself.
+        return self.encode(text, add_special_tokens=False)
+
+    @functools.cache
+    def _template(self):
         import jinja2.sandbox
 
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True,
@@ -76,11 +97,12 @@ class HFTokenizer:
             raise jinja2.exceptions.TemplateError(message)
 
         env.globals["raise_exception"] = raise_exception
-        text = env.from_string(self.chat_template).render(
-            messages=[{"role": "user", "content": user_message}], add_generation_prompt=True,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
-        # The template writes the special tokens itself.
-        return self.encode(text, add_special_tokens=False)
+        return env.from_string(self.chat_template)
+
+
+def as_messages(chat: str | list[dict]) -> list[dict]:
+    """One user message, or the messages as given."""
+    return [{"role": "user", "content": chat}] if isinstance(chat, str) else chat
 
 
 def _token_text(token) -> str | None:

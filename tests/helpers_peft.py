@@ -121,3 +121,37 @@ def edit_adapter_config(path: str, **fields) -> str:
     with open(cfg_file, "w") as f:
         json.dump(cfg, f)
     return path
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] not in ('system', 'user') %}"
+    "{{ raise_exception('the first message must be system or user') }}{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+"""ChatML, as SmolLM2's template writes it, with the role check many templates make."""
+CHAT_TOKENIZER_VOCAB = 300
+"""Byte-level BPE: 256 bytes, 3 special tokens, merges up to 300 (fits TINY_LLAMA with
+vocab_size=320)."""
+
+
+def add_chat_tokenizer(model_dir: str, texts: list[str]) -> str:
+    """Write a byte-level BPE trained here on `texts` (no download) as tokenizer.json, and
+    tokenizer_config.json with CHAT_TEMPLATE, into the model folder; returns the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=CHAT_TOKENIZER_VOCAB,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts * 10, trainer)
+    tok.save(os.path.join(model_dir, "tokenizer.json"))
+    with open(os.path.join(model_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({"chat_template": CHAT_TEMPLATE, "eos_token": "<|im_end|>",
+                   "bos_token": None, "add_bos_token": False,
+                   "tokenizer_class": "PreTrainedTokenizerFast"}, f)
+    return model_dir

@@ -1,7 +1,7 @@
 """The whole stack as real processes on loopback: the embedded valkey, the worker, the
 scheduler and the frontend, each started, stopped (SIGTERM: it drains), killed (SIGKILL) and
 restarted on its own port; the scheduler's Stats and Pause; each process's metrics page,
-resident memory and JSON log lines.
+resident memory and JSON log lines; the frontend's OpenAI HTTP API (`Stack.http_url`).
 
 Import from a test as `from helpers_stack import Stack, worker_argv` (pytest puts tests/ on
 sys.path). The frontend runs with auth on: it makes the admin key at its first start and
@@ -36,6 +36,7 @@ PROCESS_ENV = {"OMP_NUM_THREADS": "1"}
 """Four processes and the test share a CI machine's few cores: torch's OpenMP pool would
 spin on cores the others need (a step of the tiny model then takes 10x longer)."""
 METRICS_PORT_PATTERN = re.compile(r"\bmetrics_port=(-?\d+)")
+HTTP_PORT_PATTERN = re.compile(r"\bhttp_port=(-?\d+)")
 PID_PATTERN = re.compile(r"\bpid=(\d+)")
 
 
@@ -66,6 +67,8 @@ class Stack:
         self.ports: dict[str, int] = {}
         """Each process keeps its port across restarts."""
         self.metrics_ports: dict[str, int] = {}
+        self.http_port = 0
+        """The frontend's OpenAI API port (kept across its restarts too)."""
 
     # -- processes ----------------------------------------------------------------------
 
@@ -85,7 +88,7 @@ class Stack:
                             "--redis-url", f"redis://127.0.0.1:{self.ports['redis']}/0",
                             "--redis-password-file", self.redis_password_file,
                             "--data-dir", os.path.join(self.root, "data"),
-                            *self.frontend_args)
+                            "--http-port", str(self.http_port), *self.frontend_args)
 
     def start(self, name: str) -> None:
         proc, self.ports[name] = start_process(self._argv(name), f"SLORA_READY {name}",
@@ -94,6 +97,9 @@ class Stack:
         match = METRICS_PORT_PATTERN.search(proc.ready_line)
         if match:
             self.metrics_ports[name] = int(match.group(1))
+        match = HTTP_PORT_PATTERN.search(proc.ready_line)
+        if match:
+            self.http_port = int(match.group(1))
 
     def stop(self, name: str, timeout: float = 10.0) -> int:
         """SIGTERM (the process drains), SIGKILL after `timeout`; returns the exit status."""
@@ -152,6 +158,11 @@ class Stack:
     @property
     def redis_password_file(self) -> str:
         return os.path.join(self.root, "redis", PASSWORD_FILE)
+
+    @property
+    def http_url(self) -> str:
+        """The OpenAI API's base URL (what `openai.OpenAI(base_url=...)` takes)."""
+        return f"http://127.0.0.1:{self.http_port}/v1"
 
     @property
     def redis_url(self) -> str:
