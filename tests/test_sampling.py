@@ -88,3 +88,16 @@ def test_top_p_keeps_the_smallest_prefix_reaching_p(top_p, kept):
     probs = _filtered_probs(logits, SamplingParams(temperature=1.0, top_p=top_p))
     assert int((probs > 0).sum()) == kept
     assert probs.sum().item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("temperature", [1e-300, 1e-40, 1e-30, 5e-324])
+def test_a_tiny_temperature_samples_the_top_token_instead_of_failing_the_step(temperature):
+    """A temperature so small that logits / temperature overflows float32 (the HTTP fuzz
+    found 1e-300 failing the whole step, every request of it): the request samples the most
+    likely token, and the others in the batch are unaffected."""
+    from slora.worker.sampling import sample
+
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3)) * 5
+    tokens, _ = sample(logits, [SamplingParams(temperature=temperature, seed=1),
+                                SamplingParams()], [0, 0])
+    assert tokens == logits.argmax(dim=-1).tolist()

@@ -18,7 +18,11 @@ def _request_generator(seed: int, output_index: int, device: torch.device) -> to
 
 def _filtered_probs(logits: torch.Tensor, sp: SamplingParams) -> torch.Tensor:
     """logits [vocab] float32 -> probabilities after temperature, top-k and top-p."""
-    logits = logits / sp.temperature
+    # Shifted by the max first (softmax does not change): a tiny temperature then sends the
+    # others to -inf, never the top one to inf (inf - inf would make every probability NaN);
+    # one below the dtype's smallest normal would round to 0 on the way (0 / 0).
+    temperature = max(sp.temperature, torch.finfo(logits.dtype).tiny)
+    logits = (logits - logits.max()) / temperature
     if 0 < sp.top_k < logits.shape[-1]:
         kth = torch.topk(logits, sp.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
