@@ -1,6 +1,8 @@
-"""Fuzzing a running stack through its public port: 5,000 hypothesis-generated calls to
+"""Fuzzing a running stack through its public ports: 5,000 hypothesis-generated calls to
 every public method (helpers_strategies.py), then 500 frames of garbage (gRPC messages that
-are not protobuf, and raw HTTP/2 frames). No process dies; every answer is OK or one of the
+are not protobuf, and raw HTTP/2 frames), and 2,000 requests to the OpenAI HTTP API
+(helpers_http_strategies.py: every endpoint, random JSON, garbage bodies, bad keys), none of
+which may get a 5xx but a 504 past the deadline it asked for. No process dies; every answer is OK or one of the
 documented error codes (docs/RELIABILITY.md); UNKNOWN, which means a handler raised, fails,
 and INTERNAL is allowed only for a message that does not parse; the pool is idle at the
 end and the stack serves."""
@@ -8,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import json
 import random
 import socket
 import struct
 
+import aiohttp
 import grpc
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
+from helpers_http_strategies import http_request
 from helpers_peft import make_peft_adapter, make_tiny_llama
 from helpers_stack import Stack, worker_argv
 from helpers_strategies import GARBAGE_MESSAGES, Call, public_call
@@ -150,6 +155,64 @@ def test_five_thousand_fuzzed_calls_get_ok_or_a_documented_code(stack, loop):
     print(f"FIGURE fuzz: answers by code: {dict(codes)}")
     assert sum(codes.values()) >= NUM_EXAMPLES * CALLS_PER_EXAMPLE
     assert codes["OK"] > 500 and codes["INVALID_ARGUMENT"] > 500, codes
+
+
+NUM_HTTP_EXAMPLES = 40
+"""x CALLS_PER_EXAMPLE concurrent requests: 2,000 in all."""
+HTTP_STATUSES = {200, 400, 401, 403, 404, 405, 409, 413, 429}
+"""What a request may get from a healthy stack; 504 too when it sent a deadline."""
+
+
+async def http_outcome(session: aiohttp.ClientSession, base_url: str, call):
+    """(status, the statuses of error events in an SSE body) of one request."""
+    async with session.request(call.method, base_url + call.path, data=call.body,
+                               headers=call.headers) as response:
+        body = await response.read()
+        streamed = response.content_type == "text/event-stream"
+    if not streamed:
+        return response.status, [], body
+    events = [line[len(b"data: "):] for line in body.split(b"\n")
+              if line.startswith(b"data: ")]
+    assert events and events[-1] == b"[DONE]", body[-300:]
+    return response.status, [json.loads(e)["error"]["status"] for e in events[:-1]
+                             if b'"error"' in e and "error" in json.loads(e)], body[-600:]
+
+
+def test_two_thousand_fuzzed_http_requests_get_no_server_error(stack, loop):
+    """40 examples of 50 concurrent HTTP requests (helpers_http_strategies.py): each status
+    is a documented one (no 5xx; 504 only for a request that sent x-slora-timeout-s), every
+    SSE stream ends with [DONE] and carries no 5xx error event, and the connection is
+    never dropped."""
+    base_url = f"http://127.0.0.1:{stack.http_port}"
+    statuses: collections.Counter = collections.Counter()
+    calls_strategy = st.lists(http_request(["base", *ADAPTER_IDS], stack.adapter_dir,
+                                           stack.admin_key),
+                              min_size=CALLS_PER_EXAMPLE, max_size=CALLS_PER_EXAMPLE)
+
+    async def run(calls):
+        timeout = aiohttp.ClientTimeout(total=CALL_TIMEOUT_S)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            return await asyncio.gather(*(http_outcome(session, base_url, c) for c in calls))
+
+    # Not shrunk: an example is 50 concurrent calls, and a failure is reported as drawn.
+    @settings(FUZZ_SETTINGS, max_examples=NUM_HTTP_EXAMPLES,
+              phases=[Phase.explicit, Phase.generate])
+    @given(st.data())
+    def fuzz(data):
+        calls = data.draw(calls_strategy)
+        answers = loop.run_until_complete(run(calls))
+        for call, (status, stream_errors, body) in zip(calls, answers):
+            statuses[status] += 1
+            allowed = HTTP_STATUSES | ({504} if call.timeout_sent else set())
+            assert status in allowed and set(stream_errors) <= allowed, (
+                f"{call.method} {call.path} got {status} {stream_errors} ({body!r:.600}) for "
+                f"{call.headers} {call.body!r:.600}; the frontend's log ends with "
+                f"{stack.stderr('frontend')[-3000:]}")
+
+    fuzz()
+    print(f"FIGURE fuzz: HTTP answers by status: {dict(statuses)}")
+    assert sum(statuses.values()) >= NUM_HTTP_EXAMPLES * CALLS_PER_EXAMPLE
+    assert statuses[200] > 200 and statuses[400] > 200, statuses
 
 
 PUBLIC_METHODS = ["/slora.v1.Generation/Generate", "/slora.v1.Generation/GenerateStream",
