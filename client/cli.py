@@ -37,6 +37,10 @@ def _up_parser(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="public address of the frontend")
     p.add_argument("--port", type=int, default=int(os.environ.get("SLORA_PORT", "50051")),
                    help="public port (0: any free port; default $SLORA_PORT or 50051)")
+    p.add_argument("--http-port", type=int,
+                   default=int(os.environ.get("SLORA_HTTP_PORT", "8000")),
+                   help="port of the OpenAI-compatible HTTP API (0: any free port; -1: off; "
+                        "default $SLORA_HTTP_PORT or 8000)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")

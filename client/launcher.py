@@ -35,6 +35,8 @@ class Child:
     proc: subprocess.Popen | None = None
     port: int = 0
     metrics_port: int = 0
+    http_port: int = -1
+    """The frontend's OpenAI API port; -1: none."""
     ready: threading.Event = field(default_factory=threading.Event)
     restarts: int = 0
 
@@ -61,6 +63,7 @@ class Child:
                 fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
                 self.port = int(fields.get("port", 0))
                 self.metrics_port = int(fields.get("metrics_port", 0))
+                self.http_port = int(fields.get("http_port", -1))
                 self.ready.set()
             print(f"[{self.name}] {line}", flush=True)
 
@@ -126,6 +129,7 @@ def build_children(args, model: str) -> list[Child]:
                                         f"127.0.0.1:{worker_port}"]))
     children.append(Child("frontend", [
         "slora.frontend.server", "--host", args.host, "--port", str(args.port),
+        "--http-port", str(args.http_port),
         "--data-dir", data_dir, "--scheduler-address", f"127.0.0.1:{scheduler_port}",
         *secret, "--redis-url", redis_url, *redis_password,
         *frontend_security_args(args, data_dir),
@@ -169,8 +173,13 @@ def up(args) -> int:
     try:
         for child in children:
             child.start(args.start_timeout)
-        print(f"slora is serving {os.path.basename(model)} on {args.host}:{by_name['frontend'].port}"
+        frontend = by_name["frontend"]
+        print(f"slora is serving {os.path.basename(model)} on {args.host}:{frontend.port}"
               f"  (Ctrl-C stops it)", flush=True)
+        if frontend.http_port >= 0:
+            scheme = "https" if args.tls_cert else "http"
+            print(f"slora: OpenAI API at {scheme}://{args.host}:{frontend.http_port}/v1",
+                  flush=True)
         print("slora: AUTH IS OFF (--no-auth): anyone reaching the port may use it" if args.no_auth
               else "slora: calls need an API key; the admin key is in "
               f"{os.path.join(os.path.abspath(os.path.expanduser(args.data_dir)), 'admin.key')}"

@@ -95,9 +95,10 @@ def test_readme_first_command_serves_smollm2_that_knows_paris(tmp_path):
         pytest.skip(str(e))
     command = readme_first_command()
     assert command.endswith("slora up")
-    port = free_port()
+    port, http_port = free_port(), free_port()
     env = {**os.environ, "HOME": str(tmp_path), "SLORA_PORT": str(port),
-           "SLORA_ADDRESS": f"127.0.0.1:{port}", "PYTHONUNBUFFERED": "1"}
+           "SLORA_HTTP_PORT": str(http_port), "SLORA_ADDRESS": f"127.0.0.1:{port}",
+           "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "up.log", "w+")
     up = subprocess.Popen(["bash", "-c", command], cwd=ROOT, env=env, stdout=log,
                           stderr=subprocess.STDOUT, start_new_session=True)
@@ -111,6 +112,18 @@ def test_readme_first_command_serves_smollm2_that_knows_paris(tmp_path):
                              env=env, capture_output=True, text=True, timeout=300)
         assert gen.returncode == 0, gen.stderr
         assert gen.stdout.strip() == "The capital of France is Paris.", gen.stdout
+        # The same answer through the OpenAI API, the model's chat template on the server.
+        assert f"OpenAI API at http://127.0.0.1:{http_port}/v1" in open(tmp_path / "up.log").read()
+        import openai
+
+        with open(tmp_path / ".slora" / "admin.key") as f:
+            oai = openai.OpenAI(base_url=f"http://127.0.0.1:{http_port}/v1",
+                                api_key=f.read().strip(), max_retries=0)
+        model = oai.models.list().data[0].id
+        answer = oai.chat.completions.create(
+            model=model, temperature=0, max_tokens=32,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        assert answer.choices[0].message.content.strip() == "The capital of France is Paris."
         # The demo adapters default to the model `slora up` serves, and register with it.
         demo = subprocess.run(["slora", "demo-adapters", "3"], env=env, capture_output=True,
                               text=True, timeout=300)

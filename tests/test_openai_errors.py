@@ -22,7 +22,10 @@ from helpers_peft import make_peft_adapter, make_tiny_llama
 from helpers_procs import stop_process
 from helpers_stack import Stack, worker_argv
 
-MAX_MODEL_LEN = 64
+MAX_MODEL_LEN = 256
+"""Long enough that a stream of MAX_MODEL_LEN - 4 tokens still runs when the test pauses
+the scheduler after its first chunk."""
+MAX_REQUESTS_PER_TENANT = 2
 GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 
 
@@ -35,7 +38,9 @@ def stack(tmp_path_factory):
     other = make_peft_adapter(base, str(roots / "b"), r=4, seed=2)
     argv = worker_argv(base, max_model_len=MAX_MODEL_LEN, max_num_seqs=1)
     stack = Stack(str(root), base, argv, ["--max-queue-len", "1"],
-                  adapter_roots=[str(roots)]).start_all()
+                  adapter_roots=[str(roots)],
+                  frontend_args=["--max-requests-per-tenant", str(MAX_REQUESTS_PER_TENANT)]
+                  ).start_all()
     stack.folder, stack.other = folder, other
     with stack.client() as admin:
         stack.bob_key = admin.create_key("bob").secret
@@ -111,7 +116,7 @@ BAD_BODIES = [
     ("completions", {"prompt": ""}, "prompt is empty"),
     ("completions", {"prompt": ["a", "b"]}, "2 prompts"),
     ("completions", {"prompt": [5, 900]}, "vocabulary"),
-    ("completions", {"prompt": "y" * 200}, "max_model_len"),
+    ("completions", {"prompt": "y" * 300}, "max_model_len"),
     ("completions", {"prompt": {"text": "hi"}}, "prompt"),
     ("completions", {"model": 7}, "model"),
     ("chat/completions", {"messages": []}, "messages"),
@@ -239,6 +244,32 @@ def test_a_full_queue_is_429_with_retry_after(paused):
     check_error(err.value, 429, "resource_exhausted", "queue")
     assert int(err.value.response.headers["retry-after"]) >= 1
     assert int(err.value.response.headers["retry-after-ms"]) >= 1
+
+
+def test_a_tenant_at_its_request_limit_is_429(paused):
+    """bob's limit is 2 requests at once: one running (the scheduler paused under it) and
+    one queued, his third is refused at once with 429 naming the limit; once resumed both
+    are served."""
+    stack = paused
+    stack.pause(False)
+    bob = client(stack, stack.bob_key)
+    running = bob.completions.create(model="admin/open", prompt="hi",
+                                     max_tokens=MAX_MODEL_LEN - 4, stream=True, **GREEDY)
+    chunks = iter(running)
+    next(chunks)
+    stack.pause(True)
+    assert stack.stats()["num_running"] == 1
+    with cf.ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(bob.completions.create, model="admin/open", prompt="hi",
+                              max_tokens=3, **GREEDY)
+        stack.wait_for_stats(lambda v: v["num_waiting"] == 1)
+        with pytest.raises(openai.RateLimitError) as err:
+            bob.completions.create(model="admin/open", prompt="hi", max_tokens=3)
+        stack.pause(False)
+        assert waiting.result(timeout=60).usage.completion_tokens == 3
+    assert list(chunks)[-1].choices[0].finish_reason == "length"
+    check_error(err.value, 429, "resource_exhausted", "'bob'", "2 requests")
+    assert err.value.response.headers["retry-after"] == "1"
 
 
 def test_past_the_deadline_is_504(paused):
