@@ -13,6 +13,7 @@ to the scheduler or the worker); valkey needs its password (<root>/redis/passwor
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -210,6 +211,19 @@ class Stack:
         with channel:
             return stub.Pause(scheduler_pb2.PauseRequest(paused=paused), timeout=10,
                               metadata=self.internal_metadata()).was_paused
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The scheduler paused for the block (once the pool is idle) and resumed after it;
+        the block's requests must then leave nothing waiting and no KV page behind."""
+        self.wait_pool_idle()
+        self.pause(True)
+        try:
+            yield self
+        finally:
+            self.pause(False)
+        idle = self.wait_pool_idle(timeout_s=30)
+        assert idle["num_waiting"] == 0 and idle["pages_kv"] == 0, idle
 
     def wait_for_stats(self, done, timeout_s: float = 10.0) -> dict[str, int]:
         """Polls Stats until `done(values)`; returns the last values either way."""

@@ -56,11 +56,9 @@ def stack(tmp_path_factory):
 
 @pytest.fixture
 def paused(stack):
-    stack.wait_pool_idle()
-    stack.pause(True)
-    yield stack
-    stack.pause(False)
-    assert stack.wait_pool_idle(timeout_s=30)["pages_kv"] == 0
+    """The scheduler paused for the test, resumed and idle after it."""
+    with stack.paused():
+        yield stack
 
 
 def wait_serving(stack: Stack, timeout_s: float = 30.0) -> None:

@@ -37,12 +37,8 @@ def stack(tmp_path_factory):
 @pytest.fixture
 def paused(stack):
     """The scheduler paused for the test, resumed and idle after it."""
-    stack.wait_pool_idle()
-    stack.pause(True)
-    yield stack
-    stack.pause(False)
-    idle = stack.wait_pool_idle(timeout_s=30)
-    assert idle["num_waiting"] == 0 and idle["pages_kv"] == 0, idle
+    with stack.paused():
+        yield stack
 
 
 async def concurrently(stack: Stack, calls):
