@@ -1,5 +1,6 @@
 """The frontend process: public Generation and Adapters services, standard health checking
-(grpc.health.v1) and server reflection, on grpc.aio with uvloop.
+(grpc.health.v1) and server reflection, on grpc.aio with uvloop; and the OpenAI-compatible
+HTTP API (frontend/http/) in the same event loop on --http-port, calling the same services.
 
 It is stateless: the model's limits come from the scheduler's Info at start, adapter
 metadata from Redis on every call (with a short stale-if-error cache in memory,

@@ -299,6 +299,25 @@ def test_a_client_that_disconnects_frees_its_pages(paused):
     assert after["num_running"] == 0 and after["pages_kv"] == 0, after
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_pages(paused):
+    """Not streamed: the request runs, the scheduler pauses under it, the client's own 2 s
+    timeout closes the connection: the request is gone and its pages free, the scheduler
+    still paused."""
+    stack = paused
+    stack.pause(False)
+    c = openai.OpenAI(base_url=stack.http_url, api_key=stack.admin_key, max_retries=0,
+                      timeout=2.0)
+    with cf.ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(c.completions.create, model="ad", prompt="hi",
+                             max_tokens=MAX_MODEL_LEN - 4, **GREEDY)
+        stack.wait_for_stats(lambda v: v["num_running"] == 1)
+        stack.pause(True)
+        with pytest.raises(openai.APITimeoutError):
+            answer.result(timeout=60)
+    after = stack.wait_for_stats(lambda v: v["num_running"] == 0 and v["pages_kv"] == 0)
+    assert after["num_running"] == 0 and after["pages_kv"] == 0, after
+
+
 def test_no_scheduler_is_503_with_retry_after(stack):
     """The scheduler stopped: 503 (openai.InternalServerError) with Retry-After; once it
     is back the same call is served."""

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from slora.common.errors import AdapterDeletingError, AdapterNotFoundError, SloraError
 from slora.frontend.auth import principal
-from slora.frontend.http.errors import sse_error
+from slora.frontend.http.errors import ModelNotFoundError, sse_error
 from slora.frontend.http.responses import Output
 from slora.frontend.http.schema import ChatBody, CompletionBody, generate_request, invalid, parse
 from slora.frontend.http.state import API, CODE, REQUEST_ID_HEADER
@@ -33,11 +33,6 @@ MAX_TIMEOUT_S = 86400.0
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 DONE = b"data: [DONE]\n\n"
-
-
-class ModelNotFoundError(SloraError):
-    grpc_code = "NOT_FOUND"
-    param = "model"
 
 
 def time_remaining_of(request: web.Request):

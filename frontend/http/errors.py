@@ -40,6 +40,13 @@ STATUS_TO_CODE = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISS
 their call is counted under in the metrics."""
 
 
+class ModelNotFoundError(SloraError):
+    """A request's `model` is neither the base model nor an adapter the caller may use."""
+
+    grpc_code = "NOT_FOUND"
+    param = "model"
+
+
 def status_of(err: SloraError) -> tuple[int, str]:
     """(HTTP status, OpenAI error type) of an error."""
     if isinstance(err, UploadTooLargeError):

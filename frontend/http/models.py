@@ -12,9 +12,9 @@ from aiohttp import web
 from slora.adapter_store.registry import AdapterRecord, Sharing
 from slora.common.errors import AdapterNotFoundError
 from slora.frontend.auth import principal
+from slora.frontend.http.errors import ModelNotFoundError
 from slora.frontend.http.schema import Strict, parse
 from slora.frontend.http.state import API, REQUEST_ID_HEADER
-from slora.frontend.http.completions import ModelNotFoundError
 
 OWNED_BY_BASE = "slora"
 
