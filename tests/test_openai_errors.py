@@ -365,3 +365,33 @@ def test_sigterm_lets_a_running_http_stream_finish_and_refuses_new_calls(stack):
     stop_process(stack.procs.pop("frontend"))
     stack.start("frontend")
     wait_serving(stack)
+
+
+def test_a_stream_whose_key_is_revoked_ends_with_a_401_event(stack):
+    """As on gRPC (test_stack_hardening): an HTTP stream whose key is revoked while it runs
+    ends at its next token once REVOCATION_CHECK_S has passed, with one error event (status
+    401, 'revoked') instead of its remaining chunks; the next call with the key is 401."""
+    from slora.frontend.auth import REVOCATION_CHECK_S
+
+    stack.wait_pool_idle()
+    with stack.client() as admin:
+        made = admin.create_key("frank")
+    frank = client(stack, made.secret)
+    stream = frank.completions.create(model="admin/open", prompt="hi",
+                                      max_tokens=MAX_MODEL_LEN - 4, stream=True, **GREEDY)
+    chunks = iter(stream)
+    next(chunks)
+    stack.pause(True)
+    try:
+        with stack.client() as admin:
+            admin.revoke_key(made.key.key_id)
+        time.sleep(REVOCATION_CHECK_S + 0.1)  # the check's period is the behaviour here
+    finally:
+        stack.pause(False)
+    with pytest.raises(openai.APIError) as ended:
+        for _ in chunks:
+            pass
+    assert "revoked" in str(ended.value.message), ended.value
+    assert ended.value.body["status"] == 401 and ended.value.body["code"] == "unauthenticated"
+    with pytest.raises(openai.AuthenticationError):
+        frank.models.list()
