@@ -106,7 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool-gib", type=float, default=32.0, help="pool size on CUDA, GiB")
     g.add_argument("--max-num-seqs", type=int, default=64)
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
-    g.add_argument("--max-adapter-slots", type=int, default=128)
+    g.add_argument("--max-adapter-slots", type=int, default=None,
+                   help="deprecated cap on resident adapters (default: none, the pool's "
+                        "pages are the only bound)")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda"])
     g.add_argument("--weights-seed", type=int, default=0, help="of the dummy weights")
     g = p.add_argument_group("adapters and baselines")
@@ -202,11 +204,13 @@ def engine_argv(args, plan: Plan, device: str, dtype: str) -> list[str]:
     dtype_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     cache_bytes = sum(adapter_bytes(model, a.rank, dtype_size) for a in plan.adapters)
     argv = ["--model", args.model, "--device", device, "--dtype", dtype,
-            "--max-lora-rank", str(max_rank), "--max-adapter-slots", str(args.max_adapter_slots),
+            "--max-lora-rank", str(max_rank),
             "--max-num-seqs", str(args.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--max-model-len", str(max_len), "--seed", str(args.weights_seed),
             "--host-cache-gib", f"{max(1.0, 1.1 * cache_bytes / 2**30):.2f}"]
+    if args.max_adapter_slots is not None:
+        argv += ["--max-adapter-slots", str(args.max_adapter_slots)]
     num_pages = args.num_pages
     if num_pages is None and device.startswith("cuda"):
         page_bytes = model.num_layers * 2 * model.hidden_size * dtype_size

@@ -163,19 +163,30 @@ class PoolConfig:
 
     num_pages: int
     """Pages in the pool (each [num_layers, 2, H] elements)."""
-    max_adapter_slots: int = 64
-    """Adapters resident in the pool at once."""
+    max_adapter_slots: int | None = None
+    """Deprecated cap on the adapters resident at once. None (the default): no cap, the
+    pool's pages are the only bound, as S-LoRA's unified paging promises."""
     max_lora_rank: int = 64
     """Highest adapter rank the pool accepts."""
 
     def __post_init__(self):
         if self.num_pages <= 0:
             raise ConfigError(f"pool: num_pages must be positive, got {self.num_pages}")
-        if self.max_adapter_slots <= 0:
-            raise ConfigError(f"pool: max_adapter_slots must be positive, got "
-                              f"{self.max_adapter_slots}")
+        if self.max_adapter_slots is not None and self.max_adapter_slots <= 0:
+            raise ConfigError(f"pool: max_adapter_slots must be positive (or None: no cap), "
+                              f"got {self.max_adapter_slots}")
         if not 1 <= self.max_lora_rank <= 1024:
             raise ConfigError(f"pool: max_lora_rank must be in [1, 1024], got {self.max_lora_rank}")
+
+    @property
+    def num_adapter_slots(self) -> int:
+        """Adapters that can be resident at once, the length of the kernels' per-adapter
+        tables: one per page, since every adapter takes at least one page (rank 1 on one
+        projection), so the pool is the only bound; the deprecated max_adapter_slots when
+        set. Sized once, so captured CUDA graphs never see the tables move."""
+        if self.max_adapter_slots is None:
+            return self.num_pages
+        return min(self.max_adapter_slots, self.num_pages)
 
 
 @dataclass

@@ -35,7 +35,7 @@ class Scheduler:
     def __init__(self, config: EngineConfig):
         self.config = config
         self.page_table = PageTable(config.pool.num_pages)
-        self.residency = AdapterResidency(config.pool.max_adapter_slots, self.page_table)
+        self.residency = AdapterResidency(config.pool.num_adapter_slots, self.page_table)
         self.requests: dict[str, Request] = {}
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
@@ -279,3 +279,6 @@ class Scheduler:
                 f"adapter {adapter_id!r}: {entry.num_refs} refs, "
                 f"{refs.get(adapter_id, 0)} running requests")
         assert refs.keys() <= self.residency.resident.keys(), "a running adapter is not resident"
+        idle = sum(len(e.page_ids) for e in self.residency.resident.values() if e.num_refs == 0)
+        assert self.residency.num_idle_pages == idle, (
+            f"{self.residency.num_idle_pages} idle adapter pages counted, {idle} held")

@@ -11,11 +11,14 @@ from slora.models.registry import dummy_model_config
 MODEL = dummy_model_config("dummy-tiny")
 
 
-def create_scheduler(num_pages=1024, max_num_seqs=8, budget=64) -> Scheduler:
+def create_scheduler(num_pages=1024, max_num_seqs=8, budget=64, max_adapter_slots=4,
+                     max_model_len=64) -> Scheduler:
+    """max_adapter_slots=None: no cap on resident adapters (the default in production)."""
     return Scheduler(EngineConfig(
-        model=MODEL, pool=PoolConfig(num_pages=num_pages, max_adapter_slots=4, max_lora_rank=8),
+        model=MODEL, pool=PoolConfig(num_pages=num_pages, max_adapter_slots=max_adapter_slots,
+                                     max_lora_rank=8),
         scheduler=SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                                  max_model_len=64)))
+                                  max_model_len=max_model_len)))
 
 
 def adapter(name: str, rank: int = 4) -> AdapterRef:
@@ -108,3 +111,81 @@ def test_prefetch_never_evicts_what_the_queue_needs_next():
     sched.check_invariants()
 
 
+
+
+def loads_ahead_and_at_admission(sched, submit_per_step, num_steps) -> tuple[int, int]:
+    """Runs the scheduler with made-up worker results, submitting requests from
+    `submit_per_step(step)` before each step; returns (loads issued in a step before the one
+    that admits their first request, loads issued in the admitting step itself)."""
+    ahead = at_admission = 0
+    for step in range(num_steps):
+        for req_id, prompt, params, ref in submit_per_step(step):
+            sched.submit(req_id, prompt, params, ref)
+        cmd = sched.schedule()
+        admitted_slots = {n.adapter_slot for n in cmd.new_requests}
+        for load in cmd.adapter_loads:
+            if load.slot in admitted_slots:
+                at_admission += 1
+            else:
+                ahead += 1
+        sched.update(sample_all(cmd))
+        sched.check_invariants()
+    return ahead, at_admission
+
+
+def test_prefetch_runs_ahead_at_high_load_when_idle_adapters_fill_the_pool():
+    """High load over many adapters: requests arrive faster than the batch (8) finishes
+    them, each with one of 60 adapters, and the pool is too small to keep every adapter
+    served so far besides the running requests' KV. Once idle adapters fill the free pages,
+    the adapters of the requests queued next are still loaded ahead, by evicting the least
+    recently used idle ones: nearly every load comes before the step that admits its
+    request (issue 28: 0 of 361 did)."""
+    import random
+
+    sched = create_scheduler(num_pages=200, max_num_seqs=8, budget=64, max_adapter_slots=None)
+    rng = random.Random(0)
+    refs = [adapter(f"a{i}", rank=4) for i in range(60)]  # 4 pages each: 240 if all resident
+    counter = iter(range(10**6))
+
+    def arrivals(step):
+        if step >= 300:
+            return []
+        return [(f"r{next(counter)}", [5] * 8, SamplingParams(max_new_tokens=8, ignore_eos=True),
+                 rng.choice(refs)) for _ in range(2)]
+
+    ahead, at_admission = loads_ahead_and_at_admission(sched, arrivals, 400)
+    stats = sched.stats()
+    assert stats["adapter_evictions"] > 50, stats  # idle adapters did fill the pool
+    assert stats["num_waiting"] > 0, stats  # the load stayed high to the end
+    assert ahead >= 0.9 * (ahead + at_admission), (ahead, at_admission, stats)
+
+
+def test_no_slot_cap_the_pool_is_the_only_bound_on_resident_adapters():
+    """300 requests over 300 distinct adapters (rank 1, one page each) are admitted in one
+    step, more than any former fixed slot count (64, 128); 300 more requests over 300 new
+    adapters then find the pool full of idle ones and evict them least recently used first,
+    exactly as many as their pages need."""
+    sched = create_scheduler(num_pages=1300, max_num_seqs=300, budget=2048,
+                             max_adapter_slots=None)
+    params = SamplingParams(max_new_tokens=1, ignore_eos=True)
+    for i in range(300):
+        sched.submit(f"a{i}", [5, 6, 7], params, adapter(f"a{i}", rank=1))
+    cmd = sched.schedule()
+    assert len(cmd.new_requests) == 300
+    assert len({n.adapter_slot for n in cmd.new_requests}) == 300
+    assert len(cmd.adapter_loads) == 300 and not cmd.adapter_evictions
+    sched.check_invariants()
+    sched.update(sample_all(cmd))
+    assert len(sched.residency.resident) == 300 and sched.page_table.num_free == 1000
+    for i in range(300):
+        sched.submit(f"b{i}", [5, 6, 7], params, adapter(f"b{i}", rank=1))
+    cmd = sched.schedule()
+    # 1000 free pages: 250 requests' KV (3 pages) and adapter (1 page) fit before the first
+    # eviction; each later admission evicts the oldest idle adapter for its adapter's page
+    # and 3 more for its KV.
+    assert len(cmd.new_requests) == 300
+    assert len(cmd.adapter_evictions) == 200
+    evicted = {f"a{i}" for i in range(200)}
+    assert not evicted & set(sched.residency.resident)
+    assert len(sched.residency.resident) == 400 and sched.page_table.num_free == 0
+    sched.check_invariants()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 
 from slora.common.config import (
@@ -23,6 +24,8 @@ GPU_MEMORY_FRACTION = 0.9
 """Share of the GPU's free memory the worker takes (weights, pool, activations)."""
 ACTIVATION_RESERVE_BYTES = 1 << 30
 """Left free besides the weights and the pool, for activations and CUDA graphs."""
+log = logging.getLogger("slora.worker")
+
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_MODEL = "default"
 """--model value for SmolLM2-135M-Instruct, converted once into --data-dir."""
@@ -49,8 +52,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "full-length requests and 4 adapters of the highest rank)")
     g.add_argument("--max-lora-rank", type=int, default=64,
                    help="highest adapter rank the pool accepts")
-    g.add_argument("--max-adapter-slots", type=int, default=64,
-                   help="adapters resident in the pool at once")
+    g.add_argument("--max-adapter-slots", type=int, default=None,
+                   help="deprecated: caps the adapters resident at once (default: no cap; "
+                        "the pool's pages are the only bound)")
     g.add_argument("--host-cache-gib", type=float, default=4.0,
                    help="host memory for parsed adapters, GiB")
     g.add_argument("--seed", type=int, default=0, help="seed of dummy weights and sampling")
@@ -149,6 +153,10 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
     model = dataclasses.replace(model, lora_rank_multiple=tp)
     num_pages = args.num_pages or default_num_pages(model, args.max_lora_rank, max_model_len,
                                                     dtype, device, tp)
+    if args.max_adapter_slots is not None:
+        log.warning("--max-adapter-slots %d is deprecated: it caps the adapters resident at "
+                    "once below what the pool's pages allow; leave it out to let the pool "
+                    "alone bound them", args.max_adapter_slots)
     config = EngineConfig(
         model=model,
         pool=PoolConfig(num_pages=num_pages, max_adapter_slots=args.max_adapter_slots,

@@ -88,7 +88,7 @@ class UnifiedPool:
                                  device=device)
         self.lora_modules = model.lora_modules
         self.module_index = model.lora_module_index
-        num_modules, slots = len(self.lora_modules), pool.max_adapter_slots
+        num_modules, slots = len(self.lora_modules), pool.num_adapter_slots
         self.max_pages_per_row = model.max_lora_pages_per_row
         # Per module, contiguous: lora_page_table[m] is a kernel's [slots, rank, n] table.
         self.lora_page_table = torch.zeros(num_modules, slots, pool.max_lora_rank,
