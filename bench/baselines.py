@@ -305,3 +305,59 @@ def decode_roofline(model: ModelConfig, dtype_size: int, workload: Workload, bat
         "copy_bytes_per_s": copy_bytes_per_s, "output_tokens_per_s": tokens_per_s,
         "throughput_rps": tokens_per_s / mean_output if mean_output else math.nan,
     }
+
+
+def measure_gemm_rate(device: torch.device, dtype: torch.dtype, size: int | None = None,
+                      reps: int = 10) -> float:
+    """FLOP/s of one square GEMM of `size` (4096 on CUDA, as a 7B model's projections are;
+    512 on the CPU) in `dtype`, counting 2 m n k; median of `reps`."""
+    size = size or (4096 if device.type == "cuda" else 512)
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    times = []
+    for i in range(reps + 2):
+        _sync(device)
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        _sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return 2.0 * size ** 3 / statistics.median(times)
+
+
+def prefill_flops(model: ModelConfig, workload: Workload) -> float:
+    """FLOPs of the workload's prefills: every projection on every prompt token, causal
+    attention (QK^T and PV over the tokens before each), and lm_head on the last token only
+    (the one sampled). LoRA's share is left out (under 1% at the paper's ranks)."""
+    per_token = 2 * model.num_layers * sum(
+        i * o for i, o in map(model.module_shape, STANDARD_LORA_MODULES))
+    attention = 2 * 2 * model.num_layers * model.q_dim  # per (query, key) pair: QK and PV
+    total = 0.0
+    for r in workload.requests:
+        p = len(r.prompt_token_ids)
+        total += per_token * p + attention * p * (p + 1) / 2 + 2 * model.vocab_size * \
+            model.hidden_size
+    return total
+
+
+def serving_roofline(model: ModelConfig, dtype_size: int, workload: Workload, batch: float,
+                     copy_bytes_per_s: float, gemm_flops_per_s: float) -> dict:
+    """The whole workload's floor at `batch` running requests (the batch a run reached):
+    its prefill FLOPs at the measured GEMM rate, plus its decode steps (each of `batch`
+    tokens after a request's first, which its prefill samples) at the bytes each must read
+    over the measured copy bandwidth (`decode_roofline`). Tokens/s and requests/s are the
+    workload's totals over that time."""
+    batch = max(1, int(round(batch)))
+    decode = decode_roofline(model, dtype_size, workload, batch, copy_bytes_per_s)
+    num_requests = len(workload.requests)
+    num_tokens = workload.num_output_tokens
+    prefill_s = prefill_flops(model, workload) / gemm_flops_per_s
+    decode_s = max(0, num_tokens - num_requests) / decode["batch"] * decode["step_s"]
+    total_s = prefill_s + decode_s
+    return {
+        **{f"decode_{k}": v for k, v in decode.items()},
+        "batch": decode["batch"], "gemm_flops_per_s": gemm_flops_per_s,
+        "copy_bytes_per_s": copy_bytes_per_s, "prefill_s": prefill_s, "decode_s": decode_s,
+        "total_s": total_s, "output_tokens_per_s": num_tokens / total_s,
+        "throughput_rps": num_requests / total_s,
+    }

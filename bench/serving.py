@@ -3,12 +3,22 @@ one command that prints one table last.
 
     python -m slora.bench.serving --out DIR      # on a GPU: dummy Llama-2-7B, S1 and S2
                                                  # with 1,000 adapters, S1 with 5 and 2,000
+    python -m slora.bench.serving --trace paper --out DIR
+                                                 # S-LoRA's Table 3 trace, beside its figures
     python -m slora.bench.serving --model dummy-tiny --device cpu --num-adapters 4 \\
         --adapter-counts 2,8 --num-requests 6 --input-range 4 16 --output-range 2 8 \\
         --max-num-seqs 8 --out DIR               # every phase, tiny, on a CPU (the test's)
 
+Two traces. `capacity` (the default) sends each setting enough requests that most adapters
+are touched (>= 60% of the largest count, in expectation; the checks print the share) at a
+rate above what the server sustains, so throughput measures capacity. `paper` is S-LoRA's own
+trace for its Table 3 (bench/paper_trace.py: 10 req/s for 120 s, seed 42, the same requests
+as S-LoRA's generator), each preset over 5, 100, 1,000 and 2,000 adapters, and prints our
+figures beside the paper's A100 ones. The worker sizes its pool and its batch from the GPU's
+memory unless --pool-gib / --num-pages / --max-num-seqs say otherwise.
+
 In order, on one device, with the same requests everywhere (bench/workload.py):
-1. the copy bandwidth of the device (for the roofline);
+1. the copy bandwidth and the GEMM rate of the device (for the roofline);
 2. the in-process Engine (no gRPC) on the first preset's workload, then freed;
 3. the stack as real processes (embedded Redis, the worker with dummy weights, the scheduler,
    the frontend), its adapters registered (host-memory mode: records written to the
@@ -18,12 +28,15 @@ In order, on one device, with the same requests everywhere (bench/workload.py):
    (with --repeats N, that sequence N times over, and each check the median of its N
    per-run ratios);
 4. Hugging Face PEFT on the first --peft-requests requests of the first preset's workload;
-5. the decode roofline of each workload at --max-num-seqs running requests.
+5. the roofline of each run (bench/baselines.py `serving_roofline`): its prefill FLOPs at the
+   measured GEMM rate plus its decode steps' bytes at the copy bandwidth, at the batch the
+   run reached (its output tokens per step).
 
 The in-process engine and the stack first serve a few short warm-up requests, not counted.
 Results go to --out: serving.json (every metric, every request), serving.md (the tables), two
 PNG plots (throughput against the number of adapters; latency distributions) and stack.log
-(the processes' output). The last thing printed is the table of the issue's targets. A phase
+(the processes' output). The last thing printed is the table of the issue's targets
+(bench/serving_checks.py), then with --trace paper the table beside the paper's. A phase
 that fails is reported and the others still run (exit status 1); --time-limit-s stops
 starting new settings once the run has taken that long.
 """
@@ -43,19 +56,24 @@ import tempfile
 import time
 import traceback
 
+import numpy as np
 import torch
 
 from slora.bench import baselines, driver, plots
+from slora.bench.paper_trace import PAPER_COUNTS, paper_config
+from slora.bench.serving_checks import (  # noqa: F401 (tests and callers use them from here)
+    PRESET_TARGETS, TOUCHED_TARGET, checks, checks_table, report, touched_share,
+)
 from slora.bench.stack import Stack, log, register_adapters, start_stack
 from slora.bench.workload import (
     PRESETS, DummyAdapter, DummyAdapterFactory, Workload, WorkloadConfig, adapter_bytes,
-    generate_requests, preset_adapters, write_peft_adapters,
+    adapter_popularity, generate_requests, preset_adapters, write_peft_adapters,
 )
 from slora.common.config import ModelConfig
 from slora.models.registry import dummy_model_config
 WARMUP_OUTPUT_LEN = 16
-PRESET_TARGETS = {"S1": 0.90, "S2": 0.75}
-"""The issue's share of the base model's throughput each preset must keep."""
+CAPACITY_COUNTS = "5,2000"
+"""--adapter-counts of the capacity mode."""
 
 
 # -- the command line ----------------------------------------------------------------------
@@ -72,14 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
                                 description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("workload (the paper's; bench/workload.py)")
+    g.add_argument("--trace", default="capacity", choices=["capacity", "paper"],
+                   help="capacity: the flags below, enough requests that most adapters are "
+                        "touched; paper: S-LoRA's own Table 3 trace (10 req/s for 120 s, "
+                        "seed 42; bench/paper_trace.py), each preset over each of "
+                        f"--adapter-counts (default {','.join(map(str, PAPER_COUNTS))}), "
+                        "printed beside the paper's A100 figures")
     g.add_argument("--presets", default="S1,S2",
                    help=f"comma-separated, of {', '.join(PRESETS)}; the first one is also "
                         "the in-process, PEFT and adapter-count runs' workload")
     g.add_argument("--num-adapters", type=int, default=1000)
-    g.add_argument("--adapter-counts", default="5,2000",
+    g.add_argument("--adapter-counts", default=None,
                    help="more adapter counts for the first preset (throughput against the "
-                        "number of adapters); empty for none")
-    g.add_argument("--num-requests", type=int, default=200, help="requests per setting")
+                        f"number of adapters; default {CAPACITY_COUNTS}); empty for none")
+    g.add_argument("--num-requests", type=int, default=None,
+                   help="requests per setting (default: enough that, in expectation, "
+                        f"{TOUCHED_TARGET * 100:.0f}%% of the largest adapter count are touched, "
+                        "rounded up to 100s, at least 200)")
     g.add_argument("--duration", type=float, default=None,
                    help="seconds of arrivals instead: num_requests = rate * duration (the "
                         "paper's way)")
@@ -103,8 +130,10 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "bfloat16"])
     g.add_argument("--num-pages", type=int, default=None,
                    help="pool pages (default: --pool-gib on CUDA; the engine's default on CPU)")
-    g.add_argument("--pool-gib", type=float, default=32.0, help="pool size on CUDA, GiB")
-    g.add_argument("--max-num-seqs", type=int, default=64)
+    g.add_argument("--pool-gib", type=float, default=None,
+                   help="pool size on CUDA, GiB (default: the worker sizes it from memory)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="default: the worker's (sized from the pool)")
     g.add_argument("--max-num-batched-tokens", type=int, default=4096)
     g.add_argument("--max-adapter-slots", type=int, default=None,
                    help="deprecated cap on resident adapters (default: none, the pool's "
@@ -152,10 +181,19 @@ class Plan:
 
 def make_plan(args, model: ModelConfig) -> Plan:
     presets = [PRESETS[name.strip().upper()] for name in args.presets.split(",") if name.strip()]
-    num_requests = (int(args.rate * args.duration) if args.duration is not None
-                    else args.num_requests)
+    paper = args.trace == "paper"
+    counts_flag = args.adapter_counts if args.adapter_counts is not None else (
+        ",".join(map(str, PAPER_COUNTS)) if paper else CAPACITY_COUNTS)
+    count_list = [int(c) for c in counts_flag.split(",") if c.strip()]
+    if args.duration is not None:
+        num_requests = int(args.rate * args.duration)
+    else:
+        num_requests = args.num_requests or requests_to_touch(
+            max([args.num_adapters] + count_list), args.alpha, TOUCHED_TARGET)
 
     def config(num_adapters: int) -> WorkloadConfig:
+        if paper:
+            return paper_config(num_adapters)
         return WorkloadConfig(
             num_adapters=num_adapters, num_requests=num_requests, rate=args.rate, cv=args.cv,
             alpha=args.alpha, popularity=args.popularity, zipf_s=args.zipf_s,
@@ -168,25 +206,48 @@ def make_plan(args, model: ModelConfig) -> Plan:
                         generate_requests(cfg, model.vocab_size), preset_adapters(preset, n))
 
     skip = skipped_phases(args)
+    if paper:
+        # The paper's table only: each preset over each count, through the stack.
+        main = [workload(p, n) for p in presets for n in count_list]
+        return Plan(model, main, None, [], None, _largest_adapters(main))
     main = [workload(p, args.num_adapters) for p in presets]
     first = main[0]
     base = None if "base" in skip else Workload("base (no adapters)", first.config,
                                                 first.requests)
     counts = [] if "counts" in skip else [
-        workload(presets[0], int(c)) for c in args.adapter_counts.split(",") if c.strip()]
+        workload(presets[0], c) for c in count_list]
     peft = None
     if "peft" not in skip and args.peft_requests > 0:
         peft = Workload(f"PEFT sample of {presets[0].name}", first.config,
                         first.requests[:args.peft_requests], first.adapters)
+    return Plan(model, main, base, counts, peft, _largest_adapters(main + counts))
+
+
+def _largest_adapters(workloads: list[Workload]) -> list[DummyAdapter]:
     largest: dict[str, DummyAdapter] = {}
-    for w in main + counts:
+    for w in workloads:
         for a in w.adapters:
             largest.setdefault(a.adapter_id, a)
-    return Plan(model, main, base, counts, peft, list(largest.values()))
+    return list(largest.values())
+
+
+def requests_to_touch(num_adapters: int, alpha: float, share: float) -> int:
+    """Requests for which the expected share of `num_adapters` adapters named at least once,
+    under Power(alpha) popularity, reaches `share` (+2 points, for the draw's spread),
+    rounded up to 100s; at least 200."""
+    cfg = WorkloadConfig(num_adapters=num_adapters, num_requests=1, rate=1.0, alpha=alpha)
+    p = adapter_popularity(cfg)
+    n = 200
+    while float(np.mean(1.0 - (1.0 - p) ** n)) < share + 0.02 and n < 10**6:
+        n += 100
+    return n
 
 
 def skipped_phases(args) -> set[str]:
-    return {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    if args.trace == "paper":
+        skip |= {"inprocess", "base", "counts", "peft"}
+    return skip
 
 
 def warmup_workload(w: Workload, num: int) -> Workload:
@@ -205,14 +266,15 @@ def engine_argv(args, plan: Plan, device: str, dtype: str) -> list[str]:
     cache_bytes = sum(adapter_bytes(model, a.rank, dtype_size) for a in plan.adapters)
     argv = ["--model", args.model, "--device", device, "--dtype", dtype,
             "--max-lora-rank", str(max_rank),
-            "--max-num-seqs", str(args.max_num_seqs),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--max-model-len", str(max_len), "--seed", str(args.weights_seed),
             "--host-cache-gib", f"{max(1.0, 1.1 * cache_bytes / 2**30):.2f}"]
     if args.max_adapter_slots is not None:
         argv += ["--max-adapter-slots", str(args.max_adapter_slots)]
+    if args.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(args.max_num_seqs)]
     num_pages = args.num_pages
-    if num_pages is None and device.startswith("cuda"):
+    if num_pages is None and args.pool_gib is not None and device.startswith("cuda"):
         page_bytes = model.num_layers * 2 * model.hidden_size * dtype_size
         num_pages = int(args.pool_gib * 2**30 // page_bytes)
     if num_pages is not None:
@@ -261,6 +323,9 @@ class Run:
         self.skipped: list[str] = []
         """Phases and settings left out."""
         self.copy_bw = math.nan
+        self.gemm_rate = math.nan
+        self.max_num_seqs = args.max_num_seqs
+        """The server's, once known (the worker sizes it unless --max-num-seqs says)."""
         self.peft_paths: dict[str, str] | None = None
 
     # -- bookkeeping
@@ -288,11 +353,13 @@ class Run:
 
     def keep(self, result: driver.RunResult, w: Workload, preset: str | None) -> None:
         result.name, result.preset = w.name, preset
-        driver.summarize(result, self.args.slo_ttft,
-                         None if result.via == "peft" else self.args.max_num_seqs)
+        m = driver.summarize(result, self.args.slo_ttft,
+                             None if result.via == "peft" else self.max_num_seqs)
         if result.via != "peft":
-            result.roofline = baselines.decode_roofline(
-                self.model, self.dtype_size, w, self.args.max_num_seqs, self.copy_bw)
+            batch = m["output_tokens_per_step"]
+            result.roofline = baselines.serving_roofline(
+                self.model, self.dtype_size, w, batch if batch == batch else 1.0,
+                self.copy_bw, self.gemm_rate)
         self.results.append(result)
         m = result.metrics
         run = f" (run {result.trial + 1})" if self.args.repeats > 1 and result.via == "grpc" else ""
@@ -303,7 +370,9 @@ class Run:
 
     def measure_bandwidth(self) -> None:
         self.copy_bw = baselines.measure_copy_bandwidth(torch.device(self.device))
-        log(f"copy bandwidth {self.copy_bw / 1e9:.0f} GB/s (read + write)")
+        self.gemm_rate = baselines.measure_gemm_rate(torch.device(self.device), self.torch_dtype)
+        log(f"copy bandwidth {self.copy_bw / 1e9:.0f} GB/s (read + write), GEMM "
+            f"{self.gemm_rate / 1e12:.1f} TFLOP/s")
 
     def write_peft_folders(self, work_dir: str) -> None:
         start = time.perf_counter()
@@ -317,6 +386,7 @@ class Run:
         engine = baselines.build_engine(self.engine_argv, self.plan.adapters, self.peft_paths,
                                         backend=self.args.backend, prepare_ranks=self.ranks)
         w = self.plan.main[0]
+        self.max_num_seqs = engine.config.scheduler.max_num_seqs
         driver.run_engine(engine, warmup_workload(w, self.args.warmup_requests))
         result = driver.run_engine(engine, w, label=f"{w.name} in-process")
         del engine
@@ -336,6 +406,7 @@ class Run:
                                  self.ranks)
             register_adapters(stack, target, self.model, plan.adapters, self.args.adapter_mode,
                               self.peft_paths, self.dtype_size)
+            self.max_num_seqs = stack.stats().get("max_num_seqs", self.max_num_seqs)
             for w in plan.main:
                 driver.run_grpc(target, warmup_workload(w, self.args.warmup_requests),
                                 stats_fn=stack.stats)
@@ -388,115 +459,12 @@ class Run:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(self.device), "torch": torch.__version__,
             "dtype": self.dtype, "model": args.model, "copy_bytes_per_s": self.copy_bw,
+            "gemm_flops_per_s": self.gemm_rate, "max_num_seqs": self.max_num_seqs,
             "engine_argv": self.engine_argv, "args": vars(args),
             "wall_s": time.perf_counter() - self.t0, "errors": self.errors, "skipped": self.skipped,
             "results": [r.to_json() for r in self.results],
             "checks": checks(self.results, self.plan),
         }
-
-
-# -- the issue's targets -------------------------------------------------------------------
-
-def _find(results, via: str, name: str, trial: int = 0):
-    """That setting's run in `trial`; a setting run once (in-process, PEFT) stands for every
-    trial; None when it was not run then."""
-    runs = [r for r in results if r.via == via and r.name == name]
-    return next((r for r in runs if r.trial == trial), runs[0] if len(runs) == 1 else None)
-
-
-def _ratio(a, b, key: str, b_key: str | None = None):
-    """a[key] / b[b_key or key]; None when either is missing, zero or NaN."""
-    if a is None or b is None:
-        return None
-    x, y = a.get(key), b.get(b_key or key)
-    if not x or not y or any(isinstance(v, float) and math.isnan(v) for v in (x, y)):
-        return None
-    return x / y
-
-
-def checks(results: list[driver.RunResult], plan: Plan) -> list[dict]:
-    """The issue's done-when ratios: ours, the roofline's where it has one, the target. With
-    --repeats, a ratio is taken within each run (trial) and "ours" is their median; "runs"
-    lists them."""
-    out = []
-    trials = sorted({r.trial for r in results}) or [0]
-
-    def add(what: str, ratio, target: float, unit: str = "%"):
-        """`ratio(trial, part)`: the ratio of `part` ("metrics" or "roofline") in that trial."""
-        runs = [x for x in (ratio(t, "metrics") for t in trials) if x is not None]
-        roofs = [x for x in (ratio(t, "roofline") for t in trials) if x is not None]
-        ours = statistics.median(runs) if runs else None
-        out.append({"check": what, "ours": ours,
-                    "roofline": statistics.median(roofs) if roofs else None, "runs": runs,
-                    "target": target, "unit": unit,
-                    "met": None if ours is None else ours >= target})
-
-    def between(via_a, name_a, via_b, name_b, key, roof_key=None):
-        """a[key] / b[key] of two settings' metrics in a trial, and their rooflines'
-        roof_key ratio (None without a roof_key)."""
-        def ratio(trial, part):
-            if part == "roofline" and roof_key is None:
-                return None
-            a, b = _find(results, via_a, name_a, trial), _find(results, via_b, name_b, trial)
-            return _ratio(a and getattr(a, part), b and getattr(b, part),
-                          key if part == "metrics" else roof_key)
-        return ratio
-
-    def missing(trial, part):
-        return None
-
-    rps, tok_s = "throughput_rps", "output_tokens_per_s"
-    for w in plan.main:
-        add(f"{w.name} vs base, req/s",
-            between("grpc", w.name, "grpc", plan.base.name, rps, tok_s) if plan.base else missing,
-            PRESET_TARGETS.get(w.name.split()[0], 0.90))
-    if plan.counts:
-        by_n = sorted([plan.main[0]] + plan.counts, key=lambda w: w.config.num_adapters)
-        lo, hi = by_n[0], by_n[-1]
-        add(f"{hi.config.num_adapters} vs {lo.config.num_adapters} adapters, req/s",
-            between("grpc", hi.name, "grpc", lo.name, rps, tok_s), 0.95)
-    first = plan.main[0].name
-    if plan.peft is not None:
-        add(f"{first} vs PEFT (its sample), req/s",
-            between("grpc", first, "peft", plan.peft.name, rps), 30.0, unit="x")
-    add(f"gRPC vs in-process, {first}, req/s",
-        between("grpc", first, "engine", f"{first}, in-process", rps), 0.95)
-
-    def saturation(trial, part):
-        r = _find(results, "grpc", first, trial)
-        return None if part == "roofline" else _ratio(
-            r and r.metrics, r and r.roofline, "saturated_output_tokens_per_s", tok_s)
-    add(f"{first} output tok/s at saturation vs its roofline", saturation, 0.60)
-    return out
-
-
-def checks_table(rows: list[dict]) -> str:
-    lines = ["| target | ours | roofline | needed | |", "|---|---:|---:|---:|---|"]
-    for c in rows:
-        fmt = (lambda x: "–" if x is None else f"{x:.1f}x") if c["unit"] == "x" else (
-            lambda x: "–" if x is None else f"{x:.1%}")
-        status = "–" if c["met"] is None else ("met" if c["met"] else "MISSED")
-        ours = fmt(c["ours"])
-        runs = c.get("runs") or []
-        if len(runs) > 1:
-            ours += f" (median of {len(runs)}: {fmt(min(runs))}–{fmt(max(runs))})"
-        lines.append(f"| {c['check']} | {ours} | {fmt(c['roofline'])} "
-                     f"| ≥ {fmt(c['target'])} | {status} |")
-    return "\n".join(lines)
-
-
-def report(payload: dict, results: list[driver.RunResult], out_dir: str) -> str:
-    bw = payload["copy_bytes_per_s"] / 1e9
-    head = (f"Serving benchmark, {payload['date']}: {payload['model']} ({payload['dtype']}) on "
-            f"{payload['device']}; copy bandwidth {bw:.0f} GB/s; roofline at batch "
-            f"{payload['args']['max_num_seqs']}.\n\n`{payload['command']}`")
-    notes = [f"* failed: {e}" for e in payload["errors"]]
-    notes += [f"* skipped: {s}" for s in payload["skipped"]]
-    parts = [head] + (["\n".join(notes)] if notes else [])
-    text = "\n\n".join(parts + [driver.results_table(results), checks_table(payload["checks"])])
-    with open(os.path.join(out_dir, "serving.md"), "w") as f:
-        f.write(text + "\n")
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:

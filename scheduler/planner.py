@@ -260,6 +260,7 @@ class Scheduler:
             "adapter_evictions": self.residency.num_evictions,
             "adapter_prefetches": self.residency.num_prefetches,
             "preemptions": self.num_preemptions,
+            "max_num_seqs": self.config.scheduler.max_num_seqs,
         }
 
     def check_invariants(self) -> None:

@@ -54,6 +54,58 @@ def test_trace_is_drawn_as_the_papers_code_draws_it():
     assert generate_requests(cfg, 32000) == reqs  # seeded
 
 
+def s_lora_generate_requests(num_adapters, alpha, req_rate, cv, duration, input_range,
+                             output_range, seed=42):
+    """S-LoRA's generator (benchmarks/trace.py `generate_requests`) as its definition reads:
+    the global legacy numpy stream seeded once; int(rate x duration) requests; Power(alpha)
+    draws times the adapter count, truncated to int; randint input then output lengths;
+    Gamma(1/cv^2, cv^2/rate) gaps added one by one to a running float. Returns (adapter
+    index, input length, output length, arrival time) per request."""
+    np.random.seed(seed)
+    total = int(req_rate * duration)
+    ind = (np.random.power(alpha, total) * num_adapters).astype(int)
+    input_lens = np.random.randint(input_range[0], input_range[1], total)
+    output_lens = np.random.randint(output_range[0], output_range[1], total)
+    intervals = np.random.gamma(1 / (cv * cv), cv * cv / req_rate, total)
+    out, tic = [], 0
+    for i in range(total):
+        tic += intervals[i]
+        out.append((int(ind[i]), int(input_lens[i]), int(output_lens[i]), tic))
+    return out
+
+
+@pytest.mark.parametrize("num_adapters", [5, 100, 1000, 2000])
+def test_paper_trace_is_s_loras_trace_bit_for_bit(num_adapters):
+    """--trace paper: the Table 3 trace (10 req/s for 120 s, seed 42) gives exactly S-LoRA's
+    requests: the same adapters, lengths and arrival times, to the last bit of each float."""
+    from slora.bench.paper_trace import paper_config
+
+    cfg = paper_config(num_adapters)
+    reqs = generate_requests(cfg, LLAMA_7B.vocab_size)
+    theirs = s_lora_generate_requests(num_adapters, 1, 10, 1, 120, (8, 512), (8, 512))
+    assert len(reqs) == len(theirs) == 1200
+    ours = [(r.adapter_index, len(r.prompt_token_ids), r.output_len, r.arrival_s) for r in reqs]
+    assert ours == theirs
+
+
+def test_capacity_mode_has_enough_requests_to_touch_most_adapters():
+    """The default (capacity) plan draws enough requests that at least 60% of the 1,000 and
+    of the 2,000 adapters are named by some request, and names that share as a check."""
+    args = serving.build_parser().parse_args(["--model", "dummy-tiny", "--device", "cpu"])
+    plan = serving.make_plan(args, TINY)
+    assert [w.config.num_adapters for w in plan.main + plan.counts] == [1000, 1000, 5, 2000]
+    assert len({len(w.requests) for w in plan.main + plan.counts}) == 1
+    for w in plan.main + plan.counts:
+        if len(w.adapters) >= 1000:
+            assert serving.touched_share(w) >= 0.60, w.name
+    paper = serving.make_plan(serving.build_parser().parse_args(
+        ["--model", "dummy-tiny", "--trace", "paper"]), TINY)
+    assert [w.name for w in paper.main] == [f"{p} {n} adapters" for p in ("S1", "S2")
+                                            for n in (5, 100, 1000, 2000)]
+    assert paper.base is None and not paper.counts and paper.peft is None
+    assert {len(w.requests) for w in paper.main} == {1200}
+
+
 def test_zipf_popularity_keeps_the_lengths_and_arrivals_of_the_power_trace():
     """Both popularity options take one uniform per request, so only the adapters differ;
     Zipf's most popular adapter is index 0."""
@@ -225,6 +277,24 @@ def test_roofline_of_llama_7b_leaves_adapters_the_issues_share():
     assert math.isclose(base["step_s"], base["step_bytes"] / bw)
 
 
+def test_serving_roofline_adds_prefill_flops_to_decode_bytes_at_the_batch_reached():
+    """Three requests of 8 prompt and 5 output tokens on Llama-7B: prefill is every
+    projection on 24 prompt tokens, causal attention and one lm_head row per request, at the
+    GEMM rate; decode is the 12 tokens after each first one, 4 steps of batch 3, each at its
+    bytes over the copy bandwidth."""
+    cfg = WorkloadConfig(num_adapters=1, num_requests=3, rate=math.inf, input_range=(8, 9),
+                         output_range=(5, 6))
+    w = Workload("b", cfg, generate_requests(cfg, LLAMA_7B.vocab_size))
+    bw, gemm = 3.0e12, 7.0e14
+    roof = baselines.serving_roofline(LLAMA_7B, 2, w, 2.6, bw, gemm)
+    projections = 32 * (4 * 4096 * 4096 + 3 * 4096 * 11008)  # q, k, v, o; gate, up, down
+    flops = 3 * (2 * projections * 8 + 4 * 32 * 4096 * (8 * 9 / 2) + 2 * 32000 * 4096)
+    assert roof["prefill_s"] == pytest.approx(flops / gemm)
+    step = baselines.decode_roofline(LLAMA_7B, 2, w, 3, bw)["step_s"]
+    assert roof["batch"] == 3 and roof["decode_s"] == pytest.approx(4 * step)
+    assert roof["output_tokens_per_s"] == pytest.approx(15 / (flops / gemm + 4 * step))
+
+
 def test_metrics_count_completed_requests_over_the_whole_wall_time():
     """Throughput = completed / wall (drain included); a failed request misses the SLO;
     TPOT = (end - first token) / (tokens - 1)."""
@@ -276,20 +346,20 @@ def test_repeated_settings_check_the_median_of_their_per_run_ratios():
            "S2 4 adapters": [8.0, 9.0, 8.0], "S1 2 adapters": [9.6, 11.0, 10.6],
            "S1 8 adapters": [9.0, 10.4]}  # its third run was cut by --time-limit-s
     results = [RunResult(name, "grpc", None, 0, [], 1.0, trial=t,
-                         metrics={"throughput_rps": x, "saturated_output_tokens_per_s": 7 * x},
+                         metrics={"throughput_rps": x, "output_tokens_per_s": 7 * x},
                          roofline={"output_tokens_per_s": 100.0})
                for t in range(3) for name, xs in rps.items() if t < len(xs) for x in [xs[t]]]
     rows = {c["check"]: c for c in serving.checks(results, plan)}
     s1 = rows["S1 4 adapters vs base, req/s"]
     assert s1["runs"] == pytest.approx([0.95, 0.875, 10 / 11])
-    assert s1["ours"] == pytest.approx(10 / 11) and s1["met"] is True
+    assert s1["ours"] == pytest.approx(10 / 11) and s1["met"] is False  # under 93%
     assert s1["roofline"] == pytest.approx(1.0)
     counts = rows["8 vs 2 adapters, req/s"]
     assert counts["runs"] == pytest.approx([9.0 / 9.6, 10.4 / 11.0])
     assert counts["ours"] == pytest.approx((9.0 / 9.6 + 10.4 / 11.0) / 2)
     assert counts["met"] is False
-    saturation = rows["S1 4 adapters output tok/s at saturation vs its roofline"]
-    assert saturation["ours"] == pytest.approx(0.70) and len(saturation["runs"]) == 3
+    roofline = rows["base (no adapters) output tok/s vs its roofline at the batch reached"]
+    assert roofline["ours"] == pytest.approx(0.77) and len(roofline["runs"]) == 3
     assert rows["gRPC vs in-process, S1 4 adapters, req/s"]["ours"] is None
     table = serving.checks_table(list(rows.values()))
     assert "| S1 4 adapters vs base, req/s | 90.9% (median of 3: 87.5%–95.0%) |" in table
@@ -343,11 +413,12 @@ def test_one_command_runs_the_benchmark_and_its_baselines_and_prints_the_table(t
     assert checks == ["S1 4 adapters vs base, req/s", "S2 4 adapters vs base, req/s",
                       "8 vs 2 adapters, req/s", "S1 4 adapters vs PEFT (its sample), req/s",
                       "gRPC vs in-process, S1 4 adapters, req/s",
-                      "S1 4 adapters output tok/s at saturation vs its roofline"]
+                      "base (no adapters) output tok/s vs its roofline at the batch reached"]
     assert all(c["ours"] is not None for c in payload["checks"])
     last = stdout.strip().splitlines()
     assert last[-8].startswith("| target | ours | roofline | needed |")
-    assert last[-1].startswith("| S1 4 adapters output tok/s at saturation vs its roofline |")
+    assert last[-1].startswith(
+        "| base (no adapters) output tok/s vs its roofline at the batch reached |")
     for r in payload["results"]:
         if r["via"] != "peft":
             assert r["metrics"]["saturated_s"] > 0, r["name"]
@@ -409,3 +480,25 @@ def test_step_breakdown_sorts_every_step_and_times_its_phases(capsys, monkeypatc
             if line.startswith(("| decode", "| mixed"))]
     assert sum(int(r[1]) for r in rows) == num_steps
     assert any("loads" in r[0] and float(r[-1].rstrip(" |")) >= 1 for r in rows), out
+
+
+def test_paper_table_prints_ours_beside_s_loras_a100_figures():
+    """--trace paper's last table: each of our runs beside S-LoRA's own figure for the same
+    preset and adapter count, with the ratio."""
+    from slora.bench.paper_trace import paper_table
+
+    results = [RunResult("S1 1000 adapters", "grpc", "S1", 1000, [], 1.0,
+                         metrics={"throughput_rps": 9.55, "latency_mean_s": 20.0,
+                                  "ttft_mean_s": 0.5}),
+               RunResult("S2 5 adapters", "grpc", "S2", 5, [], 1.0,
+                         metrics={"throughput_rps": 7.48, "latency_mean_s": 29.0,
+                                  "ttft_mean_s": 1.0})]
+    table = paper_table(results)
+    assert "| S1 1000 adapters | 9.55 | 7.64 | 1.25x | 20.00 | 25.93 | 0.50 | 1.90 | – |" in table
+    assert "| S2 5 adapters | 7.48 | 7.48 | 1.00x |" in table and "vLLM-packed 2.04" in table
+
+
+def test_serving_help_prints():
+    """--help renders every flag's help (a stray % in one breaks it)."""
+    text = serving.build_parser().format_help()
+    assert "--trace {capacity,paper}" in text and "60% of the largest adapter count" in text
