@@ -152,7 +152,9 @@ def frontend_security_args(args, data_dir: str) -> list[str]:
 
 def up(args) -> int:
     try:
-        check_port_free(args.host, args.port)
+        for port in (args.port, getattr(args, "http_port", -1)):
+            if port > 0:
+                check_port_free(args.host, port)
     except RuntimeError as e:
         print(f"slora up: {e}", file=sys.stderr, flush=True)
         return 1

@@ -138,8 +138,12 @@ async def serve(args) -> None:
     port = bind_public_port(server, args)
     metrics_port = start_metrics_server(args.metrics_host, args.metrics_port)
     await server.start()
-    http_runner, http_port = await start_http(
-        args, HttpApi(generation, adapters, security.interceptor, lifecycle, info))
+    try:
+        http_runner, http_port = await start_http(
+            args, HttpApi(generation, adapters, security.interceptor, lifecycle, info))
+    except ConfigError:  # its port is in use: stop the gRPC server before saying so
+        await server.stop(grace=None)
+        raise
     await lifecycle.set_serving(True)
     watcher = asyncio.create_task(watch_scheduler(channel, lifecycle.set_serving))
     lifecycle.stop_on_signals()

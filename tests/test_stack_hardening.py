@@ -110,11 +110,11 @@ def run_to_exit(argv: list[str], timeout_s: float = 120.0) -> subprocess.Complet
                           env={**os.environ, **PROCESS_ENV})
 
 
-@pytest.mark.parametrize("listener", ["frontend", "scheduler", "worker", "metrics"])
+@pytest.mark.parametrize("listener", ["frontend", "http", "scheduler", "worker", "metrics"])
 def test_a_server_on_a_port_in_use_stops_at_start_naming_it(stack, listener):
     """Each server started on a port the stack already listens on exits 1 at start with a
-    message naming the address (gRPC's default SO_REUSEPORT would share the port); so does
-    a metrics endpoint on a port in use."""
+    message naming the address (gRPC's default SO_REUSEPORT would share the port); so do
+    the frontend's HTTP API and a metrics endpoint on a port in use."""
     scheduler = f"127.0.0.1:{stack.ports['scheduler']}"
     secret = ["--internal-secret-file", stack.secret_file]
     if listener == "metrics":
@@ -130,8 +130,10 @@ def test_a_server_on_a_port_in_use_stops_at_start_naming_it(stack, listener):
         argv = slora_module("slora.scheduler.server", "--port", str(port), *secret,
                             "--worker-address", f"127.0.0.1:{stack.ports['worker']}")
     else:
-        port = stack.ports["frontend"]
-        argv = slora_module("slora.frontend.server", "--port", str(port), "--no-auth",
+        port = stack.ports["frontend"] if listener == "frontend" else stack.http_port
+        ports = ["--port", str(port)] if listener == "frontend" else \
+            ["--port", "0", "--http-port", str(port)]
+        argv = slora_module("slora.frontend.server", *ports, "--no-auth",
                             *secret, "--scheduler-address", scheduler,
                             "--redis-url", stack.redis_url,
                             "--data-dir", os.path.join(stack.root, "other-data"))

@@ -151,5 +151,11 @@ async def start_http(args, api: HttpApi) -> tuple[web.AppRunner | None, int]:
                            shutdown_timeout=SHUTDOWN_TIMEOUT_S)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.http_port, ssl_context=ssl_context(args))
-    await site.start()
+    try:
+        await site.start()  # aiohttp leaves SO_REUSEPORT off: a port in use fails here
+    except OSError as e:
+        await runner.cleanup()
+        raise ConfigError(f"frontend: cannot listen on {args.host}:{args.http_port} (HTTP "
+                          f"API): {e.strerror} (another slora stack, or another program?)") \
+            from None
     return runner, runner.addresses[0][1]
