@@ -210,6 +210,24 @@ MAX_TENSOR_PARALLEL_SIZE = 64
 
 
 @dataclass
+class MemorySizing:
+    """Asks a CUDA worker to size what its flags leave open from the device's memory, as
+    measured when it starts (worker/memory_plan.py); the worker then writes its choice into
+    the config and drops this."""
+
+    gpu_memory_utilization: float = 0.9
+    """Share of the GPU's total memory the worker may use: weights, pool, activations,
+    CUDA graphs."""
+    size_batch: bool = True
+    """max_num_seqs from the pool too (False: as given)."""
+
+    def __post_init__(self):
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got "
+                              f"{self.gpu_memory_utilization}")
+
+
+@dataclass
 class EngineConfig:
     model: ModelConfig
     pool: PoolConfig
@@ -222,6 +240,9 @@ class EngineConfig:
     """Seed of dummy weights."""
     tensor_parallel_size: int = 1
     """Worker processes (one per GPU) that each hold a shard of the model and the pool."""
+    memory_sizing: MemorySizing | None = None
+    """Set: the worker sizes the pool (num_pages here is provisional) and, with size_batch,
+    max_num_seqs from measured memory at start; None: as given."""
 
     def __post_init__(self):
         if self.dtype not in DTYPES:

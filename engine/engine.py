@@ -20,8 +20,9 @@ class Engine:
     def __init__(self, config: EngineConfig, model_path: str | None = None,
                  backend: str = "auto"):
         self.config = config
-        self.scheduler = Scheduler(config)
+        # The worker first: sized from memory, it writes its pool and batch into the config.
         self.worker = Worker(config, model_path, backend)
+        self.scheduler = Scheduler(config)
         self.adapters: dict[str, AdapterRef] = {}
         self._req_ids = itertools.count()
 

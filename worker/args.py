@@ -13,17 +13,20 @@ import logging
 import os
 
 from slora.common.config import (
-    STANDARD_LORA_MODULES, EngineConfig, ModelConfig, PoolConfig, SchedulerConfig,
+    STANDARD_LORA_MODULES, EngineConfig, MemorySizing, ModelConfig, PoolConfig, SchedulerConfig,
 )
 from slora.common.errors import ConfigError
 from slora.models.registry import DUMMY_MODELS, dummy_model_config, model_config_from_folder
+from slora.worker.memory_plan import batch_for_pool, pool_pages_for_bytes
 
 TENSOR_PARALLEL_ENV = "SLORA_TENSOR_PARALLEL_SIZE"
 """The default of --tensor-parallel-size (compose sets it)."""
-GPU_MEMORY_FRACTION = 0.9
-"""Share of the GPU's free memory the worker takes (weights, pool, activations)."""
+GPU_MEMORY_UTILIZATION = 0.9
+"""Default --gpu-memory-utilization: the share of the GPU's memory the worker may use."""
 ACTIVATION_RESERVE_BYTES = 1 << 30
-"""Left free besides the weights and the pool, for activations and CUDA graphs."""
+"""Left free besides the weights and the pool, for activations and CUDA graphs, by the
+provisional estimate (tensor parallelism; a single GPU measures them: memory_plan.py)."""
+CPU_MAX_NUM_SEQS = 64
 log = logging.getLogger("slora.worker")
 
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -47,9 +50,15 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None,
                    help="cuda, cuda:N or cpu (default: cuda when available, else cpu)")
     g.add_argument("--num-pages", type=int, default=None,
-                   help="pages in the unified pool (default: on CUDA, what fits in "
-                        f"{GPU_MEMORY_FRACTION * 100:.0f}%% of free memory; on the CPU, room for 4 "
-                        "full-length requests and 4 adapters of the highest rank)")
+                   help="pages in the unified pool (default: on CUDA, what is left of "
+                        "--gpu-memory-utilization after the weights, activations and CUDA "
+                        "graphs, as measured at start; on the CPU, room for 4 full-length "
+                        "requests and 4 adapters of the highest rank)")
+    g.add_argument("--pool-gib", type=float, default=None,
+                   help="the unified pool's size in GiB instead (CUDA)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=GPU_MEMORY_UTILIZATION,
+                   help="share of the GPU's total memory this worker may use: weights, pool, "
+                        "activations, CUDA graphs (the worker logs its memory plan)")
     g.add_argument("--max-lora-rank", type=int, default=64,
                    help="highest adapter rank the pool accepts")
     g.add_argument("--max-adapter-slots", type=int, default=None,
@@ -70,8 +79,10 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None,
                    help="longest context of one request, prompt + output tokens (default: "
                         f"the model's max_position_embeddings, at most {DEFAULT_MAX_MODEL_LEN})")
-    g.add_argument("--max-num-seqs", type=int, default=64,
-                   help="requests running at once (the largest decode batch)")
+    g.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests running at once (the largest decode batch; default: on "
+                        "CUDA, what the pool keeps at half of --max-model-len a request, at "
+                        f"most 512; on the CPU, {CPU_MAX_NUM_SEQS})")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048,
                    help="token budget of one step: decode tokens plus prefill chunks")
     g.add_argument("--no-cuda-graphs", dest="cuda_graphs", action="store_false",
@@ -90,6 +101,12 @@ def _pick_device(device: str | None) -> str:
     return device
 
 
+def _dtype_size(dtype: str) -> int:
+    import torch
+
+    return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
+
 def _weight_bytes(model: ModelConfig, dtype_size: int) -> int:
     per_layer = sum(i * o for i, o in map(model.module_shape, STANDARD_LORA_MODULES))
     embeddings = model.vocab_size * model.hidden_size * (1 if model.tie_word_embeddings else 2)
@@ -97,10 +114,14 @@ def _weight_bytes(model: ModelConfig, dtype_size: int) -> int:
 
 
 def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dtype: str,
-                      device: str, tensor_parallel_size: int = 1) -> int:
-    """Pages for the pool when --num-pages is not given (see its help). With tensor
-    parallelism each GPU holds its shard of each page (the widest rank's counts) and about
-    1/N of the weights (free memory measured on the first GPU; the ranks' GPUs are alike)."""
+                      device: str, tensor_parallel_size: int = 1,
+                      utilization: float = GPU_MEMORY_UTILIZATION) -> int:
+    """Pages for the pool when no flag gives them, by estimate: on CUDA what fits in
+    `utilization` of the free memory after the weights and ACTIVATION_RESERVE_BYTES (the
+    provisional number a single GPU then replaces by its measured plan, memory_plan.py).
+    With tensor parallelism each GPU holds its shard of each page (the widest rank's counts)
+    and about 1/N of the weights (free memory measured on the first GPU; the ranks' GPUs are
+    alike)."""
     import torch
 
     from slora.models.sharding import shard_plan
@@ -113,7 +134,7 @@ def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dt
     if not device.startswith("cuda"):
         return 4 * (max_model_len + max_adapter_pages)
     free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-    budget = (int(free_bytes * GPU_MEMORY_FRACTION) - _weight_bytes(model, dtype_size) // n
+    budget = (int(free_bytes * utilization) - _weight_bytes(model, dtype_size) // n
               - ACTIVATION_RESERVE_BYTES)
     num_pages = budget // page_bytes
     if num_pages < max_model_len + max_adapter_pages:
@@ -151,8 +172,24 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
         except ValueError:
             raise ConfigError(f"${TENSOR_PARALLEL_ENV}={env!r} is not an integer") from None
     model = dataclasses.replace(model, lora_rank_multiple=tp)
-    num_pages = args.num_pages or default_num_pages(model, args.max_lora_rank, max_model_len,
-                                                    dtype, device, tp)
+    if not 0.0 < args.gpu_memory_utilization <= 1.0:
+        raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got "
+                          f"{args.gpu_memory_utilization}")
+    cuda = device.startswith("cuda")
+    num_pages, sizing = args.num_pages, None
+    if num_pages is None and args.pool_gib is not None:
+        if args.pool_gib <= 0:
+            raise ConfigError(f"--pool-gib must be positive, got {args.pool_gib}")
+        page_bytes = model.num_layers * 2 * model.hidden_size * _dtype_size(dtype)
+        num_pages = pool_pages_for_bytes(args.pool_gib * 2**30, page_bytes)
+    if num_pages is None:
+        num_pages = default_num_pages(model, args.max_lora_rank, max_model_len, dtype, device,
+                                      tp, args.gpu_memory_utilization)
+        if cuda and tp == 1:
+            sizing = MemorySizing(args.gpu_memory_utilization,
+                                  size_batch=args.max_num_seqs is None)
+    max_num_seqs = args.max_num_seqs or (
+        batch_for_pool(num_pages, max_model_len) if cuda else CPU_MAX_NUM_SEQS)
     if args.max_adapter_slots is not None:
         log.warning("--max-adapter-slots %d is deprecated: it caps the adapters resident at "
                     "once below what the pool's pages allow; leave it out to let the pool "
@@ -162,9 +199,9 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
         pool=PoolConfig(num_pages=num_pages, max_adapter_slots=args.max_adapter_slots,
                         max_lora_rank=args.max_lora_rank),
         scheduler=SchedulerConfig(
-            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
             max_model_len=max_model_len,
             max_queue_len=getattr(args, "max_queue_len", SchedulerConfig.max_queue_len)),
         dtype=dtype, device=device, host_cache_bytes=int(args.host_cache_gib * 2**30),
-        seed=args.seed, tensor_parallel_size=tp)
+        seed=args.seed, tensor_parallel_size=tp, memory_sizing=sizing)
     return config, model_path

@@ -49,6 +49,7 @@ from slora.protos.convert import step_command_to_proto
 from slora.protos.step import StepCommand, StepResult
 from slora.worker.batch import RequestState, ScheduledRequest, StepBatch, StepInputs
 from slora.worker.cuda_graphs import DECODE, NO_MODULES, StepGraphs
+from slora.worker.memory_plan import size_from_memory
 from slora.worker.pool import UnifiedPool, shard_adapter
 from slora.worker.sampling import sample
 from slora.worker.tp_group import (
@@ -100,8 +101,14 @@ class Worker:
         tp = TensorParallel() if group is None else TensorParallel(group.size, group.rank,
                                                                    group.comm)
         plan = None if group is None else shard_plan(cfg, group.rank, group.size)
+        sizing = config.memory_sizing is not None and self.device.type == "cuda" \
+            and group is None
+        free_at_start = torch.cuda.mem_get_info(self.device)[0] if sizing else 0
         self.model = build_model(cfg, model_path, self.backend, self.dtype, self.device,
                                  config.seed, tp)
+        if sizing:  # rewrites config.pool.num_pages and config.scheduler.max_num_seqs
+            size_from_memory(self, free_at_start)
+        config.memory_sizing = None
         self.pool = UnifiedPool(cfg, config.pool, self.dtype, self.device, self.backend, plan)
         pin = self.device.type == "cuda"
 
@@ -115,6 +122,8 @@ class Worker:
         self.inputs = StepInputs(sched.max_num_seqs, sched.max_num_batched_tokens,
                                  sched.max_model_len, self.pool.scratch_page, self.device)
         self.graphs: StepGraphs | None = None
+        self._graph_logits: torch.Tensor | None = None
+        """[max rows, vocab] float32: the logits every graph writes (`_into_shared_logits`)."""
         if cuda_graphs and self.backend.name == "cuda":
             self.graphs = StepGraphs(frozenset(cfg.lora_modules),
                                      min(sched.max_num_seqs, sched.max_num_batched_tokens),
@@ -312,15 +321,34 @@ class Worker:
         captures read and write no request's pages)."""
         start = time.perf_counter()
         self.inputs.write_padding()
+        if self._graph_logits is None:  # outside every graph's pool: shared by all of them
+            rows = max(self.inputs.max_num_reqs, self.graphs.max_batch)
+            self._graph_logits = torch.empty(rows, self.config.model.vocab_size,
+                                             dtype=torch.float32, device=self.device)
         with torch.inference_mode():
             for kind, size in self.graphs.shapes():
                 # One eager run first: kernels loaded, cuBLAS set up for this shape.
                 self._padded_forward(kind, size, modules)
                 torch.cuda.synchronize(self.device)
                 with self.graphs.recording(kind, size, modules) as out:
-                    out["logits"] = self._padded_forward(kind, size, modules)
+                    logits = self._padded_forward(kind, size, modules)
+                    out["logits"] = self._into_shared_logits(logits)
+                del logits  # its blocks go back to the graphs' pool, for the next capture
         torch.cuda.synchronize(self.device)
         self.graphs.captured(modules, time.perf_counter() - start)
+
+    def _into_shared_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """Inside a capture: the graph copies its logits into rows of the one buffer all
+        graphs share, so its own logits tensor is freed after the capture and no graph keeps
+        memory of its own past its capture (at 256 running requests, the mixed graphs'
+        logits of each LoRA set alone took 1.5 GB). Safe because replays are serial and
+        each replay's logits are sampled before the next is queued."""
+        buf = self._graph_logits
+        rows, cols = logits.shape
+        if rows > buf.shape[0] or cols != buf.shape[1]:
+            return logits  # a shape the buffer was not made for: the graph keeps its own
+        buf[:rows].copy_(logits)
+        return buf[:rows]
 
     def _padded_forward(self, kind: str, size, lora_modules: frozenset) -> torch.Tensor:
         """The step a graph captures. Decode: `size` requests, logits of every row. Mixed,

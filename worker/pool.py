@@ -116,6 +116,14 @@ class UnifiedPool:
         self._pending: dict[int, _PendingLoad] = {}
         """slot -> its load, between load_adapter and commit_loads."""
 
+    @staticmethod
+    def table_bytes_per_slot(model: ModelConfig, max_lora_rank: int) -> int:
+        """Device bytes the LoRA tables take per adapter slot (one slot per page: see
+        PoolConfig.num_adapter_slots): a page-table entry per rank-row and page of each
+        module, and a rank and a scale per module (the single-GPU layout above)."""
+        num_modules = len(model.lora_modules)
+        return 4 * num_modules * (max_lora_rank * model.max_lora_pages_per_row + 2)
+
     def layer(self, i: int) -> torch.Tensor:
         """[num_pages + 1, 2, H] view of layer i."""
         return self.pages[i]

@@ -1,0 +1,100 @@
+"""The GPU rule's arithmetic (worker/memory_plan.py) with given memory figures, and the flags
+that override it (worker/args.py); the measurement itself runs in tests/gpu."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from slora.common.errors import ConfigError
+from slora.worker.args import add_engine_args, engine_config_from_args
+from slora.worker.memory_plan import (
+    GRAPH_MARGIN, RESERVE_BYTES, MemoryFigures, batch_for_pool, plan_memory,
+)
+
+GIB = 2**30
+PAGE_7B = 32 * 2 * 4096 * 2
+"""A Llama-2-7B page in bf16: K and V of 4096 at 32 layers."""
+TABLE_7B = 4 * 7 * (64 * 3 + 2)
+"""Its LoRA tables per slot at rank 64: 7 modules x 64 rows x 3 pages, a rank and a scale."""
+H100 = MemoryFigures(total=80 * GIB, free_at_start=79 * GIB,
+                     free_after_probe=79 * GIB - 13 * GIB - 2 * GIB, weights=13 * GIB,
+                     activations=2 * GIB, probe_tokens=2048)
+"""An H100 with 1 GiB used by others; 13 GiB of weights; a dry run of a 2,048-token step
+whose activations peaked at 2 GiB (and stayed reserved)."""
+
+
+def plan(fig=H100, **kw):
+    args = dict(utilization=0.9, page_bytes=PAGE_7B, table_bytes_per_slot=TABLE_7B,
+                max_num_batched_tokens=4096, max_model_len=1024, logits_bytes=64 << 20,
+                min_pages=1024 + 7 * 64 * 3)
+    return plan_memory(fig, **{**args, **kw})
+
+
+def test_pool_is_what_the_utilization_leaves_after_weights_activations_and_graphs():
+    """0.9 x 80 GiB, less what this worker uses after the dry run (weights, activations;
+    other processes' memory does not count against its share), the graphs' pool (1.25 x
+    activations), the logits buffer, eager steps of 4,096 tokens (twice the dry run's 2,048:
+    its activations once more) and the reserve; each page costs its bytes and a slot of
+    LoRA tables."""
+    p = plan()
+    ours = H100.free_at_start - H100.free_after_probe  # 15 GiB
+    budget = int(0.9 * 80 * GIB) - ours - int(GRAPH_MARGIN * 2 * GIB) - (64 << 20) \
+        - 2 * GIB - RESERVE_BYTES
+    assert p.num_pages == budget // (PAGE_7B + TABLE_7B)
+    assert p.num_pages == 105_277  # about 52 GiB left for pages
+    assert p.max_num_seqs == batch_for_pool(p.num_pages, 1024) == 200
+    for figure in ("72.00 GiB", "weights 13.00 GiB", "activations 2.00 GiB",
+                   "CUDA graphs 2.50 GiB", "105277 pages", "max_num_seqs 200"):
+        assert figure in p.reason, (figure, p.reason)
+
+
+def test_the_pool_never_takes_more_than_is_free():
+    """Another process holds 40 GiB: the share (0.9 x 80 GiB) would allow more than is
+    free, so the pool takes what is free less the graphs, the buffers and the reserve."""
+    busy = MemoryFigures(80 * GIB, 40 * GIB, 25 * GIB, 13 * GIB, 2 * GIB, 2048)
+    budget = 25 * GIB - int(GRAPH_MARGIN * 2 * GIB) - (64 << 20) - 2 * GIB - RESERVE_BYTES
+    assert plan(busy).num_pages == budget // (PAGE_7B + TABLE_7B)
+
+
+def test_the_batch_follows_the_pool_up_to_512():
+    """Half of max_model_len a request, a multiple of 8, at most 512, at least 1."""
+    assert batch_for_pool(110_000, 1024) == 208  # 214 requests of 512 pages
+    assert batch_for_pool(110_000, 2048) == 104
+    assert batch_for_pool(10_000_000, 1024) == 512
+    assert batch_for_pool(3_000, 1024) == 5 and batch_for_pool(100, 1024) == 1
+    assert plan(utilization=0.5).max_num_seqs < plan().max_num_seqs
+
+
+def test_overrides_keep_the_users_numbers_and_say_so():
+    p = plan(num_pages=50_000, max_num_seqs=256)
+    assert (p.num_pages, p.max_num_seqs) == (50_000, 256)
+    assert "as --num-pages/--pool-gib say" in p.reason and "as --max-num-seqs says" in p.reason
+    assert plan(num_pages=50_000).max_num_seqs == batch_for_pool(50_000, 1024)
+
+
+def test_too_little_memory_names_the_figures_and_the_need():
+    full = MemoryFigures(80 * GIB, 20 * GIB, 5 * GIB, 13 * GIB, 2 * GIB, 2048)
+    with pytest.raises(ConfigError, match=r"gets 0 pages .* needs 2368"):
+        plan(full)
+    with pytest.raises(ConfigError, match="gpu-memory-utilization must be in"):
+        plan(utilization=1.5)
+
+
+def parse(*argv: str):
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    return engine_config_from_args(parser.parse_args(["--model", "dummy-tiny", *argv]))[0]
+
+
+def test_pool_gib_sets_the_pool_and_the_cpu_keeps_its_batch():
+    """--pool-gib gives the pages (a dummy-tiny page: 2 layers x 2 x 64 floats); nothing is
+    left to measure; on the CPU the batch stays 64 unless --max-num-seqs says."""
+    config = parse("--device", "cpu", "--pool-gib", "0.01")
+    assert config.pool.num_pages == int(0.01 * GIB) // (2 * 2 * 64 * 4)
+    assert config.scheduler.max_num_seqs == 64 and config.memory_sizing is None
+    assert parse("--device", "cpu", "--max-num-seqs", "7").scheduler.max_num_seqs == 7
+    with pytest.raises(ConfigError, match="gpu-memory-utilization must be in"):
+        parse("--device", "cpu", "--gpu-memory-utilization", "0")
+    with pytest.raises(ConfigError, match="--pool-gib must be positive"):
+        parse("--device", "cpu", "--pool-gib", "-1")
