@@ -71,6 +71,7 @@ from slora.bench.workload import (
 )
 from slora.common.config import ModelConfig
 from slora.models.registry import dummy_model_config
+from slora.worker.memory_plan import prefer_expandable_segments
 WARMUP_OUTPUT_LEN = 16
 CAPACITY_COUNTS = "5,2000"
 """--adapter-counts of the capacity mode."""
@@ -468,6 +469,7 @@ class Run:
 
 
 def main(argv: list[str] | None = None) -> int:
+    prefer_expandable_segments()  # the in-process engine's and the worker's (it inherits)
     args = build_parser().parse_args(argv)
     run = Run(args)
     payload, results = run.run(), run.results

@@ -59,6 +59,7 @@ from slora.protos.step import StepCommand, StepResult
 from slora.v1 import worker_pb2, worker_pb2_grpc
 from slora.worker import metrics
 from slora.worker.args import add_engine_args, engine_config_from_args
+from slora.worker.memory_plan import prefer_expandable_segments
 from slora.worker.executor import Worker
 from slora.worker.tp_group import PING_INTERVAL_S
 
@@ -272,6 +273,7 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
 
 
 def main(argv: list[str] | None = None) -> None:
+    prefer_expandable_segments()  # before CUDA starts (memory_plan.py says why)
     parser = argparse.ArgumentParser(
         prog="slora-worker",
         description="Serve slora.v1.Worker: run the scheduler's step commands on one device, "
