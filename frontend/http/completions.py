@@ -23,6 +23,7 @@ from aiohttp import web
 
 from slora.common.errors import AdapterDeletingError, AdapterNotFoundError, SloraError
 from slora.frontend.auth import principal
+from slora.frontend.generation import UpstreamError
 from slora.frontend.http.errors import ModelNotFoundError, sse_error
 from slora.frontend.http.responses import Output
 from slora.frontend.http.schema import ChatBody, CompletionBody, generate_request, invalid, parse
@@ -75,6 +76,9 @@ async def _generate(request: web.Request, body) -> web.StreamResponse:
                 first = await anext(events)
             except AdapterDeletingError:
                 raise
+            except StopAsyncIteration:
+                raise UpstreamError("UNAVAILABLE", "the scheduler ended the request without "
+                                                   "an answer; retry") from None
             except AdapterNotFoundError:
                 raise ModelNotFoundError(
                     f"model {body.model!r} does not exist: it is neither the base model "
