@@ -189,3 +189,21 @@ def test_no_slot_cap_the_pool_is_the_only_bound_on_resident_adapters():
     assert not evicted & set(sched.residency.resident)
     assert len(sched.residency.resident) == 400 and sched.page_table.num_free == 0
     sched.check_invariants()
+
+
+def test_loads_run_ahead_while_the_batch_has_room():
+    """Below max_num_seqs nothing queues: one request arrives each step, each with a new
+    adapter, beside a batch of ~20 running ones. The new request waits one step while its
+    adapter loads behind that step, and is admitted the next without a load (before this,
+    every load came in the step that admitted its request). A request arriving at an idle
+    scheduler is admitted at once."""
+    sched = create_scheduler(num_pages=4000, max_num_seqs=64, budget=256,
+                             max_adapter_slots=None)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+
+    def arrivals(step):
+        return [(f"r{step}", [5] * 6, params, adapter(f"a{step}"))] if step < 200 else []
+
+    ahead, at_admission = loads_ahead_and_at_admission(sched, arrivals, 260)
+    assert ahead == 199 and at_admission == 1, (ahead, at_admission)  # the first: idle
+    assert not sched.has_unfinished()
