@@ -44,9 +44,16 @@ def _up_parser(sub) -> None:
     p.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
-    p.add_argument("--num-pages", type=int, default=None, help="pages of the unified pool")
+    p.add_argument("--num-pages", type=int, default=None,
+                   help="pages of the unified pool (default: on a GPU, sized from its memory)")
+    p.add_argument("--pool-gib", type=float, default=None,
+                   help="the unified pool's size in GiB instead (GPU)")
+    p.add_argument("--gpu-memory-utilization", type=float, default=None,
+                   help="share of the GPU's memory the worker may use (default 0.9)")
     p.add_argument("--max-lora-rank", type=int, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=None)
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="requests running at once (default: on a GPU, what the pool keeps, "
+                        "at most 512)")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="worker processes, one per GPU (cuda:0..N-1), each holding 1/N of "

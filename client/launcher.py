@@ -116,8 +116,8 @@ def build_children(args, model: str) -> list[Child]:
     # The internal ports take only calls with this secret (made by the first to start).
     secret = ["--internal-secret-file", os.path.join(data_dir, SECRET_FILE_NAME)]
     engine_args = ["--model", model, "--max-model-len", str(args.max_model_len)]
-    for flag in ("num_pages", "device", "dtype", "max_lora_rank", "max_num_seqs",
-                 "tensor_parallel_size", "collective_timeout_s"):
+    for flag in ("num_pages", "pool_gib", "gpu_memory_utilization", "device", "dtype",
+                 "max_lora_rank", "max_num_seqs", "tensor_parallel_size", "collective_timeout_s"):
         value = getattr(args, flag, None)
         if value is not None:
             engine_args += [f"--{flag.replace('_', '-')}", str(value)]
