@@ -99,7 +99,7 @@ async def authenticate(request: web.Request, handler):
     except AuthenticationError as e:
         log.info("refused HTTP %s: %s", request.path, e)
         raise
-    # One connection serves its requests in one task: the caller is reset after each.
+    # aiohttp runs each request in its own task; the caller is reset after it all the same.
     with acting_as(who, auth.key_check(metadata, who)):
         return await handler(request)
 
