@@ -112,3 +112,23 @@ def test_rank1_hung_is_detected_within_30_s_and_the_group_restarts(smollm2_tp2):
     assert seconds < 30.0, f"streams ended {seconds:.2f} s after rank 1 was stopped"
     figure("TP=2 rank 1 SIGSTOP: last stream ended with UNAVAILABLE after (s)", round(seconds, 2))
     figure("TP=2 rank 1 SIGSTOP: group serving again after (s)", round(back_s, 2))
+
+
+def test_a_rank_that_cannot_start_fails_the_group_at_once(tmp_path, monkeypatch):
+    """A follower whose Python cannot even start (a broken install: PYTHONHOME points
+    nowhere, for the children only) fails rank 0's start with TensorParallelGroupError
+    naming the rank and its exit code, well before the rendezvous timeout."""
+    from helpers_peft import make_tiny_llama
+    from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
+    from slora.common.errors import TensorParallelGroupError
+    from slora.engine.engine import Engine
+    from slora.models.registry import model_config_from_folder
+
+    base = make_tiny_llama(str(tmp_path / "base"), num_kv_heads=2)
+    config = EngineConfig(model=model_config_from_folder(base), pool=PoolConfig(num_pages=4096),
+                          scheduler=SchedulerConfig(max_model_len=128), tensor_parallel_size=2)
+    monkeypatch.setenv("PYTHONHOME", str(tmp_path / "nowhere"))
+    start = time.monotonic()
+    with pytest.raises(TensorParallelGroupError, match="rank 1 exited with code"):
+        Engine(config, base)
+    assert time.monotonic() - start < 60

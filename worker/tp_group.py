@@ -33,6 +33,7 @@ import signal
 import struct
 import subprocess
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,13 +41,16 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from slora.common.errors import TensorParallelGroupError
+from slora.common.errors import ConfigError, TensorParallelGroupError
 from slora.common.lifecycle import python_module_command
 
 log = logging.getLogger("slora.worker.tp")
 
 CONTROL_BYTES = 16 << 10
 """Bytes of the one broadcast a message normally takes; longer ones take a second."""
+LOOPBACK = "127.0.0.1"
+JOINED_KEY = "slora/joined"
+JOIN_POLL_S = 0.05
 STARTUP_TIMEOUT_S = 600.0
 """Rendezvous and start-up barrier: ranks import torch and load their shards meanwhile."""
 IDLE_TIMEOUT = timedelta(days=7)
@@ -71,7 +75,8 @@ class RankSpec:
 
     rank: int
     world_size: int
-    init_method: str
+    store_port: int
+    """Rank 0's TCPStore on 127.0.0.1: the group's rendezvous."""
     model_info: str
     """The worker's EngineConfig as protos/model_info.py's ModelInfo, serialized, base64."""
     model_path: str | None
@@ -95,6 +100,45 @@ def rank_device(device: str, rank: int) -> torch.device:
     if d.type != "cuda":
         return d
     return torch.device("cuda", (d.index or 0) + rank)
+
+
+def _check_no_group() -> None:
+    if dist.is_initialized():
+        raise TensorParallelGroupError(
+            "this process already belongs to a torch.distributed group: close the other "
+            "tensor-parallel worker first")
+
+
+def _wait_joined(store, children: list[subprocess.Popen]) -> None:
+    """Rank 0: waits until every follower has reached the store; one that exits first (a
+    missing GPU, a broken install) fails the start at once instead of after the timeout."""
+    keys = [f"{JOINED_KEY}/{rank}" for rank in range(1, len(children) + 1)]
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while not store.check(keys):
+        for rank, child in enumerate(children, start=1):
+            if child.poll() is not None:
+                raise TensorParallelGroupError(f"tensor-parallel rank {rank} exited with code "
+                                               f"{child.returncode} before joining the group")
+        if time.monotonic() > deadline:
+            raise TensorParallelGroupError(f"tensor-parallel ranks did not join within "
+                                           f"{STARTUP_TIMEOUT_S:.0f} s")
+        time.sleep(JOIN_POLL_S)
+
+
+def _init_default_group(store, rank: int, size: int) -> None:
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=size,
+                            timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+
+
+def check_devices(device: str, size: int) -> None:
+    """ConfigError unless the GPUs the group's ranks would use exist."""
+    d = torch.device(device)
+    if d.type != "cuda":
+        return
+    first, count = d.index or 0, torch.cuda.device_count()
+    if first + size > count:
+        raise ConfigError(f"tensor parallel size {size} on {device} needs GPUs cuda:{first} to "
+                          f"cuda:{first + size - 1}; this machine has {count}")
 
 
 class TensorParallelComm:
@@ -165,13 +209,17 @@ class TensorParallelGroup:
         from slora.protos.model_info import model_info_from_config
 
         size = config.tensor_parallel_size
+        check_devices(config.device, size)
+        _check_no_group()
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        init_method = f"tcp://127.0.0.1:{_free_port()}"
+        port = _free_port()
+        store = dist.TCPStore(LOOPBACK, port, size, is_master=True, wait_for_workers=False,
+                              timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
         info = model_info_from_config(config, model_path).SerializeToString()
         children = []
         try:
             for rank in range(1, size):
-                spec = RankSpec(rank, size, init_method, base64.b64encode(info).decode(),
+                spec = RankSpec(rank, size, port, base64.b64encode(info).decode(),
                                 model_path, backend, cuda_graphs, collective_timeout_s,
                                 os.getpid())
                 child = subprocess.Popen(python_module_command("slora.worker.tp_rank"),
@@ -179,7 +227,8 @@ class TensorParallelGroup:
                 child.stdin.write(json.dumps(spec.__dict__))
                 child.stdin.close()
                 children.append(child)
-            cls._init(0, size, init_method)
+            _wait_joined(store, children)
+            _init_default_group(store, 0, size)
             return cls(0, size, rank_device(config.device, 0), collective_timeout_s, children)
         except BaseException:
             for child in children:
@@ -192,18 +241,12 @@ class TensorParallelGroup:
     def join(cls, spec: RankSpec, device: str) -> "TensorParallelGroup":
         """A follower: joins rank 0's group."""
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        cls._init(spec.rank, spec.world_size, spec.init_method)
+        store = dist.TCPStore(LOOPBACK, spec.store_port, spec.world_size, is_master=False,
+                              timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+        store.set(f"{JOINED_KEY}/{spec.rank}", "1")
+        _init_default_group(store, spec.rank, spec.world_size)
         return cls(spec.rank, spec.world_size, rank_device(device, spec.rank),
                    spec.collective_timeout_s)
-
-    @staticmethod
-    def _init(rank: int, size: int, init_method: str) -> None:
-        if dist.is_initialized():
-            raise TensorParallelGroupError(
-                "this process already belongs to a torch.distributed group: close the other "
-                "tensor-parallel worker first")
-        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=size,
-                                timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
 
     def wait_ready(self) -> None:
         """Returns once every rank has built its shard."""
