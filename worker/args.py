@@ -113,6 +113,15 @@ def _weight_bytes(model: ModelConfig, dtype_size: int) -> int:
     return dtype_size * (model.num_layers * per_layer + embeddings)
 
 
+def _page_bytes(model: ModelConfig, dtype_size: int, tensor_parallel_size: int) -> int:
+    """Bytes of one pool page on a GPU: with tensor parallelism, of the widest rank's shard."""
+    from slora.models.sharding import shard_plan
+
+    n = tensor_parallel_size
+    page_width = max(shard_plan(model, rank, n).page_width for rank in range(n))
+    return model.num_layers * 2 * page_width * dtype_size
+
+
 def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dtype: str,
                       device: str, tensor_parallel_size: int = 1,
                       utilization: float = GPU_MEMORY_UTILIZATION) -> int:
@@ -124,12 +133,9 @@ def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dt
     alike)."""
     import torch
 
-    from slora.models.sharding import shard_plan
-
     dtype_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     n = tensor_parallel_size
-    page_width = max(shard_plan(model, rank, n).page_width for rank in range(n))
-    page_bytes = model.num_layers * 2 * page_width * dtype_size
+    page_bytes = _page_bytes(model, dtype_size, n)
     max_adapter_pages = model.adapter_num_pages({m: pool_rank for m in model.lora_modules})
     if not device.startswith("cuda"):
         return 4 * (max_model_len + max_adapter_pages)
@@ -180,7 +186,7 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
     if num_pages is None and args.pool_gib is not None:
         if args.pool_gib <= 0:
             raise ConfigError(f"--pool-gib must be positive, got {args.pool_gib}")
-        page_bytes = model.num_layers * 2 * model.hidden_size * _dtype_size(dtype)
+        page_bytes = _page_bytes(model, _dtype_size(dtype), tp)
         num_pages = pool_pages_for_bytes(args.pool_gib * 2**30, page_bytes)
     if num_pages is None:
         num_pages = default_num_pages(model, args.max_lora_rank, max_model_len, dtype, device,
