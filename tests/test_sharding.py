@@ -166,5 +166,6 @@ def test_lora_collectives_on_attention_move_the_paper_count(n, num_tokens, r):
     """5 (N-1) B r / N on q, k, v, o (the paper, section 6); 9 (N-1) B r / N on all seven."""
     attention = ("q_proj", "k_proj", "v_proj", "o_proj")
     assert lora_collective_elements(num_tokens, r, n, attention) == 5 * (n - 1) * num_tokens * r / n
-    assert lora_collective_elements(num_tokens, r, n, STANDARD_LORA_MODULES) == 9 * (n - 1) * num_tokens * r / n
-    assert lora_collective_elements(num_tokens, r, 1, STANDARD_LORA_MODULES) == 0
+    every = STANDARD_LORA_MODULES
+    assert lora_collective_elements(num_tokens, r, n, every) == 9 * (n - 1) * num_tokens * r / n
+    assert lora_collective_elements(num_tokens, r, 1, every) == 0

@@ -190,7 +190,8 @@ def test_lora_collectives_of_a_decode_step_move_the_documented_count(case):
     cfg = engine.config.model
     lora = comm.elements["lora"] - before.get("lora", 0)
     base = comm.elements["base"] - before.get("base", 0)
-    assert lora == cfg.num_layers * lora_collective_elements(num_reqs, MAX_RANK, tp, STANDARD_LORA_MODULES)
+    per_layer = lora_collective_elements(num_reqs, MAX_RANK, tp, STANDARD_LORA_MODULES)
+    assert lora == cfg.num_layers * per_layer
     assert lora == cfg.num_layers * 9 * (tp - 1) * num_reqs * MAX_RANK // tp
     assert base == cfg.num_layers * 2 * (2 * (tp - 1) * num_reqs * cfg.hidden_size // tp)
     while engine.has_unfinished():
