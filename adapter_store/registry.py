@@ -53,6 +53,7 @@ from slora.adapter_store.redis_schema import (  # noqa: F401 (re-exported for ca
 from slora.adapter_store.tenancy import NO_TENANT, TENANT_RE, qualified_id, split_ref
 from slora.common.config import ModelConfig
 from slora.common.errors import (
+    ConfigError,
     AdapterDeletingError,
     AdapterExistsError,
     AdapterNotFoundError,
@@ -72,6 +73,17 @@ MAX_CONNECTIONS = 512
 """Redis connections of one process. Every public call reads Redis (its API key), so a burst
 of calls shares them; past this many at once a call waits up to POOL_TIMEOUT_S."""
 POOL_TIMEOUT_S = 5.0
+
+
+def read_password(path: str | None) -> str | None:
+    """The Redis password in the file `path` (--redis-password-file), or None."""
+    if path is None:
+        return None
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError as e:
+        raise ConfigError(f"--redis-password-file {path}: {e.strerror}") from None
 
 
 def connect(url: str, *, password: str | None = None,

@@ -38,10 +38,10 @@ def record_to_proto(r: AdapterRecord, viewer: str,
 
 
 class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
-    def __init__(self, registry, scheduler_stub, store_dir: str, max_upload_bytes: int,
+    def __init__(self, registry, replicas, store_dir: str, max_upload_bytes: int,
                  roots: AdapterRoots | None = None, max_adapters_per_tenant: int = 0):
         self.registry = registry
-        self.scheduler = scheduler_stub
+        self.replicas = replicas
         self.store_dir = store_dir
         self.max_upload_bytes = max_upload_bytes
         self.roots = roots if roots is not None else AdapterRoots((), store_dir)
@@ -135,8 +135,7 @@ class AdaptersService(adapters_pb2_grpc.AdaptersServicer):
         adapter_id = record.qualified_id
         await self.registry.mark_deleting(adapter_id)
         try:
-            await self.scheduler.DropAdapter(
-                scheduler_pb2.DropAdapterRequest(adapter_id=adapter_id))
+            await self.replicas.drop_adapter(adapter_id)
             await self.registry.delete(adapter_id)
         except (SloraError, grpc.aio.AioRpcError) as e:
             await self.registry.cancel_delete(adapter_id)

@@ -25,6 +25,7 @@ from slora.common.logs import request_id_var
 from slora.frontend import metrics
 from slora.frontend.auth import KeyRecheck, principal
 from slora.frontend.adapter_records import StaleIfErrorCache
+from slora.frontend.replica_set import NoReplicaError
 from slora.frontend.stop_strings import (
     MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, StopStringMatcher,
 )
@@ -44,6 +45,15 @@ PASSED_TRAILERS = ("grpc-retry-pushback-ms",)
 """Trailing metadata of the scheduler's answer that the client gets too."""
 
 
+async def _events(first, call):
+    """The first event (None: the stream ended without one), then the rest of the call."""
+    if first is None:
+        return
+    yield first
+    async for event in call:
+        yield event
+
+
 async def abort_with(context: grpc.aio.ServicerContext, err: SloraError) -> None:
     await context.abort(getattr(grpc.StatusCode, err.grpc_code), bounded(str(err)))
 
@@ -60,9 +70,10 @@ class UpstreamError(SloraError):
 
 
 class GenerationService(generation_pb2_grpc.GenerationServicer):
-    def __init__(self, scheduler_stub, registry, tokenizer, model_info,
+    def __init__(self, replicas, registry, tokenizer, model_info,
                  max_prompt_bytes: int = DEFAULT_MAX_PROMPT_BYTES):
-        self.scheduler = scheduler_stub
+        self.replicas = replicas
+        """The schedulers to route to (replica_set.ReplicaSet)."""
         self.registry = registry
         self.tokenizer = tokenizer
         self.info = model_info
@@ -156,9 +167,14 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
         num_output = 0
         outcome = "CANCELLED"
         """The status code this call ends with, for its log line."""
-        call = self.scheduler.Submit(submit, timeout=time_remaining())
+        call = None
         try:
-            async for event in call:
+            try:
+                call, first, ticket = await self.replicas.submit(submit, time_remaining)
+            except NoReplicaError as e:
+                outcome = "UNAVAILABLE"
+                raise UpstreamError(outcome, str(e)) from None
+            async for event in _events(first, call):
                 if first_token_at is None and event.token_ids:
                     first_token_at = time.perf_counter()
                     metrics.TIME_TO_FIRST_TOKEN.observe(first_token_at - arrival)
@@ -207,7 +223,9 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
             raise UpstreamError(code.name, e.details() or "scheduler unavailable",
                                 trailers) from None
         finally:
-            call.cancel()
+            if call is not None:
+                call.cancel()
+                self.replicas.done(ticket)
             self._finished(submit, request, outcome, arrival, first_token_at,
                            len(prompt_ids), num_output)
 

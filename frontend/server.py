@@ -25,7 +25,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from slora.adapter_store.registry import AdapterRegistry, connect
+from slora.adapter_store.registry import AdapterRegistry, connect, read_password
 from slora.common.aio import run_async
 from slora.common.errors import ConfigError, SloraError
 from slora.common.grpc_options import internal_channel_options, server_options
@@ -39,6 +39,8 @@ from slora.frontend.generation import DEFAULT_MAX_PROMPT_BYTES, GenerationServic
 from slora.frontend.http.app import add_http_args, start_http
 from slora.frontend.http.state import HttpApi
 from slora.frontend.keys import KeysService
+from slora.frontend.replica_set import ReplicaSet
+from slora.frontend.routing import DEFAULT_LOAD_FACTOR, POLICIES, Router
 from slora.frontend.scheduler_watch import watch_scheduler
 from slora.frontend.security import add_security_args, bind_public_port, setup_security
 from slora.frontend.tokenizer import load_tokenizer
@@ -55,7 +57,16 @@ MAX_MESSAGE_BYTES = 64 << 20
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="slora-frontend", description=__doc__.splitlines()[0])
-    p.add_argument("--scheduler-address", required=True, help="host:port of the scheduler")
+    p.add_argument("--scheduler-address", default=None,
+                   help="host:port of the scheduler, used while no replica is registered in "
+                        "Redis (default: none; route only to registered replicas)")
+    p.add_argument("--routing", choices=POLICIES, default=POLICIES[0],
+                   help="how a request picks its replica (frontend/routing.py)")
+    p.add_argument("--load-factor", type=float, default=DEFAULT_LOAD_FACTOR,
+                   help="adapter-affinity: a replica takes more while its requests stay "
+                        "below this multiple of the mean load")
+    p.add_argument("--replica-wait-s", type=float, default=120.0,
+                   help="at start, seconds to wait for a replica to answer")
     p.add_argument("--redis-url", required=True,
                    help="redis://[:PASSWORD@]host:port/db of adapter metadata")
     p.add_argument("--redis-password-file", default=None,
@@ -84,21 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_password(path: str | None) -> str | None:
-    if path is None:
-        return None
-    try:
-        with open(path) as f:
-            return f.read().strip()
-    except OSError as e:
-        raise ConfigError(f"--redis-password-file {path}: {e.strerror}") from None
-
-
-async def wait_for_scheduler(stub, timeout_s: float = 120.0) -> scheduler_pb2.ModelInfo:
+async def wait_for_scheduler(replicas: ReplicaSet,
+                             timeout_s: float) -> scheduler_pb2.ModelInfo:
+    """The model's Info from the first replica that answers."""
     deadline = asyncio.get_running_loop().time() + timeout_s
     while True:
+        left = deadline - asyncio.get_running_loop().time()
+        replica = await replicas.wait_for_replica(max(left, 0.0))
         try:
-            return await stub.Info(scheduler_pb2.InfoRequest(), timeout=5)
+            return await replicas.stub(replica.address).Info(scheduler_pb2.InfoRequest(),
+                                                              timeout=5)
         except grpc.aio.AioRpcError:
             if asyncio.get_running_loop().time() > deadline:
                 raise
@@ -106,14 +112,14 @@ async def wait_for_scheduler(stub, timeout_s: float = 120.0) -> scheduler_pb2.Mo
 
 
 async def serve(args) -> None:
-    channel = grpc.aio.insecure_channel(args.scheduler_address,
-                                        options=internal_channel_options(),
-                                        interceptors=send_secret(internal_secret(args)))
-    scheduler = scheduler_pb2_grpc.SchedulerStub(channel)
-    info = await wait_for_scheduler(scheduler)
+    redis_client = connect(args.redis_url, password=read_password(args.redis_password_file))
+    secret = send_secret(internal_secret(args))
+    replicas = ReplicaSet(redis_client, Router(args.routing, args.load_factor),
+                          args.scheduler_address, internal_channel_options(), secret)
+    info = await wait_for_scheduler(replicas, args.replica_wait_s)
+    replicas.static_serving = not replicas.registered  # it just answered
     model = model_config_from_model_info(info)
     tokenizer = load_tokenizer(args.tokenizer or info.model_path or None, info.vocab_size)
-    redis_client = connect(args.redis_url, password=read_password(args.redis_password_file))
     store_dir = os.path.join(args.data_dir, "adapters")
     registry = AdapterRegistry(redis_client, store_dir, model, info.model_name,
                                info.max_lora_rank, strict_base_model=args.strict_base_model)
@@ -125,8 +131,8 @@ async def serve(args) -> None:
     lifecycle = Lifecycle(public_names, on_call_done=metrics.on_call_done)
     server = grpc.aio.server(interceptors=[lifecycle.calls, security.interceptor],
                              options=server_options(MAX_MESSAGE_BYTES))
-    generation = GenerationService(scheduler, registry, tokenizer, info, args.max_prompt_bytes)
-    adapters = AdaptersService(registry, scheduler, store_dir, args.max_upload_bytes,
+    generation = GenerationService(replicas, registry, tokenizer, info, args.max_prompt_bytes)
+    adapters = AdaptersService(registry, replicas, store_dir, args.max_upload_bytes,
                                security.roots, args.max_adapters_per_tenant)
     generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, server)
@@ -145,7 +151,17 @@ async def serve(args) -> None:
         await server.stop(grace=None)
         raise
     await lifecycle.set_serving(True)
-    watcher = asyncio.create_task(watch_scheduler(channel, lifecycle.set_serving))
+
+    async def on_static_serving(serving: bool) -> None:
+        await replicas.set_static_serving(serving)
+        await lifecycle.set_serving(replicas.serving)
+
+    watchers = [asyncio.create_task(replicas.run(on_serving=lifecycle.set_serving))]
+    if args.scheduler_address:
+        static = grpc.aio.insecure_channel(args.scheduler_address,
+                                           options=internal_channel_options(),
+                                           interceptors=secret)
+        watchers.append(asyncio.create_task(watch_scheduler(static, on_static_serving)))
     lifecycle.stop_on_signals()
     print(ready_line("frontend", port, metrics_port, http_port=http_port), flush=True)
 
@@ -153,11 +169,14 @@ async def serve(args) -> None:
     await lifecycle.drain(server, args.shutdown_grace_s)
     if http_runner is not None:
         await http_runner.cleanup()
-    watcher.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await watcher
+    for watcher in watchers:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
     await redis_client.aclose()
-    await channel.close()
+    await replicas.close()
+    if args.scheduler_address:
+        await static.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from slora.protos.step import AdapterLoad, StepCommand
 from slora.scheduler.page_table import PageOwner, PageTable
 
+MAX_RECENT_LOADS = 4096
+"""Loads remembered between two reports (a report runs every heartbeat at least)."""
+
 
 @dataclass(frozen=True)
 class AdapterRef:
@@ -43,6 +46,9 @@ class AdapterResidency:
         self.num_prefetches = 0
         self.num_idle_pages = 0
         """Pages of the resident adapters no running request uses (evictable)."""
+        self.recent_loads: list[tuple[str, int]] = []
+        """(adapter id, pages) of each load since `take_recent_loads`, in order (the replica
+        registry's report replays them: scheduler/replica_report.py)."""
 
     def slot_of(self, adapter_id: str) -> int | None:
         entry = self.resident.get(adapter_id)
@@ -87,7 +93,7 @@ class AdapterResidency:
             entry = ResidentAdapter(ref, slot, page_ids, num_refs=1)
             self.resident[ref.adapter_id] = entry
             cmd.adapter_loads.append(AdapterLoad(ref.adapter_id, ref.path, slot, page_ids))
-            self.num_loads += 1
+            self._count_load(ref)
         else:
             entry.num_refs += 1  # pinned first, so making room never evicts it
             if entry.num_refs == 1:
@@ -122,7 +128,7 @@ class AdapterResidency:
         self.resident[ref.adapter_id] = ResidentAdapter(ref, slot, page_ids)
         self.num_idle_pages += ref.num_pages
         cmd.adapter_loads.append(AdapterLoad(ref.adapter_id, ref.path, slot, page_ids))
-        self.num_loads += 1
+        self._count_load(ref)
         self.num_prefetches += 1
         return True
 
@@ -131,6 +137,15 @@ class AdapterResidency:
         kept = sum(len(e.page_ids) for a in keep
                    if (e := self.resident.get(a)) is not None and e.num_refs == 0)
         return self.num_idle_pages - kept
+
+    def _count_load(self, ref: AdapterRef) -> None:
+        self.num_loads += 1
+        if len(self.recent_loads) < MAX_RECENT_LOADS:
+            self.recent_loads.append((ref.adapter_id, ref.num_pages))
+
+    def take_recent_loads(self) -> list[tuple[str, int]]:
+        loads, self.recent_loads = self.recent_loads, []
+        return loads
 
     def release(self, adapter_id: str) -> None:
         entry = self.resident[adapter_id]

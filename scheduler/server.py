@@ -46,9 +46,11 @@ from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, Lifecycle, ready_li
 from slora.common.logs import add_log_args, request_id_var, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
 from slora.protos.model_info import engine_config_from_model_info, model_info_from_config
-from slora.scheduler.driver import StepDriver, StreamEnd
+from slora.scheduler.driver import WORKER_UP, StepDriver, StreamEnd
 from slora.scheduler.metrics import register_driver_stats
 from slora.scheduler.planner import Scheduler
+from slora.scheduler.registration import Registration
+from slora.scheduler.replica_report import ReplicaReport
 from slora.scheduler.request import NO_DEADLINE
 from slora.v1 import scheduler_pb2, scheduler_pb2_grpc, worker_pb2_grpc
 
@@ -146,6 +148,7 @@ async def serve(args: argparse.Namespace, secret: str) -> None:
     log.info("serving %s (%d pages) on %s:%d, worker %s", config.model.name,
              config.pool.num_pages, args.host, port, args.worker_address)
 
+    registration, redis_client = await start_registration(args, driver, port, lifecycle)
     lifecycle.stop_on_signals()
     # A launcher waits for this line; keep its form.
     print(ready_line("scheduler", port, metrics_port), flush=True)
@@ -154,9 +157,60 @@ async def serve(args: argparse.Namespace, secret: str) -> None:
     if loop_task in done:
         loop_task.result()  # the loop never ends by itself: raise what ended it
     log.info("stopping: %d requests to finish", len(driver.planner.requests))
+    if registration is not None:
+        registration.task.cancel()
+        await registration.leave()  # no new requests routed here while it drains
     await lifecycle.drain(server, args.shutdown_grace_s)
     loop_task.cancel()
+    if redis_client is not None:
+        await redis_client.aclose()
     await driver.close()
+
+
+async def start_registration(args, driver: StepDriver, port: int, lifecycle: Lifecycle):
+    """Joins the registry of replicas when --redis-url is given; (Registration or None,
+    the Redis client or None)."""
+    if not args.redis_url:
+        return None, None
+    from slora.adapter_store.registry import connect, read_password
+    from slora.adapter_store.replicas import ReplicaPublisher
+
+    address = args.advertise_address or f"{args.host}:{port}"
+    replica_id = args.replica_id or address
+    client = connect(args.redis_url, socket_timeout_s=2.0,
+                     password=read_password(args.redis_password_file))
+    registration = Registration(
+        ReplicaPublisher(client, replica_id, address, args.replica_ttl_s),
+        ReplicaReport(driver.planner, driver.config),
+        lambda: driver.worker_down_reason == WORKER_UP and not lifecycle.draining,
+        heartbeat_s=args.heartbeat_s)
+    await registration.publish_once(force=True)
+    registration.task = asyncio.create_task(registration.run())
+    log.info("registered as replica %r at %s (TTL %g s)", replica_id, address,
+             args.replica_ttl_s)
+    return registration, client
+
+
+def add_replica_args(parser: argparse.ArgumentParser) -> None:
+    from slora.adapter_store.replicas import DEFAULT_HEARTBEAT_S, DEFAULT_TTL_S
+
+    g = parser.add_argument_group("registry of replicas (frontends route from it)")
+    g.add_argument("--redis-url", default=None,
+                   help="redis://[:PASSWORD@]host:port/db to register this replica in "
+                        "(default: none; frontends then reach it only by --scheduler-address)")
+    g.add_argument("--redis-password-file", default=None,
+                   help="file with Redis's password, for a URL without one")
+    g.add_argument("--replica-id", default=None,
+                   help="this replica's name in the registry (default: its address)")
+    g.add_argument("--advertise-address", default=None,
+                   help="host:port frontends dial (default: --host:port; in Kubernetes the "
+                        "pod's DNS name)")
+    g.add_argument("--replica-ttl-s", type=float, default=DEFAULT_TTL_S,
+                   help="seconds without a heartbeat after which this replica leaves the "
+                        "registry")
+    g.add_argument("--heartbeat-s", type=float, default=DEFAULT_HEARTBEAT_S,
+                   help="seconds between heartbeats (load and adapters are also published "
+                        "on change)")
 
 
 def with_scheduler_limits(config: EngineConfig, *, max_num_seqs: int | None = None,
@@ -201,9 +255,13 @@ def main(argv: list[str] | None = None) -> None:
                         help="seconds between keepalive pings to the worker (a worker whose "
                              "host vanished is found within this + 5 s); at least 1")
     add_internal_secret_args(parser)
+    add_replica_args(parser)
     add_metrics_args(parser)
     add_log_args(parser)
     args = parser.parse_args(argv)
+    if args.replica_ttl_s <= 0 or not 0 < args.heartbeat_s < args.replica_ttl_s:
+        parser.error(f"--heartbeat-s ({args.heartbeat_s:g}) must be positive and below "
+                     f"--replica-ttl-s ({args.replica_ttl_s:g})")
     setup_logging("scheduler", args.log_level, args.log_format)
     try:
         check_keepalive_s(args.worker_keepalive_s, "--worker-keepalive-s")

@@ -1,0 +1,190 @@
+"""The frontend's replicas: the registry's view read from Redis every REFRESH_S, one gRPC
+channel per replica, and Submit with transparent retry.
+
+What it holds is a cache of Redis (adapter_store/replicas.py) plus two short-lived hints: the
+requests this frontend sent to each replica since the last read (so a burst between two
+reads spreads by the bounded load instead of landing on one replica), and the replicas that
+just failed a call (tried last for SUSPECT_S). A restarted frontend loses only those hints
+and routes the same way from Redis alone.
+
+Without registered replicas (a scheduler started without --redis-url), the frontend's
+--scheduler-address is the one replica, available while its health Watch says SERVING.
+
+Retry. A Submit that fails before its first event (the replica is gone, draining, its worker
+down, or its queue full) is sent to the next replica of the routing order, up to MAX_TRIES;
+the scheduler sends no event before the first token, so the client sees nothing of it. Once a
+token has gone out the stream is not retried: it ends UNAVAILABLE (generation.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+
+import grpc
+from redis.exceptions import RedisError
+
+from slora.adapter_store.replicas import ReplicaLoad, ReplicaReader, ReplicaState
+from slora.frontend.routing import Router
+from slora.v1 import scheduler_pb2, scheduler_pb2_grpc
+
+log = logging.getLogger("slora.frontend")
+
+REFRESH_S = 0.25
+"""How often the registry is read (a replica's load is at most this much older)."""
+SUSPECT_S = 2.0
+"""A replica that failed a call is tried last for this long."""
+MAX_TRIES = 3
+RETRIED_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                 grpc.StatusCode.CANCELLED)
+"""Codes of a Submit that failed before its first event and is sent elsewhere (CANCELLED: a
+scheduler stopping under us; the client going away cancels this task instead)."""
+STATIC_REPLICA_ID = "static"
+
+
+class NoReplicaError(Exception):
+    pass
+
+
+class ReplicaSet:
+    def __init__(self, redis_client, router: Router, static_address: str | None = None,
+                 channel_options=(), interceptors=()):
+        self.reader = ReplicaReader(redis_client) if redis_client is not None else None
+        self.router = router
+        self.static_address = static_address
+        self.static_serving = False
+        self._options = list(channel_options)
+        self._interceptors = list(interceptors)
+        """Send the deployment's internal secret (common/internal_auth.py)."""
+        self.registered: list[ReplicaState] = []
+        self._sent_since_read: collections.Counter[str] = collections.Counter()
+        self._suspect_until: dict[str, float] = {}
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._changed = asyncio.Event()
+        self._redis_ok = True
+
+    # -- the view -------------------------------------------------------------------------
+
+    def replicas(self) -> list[ReplicaState]:
+        if self.registered:
+            return self.registered
+        if self.static_address:
+            return [ReplicaState(STATIC_REPLICA_ID, self.static_address,
+                                 ReplicaLoad(available=self.static_serving))]
+        return []
+
+    @property
+    def serving(self) -> bool:
+        return any(r.load.available for r in self.replicas())
+
+    async def refresh(self) -> None:
+        if self.reader is None:
+            return
+        try:
+            replicas = await self.reader.read()
+        except (RedisError, OSError) as e:
+            if self._redis_ok:
+                log.warning("replica registry unreadable (%s); routing on the last view", e)
+            self._redis_ok = False
+            return
+        self._redis_ok = True
+        before = {r.replica_id for r in self.registered}
+        self.registered = replicas
+        self._sent_since_read.clear()
+        now_ids = {r.replica_id for r in replicas}
+        if now_ids != before:
+            log.info("replicas: %s", ", ".join(f"{r.replica_id}@{r.address}" for r in replicas)
+                     or "none")
+        live = {r.address for r in self.replicas()}
+        for address in [a for a in self._channels if a not in live]:
+            asyncio.ensure_future(self._channels.pop(address).close())
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    async def run(self, on_serving=None) -> None:
+        """Reads the registry every REFRESH_S until cancelled; `await on_serving(bool)`
+        whenever whether any replica is available changes."""
+        serving = None
+        while True:
+            await self.refresh()
+            if on_serving is not None and self.serving != serving:
+                serving = self.serving
+                await on_serving(serving)
+            await asyncio.sleep(REFRESH_S)
+
+    async def set_static_serving(self, serving: bool) -> None:
+        self.static_serving = serving
+
+    async def wait_for_replica(self, timeout_s: float) -> ReplicaState:
+        """The first available replica (for the model's Info at start)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self.refresh()
+            usable = [r for r in self.replicas() if r.load.available or not self.registered]
+            if usable:
+                return usable[0]
+            if time.monotonic() > deadline:
+                raise NoReplicaError(f"no replica registered in Redis within {timeout_s:g} s")
+            await asyncio.sleep(REFRESH_S)
+
+    def stub(self, address: str) -> scheduler_pb2_grpc.SchedulerStub:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=self._options, interceptors=self._interceptors)
+        return scheduler_pb2_grpc.SchedulerStub(channel)
+
+    def order(self, adapter_id: str, adapter_num_pages: int) -> list[ReplicaState]:
+        """The routing order, replicas that just failed last."""
+        ranked = self.router.rank(adapter_id, self.replicas(),
+                                  adapter_num_pages=adapter_num_pages,
+                                  extra_load=self._sent_since_read)
+        now = time.monotonic()
+        fresh = [r for r in ranked if self._suspect_until.get(r.replica_id, 0) <= now]
+        return fresh + [r for r in ranked if r not in fresh]
+
+    def mark_failed(self, replica: ReplicaState) -> None:
+        self._suspect_until[replica.replica_id] = time.monotonic() + SUSPECT_S
+
+    # -- calls ----------------------------------------------------------------------------
+
+    async def submit(self, submit: scheduler_pb2.SubmitRequest, time_remaining):
+        """Sends the Submit to the best replica and waits for its first event, retrying
+        elsewhere on failure. Returns (call, first event or None if the stream ended without
+        one, the replica). `time_remaining()`: seconds left of the client's deadline, or None.
+        Raises the last AioRpcError when every try failed, NoReplicaError with none."""
+        order = self.order(submit.adapter.adapter_id, submit.adapter.num_pages)
+        if not order:
+            raise NoReplicaError("no scheduler replica is available")
+        last_error = None
+        for replica in order[:MAX_TRIES]:
+            self._sent_since_read[replica.replica_id] += 1
+            call = self.stub(replica.address).Submit(submit, timeout=time_remaining())
+            try:
+                try:  # the call caches this iterator: the caller's `async for` goes on
+                    return call, await call.__aiter__().__anext__(), replica
+                except StopAsyncIteration:
+                    return call, None, replica
+            except grpc.aio.AioRpcError as e:
+                call.cancel()
+                if e.code() not in RETRIED_CODES:
+                    raise
+                last_error = e
+                if e.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    self.mark_failed(replica)
+                log.info("replica %s failed before the first token (%s: %s); trying the next",
+                         replica.replica_id, e.code().name, e.details())
+        raise last_error
+
+    async def drop_adapter(self, adapter_id: str) -> None:
+        """DropAdapter on every replica (a deleted adapter leaves every pool); raises the
+        first AioRpcError."""
+        request = scheduler_pb2.DropAdapterRequest(adapter_id=adapter_id)
+        await asyncio.gather(*(self.stub(r.address).DropAdapter(request)
+                               for r in self.replicas()))
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
