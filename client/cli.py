@@ -61,6 +61,9 @@ def _up_parser(sub) -> None:
     p.add_argument("--collective-timeout-s", type=float, default=None,
                    help="with --tensor-parallel-size: a rank that keeps a collective waiting "
                         "this long takes the worker group down, to be restarted (default 20)")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="model replicas (a worker and a scheduler each; the visible GPUs "
+                        "are split between them; the frontend routes by adapter)")
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds each service may take to start")
     p.add_argument("--no-auth", action="store_true",

@@ -1,7 +1,9 @@
 """`slora up`: the whole stack as child processes of one command.
 
-Starts, in order, the embedded Redis (unless --redis-url), the worker, the scheduler and
-the frontend, each a real entry point of the package on loopback ports; waits for each
+Starts, in order, the embedded Redis (unless --redis-url), the worker and the scheduler of
+each replica (--replicas N: N of each, the visible GPUs split between them, each scheduler
+registered in Redis), and the frontend, which routes across them, each a real entry point
+of the package on loopback ports; waits for each
 one's `SLORA_READY <name> port=N` line; prints where the stack listens; restarts a child
 that dies; and on Ctrl-C or SIGTERM stops them all, last started first. With
 --tensor-parallel-size N the worker child is rank 0 of the group and starts the other N-1
@@ -39,12 +41,15 @@ class Child:
     """The frontend's OpenAI API port; -1: none."""
     ready: threading.Event = field(default_factory=threading.Event)
     restarts: int = 0
+    env: dict[str, str] = field(default_factory=dict)
+    """Set in the child's environment (a replica's CUDA_VISIBLE_DEVICES)."""
 
     def start(self, timeout_s: float) -> int:
         self.ready.clear()
         self.proc = subprocess.Popen(
             python_module_command(*self.args), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True)
+            stderr=subprocess.STDOUT, text=True, bufsize=1, start_new_session=True,
+            env={**os.environ, **self.env} if self.env else None)
         threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
         deadline = time.monotonic() + timeout_s
         while not self.ready.wait(0.2):
@@ -121,20 +126,61 @@ def build_children(args, model: str) -> list[Child]:
         value = getattr(args, flag, None)
         if value is not None:
             engine_args += [f"--{flag.replace('_', '-')}", str(value)]
-    worker_port, scheduler_port = free_port(), free_port()
-    children.append(Child("worker", ["slora.worker.server", "--port", str(worker_port),
-                                     *secret, *engine_args]))
-    children.append(Child("scheduler", ["slora.scheduler.server", "--port",
-                                        str(scheduler_port), *secret, "--worker-address",
-                                        f"127.0.0.1:{worker_port}"]))
+    scheduler_ports = []
+    for i, env in enumerate(replica_envs(args.replicas, args.device)):
+        worker_port, scheduler_port = free_port(), free_port()
+        suffix = f"-{i}" if args.replicas > 1 else ""
+        children.append(Child(f"worker{suffix}", ["slora.worker.server", "--port",
+                                                  str(worker_port), *secret, *engine_args],
+                              env=env))
+        children.append(Child(f"scheduler{suffix}", [
+            "slora.scheduler.server", "--port", str(scheduler_port), *secret,
+            "--worker-address", f"127.0.0.1:{worker_port}", "--redis-url", redis_url,
+            *redis_password, "--replica-id", f"r{i}"]))
+        scheduler_ports.append(scheduler_port)
+    # Frontends route to the replicas registered in Redis; with one replica it is also
+    # reached by address while it has not registered yet.
+    static = (["--scheduler-address", f"127.0.0.1:{scheduler_ports[0]}"]
+              if args.replicas == 1 else [])
     children.append(Child("frontend", [
         "slora.frontend.server", "--host", args.host, "--port", str(args.port),
         "--http-port", str(args.http_port),
-        "--data-dir", data_dir, "--scheduler-address", f"127.0.0.1:{scheduler_port}",
-        *secret, "--redis-url", redis_url, *redis_password,
+        "--data-dir", data_dir, *static, *secret, "--redis-url", redis_url, *redis_password,
         *frontend_security_args(args, data_dir),
         *(["--strict-base-model"] if getattr(args, "strict_base_model", False) else [])]))
     return children
+
+
+def visible_gpus(device: str | None) -> list[str]:
+    """The GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else those torch sees;
+    none with --device cpu."""
+    if device == "cpu":
+        return []
+    if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+        return [g for g in os.environ["CUDA_VISIBLE_DEVICES"].split(",") if g.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() \
+        else []
+
+
+def replica_envs(num_replicas: int, device: str | None,
+                 gpus: list[str] | None = None) -> list[dict[str, str]]:
+    """Each replica's environment: the visible GPUs split into `num_replicas` equal groups
+    (CUDA_VISIBLE_DEVICES), or nothing on the CPU."""
+    if num_replicas < 1:
+        raise RuntimeError(f"--replicas must be at least 1, got {num_replicas}")
+    if num_replicas == 1 and gpus is None:
+        return [{}]  # the one replica sees what this process sees
+    gpus = visible_gpus(device) if gpus is None else gpus
+    if not gpus:
+        return [{} for _ in range(num_replicas)]
+    if len(gpus) < num_replicas:
+        raise RuntimeError(f"--replicas {num_replicas} needs at least {num_replicas} GPUs; "
+                           f"{len(gpus)} are visible ({','.join(gpus)})")
+    per = len(gpus) // num_replicas
+    return [{"CUDA_VISIBLE_DEVICES": ",".join(gpus[i * per:(i + 1) * per])}
+            for i in range(num_replicas)]
 
 
 def frontend_security_args(args, data_dir: str) -> list[str]:
@@ -163,7 +209,11 @@ def up(args) -> int:
         from slora.models.gguf_convert import ensure_default_model
 
         model = ensure_default_model(os.path.expanduser(args.data_dir))
-    children = build_children(args, model)
+    try:
+        children = build_children(args, model)
+    except RuntimeError as e:
+        print(f"slora up: {e}", file=sys.stderr, flush=True)
+        return 1
     by_name = {c.name: c for c in children}
     stopping = threading.Event()
 

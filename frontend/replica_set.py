@@ -59,6 +59,8 @@ class ReplicaSet:
         """Send the deployment's internal secret (common/internal_auth.py)."""
         self.registered: list[ReplicaState] = []
         self._sent_since_read: collections.Counter[str] = collections.Counter()
+        """Requests sent to each replica since the last read and still running."""
+        self._read_epoch = 0
         self._suspect_until: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._changed = asyncio.Event()
@@ -92,6 +94,7 @@ class ReplicaSet:
         before = {r.replica_id for r in self.registered}
         self.registered = replicas
         self._sent_since_read.clear()
+        self._read_epoch += 1
         now_ids = {r.replica_id for r in replicas}
         if now_ids != before:
             log.info("replicas: %s", ", ".join(f"{r.replica_id}@{r.address}" for r in replicas)
@@ -144,6 +147,13 @@ class ReplicaSet:
         fresh = [r for r in ranked if self._suspect_until.get(r.replica_id, 0) <= now]
         return fresh + [r for r in ranked if r not in fresh]
 
+    def done(self, ticket) -> None:
+        """A stream that `submit` opened ended: if the registry was not read since, its
+        request no longer counts on top of the load read there."""
+        replica_id, epoch = ticket
+        if epoch == self._read_epoch and self._sent_since_read[replica_id] > 0:
+            self._sent_since_read[replica_id] -= 1
+
     def mark_failed(self, replica: ReplicaState) -> None:
         self._suspect_until[replica.replica_id] = time.monotonic() + SUSPECT_S
 
@@ -159,15 +169,17 @@ class ReplicaSet:
             raise NoReplicaError("no scheduler replica is available")
         last_error = None
         for replica in order[:MAX_TRIES]:
+            ticket = (replica.replica_id, self._read_epoch)
             self._sent_since_read[replica.replica_id] += 1
             call = self.stub(replica.address).Submit(submit, timeout=time_remaining())
             try:
                 try:  # the call caches this iterator: the caller's `async for` goes on
-                    return call, await call.__aiter__().__anext__(), replica
+                    return call, await call.__aiter__().__anext__(), ticket
                 except StopAsyncIteration:
-                    return call, None, replica
+                    return call, None, ticket
             except grpc.aio.AioRpcError as e:
                 call.cancel()
+                self.done(ticket)
                 if e.code() not in RETRIED_CODES:
                     raise
                 last_error = e

@@ -9,7 +9,8 @@ every adapter a stable "home" order over the replicas that moves only 1/N of ada
 replica joins or leaves, like consistent hashing. Loads are bounded as in consistent hashing
 with bounded loads (Mirrokni, Thorup and Zadimoghaddam, 2018): a replica has room while its
 requests (running + waiting), the new one included, stay within ceil(`load_factor` times
-the mean, counting the new one). Then, first
+the mean, counting the new one), or under ROOM_FRACTION of its max_num_seqs (a light load is
+not worth an adapter load to balance). Then, first
 fit in this order:
 
   1. a replica with room that holds the adapter in its GPU pool (in home order);
@@ -36,6 +37,11 @@ from slora.adapter_store.replicas import ReplicaState
 DEFAULT_LOAD_FACTOR = 1.25
 """A replica has room below this multiple of the mean load (+1): the bound of consistent
 hashing with bounded loads; 1.25 keeps the busiest replica within 25% of the mean."""
+ROOM_FRACTION = 0.25
+"""Below this fraction of its max_num_seqs a replica always has room: a decode step's time
+grows slowly with its batch (Llama-2-7B on an H100: 8.5 ms at batch 1, 11.8 ms at 32,
+docs/PERFORMANCE.md), so a few more requests where the adapter already is cost less than
+loading it elsewhere; past it the bound balances the load."""
 NO_ADAPTER = ""
 POLICIES = ("adapter-affinity", "least-loaded", "round-robin")
 
@@ -82,7 +88,7 @@ def rank(adapter_id: str, replicas: Sequence[ReplicaState], *, adapter_num_pages
     order = home_order(adapter_id, usable)
     on_gpu, in_host, fits, rest = [], [], [], []
     for r in order:
-        if load_of(r) + 1 > bound:
+        if load_of(r) + 1 > max(bound, int(r.load.max_num_seqs * ROOM_FRACTION)):
             rest.append(r)
         elif adapter_id in r.gpu_adapters:
             on_gpu.append(r)

@@ -13,10 +13,11 @@ from slora.frontend.routing import (
 
 
 def replica(name: str, *, running: int = 0, waiting: int = 0, free_pages: int = 1000,
-            gpu=(), host=(), available: bool = True) -> ReplicaState:
+            gpu=(), host=(), available: bool = True, max_num_seqs: int = 4) -> ReplicaState:
+    """max_num_seqs 4: ROOM_FRACTION of it is 1, so the load bound alone decides room."""
     return ReplicaState(name, f"{name}:1", ReplicaLoad(
         num_running=running, num_waiting=waiting, num_free_pages=free_pages, num_pages=1000,
-        max_num_seqs=32, available=available), frozenset(gpu), frozenset(host))
+        max_num_seqs=max_num_seqs, available=available), frozenset(gpu), frozenset(host))
 
 
 def ids(replicas) -> list[str]:
@@ -45,6 +46,16 @@ def test_a_replica_past_the_load_bound_is_skipped_even_with_the_adapter():
     assert load_bound([1, 1, 10]) == 6
     order = ids(rank("x", rs))
     assert order[0] == "b" and order[-1] == "c"
+
+
+def test_under_a_quarter_of_its_batch_a_replica_keeps_its_adapters_past_the_bound():
+    """c holds x and runs 7 of 9 requests, over the bound (ceil(1.25 * 10 / 3) = 5) but under
+    a quarter of its 32 seats: x stays on c rather than being loaded on a or b."""
+    rs = [replica("a", running=1, max_num_seqs=32), replica("b", running=1, max_num_seqs=32),
+          replica("c", running=7, gpu=["x"], max_num_seqs=32)]
+    assert ids(rank("x", rs))[0] == "c"
+    rs[2] = replica("c", running=8, gpu=["x"], max_num_seqs=32)
+    assert ids(rank("x", rs))[0] != "c"
 
 
 def test_a_replica_without_free_pages_for_the_adapter_is_not_its_new_home():
