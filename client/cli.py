@@ -22,6 +22,7 @@ SERVICES = {
     "scheduler": "slora.scheduler.server",
     "frontend": "slora.frontend.server",
     "redis": "slora.adapter_store.embedded_redis",
+    "replica": "slora.client.replica_launcher",
 }
 
 

@@ -215,16 +215,8 @@ def up(args) -> int:
         print(f"slora up: {e}", file=sys.stderr, flush=True)
         return 1
     by_name = {c.name: c for c in children}
-    stopping = threading.Event()
 
-    def on_signal(signum, frame):
-        stopping.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    try:
-        for child in children:
-            child.start(args.start_timeout)
+    def on_ready() -> None:
         frontend = by_name["frontend"]
         print(f"slora is serving {os.path.basename(model)} on {args.host}:{frontend.port}"
               f"  (Ctrl-C stops it)", flush=True)
@@ -240,15 +232,34 @@ def up(args) -> int:
         print("slora: Prometheus metrics at " + ", ".join(
             f"{c.name} http://127.0.0.1:{c.metrics_port}/metrics" for c in children
             if c.metrics_port > 0), flush=True)
+
+    return supervise(children, args.start_timeout, "slora up", on_ready)
+
+
+def supervise(children: list[Child], start_timeout: float, who: str, on_ready=None) -> int:
+    """Starts the children in order, calls `on_ready()`, restarts any that dies, and on
+    Ctrl-C or SIGTERM stops them all, last started first; returns the exit status."""
+    stopping = threading.Event()
+
+    def on_signal(signum, frame):
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        for child in children:
+            child.start(start_timeout)
+        if on_ready is not None:
+            on_ready()
         while not stopping.wait(0.5):
             for child in children:
                 if not child.alive() and not stopping.is_set():
                     child.restarts += 1
                     print(f"slora: {child.name} exited (code {child.proc.returncode}); "
                           f"restarting it (restart {child.restarts})", flush=True)
-                    child.start(args.start_timeout)
+                    child.start(start_timeout)
     except RuntimeError as e:
-        print(f"slora up: {e}", file=sys.stderr, flush=True)
+        print(f"{who}: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         for child in reversed(children):

@@ -1,10 +1,12 @@
 """The frontend's replicas: the registry's view read from Redis every REFRESH_S, one gRPC
 channel per replica, and Submit with transparent retry.
 
-What it holds is a cache of Redis (adapter_store/replicas.py) plus two short-lived hints: the
-requests this frontend sent to each replica since the last read (so a burst between two
-reads spreads by the bounded load instead of landing on one replica), and the replicas that
-just failed a call (tried last for SUSPECT_S). A restarted frontend loses only those hints
+What it holds is a cache of Redis (adapter_store/replicas.py) plus two short-lived hints: its
+own streams open on each replica (a replica's load is the registry's figure plus the streams
+this frontend opened there since the read, minus those it closed: a burst between two reads
+spreads by the bounded load instead of landing on one replica, and a load read just before
+its requests finished does not hold for REFRESH_S), and the replicas that just failed a call
+(tried last for SUSPECT_S). A restarted frontend loses only those hints
 and routes the same way from Redis alone.
 
 Without registered replicas (a scheduler started without --redis-url), the frontend's
@@ -58,9 +60,10 @@ class ReplicaSet:
         self._interceptors = list(interceptors)
         """Send the deployment's internal secret (common/internal_auth.py)."""
         self.registered: list[ReplicaState] = []
-        self._sent_since_read: collections.Counter[str] = collections.Counter()
-        """Requests sent to each replica since the last read and still running."""
-        self._read_epoch = 0
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        """This frontend's streams open on each replica, now..."""
+        self._in_flight_at_read: collections.Counter[str] = collections.Counter()
+        """...and when the registry was last read."""
         self._suspect_until: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._changed = asyncio.Event()
@@ -93,8 +96,7 @@ class ReplicaSet:
         self._redis_ok = True
         before = {r.replica_id for r in self.registered}
         self.registered = replicas
-        self._sent_since_read.clear()
-        self._read_epoch += 1
+        self._in_flight_at_read = collections.Counter(self._in_flight)
         now_ids = {r.replica_id for r in replicas}
         if now_ids != before:
             log.info("replicas: %s", ", ".join(f"{r.replica_id}@{r.address}" for r in replicas)
@@ -140,19 +142,21 @@ class ReplicaSet:
 
     def order(self, adapter_id: str, adapter_num_pages: int) -> list[ReplicaState]:
         """The routing order, replicas that just failed last."""
+        # The registry's loads, corrected by what this frontend opened and closed since it
+        # read them (its own streams are the part of a replica's load it knows now).
+        extra = {r: self._in_flight[r] - self._in_flight_at_read[r]
+                 for r in self._in_flight.keys() | self._in_flight_at_read.keys()}
         ranked = self.router.rank(adapter_id, self.replicas(),
-                                  adapter_num_pages=adapter_num_pages,
-                                  extra_load=self._sent_since_read)
+                                  adapter_num_pages=adapter_num_pages, extra_load=extra)
         now = time.monotonic()
         fresh = [r for r in ranked if self._suspect_until.get(r.replica_id, 0) <= now]
         return fresh + [r for r in ranked if r not in fresh]
 
     def done(self, ticket) -> None:
-        """A stream that `submit` opened ended: if the registry was not read since, its
-        request no longer counts on top of the load read there."""
-        replica_id, epoch = ticket
-        if epoch == self._read_epoch and self._sent_since_read[replica_id] > 0:
-            self._sent_since_read[replica_id] -= 1
+        """A stream that `submit` opened ended."""
+        self._in_flight[ticket] -= 1
+        if self._in_flight[ticket] <= 0:
+            del self._in_flight[ticket]
 
     def mark_failed(self, replica: ReplicaState) -> None:
         self._suspect_until[replica.replica_id] = time.monotonic() + SUSPECT_S
@@ -169,8 +173,8 @@ class ReplicaSet:
             raise NoReplicaError("no scheduler replica is available")
         last_error = None
         for replica in order[:MAX_TRIES]:
-            ticket = (replica.replica_id, self._read_epoch)
-            self._sent_since_read[replica.replica_id] += 1
+            ticket = replica.replica_id
+            self._in_flight[ticket] += 1
             call = self.stub(replica.address).Submit(submit, timeout=time_remaining())
             try:
                 try:  # the call caches this iterator: the caller's `async for` goes on

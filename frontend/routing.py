@@ -72,15 +72,15 @@ def rank(adapter_id: str, replicas: Sequence[ReplicaState], *, adapter_num_pages
          load_factor: float = DEFAULT_LOAD_FACTOR) -> list[ReplicaState]:
     """The adapter-affinity order of the available replicas for one request.
 
-    `extra_load`: requests sent to a replica since its load was read (the caller's own
-    recent choices, so a burst between two registry reads does not all land on one)."""
+    `extra_load`: requests to add to (or, negative, take from) a replica's load as read,
+    for what the caller sent and saw finish since it read it."""
     usable = [r for r in replicas if r.load.available]
     if not usable:
         return []
     extra = extra_load or {}
 
     def load_of(r: ReplicaState) -> int:
-        return r.num_requests + extra.get(r.replica_id, 0)
+        return max(0, r.num_requests + extra.get(r.replica_id, 0))
 
     if adapter_id == NO_ADAPTER:
         return _least_loaded(usable, load_of)

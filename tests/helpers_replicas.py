@@ -16,6 +16,8 @@ import grpc
 
 from helpers_procs import slora_module, start_process, stop_process
 from helpers_stack import PROCESS_ENV, START_TIMEOUT_S
+from slora.adapter_store.embedded_redis import PASSWORD_FILE, url_with_password
+from slora.common.internal_auth import call_metadata, load_or_create_secret
 from slora.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 
@@ -31,7 +33,21 @@ class Cluster:
 
     @property
     def redis_url(self) -> str:
+        """Without the password (the processes read it from redis_password_file)."""
         return f"redis://127.0.0.1:{self.ports['redis']}/0"
+
+    @property
+    def redis_password_file(self) -> str:
+        return os.path.join(self.root, "redis", PASSWORD_FILE)
+
+    @property
+    def redis_url_with_password(self) -> str:
+        with open(self.redis_password_file) as f:
+            return url_with_password("127.0.0.1", self.ports["redis"], f.read().strip())
+
+    @property
+    def secret_file(self) -> str:
+        return os.path.join(self.root, "internal.secret")
 
     def _start(self, name: str, argv: list[str], ready: str) -> None:
         proc, self.ports[name] = start_process(argv, ready, timeout=START_TIMEOUT_S,
@@ -50,18 +66,22 @@ class Cluster:
             self._start("redis", slora_module(
                 "slora.adapter_store.embedded_redis", "--data-dir",
                 os.path.join(self.root, "redis"), "--port", "0"), "SLORA_READY redis")
+            load_or_create_secret(self.secret_file)  # before the workers race to make it
+            secret = ["--internal-secret-file", self.secret_file]
+            redis_flags = ["--redis-url", self.redis_url,
+                           "--redis-password-file", self.redis_password_file]
             self._start_many([(f"worker-r{i}", slora_module(
-                "slora.worker.server", "--port", "0", *self.worker_args),
+                "slora.worker.server", "--port", "0", *secret, *self.worker_args),
                 "SLORA_READY worker") for i in range(num_replicas)])
             self._start_many([(f"scheduler-r{i}", slora_module(
-                "slora.scheduler.server", "--port", "0", "--worker-address",
-                f"127.0.0.1:{self.ports[f'worker-r{i}']}", "--redis-url", self.redis_url,
+                "slora.scheduler.server", "--port", "0", *secret, "--worker-address",
+                f"127.0.0.1:{self.ports[f'worker-r{i}']}", *redis_flags,
                 "--replica-id", f"r{i}", "--replica-ttl-s", str(self.replica_ttl_s),
                 "--heartbeat-s", str(self.heartbeat_s)), "SLORA_READY scheduler")
                 for i in range(num_replicas)])
             roots = [x for root in self.adapter_roots for x in ("--adapter-roots", root)]
             self._start_many([(name, slora_module(
-                "slora.frontend.server", "--port", "0", "--redis-url", self.redis_url,
+                "slora.frontend.server", "--port", "0", *secret, *redis_flags,
                 "--data-dir", os.path.join(self.root, "data"), "--no-auth", *roots,
                 *flags), "SLORA_READY frontend") for name, flags in frontends.items()])
         except BaseException:
@@ -79,11 +99,20 @@ class Cluster:
         stop_process(proc)
 
     def stop_all(self) -> None:
-        for name in sorted(self.procs, key=lambda n: ("fro" not in n, "sch" not in n,
-                                                     "wor" not in n)):
-            stop_process(self.procs.pop(name), 10.0)
+        """SIGTERM to every process of a kind at once (frontends, then schedulers, then
+        workers, then Redis), SIGKILL after 10 s."""
+        def kind(name: str) -> int:
+            return (["scheduler", "worker", "redis"].index(name.split("-")[0]) + 1
+                    if name.split("-")[0] in ("scheduler", "worker", "redis") else 0)
+
+        for k in range(4):
+            names = [n for n in self.procs if kind(n) == k]
+            if names:
+                with cf.ThreadPoolExecutor(len(names)) as pool:
+                    list(pool.map(lambda n: stop_process(self.procs.pop(n), 10.0), names))
 
     def stats(self, replica: str) -> dict[str, int]:
         with grpc.insecure_channel(self.address(f"scheduler-{replica}")) as channel:
             stub = scheduler_pb2_grpc.SchedulerStub(channel)
-            return dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=10).values)
+            return dict(stub.Stats(scheduler_pb2.StatsRequest(), timeout=10, metadata=call_metadata(
+                load_or_create_secret(self.secret_file))).values)

@@ -17,19 +17,26 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_every_compose_command_is_a_real_entry_point():
     """Each service built from our image runs `slora <service> ...`, and that command with
-    --help exits 0; each has the internal secret of the shared volume; the Redis service is
-    the official image with append-only files and a password."""
+    --help exits 0 (for the replica service, its workers' flags too, as `slora worker`);
+    each has the internal secret of the shared volume; the Redis service is the official
+    image with append-only files and a password."""
     with open(os.path.join(ROOT, "compose.yaml")) as f:
         compose = yaml.safe_load(f)
     ours = {name: s for name, s in compose["services"].items() if "build" in s}
-    assert set(ours) == {"worker", "scheduler", "frontend"}
+    assert set(ours) == {"replica", "frontend"}
     for name, service in ours.items():
-        command = service["command"]
+        command = [re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", a) for a in service["command"]]
         assert command[:2] == ["slora", name], f"{name}: {command}"
-        proc = subprocess.run([sys.executable, "-P", "-m", "slora.client.cli", *command[1:], "--help"],
-                              capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
-        assert "usage" in proc.stdout.lower()
+        own, rest = (command[1:command.index("--")], command[command.index("--") + 1:]) \
+            if "--" in command else (command[1:], None)
+        runs = [own] + ([["worker", *rest]] if rest is not None else [])
+        for args in runs:
+            proc = subprocess.run([sys.executable, "-P", "-m", "slora.client.cli", *args, "--help"],
+                                  capture_output=True, text=True, timeout=120)
+            assert proc.returncode == 0, f"{name}: {proc.stderr[-2000:]}"
+            assert "usage" in proc.stdout.lower()
+            known = set(re.findall(r"--[a-z0-9-]+", proc.stdout))
+            assert not [a for a in args if a.startswith("--") and a not in known], (name, args)
     redis = compose["services"]["redis"]
     script = " ".join(redis["command"])
     assert redis["image"].startswith("redis:") and "--appendonly yes" in script

@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SLORA_SERVICES = ("worker", "scheduler", "frontend")
+SLORA_SERVICES = ("replica", "frontend")
 
 
 def dockerfile_copies(path: str) -> list[tuple[str, str]]:
@@ -127,7 +127,8 @@ def test_the_probe_exits_zero_only_for_a_serving_server():
 
 
 def test_the_worker_answers_its_health_probe(tmp_path):
-    """compose's worker probe works against a real worker: SERVING once it listens."""
+    """compose's probe of a replica (`slora.common.healthcheck` on a port) works against a
+    real worker: SERVING once it listens."""
     from helpers_peft import make_tiny_llama
     from helpers_procs import slora_module, start_process, stop_process
     from helpers_stack import PROCESS_ENV, worker_argv
