@@ -100,13 +100,18 @@ class Replica:
     busy: bool = False
     num_loads: int = 0
     num_disk_reads: int = 0
+    _sets: tuple | None = None
+    """The adapter sets as last published (rebuilt only after a load, as the registry
+    sends only changes)."""
 
     def state(self) -> ReplicaState:
+        if self._sets is None:
+            self._sets = (frozenset(self.gpu), frozenset(self.host))
         free_slots = self.cfg.max_adapter_slots - len(self.gpu)
         return ReplicaState(self.name, self.name, ReplicaLoad(
             num_running=len(self.running), num_waiting=len(self.waiting),
             num_free_pages=free_slots, num_pages=self.cfg.max_adapter_slots,
-            max_num_seqs=self.cfg.max_num_seqs), frozenset(self.gpu), frozenset(self.host))
+            max_num_seqs=self.cfg.max_num_seqs), *self._sets)
 
     def _load(self, adapter_id: str) -> float | None:
         """Makes the adapter resident; seconds it costs, or None without a free slot."""
@@ -120,6 +125,7 @@ class Replica:
             del self.gpu[victim]
         self.gpu[adapter_id] = 0
         self.num_loads += 1
+        self._sets = None
         size = self.cfg.rank * ADAPTER_BYTES_PER_RANK
         seconds = size / (HOST_TO_GPU_GBPS * 1e9)
         if adapter_id in self.host:
@@ -181,6 +187,7 @@ def simulate(cfg: SimConfig, policy: str) -> dict:
     """Runs the requests through N replicas under `policy`; returns the figures."""
     replicas = [Replica(f"r{i:02d}", cfg) for i in range(cfg.num_replicas)]
     by_name = {r.name: r for r in replicas}
+    by_index = {r.name: i for i, r in enumerate(replicas)}
     router = Router(policy)
     requests = make_requests(cfg)
     events = [(req.arrival_s, 0, i, "arrive") for i, req in enumerate(requests)]
@@ -200,7 +207,7 @@ def simulate(cfg: SimConfig, policy: str) -> dict:
                                          extra_load=sent)[0].replica_id]
             sent[target.name] += 1
             target.waiting.append(req)
-            replica = target
+            replica, index = target, by_index[target.name]
         else:
             replica = replicas[index]
             done_count += len(replica.finish_step(now))
@@ -210,7 +217,7 @@ def simulate(cfg: SimConfig, policy: str) -> dict:
             if duration is not None:
                 replica.busy = True
                 seq += 1
-                heapq.heappush(events, (now + duration, seq, replicas.index(replica), "step"))
+                heapq.heappush(events, (now + duration, seq, index, "step"))
     ttft = np.array([r.first_token_s - r.arrival_s for r in requests])
     end = max(r.done_s for r in requests)
     return {
@@ -243,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rate", type=float, default=None,
                    help="requests/s in all (default: 8 per replica, about 60%% of the 13.3 "
                         "req/s one H100 serves of this workload with 1,000 adapters)")
-    p.add_argument("--duration-s", type=float, default=120.0, help="seconds of arrivals")
+    p.add_argument("--duration-s", type=float, default=60.0, help="seconds of arrivals")
     p.add_argument("--zipf-s", type=float, default=1.0)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--max-adapter-slots", type=int, default=128)
