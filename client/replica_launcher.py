@@ -55,8 +55,8 @@ def build_children(args) -> list[Child]:
     for i, env in enumerate(replica_envs(args.replicas, args.device)):
         worker_port, port = free_port(), args.port + i
         metrics = ([] if args.metrics_port < 0 else
-                   [["--metrics-host", "0.0.0.0", "--metrics-port", str(args.metrics_port + 2 * i + k)]
-                    for k in (0, 1)])
+                   [["--metrics-host", "0.0.0.0",
+                     "--metrics-port", str(args.metrics_port + 2 * i + k)] for k in (0, 1)])
         children.append(Child(f"worker-{i}", [
             "slora.worker.server", "--port", str(worker_port), *secret, *worker_args,
             *(metrics[0] if metrics else [])], env=env))

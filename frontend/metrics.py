@@ -21,7 +21,9 @@ TIME_PER_OUTPUT_TOKEN = Histogram(
     buckets=TOKEN_BUCKETS_S)
 OUTPUT_TOKENS = Counter("slora_output_tokens", "Output tokens streamed to clients")
 SCHEDULER_AVAILABLE = Gauge("slora_scheduler_available",
-                            "1 while the scheduler's health says SERVING")
+                            "1 while a scheduler (a replica) is available to this frontend")
+REPLICAS_AVAILABLE = Gauge("slora_replicas_available",
+                           "Replicas this frontend may route to (registered, health SERVING)")
 ADAPTER_RECORDS_STALE = Counter(
     "slora_adapter_records_served_stale",
     "Adapter look-ups answered from the frontend's cache while Redis was unavailable")

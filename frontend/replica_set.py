@@ -9,6 +9,9 @@ its requests finished does not hold for REFRESH_S), and the replicas that just f
 (tried last for SUSPECT_S). A restarted frontend loses only those hints
 and routes the same way from Redis alone.
 
+Each replica's health is watched (grpc.health.v1 Watch, scheduler_watch.py): one whose
+stream breaks (killed, its host gone) or says NOT_SERVING is skipped at once, before its TTL
+drops it from Redis, and the frontend's own health is SERVING while any replica is usable.
 Without registered replicas (a scheduler started without --redis-url), the frontend's
 --scheduler-address is the one replica, available while its health Watch says SERVING.
 
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import logging
 import time
 
@@ -28,7 +32,9 @@ import grpc
 from redis.exceptions import RedisError
 
 from slora.adapter_store.replicas import ReplicaLoad, ReplicaReader, ReplicaState
+from slora.frontend import metrics
 from slora.frontend.routing import Router
+from slora.frontend.scheduler_watch import watch_scheduler
 from slora.v1 import scheduler_pb2, scheduler_pb2_grpc
 
 log = logging.getLogger("slora.frontend")
@@ -55,7 +61,6 @@ class ReplicaSet:
         self.reader = ReplicaReader(redis_client) if redis_client is not None else None
         self.router = router
         self.static_address = static_address
-        self.static_serving = False
         self._options = list(channel_options)
         self._interceptors = list(interceptors)
         """Send the deployment's internal secret (common/internal_auth.py)."""
@@ -66,17 +71,26 @@ class ReplicaSet:
         """...and when the registry was last read."""
         self._suspect_until: dict[str, float] = {}
         self._channels: dict[str, grpc.aio.Channel] = {}
-        self._changed = asyncio.Event()
+        self._watchers: dict[str, asyncio.Task] = {}
+        self._reachable: dict[str, bool] = {}
+        """address -> what its health Watch said last (absent: not heard yet)."""
+        self._on_serving = None
+        self._serving: bool | None = None
         self._redis_ok = True
 
     # -- the view -------------------------------------------------------------------------
 
     def replicas(self) -> list[ReplicaState]:
+        """The registered replicas (else the --scheduler-address one), each unavailable
+        while its health Watch says it is down: a killed replica is skipped at once, not
+        only when its TTL drops it from Redis."""
         if self.registered:
-            return self.registered
+            return [r if self._reachable.get(r.address, True) or not r.load.available
+                    else dataclasses.replace(r, load=dataclasses.replace(r.load, available=False))
+                    for r in self.registered]
         if self.static_address:
-            return [ReplicaState(STATIC_REPLICA_ID, self.static_address,
-                                 ReplicaLoad(available=self.static_serving))]
+            return [ReplicaState(STATIC_REPLICA_ID, self.static_address, ReplicaLoad(
+                available=self._reachable.get(self.static_address, False)))]
         return []
 
     @property
@@ -84,42 +98,62 @@ class ReplicaSet:
         return any(r.load.available for r in self.replicas())
 
     async def refresh(self) -> None:
-        if self.reader is None:
-            return
-        try:
-            replicas = await self.reader.read()
-        except (RedisError, OSError) as e:
-            if self._redis_ok:
-                log.warning("replica registry unreadable (%s); routing on the last view", e)
-            self._redis_ok = False
-            return
-        self._redis_ok = True
-        before = {r.replica_id for r in self.registered}
-        self.registered = replicas
-        self._in_flight_at_read = collections.Counter(self._in_flight)
-        now_ids = {r.replica_id for r in replicas}
-        if now_ids != before:
-            log.info("replicas: %s", ", ".join(f"{r.replica_id}@{r.address}" for r in replicas)
-                     or "none")
-        live = {r.address for r in self.replicas()}
-        for address in [a for a in self._channels if a not in live]:
-            asyncio.ensure_future(self._channels.pop(address).close())
-        self._changed.set()
-        self._changed = asyncio.Event()
+        if self.reader is not None:
+            try:
+                replicas = await self.reader.read()
+            except (RedisError, OSError) as e:
+                if self._redis_ok:
+                    log.warning("replica registry unreadable (%s); routing on the last view",
+                                e)
+                self._redis_ok = False
+                return
+            self._redis_ok = True
+            before = {r.replica_id for r in self.registered}
+            self.registered = replicas
+            self._in_flight_at_read = collections.Counter(self._in_flight)
+            if {r.replica_id for r in replicas} != before:
+                log.info("replicas: %s", ", ".join(
+                    f"{r.replica_id}@{r.address}" for r in replicas) or "none")
+        self._watch({r.address for r in self.replicas()} |
+                    ({self.static_address} if self.static_address else set()))
+        await self._notify()
+
+    def _watch(self, addresses: set[str]) -> None:
+        """A health Watch on each address; channels and watches of others closed."""
+        for address in addresses - set(self._watchers):
+            async def on_health(serving: bool, address=address) -> None:
+                self._reachable[address] = serving
+                await self._notify()
+
+            self._watchers[address] = asyncio.ensure_future(
+                watch_scheduler(self._channel(address), on_health))
+        for address in set(self._watchers) - addresses:
+            self._watchers.pop(address).cancel()
+            self._reachable.pop(address, None)
+            channel = self._channels.pop(address, None)
+            if channel is not None:
+                asyncio.ensure_future(channel.close())
+
+    async def _notify(self) -> None:
+        usable = sum(r.load.available for r in self.replicas())
+        metrics.REPLICAS_AVAILABLE.set(usable)
+        metrics.SCHEDULER_AVAILABLE.set(int(usable > 0))
+        if self._on_serving is not None and self.serving != self._serving:
+            self._serving = self.serving
+            await self._on_serving(self._serving)
 
     async def run(self, on_serving=None) -> None:
         """Reads the registry every REFRESH_S until cancelled; `await on_serving(bool)`
-        whenever whether any replica is available changes."""
-        serving = None
+        whenever whether any replica is available changes (at once when a replica's health
+        changes)."""
+        self._on_serving = on_serving
         while True:
             await self.refresh()
-            if on_serving is not None and self.serving != serving:
-                serving = self.serving
-                await on_serving(serving)
             await asyncio.sleep(REFRESH_S)
 
-    async def set_static_serving(self, serving: bool) -> None:
-        self.static_serving = serving
+    def mark_reachable(self, address: str) -> None:
+        """The replica at `address` just answered (until its health Watch says more)."""
+        self._reachable[address] = True
 
     async def wait_for_replica(self, timeout_s: float) -> ReplicaState:
         """The first available replica (for the model's Info at start)."""
@@ -133,12 +167,15 @@ class ReplicaSet:
                 raise NoReplicaError(f"no replica registered in Redis within {timeout_s:g} s")
             await asyncio.sleep(REFRESH_S)
 
-    def stub(self, address: str) -> scheduler_pb2_grpc.SchedulerStub:
+    def _channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
             channel = self._channels[address] = grpc.aio.insecure_channel(
                 address, options=self._options, interceptors=self._interceptors)
-        return scheduler_pb2_grpc.SchedulerStub(channel)
+        return channel
+
+    def stub(self, address: str) -> scheduler_pb2_grpc.SchedulerStub:
+        return scheduler_pb2_grpc.SchedulerStub(self._channel(address))
 
     def order(self, adapter_id: str, adapter_num_pages: int) -> list[ReplicaState]:
         """The routing order, replicas that just failed last."""
@@ -201,6 +238,9 @@ class ReplicaSet:
                                for r in self.replicas()))
 
     async def close(self) -> None:
+        for watcher in self._watchers.values():
+            watcher.cancel()
+        self._watchers.clear()
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()

@@ -2,13 +2,16 @@
 (grpc.health.v1) and server reflection, on grpc.aio with uvloop; and the OpenAI-compatible
 HTTP API (frontend/http/) in the same event loop on --http-port, calling the same services.
 
-It is stateless: the model's limits come from the scheduler's Info at start, adapter
+It is stateless: the model's limits come from a scheduler's Info at start, adapter
 metadata from Redis on every call (with a short stale-if-error cache in memory,
-adapter_records.py). Any number can run behind a load balancer.
+adapter_records.py), and the replicas to route to from the registry of replicas in Redis
+(replica_set.py, routing.py; --scheduler-address while none is registered). Any number can
+run behind a load balancer.
 
 Every public call carries an API key (auth.py; flags, admin key and TLS in security.py).
 
-Health is SERVING while the scheduler's health is (scheduler_watch.py). SIGTERM drains
+Health is SERVING while a replica is available: a registered one, or the
+--scheduler-address's scheduler while its health is SERVING (scheduler_watch.py). SIGTERM drains
 (common/lifecycle.py): NOT_SERVING, new calls refused with UNAVAILABLE, running calls finish
 within --shutdown-grace-s.
 """
@@ -41,7 +44,6 @@ from slora.frontend.http.state import HttpApi
 from slora.frontend.keys import KeysService
 from slora.frontend.replica_set import ReplicaSet
 from slora.frontend.routing import DEFAULT_LOAD_FACTOR, POLICIES, Router
-from slora.frontend.scheduler_watch import watch_scheduler
 from slora.frontend.security import add_security_args, bind_public_port, setup_security
 from slora.frontend.tokenizer import load_tokenizer
 from slora.protos.model_info import model_config_from_model_info
@@ -103,8 +105,10 @@ async def wait_for_scheduler(replicas: ReplicaSet,
         left = deadline - asyncio.get_running_loop().time()
         replica = await replicas.wait_for_replica(max(left, 0.0))
         try:
-            return await replicas.stub(replica.address).Info(scheduler_pb2.InfoRequest(),
-                                                              timeout=5)
+            info = await replicas.stub(replica.address).Info(scheduler_pb2.InfoRequest(),
+                                                             timeout=5)
+            replicas.mark_reachable(replica.address)
+            return info
         except grpc.aio.AioRpcError:
             if asyncio.get_running_loop().time() > deadline:
                 raise
@@ -117,7 +121,6 @@ async def serve(args) -> None:
     replicas = ReplicaSet(redis_client, Router(args.routing, args.load_factor),
                           args.scheduler_address, internal_channel_options(), secret)
     info = await wait_for_scheduler(replicas, args.replica_wait_s)
-    replicas.static_serving = not replicas.registered  # it just answered
     model = model_config_from_model_info(info)
     tokenizer = load_tokenizer(args.tokenizer or info.model_path or None, info.vocab_size)
     store_dir = os.path.join(args.data_dir, "adapters")
@@ -151,17 +154,7 @@ async def serve(args) -> None:
         await server.stop(grace=None)
         raise
     await lifecycle.set_serving(True)
-
-    async def on_static_serving(serving: bool) -> None:
-        await replicas.set_static_serving(serving)
-        await lifecycle.set_serving(replicas.serving)
-
-    watchers = [asyncio.create_task(replicas.run(on_serving=lifecycle.set_serving))]
-    if args.scheduler_address:
-        static = grpc.aio.insecure_channel(args.scheduler_address,
-                                           options=internal_channel_options(),
-                                           interceptors=secret)
-        watchers.append(asyncio.create_task(watch_scheduler(static, on_static_serving)))
+    watcher = asyncio.create_task(replicas.run(on_serving=lifecycle.set_serving))
     lifecycle.stop_on_signals()
     print(ready_line("frontend", port, metrics_port, http_port=http_port), flush=True)
 
@@ -169,14 +162,11 @@ async def serve(args) -> None:
     await lifecycle.drain(server, args.shutdown_grace_s)
     if http_runner is not None:
         await http_runner.cleanup()
-    for watcher in watchers:
-        watcher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await watcher
+    watcher.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watcher
     await redis_client.aclose()
     await replicas.close()
-    if args.scheduler_address:
-        await static.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -5,7 +5,8 @@ outage is logged once and retried each tick; serving goes on without it (fronten
 their last view until the TTL drops this replica from it).
 
 Owner: the scheduler process (server.py wires it); the planner is read on the event loop's
-thread only, like everywhere in scheduler/.
+thread only, like everywhere in scheduler/. This and server.py are scheduler/'s only imports
+of adapter_store/: the registry's Redis schema and client (neither imports torch).
 """
 from __future__ import annotations
 

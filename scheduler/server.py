@@ -172,7 +172,7 @@ async def start_registration(args, driver: StepDriver, port: int, lifecycle: Lif
     the Redis client or None)."""
     if not args.redis_url:
         return None, None
-    from slora.adapter_store.registry import connect, read_password
+    from slora.adapter_store.redis_client import connect, read_password
     from slora.adapter_store.replicas import ReplicaPublisher
 
     address = args.advertise_address or f"{args.host}:{port}"

@@ -25,6 +25,7 @@ EXPECTED = {
         "slora_time_to_first_token_seconds": "histogram",
         "slora_time_per_output_token_seconds": "histogram",
         "slora_output_tokens": "counter", "slora_scheduler_available": "gauge",
+        "slora_replicas_available": "gauge",
         "process_resident_memory_bytes": "gauge",
     },
     "scheduler": {

@@ -140,3 +140,27 @@ def test_host_cache_mirror_is_an_lru_by_bytes():
     assert mirror.ids() == {"a", "c"} and mirror.num_bytes == 80
     mirror.touch("huge", 500)  # larger than the cache: not kept, evicts nothing
     assert mirror.ids() == {"a", "c"}
+
+
+def test_two_fresh_readers_route_every_adapter_alike(redis_url):
+    """A frontend keeps no routing state: two readers started from nothing (a restarted
+    frontend and another one) read the same registry and rank the replicas the same way for
+    each of 60 adapters, wherever the adapters are held."""
+    from slora.frontend.routing import Router
+
+    async def go():
+        client = connect(redis_url)
+        for i in range(4):
+            pub = ReplicaPublisher(client, f"r{i}", f"h:{i}")
+            await pub.publish(ReplicaLoad(num_running=i, num_free_pages=100, max_num_seqs=8),
+                              {f"ad{j}" for j in range(i, 60, 4)}, {f"ad{j}" for j in range(30)})
+        views = [await ReplicaReader(client).read() for _ in range(2)]
+        await client.aclose()
+        return views
+
+    first, second = run(go())
+    assert len(first) == 4
+    orders = [[[r.replica_id for r in Router().rank(f"ad{j}", view, adapter_num_pages=1)]
+               for j in range(60)] for view in (first, second)]
+    assert orders[0] == orders[1]
+    assert orders[0][5][0] == "r1"  # ad5 is on r1's GPU, and r1 has room
