@@ -8,7 +8,7 @@ Each replica is modelled the way the scheduler runs it: continuous batching up t
 `max_num_seqs`, a request admitted when its adapter is in the pool, one token per running
 request per step, the prompt in its first step. A step lasts the measured decode step of
 Llama-2-7B with adapters on one H100 (docs/PERFORMANCE.md, CUDA graphs, batch 1..256:
-8.54..39.99 ms, linear between the measured batches) plus PREFILL_S_PER_TOKEN for each
+7.54..30.77 ms, linear between the measured batches) plus PREFILL_S_PER_TOKEN for each
 prompt token in it, plus the copy of each adapter it loads: from host memory at the
 measured 27.9 GB/s, or, when the adapter is not in the replica's host cache either, from
 disk at --disk-gbps first. Adapters take `max_adapter_slots` GPU slots (least recently used
@@ -33,14 +33,15 @@ import numpy as np
 from slora.adapter_store.replicas import MIN_PUBLISH_INTERVAL_S, ReplicaLoad, ReplicaState
 from slora.frontend.routing import POLICIES, Router
 
-DECODE_STEP_MS = ((1, 8.54), (8, 9.77), (16, 10.47), (32, 11.77), (64, 15.68),
-                  (128, 23.25), (256, 39.99))
-"""(batch, ms) of a Llama-2-7B decode step with one adapter per request, CUDA graphs, H100
-(docs/PERFORMANCE.md, decode step table)."""
+DECODE_STEP_MS = ((1, 7.54), (8, 8.43), (16, 8.78), (32, 10.28), (64, 13.67),
+                  (128, 20.39), (256, 30.77))
+"""(batch, ms) of a Llama-2-7B decode step with one rank-16 adapter per request, CUDA
+graphs, H100 (docs/PERFORMANCE.md, decode step, H100 2026-11-24)."""
 PREFILL_S_PER_TOKEN = 30e-6
 """A prompt token's share of a mixed step: 2 x 6.7 GFLOP at about 450 TFLOP/s of bf16 GEMM."""
 HOST_TO_GPU_GBPS = 27.9
-"""Measured adapter copy, host cache -> pool (docs/PERFORMANCE.md)."""
+"""Adapter copy, host cache -> pool, measured by bench/decode_step.py on the H100
+(256 rank-16 adapters, 8.6 GB, 2026-11-24)."""
 ADAPTER_BYTES_PER_RANK = 32 * 4 * 2 * 4096 * 2
 """Llama-2-7B, LoRA on q, k, v, o: 32 layers x 4 modules x (A + B) x 4096 x bf16, per rank."""
 PUBLISH_S = MIN_PUBLISH_INTERVAL_S

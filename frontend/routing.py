@@ -39,7 +39,7 @@ DEFAULT_LOAD_FACTOR = 1.25
 hashing with bounded loads; 1.25 keeps the busiest replica within 25% of the mean."""
 ROOM_FRACTION = 0.25
 """Below this fraction of its max_num_seqs a replica always has room: a decode step's time
-grows slowly with its batch (Llama-2-7B on an H100: 8.5 ms at batch 1, 11.8 ms at 32,
+grows slowly with its batch (Llama-2-7B on an H100: 7.5 ms at batch 1, 10.3 ms at 32,
 docs/PERFORMANCE.md), so a few more requests where the adapter already is cost less than
 loading it elsewhere; past it the bound balances the load."""
 NO_ADAPTER = ""

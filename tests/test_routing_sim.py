@@ -12,8 +12,8 @@ from slora.bench.routing_sim import DECODE_STEP_MS, SimConfig, decode_step_s, ma
 
 def test_decode_step_follows_the_measured_table_between_and_past_its_rows():
     assert decode_step_s(1) == pytest.approx(DECODE_STEP_MS[0][1] / 1000)
-    assert decode_step_s(64) == pytest.approx(15.68e-3)
-    assert 11.77e-3 < decode_step_s(48) < 15.68e-3
+    assert decode_step_s(64) == pytest.approx(13.67e-3)
+    assert 10.28e-3 < decode_step_s(48) < 13.67e-3
     assert decode_step_s(512) > decode_step_s(256)
 
 
