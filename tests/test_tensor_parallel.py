@@ -1,7 +1,9 @@
 """Tensor parallelism end to end on the CPU, with real processes: the Engine at TP = 2 and 4
 (rank 0 in the test process, the other ranks its children, one gloo group) on tiny Llamas
 with multi-head, grouped-query (fewer KV heads than ranks at TP = 4) and unevenly split
-attention, 18 concurrent requests over 8 PEFT adapters of mixed ranks and targets: greedy
+attention, and at TP = 2 on each other family (Mistral's sliding window, Qwen2's q/k/v bias
+with tied embeddings, Qwen3's q/k norms with q wider than the hidden size), 18 concurrent
+requests over 8 PEFT adapters of mixed ranks and targets: greedy
 tokens equal TP = 1's and Hugging Face PEFT's (float32), every step's logits within 1e-4 of
 TP = 1's; and the LoRA collectives of a step move what the docs' formula says."""
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from helpers_peft import make_peft_adapter, make_tiny_llama
+from helpers_peft import make_peft_adapter, make_tiny_llama, make_tiny_model
 from slora.common.config import (
     STANDARD_LORA_MODULES, EngineConfig, PoolConfig, SchedulerConfig,
 )
@@ -35,13 +37,18 @@ ADAPTERS = {  # name: (rank, targets, lora_alpha, use_rslora)
     "r16-all": (16, ATTN + MLP, 16, False),
 }
 MAX_RANK = 16
-BASES = {  # name: make_tiny_llama overrides
-    "mha": dict(num_kv_heads=4),
-    "gqa": dict(num_kv_heads=2),
-    "uneven": dict(num_kv_heads=3, num_attention_heads=6, hidden_size=96),
+BASES = {  # name: (family, make_tiny_model overrides)
+    "mha": ("llama", dict(num_kv_heads=4)),
+    "gqa": ("llama", dict(num_kv_heads=2)),
+    "uneven": ("llama", dict(num_kv_heads=3, num_attention_heads=6, hidden_size=96)),
+    "mistral-window-8": ("mistral", dict(num_kv_heads=2, sliding_window=8)),
+    "qwen2-bias-tied": ("qwen2", dict(num_kv_heads=2, tie_word_embeddings=True)),
+    "qwen3-head-dim-32": ("qwen3", dict(num_kv_heads=2, head_dim=32)),
 }
-"""uneven: 3 KV groups over 2 ranks (2 and 1, SmolLM2's cut), so the ranks' shards differ."""
-CASES = [("mha", 2), ("mha", 4), ("gqa", 2), ("gqa", 4), ("uneven", 2)]
+"""uneven: 3 KV groups over 2 ranks (2 and 1, SmolLM2's cut), so the ranks' shards differ.
+qwen3: q is 128 wide on a hidden size of 64, so q's and o's LoRA rows span two pages."""
+CASES = [("mha", 2), ("mha", 4), ("gqa", 2), ("gqa", 4), ("uneven", 2),
+         ("mistral-window-8", 2), ("qwen2-bias-tied", 2), ("qwen3-head-dim-32", 2)]
 NUM_REQUESTS = 18
 MAX_NEW_TOKENS = 6
 LOGITS_ATOL = 1e-4
@@ -118,9 +125,10 @@ def references(tmp_path_factory):
 
 def _make_reference(base: str, root) -> Reference:
     from peft import PeftModel
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
-    base_path = make_tiny_llama(str(root / "base"), seed=7, **BASES[base])
+    family, overrides = BASES[base]
+    base_path = make_tiny_model(str(root / "base"), family, seed=7, **overrides)
     paths = {name: make_peft_adapter(base_path, str(root / name), r=r, target_modules=list(t),
                                      lora_alpha=alpha, use_rslora=rs, seed=50 + i)
              for i, (name, (r, t, alpha, rs)) in enumerate(ADAPTERS.items())}
@@ -128,7 +136,7 @@ def _make_reference(base: str, root) -> Reference:
     names = [None, *ADAPTERS]
     requests = [([rng.randrange(3, 256) for _ in range(rng.randint(1, 30))],
                  names[i % len(names)]) for i in range(NUM_REQUESTS)]
-    model = LlamaForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
     first, *rest = ADAPTERS
     peft = PeftModel.from_pretrained(model, paths[first], adapter_name=first)
     for name in rest:
