@@ -227,7 +227,7 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                 call.cancel()
                 self.replicas.done(ticket)
             self._finished(submit, request, outcome, arrival, first_token_at,
-                           len(prompt_ids), num_output)
+                           len(prompt_ids), num_output, ticket if call is not None else None)
 
     async def GenerateStream(self, request, context):
         try:
@@ -242,8 +242,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
 
     @staticmethod
     def _finished(submit, request, outcome: str, arrival: float, first_token_at,
-                  num_prompt: int, num_output: int) -> None:
-        """The call's log line and latency metrics."""
+                  num_prompt: int, num_output: int, replica_id: str | None = None) -> None:
+        """The call's log line (with the replica that served it) and latency metrics."""
         now = time.perf_counter()
         if outcome == "OK":
             metrics.OUTPUT_TOKENS.inc(num_output)
@@ -252,7 +252,8 @@ class GenerationService(generation_pb2_grpc.GenerationServicer):
                     (now - first_token_at) / (num_output - 1))
         log.info("request finished", extra={
             "request_id": submit.request_id, "client_request_id": request.request_id,
-            "adapter_id": request.adapter_id, "code": outcome, "prompt_tokens": num_prompt,
+            "adapter_id": request.adapter_id, "replica": replica_id,
+            "code": outcome, "prompt_tokens": num_prompt,
             "output_tokens": num_output, "total_s": round(now - arrival, 6),
             "time_to_first_token_s": None if first_token_at is None
             else round(first_token_at - arrival, 6)})

@@ -77,7 +77,3 @@ class ReplicaReport:
                     max_num_seqs=self.config.scheduler.max_num_seqs,
                     available=worker_available)
         return load, gpu, self.host.ids() | gpu
-
-    def forget(self, adapter_id: str) -> None:
-        """The adapter's registration was deleted: the worker's cache drops it too."""
-        self.host.discard(adapter_id)

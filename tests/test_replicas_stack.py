@@ -44,7 +44,11 @@ def cluster(tmp_path_factory):
     files = [make_peft_adapter(base_model, str(root / f"file-{i}"), r=[2, 4, 8][i % 3],
                                target_modules=["q_proj", "v_proj"], lora_alpha=8, seed=50 + i)
              for i in range(NUM_ADAPTER_FILES)]
-    cluster = Cluster(str(root), worker_argv(base, max_adapter_slots=16, num_pages=1024),
+    # max_num_seqs 64: a replica below 16 requests always has room (routing.ROOM_FRACTION),
+    # so with 8 requests in flight no adapter moves for balance, however stale the loads
+    # read from Redis are next to these 20 ms requests (real ones last seconds).
+    cluster = Cluster(str(root), worker_argv(base, max_adapter_slots=16, num_pages=1024,
+                                             max_num_seqs=64),
                       replica_ttl_s=TTL_S, adapter_roots=[str(root)])
     cluster.start(NUM_REPLICAS, {"fe-a": [], "fe-b": [], "fe-rr": ["--routing", "round-robin"]})
     cluster.base, cluster.files = base, files
@@ -126,6 +130,20 @@ async def wait_gone_from_registry(url: str, replica_id: str) -> float:
         await client.aclose()
 
 
+def wait_for_registry(cluster: Cluster, replicas, done, timeout_s: float = 10.0):
+    """The union of the replicas' GPU and host adapter sets in Redis (names as the
+    schedulers know them, owner-free with auth off), once `done(gpu, host)` or after
+    `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    with redis.Redis.from_url(cluster.redis_url_with_password, decode_responses=True) as r:
+        while True:
+            gpu = set().union(*(r.smembers(f"{replica_key(x)}:gpu") for x in replicas))
+            host = set().union(*(r.smembers(f"{replica_key(x)}:host") for x in replicas))
+            if done(gpu, host) or time.monotonic() > deadline:
+                return gpu, host
+            time.sleep(0.05)
+
+
 def total_loads(cluster: Cluster, replicas) -> int:
     return sum(cluster.stats(r)["adapter_loads"] for r in replicas)
 
@@ -154,6 +172,9 @@ def test_affinity_loads_few_adapters_every_token_is_peft_and_a_killed_replica_is
     affinity = asyncio.run(run_requests(
         [cluster.address("fe-a"), cluster.address("fe-b")], requests, "aff"))
     affinity_loads = total_loads(cluster, replicas) - before
+    used = {f"aff-{f}" for f, _ in requests}
+    on_gpu, in_host = wait_for_registry(cluster, replicas, lambda gpu, host: used <= gpu)
+    assert used <= on_gpu and on_gpu <= in_host, (used - on_gpu, on_gpu - in_host)
     rr = asyncio.run(run_requests([cluster.address("fe-rr")], requests, "rr"))
     rr_loads = total_loads(cluster, replicas) - before - affinity_loads
     print(f"\n{distinct} distinct adapters; loads: adapter-affinity {affinity_loads}, "
