@@ -2,7 +2,7 @@
 which adapters it holds on its GPU and in its host memory.
 
 One replica is a scheduler and its worker group. Each scheduler writes its own keys
-(ReplicaPublisher); every frontend reads all of them (read_replicas) and routes from them
+(ReplicaPublisher); every frontend reads all of them (ReplicaReader) and routes from them
 (frontend/routing.py). Nothing else holds this state: a restarted frontend reads the same.
 
 Redis schema (beside the adapter registry's, redis_schema.py):

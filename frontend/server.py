@@ -170,7 +170,11 @@ async def serve(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.load_factor < 1.0:
+        parser.error(f"--load-factor must be at least 1 (a replica's share of the mean load), "
+                     f"got {args.load_factor:g}")
     setup_logging("frontend", args.log_level, args.log_format)
     try:
         run_async(serve(args))
