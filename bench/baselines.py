@@ -309,9 +309,10 @@ def decode_roofline(model: ModelConfig, dtype_size: int, workload: Workload, bat
 
 def measure_gemm_rate(device: torch.device, dtype: torch.dtype, size: int | None = None,
                       reps: int = 10) -> float:
-    """FLOP/s of one square GEMM of `size` (4096 on CUDA, as a 7B model's projections are;
-    512 on the CPU) in `dtype`, counting 2 m n k; median of `reps`."""
-    size = size or (4096 if device.type == "cuda" else 512)
+    """FLOP/s of one square GEMM of `size` (8192 on CUDA, bench/kernels.py's GEMM rate, near
+    the device's peak: the roofline then holds prefill to the fastest rate; 512 on the CPU)
+    in `dtype`, counting 2 m n k; median of `reps`."""
+    size = size or (8192 if device.type == "cuda" else 512)
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     times = []
