@@ -98,3 +98,25 @@ def test_pool_gib_sets_the_pool_and_the_cpu_keeps_its_batch():
         parse("--device", "cpu", "--gpu-memory-utilization", "0")
     with pytest.raises(ConfigError, match="--pool-gib must be positive"):
         parse("--device", "cpu", "--pool-gib", "-1")
+
+
+def test_the_dry_run_runs_the_largest_steps_and_leaves_no_pool():
+    """The dry run the GPU rule measures, on the CPU (the same code but for the memory
+    readings): the largest mixed and decode steps over padding, with LoRA on every
+    projection, on a tiny pool of one page; the worker is left without pool, inputs or
+    graphs, ready to build its real ones."""
+    from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
+    from slora.models.registry import dummy_model_config
+    from slora.worker.executor import Worker
+    from slora.worker.memory_plan import dry_run
+
+    config = EngineConfig(model=dummy_model_config("dummy-tiny"),
+                          pool=PoolConfig(num_pages=256, max_lora_rank=8),
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                                    max_model_len=64))
+    worker = Worker(config)
+    called = []
+    tokens = dry_run(worker, 32, lambda: called.append(worker.pool.num_pages))
+    assert called == [1]  # measured from once the probe's buffers exist
+    assert tokens == 32 + 64  # the mixed step: 32 decode rows beside 64 prefill tokens
+    assert worker.pool is None and worker.inputs is None and worker.graphs is None

@@ -137,11 +137,13 @@ def plan_memory(fig: MemoryFigures, *, utilization: float, page_bytes: int,
                       f"memory plan: {figures}; {pool_why}; {batch_why}")
 
 
-def measure(worker, free_at_start: int, probe_max_num_seqs: int) -> MemoryFigures:
-    """Runs the dry run on a worker whose model is built and whose pool is not: a pool of
-    one page (padding writes only the scratch page), the step inputs and graph shapes at
-    `probe_max_num_seqs`, the largest mixed and decode shapes eagerly with LoRA on every
-    projection. Leaves the worker without pool, inputs or graphs."""
+def dry_run(worker, probe_max_num_seqs: int, measure_from=None) -> int:
+    """Runs the largest mixed and the largest decode step eagerly, with LoRA on every
+    projection, on a worker whose model is built and whose pool is not: a pool of one page
+    (padding writes only the scratch page), the step inputs and graph shapes at
+    `probe_max_num_seqs`. `measure_from()` is called once they are allocated, just before
+    the steps run. Leaves the worker without pool, inputs or graphs; returns the tokens of
+    the larger step. Any device (a CPU test runs it)."""
     import torch
 
     from slora.common.config import PoolConfig
@@ -150,28 +152,49 @@ def measure(worker, free_at_start: int, probe_max_num_seqs: int) -> MemoryFigure
     from slora.worker.pool import UnifiedPool
 
     device, cfg, sched = worker.device, worker.config.model, worker.config.scheduler
-    free_after_load, total = torch.cuda.mem_get_info(device)
     worker.pool = UnifiedPool(cfg, PoolConfig(num_pages=1,
                                               max_lora_rank=worker.config.pool.max_lora_rank),
                               worker.dtype, device, worker.backend)
-    batch = min(probe_max_num_seqs, sched.max_num_batched_tokens)
     worker.inputs = StepInputs(probe_max_num_seqs, sched.max_num_batched_tokens,
                                sched.max_model_len, worker.pool.scratch_page, device)
-    worker.graphs = StepGraphs(frozenset(cfg.lora_modules), batch,
+    worker.graphs = StepGraphs(frozenset(cfg.lora_modules),
+                               min(probe_max_num_seqs, sched.max_num_batched_tokens),
                                sched.max_num_batched_tokens, device)
     shapes = worker.graphs.shapes()  # largest first
-    largest = [shapes[0]] + [next(s for s in shapes if s[0] != shapes[0][0])]
+    largest = [shapes[0], next(s for s in shapes if s[0] != shapes[0][0])]
     worker.inputs.write_padding()
-    torch.cuda.synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    with torch.inference_mode():
-        for kind, size in largest:
-            worker._padded_forward(kind, size, frozenset(cfg.lora_modules))
-            torch.cuda.synchronize(device)
-    activations = torch.cuda.max_memory_allocated(device) - before
-    probe_tokens = max(s if isinstance(s, int) else sum(s) for _, s in largest)
-    worker.pool = worker.inputs = worker.graphs = None
+    if measure_from is not None:
+        measure_from()
+    try:
+        with torch.inference_mode():
+            for kind, size in largest:
+                logits = worker._padded_forward(kind, size, frozenset(cfg.lora_modules))
+                assert logits.shape[1] == cfg.vocab_size, tuple(logits.shape)
+                del logits
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+    finally:
+        worker.pool = worker.inputs = worker.graphs = None
+    return max(s if isinstance(s, int) else sum(s) for _, s in largest)
+
+
+def measure(worker, free_at_start: int, probe_max_num_seqs: int) -> MemoryFigures:
+    """The figures of `plan_memory`, from the free memory before the model (`free_at_start`),
+    after it, and after the dry run (`dry_run`), whose activation peak comes from torch's
+    allocator."""
+    import torch
+
+    device = worker.device
+    free_after_load, total = torch.cuda.mem_get_info(device)
+    before = []
+
+    def measure_from():
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before.append(torch.cuda.memory_allocated(device))
+
+    probe_tokens = dry_run(worker, probe_max_num_seqs, measure_from)
+    activations = torch.cuda.max_memory_allocated(device) - before[0]
     free_after_probe, _ = torch.cuda.mem_get_info(device)
     return MemoryFigures(total, free_at_start, free_after_probe,
                          max(0, free_at_start - free_after_load), activations, probe_tokens)
