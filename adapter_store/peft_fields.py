@@ -21,6 +21,7 @@ import re
 
 from slora.common.config import ModelConfig
 
+RAISE_RANK_HINT = "the worker's --max-lora-rank raises it (`slora up --max-lora-rank N`)"
 # Fields that never change the forward pass of a LoRA on nn.Linear modules at inference.
 NO_EFFECT_FIELDS = (
     "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
@@ -126,7 +127,7 @@ def check_shape_fields(cfg: dict, model: ModelConfig, max_rank: int) -> str | No
     if not _is_rank(r) or r <= 0:
         return f"r must be a positive integer, found {r!r}"
     if r > max_rank:
-        return f"rank {r} exceeds this pool's max_lora_rank {max_rank}"
+        return f"rank {r} exceeds this pool's max_lora_rank {max_rank}; {RAISE_RANK_HINT}"
     if not _is_number(cfg.get("lora_alpha")):
         return f"lora_alpha must be a finite number, found {cfg.get('lora_alpha')!r}"
     if not isinstance(cfg.get("use_rslora", False), bool):
@@ -141,7 +142,7 @@ def check_shape_fields(cfg: dict, model: ModelConfig, max_rank: int) -> str | No
                 return f"{name} gives {key!r} an invalid {what} {value!r}"
             if what == "rank" and value > max_rank:
                 return (f"{name} gives {key!r} rank {value}, which exceeds this pool's "
-                        f"max_lora_rank {max_rank}")
+                        f"max_lora_rank {max_rank}; {RAISE_RANK_HINT}")
     targets = cfg.get("target_modules")
     if targets == "all-linear":
         # PEFT: all Linear but lm_head

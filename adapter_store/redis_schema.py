@@ -159,6 +159,11 @@ if cur[1] then
     redis.call('HSET', KEYS[1], 'request_id', ARGV[4])
     return {'replayed', redis.call('HGETALL', KEYS[1])}
   end
+  if cur[1] == ARGV[2] and cur[2] == ARGV[3] and cur[4] == 'ready' then
+    -- The same content again under another request id (a re-run example): the registry
+    -- answers with the stored record when the sharing asked for is the same too.
+    return {'same', redis.call('HGETALL', KEYS[1])}
+  end
   return {'taken', cur[1], cur[2], cur[4]}
 end
 if quota > 0 then

@@ -12,7 +12,10 @@ MULTI/EXEC, and needs no WATCH retry loop for its check-then-write.
 Idempotency: each registration carries a token, the client's request_id (recorded under
 `slora:request:...` for a day) or a fresh one. The hash stores it, so a retry of a call whose
 write landed (the client's retry, or redis-py's own reconnect-and-resend) returns the stored
-record instead of registering twice or refusing the id as taken.
+record instead of registering twice or refusing the id as taken. Registering the same content
+under the same id again, with the same sharing, whatever the request id (a re-run script or
+`slora demo-adapters`), also returns the stored record; other content or other sharing under
+a taken id is ALREADY_EXISTS, saying what differs and what to do.
 
 Durability: after each write we send `WAITAOF 1 0 <timeout>` on the same connection, and
 acknowledge only once the server says the append-only file holding that write is fsynced
@@ -201,9 +204,9 @@ class AdapterRegistry:
                 async with self.redis.client() as conn:
                     reply = await self._register_script(keys=keys, args=args, client=conn)
                     outcome = _str(reply[0])
-                    if outcome in ("created", "replayed"):
+                    if outcome in ("created", "replayed", "same"):
                         await self._wait_durable(conn)
-                if outcome not in ("created", "replayed") and created_folder and \
+                if outcome not in ("created", "replayed", "same") and created_folder and \
                         await self.redis.scard(blob_key(record.sha256)) == 0:
                     await asyncio.to_thread(self.store.remove, record.sha256)
         if outcome == "created":
@@ -212,6 +215,15 @@ class AdapterRegistry:
             return record
         if outcome == "replayed":
             return AdapterRecord.from_hash(_as_dict(reply[1]))
+        if outcome == "same":
+            stored = AdapterRecord.from_hash(_as_dict(reply[1]))
+            if (stored.public, stored.shared_with) == (record.public, record.shared_with):
+                return stored
+            raise AdapterExistsError(record.adapter_id, None, (
+                f"is already registered with the same content but shared otherwise (public="
+                f"{stored.public}, shared_with={list(stored.shared_with)}; this call asks "
+                f"public={record.public}, shared_with={list(record.shared_with)}); delete it "
+                "first to change who may use it"))
         if outcome == "quota":
             who = f"tenant {owner!r}" if owner else "this server"
             raise QuotaExceededError(
@@ -229,8 +241,7 @@ class AdapterRegistry:
             reason = (f"is already registered with other content (sha256 {sha[:12]}..., this "
                       f"one {record.sha256[:12]}...); delete it first or choose another id")
         else:
-            reason = ("is already registered with the same content; to retry a registration, "
-                      "send the request id of the first call")
+            reason = f"is already registered by tenant {taken_by!r}"
         raise AdapterExistsError(record.adapter_id, None, reason)
 
     async def _wait_durable(self, conn: aioredis.Redis) -> None:

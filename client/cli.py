@@ -6,17 +6,26 @@
     slora keys create|list|revoke     manage API keys (admin); `keys generate` makes one offline
     slora demo-adapters N [--model M] write N PEFT adapters for a model and register them
     slora worker|scheduler|frontend|redis ...   run one service (compose uses these)
+
+The client commands call the SDK's Client (client/sdk.py) with its defaults: the same
+address ($SLORA_ADDRESS or localhost:50051), the same key ($SLORA_API_KEY, else
+$SLORA_DATA_DIR/admin.key), the same generation defaults (messages.GENERATE_DEFAULTS).
+CLI_OPERATIONS names the SDK method behind each command.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
+import time
 
-DEFAULT_ADDRESS = os.environ.get("SLORA_ADDRESS", "localhost:50051")
-DEFAULT_DATA_DIR = os.environ.get("SLORA_DATA_DIR", "~/.slora")
-ADMIN_KEY_FILE = "admin.key"
-"""In the data dir: the admin key `slora up` made at first start (mode 0600)."""
+from slora.client.messages import (
+    ADMIN_KEY_FILE, DATA_DIR_ENV, DEFAULT_DATA_DIR as _DEFAULT_DATA_DIR, GENERATE_DEFAULTS,
+    default_address, find_api_key,
+)
+
+DEFAULT_ADDRESS = default_address()
+DEFAULT_DATA_DIR = os.environ.get(DATA_DIR_ENV) or _DEFAULT_DATA_DIR
 SERVICES = {
     "worker": "slora.worker.server",
     "scheduler": "slora.scheduler.server",
@@ -24,38 +33,66 @@ SERVICES = {
     "redis": "slora.adapter_store.embedded_redis",
     "replica": "slora.client.replica_launcher",
 }
+CLI_OPERATIONS = {
+    ("generate",): "stream", ("adapters", "add"): "register_adapter",
+    ("adapters", "add", "--upload"): "upload_adapter", ("adapters", "list"): "list_adapters",
+    ("adapters", "get"): "get_adapter", ("adapters", "rm"): "delete_adapter",
+    ("keys", "create"): "create_key", ("keys", "list"): "list_keys",
+    ("keys", "revoke"): "revoke_key", ("demo-adapters",): "register_adapter",
+}
+"""The SDK method each command calls (`generate` streams; Client.generate is the same call
+gathered)."""
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, except where there is none to show (None, off)."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default is argparse.SUPPRESS or (
+                isinstance(default, (list, tuple)) and not default):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _parser(sub, name: str, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, formatter_class=HelpFormatter, **kwargs)
 
 
 def _up_parser(sub) -> None:
-    p = sub.add_parser("up", help="start redis, worker, scheduler and frontend")
+    p = _parser(sub, "up", help="start redis, worker, scheduler and frontend",
+                description="Starts redis, worker, scheduler and frontend; Ctrl-C drains "
+                            "and stops them (a second Ctrl-C stops them at once).")
     p.add_argument("--model", default=None,
                    help="HF-format folder (Llama, Mistral, Qwen2, Qwen3) or a dummy name "
                         "such as dummy-llama-7b, dummy-qwen2.5-7b, dummy-mistral-7b "
                         "(default: SmolLM2-135M-Instruct, converted once into --data-dir)")
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
-                   help="models, adapters, redis data and the admin key (default $SLORA_DATA_DIR "
-                        "or ~/.slora)")
+                   help="models, adapters, redis data and the admin key ($SLORA_DATA_DIR)")
     p.add_argument("--host", default="127.0.0.1", help="public address of the frontend")
     p.add_argument("--port", type=int, default=int(os.environ.get("SLORA_PORT", "50051")),
-                   help="public port (0: any free port; default $SLORA_PORT or 50051)")
+                   help="public port (0: any free port; $SLORA_PORT)")
     p.add_argument("--http-port", type=int,
                    default=int(os.environ.get("SLORA_HTTP_PORT", "8000")),
                    help="port of the OpenAI-compatible HTTP API (0: any free port; -1: off; "
-                        "default $SLORA_HTTP_PORT or 8000)")
+                        "$SLORA_HTTP_PORT)")
     p.add_argument("--redis-url", default=None, help="use this Redis instead of the embedded one")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     p.add_argument("--dtype", default=None, help="float32, float16 or bfloat16")
     p.add_argument("--num-pages", type=int, default=None,
-                   help="pages of the unified pool (default: on a GPU, sized from its memory)")
+                   help="pages of the unified pool (default: sized by the worker from the "
+                        "model, the device and the limits below; its log says how)")
     p.add_argument("--pool-gib", type=float, default=None,
                    help="the unified pool's size in GiB instead (GPU)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="share of the GPU's memory the worker may use (default 0.9)")
-    p.add_argument("--max-lora-rank", type=int, default=None)
+    p.add_argument("--max-lora-rank", type=int, default=None,
+                   help="highest adapter rank the pool accepts (worker default 64)")
     p.add_argument("--max-num-seqs", type=int, default=None,
                    help="requests running at once (default: on a GPU, what the pool keeps, "
-                        "at most 512)")
-    p.add_argument("--max-model-len", type=int, default=2048)
+                        "at most 512; on the CPU, 4)")
+    p.add_argument("--max-model-len", type=int, default=2048,
+                   help="longest context of one request, prompt + output tokens")
     p.add_argument("--tensor-parallel-size", type=int, default=None,
                    help="worker processes, one per GPU (cuda:0..N-1), each holding 1/N of "
                         "the model, adapters and pool; on the CPU, N processes over gloo")
@@ -79,11 +116,19 @@ def _up_parser(sub) -> None:
     p.add_argument("--strict-base-model", action="store_true",
                    help="refuse adapters whose base_model_name_or_path is not the served "
                         "model's name (default: accept them with a warning when the shapes fit)")
+    p.add_argument("--metrics-port", type=int, default=None,
+                   help="Prometheus metrics of the frontend on this port, the scheduler's on "
+                        "the next, the worker's on the one after (default: free ports, "
+                        "printed at start)")
+    p.add_argument("--log-format", choices=["auto", "text", "json"], default="auto",
+                   help="the services' log lines: text, or one JSON object a line; auto: "
+                        "text when stdout is a terminal, else JSON")
 
 
 def _client_parent() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--address", default=DEFAULT_ADDRESS, help="frontend host:port")
+    p.add_argument("--address", default=DEFAULT_ADDRESS,
+                   help="frontend host:port ($SLORA_ADDRESS)")
     p.add_argument("--api-key", default=None,
                    help="API key (default: $SLORA_API_KEY, else the admin key `slora up` "
                         f"wrote to $SLORA_DATA_DIR/{ADMIN_KEY_FILE} or ~/.slora/{ADMIN_KEY_FILE})")
@@ -95,82 +140,87 @@ def _client_parent() -> argparse.ArgumentParser:
 
 
 def default_api_key() -> str | None:
-    """$SLORA_API_KEY, else the admin key file of the default data dir, else None."""
-    from slora.client.messages import API_KEY_ENV
-
-    if os.environ.get(API_KEY_ENV):
-        return os.environ[API_KEY_ENV]
-    path = os.path.join(os.path.expanduser(DEFAULT_DATA_DIR), ADMIN_KEY_FILE)
-    try:
-        with open(path) as f:
-            return f.read().strip() or None
-    except OSError:
-        return None
+    """What the SDK finds without api_key= (messages.find_api_key)."""
+    return find_api_key()
 
 
 def _generate_parser(sub, parent) -> None:
-    p = sub.add_parser("generate", parents=[parent], help="stream a completion")
-    p.add_argument("prompt")
-    p.add_argument("--adapter", default=None)
+    d = GENERATE_DEFAULTS
+    p = _parser(sub, "generate", parents=[parent], help="stream a completion")
+    p.add_argument("prompt", help="the prompt text")
+    p.add_argument("--adapter", default=d["adapter_id"],
+                   help="adapter id to generate with: your own, or another tenant's as "
+                        "OWNER/ID (default: the base model alone)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+                   help="most output tokens (at most the model's context, which also ends "
+                        "the output)")
+    p.add_argument("--temperature", type=float, default=d["temperature"],
+                   help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=d["top_p"], help="nucleus sampling mass")
+    p.add_argument("--top-k", type=int, default=d["top_k"],
+                   help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--seed", type=int, default=d["seed"],
+                   help="sampling seed (default: random)")
+    p.add_argument("--stop", action="append", default=list(d["stop"]),
+                   help="stop string (repeatable)")
 
 
 def _adapters_parser(sub, parent) -> None:
-    p = sub.add_parser("adapters", help="register, list, inspect and delete adapters")
+    p = _parser(sub, "adapters", help="register, list, inspect and delete adapters")
     asub = p.add_subparsers(dest="adapters_command", required=True)
-    add = asub.add_parser("add", parents=[parent], help="register a PEFT folder")
-    add.add_argument("adapter_id")
-    add.add_argument("path")
+    add = _parser(asub, "add", parents=[parent], help="register a PEFT folder (the same "
+                  "folder under the same id again is no error)")
+    add.add_argument("adapter_id", help="the id requests will name it by")
+    add.add_argument("path", help="PEFT folder (adapter_config.json + "
+                                  "adapter_model.safetensors)")
     add.add_argument("--upload", action="store_true",
                      help="upload the folder's files instead of passing its path")
     add.add_argument("--public", action="store_true", help="every tenant may use it")
     add.add_argument("--share-with", action="append", default=[], metavar="TENANT",
                      help="a tenant that may use it (repeatable)")
-    asub.add_parser("list", parents=[parent], help="list adapters")
-    get = asub.add_parser("get", parents=[parent], help="show one adapter")
-    get.add_argument("adapter_id")
-    rm = asub.add_parser("rm", parents=[parent], help="delete an adapter")
-    rm.add_argument("adapter_id")
+    _parser(asub, "list", parents=[parent], help="list adapters")
+    get = _parser(asub, "get", parents=[parent], help="show one adapter")
+    get.add_argument("adapter_id", help="your adapter's id, or OWNER/ID")
+    rm = _parser(asub, "rm", parents=[parent], help="delete an adapter")
+    rm.add_argument("adapter_id", help="your adapter's id")
 
 
 def _keys_parser(sub, parent) -> None:
-    p = sub.add_parser("keys", help="create, list and revoke API keys (needs the admin key)")
+    p = _parser(sub, "keys", help="create, list and revoke API keys (needs the admin key)")
     ksub = p.add_subparsers(dest="keys_command", required=True)
-    create = ksub.add_parser("create", parents=[parent], help="make a key for a tenant")
-    create.add_argument("tenant")
+    create = _parser(ksub, "create", parents=[parent], help="make a key for a tenant")
+    create.add_argument("tenant", help="the tenant the key acts for")
     create.add_argument("--admin", action="store_true", help="may manage keys")
-    create.add_argument("--description", default="")
-    lst = ksub.add_parser("list", parents=[parent], help="list keys (never their secrets)")
-    lst.add_argument("--tenant", default="")
+    create.add_argument("--description", default="", help="a note kept with the key")
+    lst = _parser(ksub, "list", parents=[parent], help="list keys (never their secrets)")
+    lst.add_argument("--tenant", default="", help="only this tenant's keys (default: all)")
     lst.add_argument("--all", action="store_true", help="include revoked keys")
-    revoke = ksub.add_parser("revoke", parents=[parent], help="revoke a key by its id")
-    revoke.add_argument("key_id")
-    ksub.add_parser("generate", help="print a new well-formed key, offline (e.g. for "
+    revoke = _parser(ksub, "revoke", parents=[parent], help="revoke a key by its id")
+    revoke.add_argument("key_id", help="the key's id (`slora keys list`)")
+    _parser(ksub, "generate", help="print a new well-formed key, offline (e.g. for "
                                      "SLORA_ADMIN_KEY); the server stores it when first used")
 
 
 def _demo_parser(sub, parent) -> None:
-    p = sub.add_parser("demo-adapters", parents=[parent],
-                       help="write N random PEFT adapters for a model and register them")
-    p.add_argument("count", type=int)
+    p = _parser(sub, "demo-adapters", parents=[parent],
+                help="write N random PEFT adapters for a model and register them (again: "
+                     "tops up to N)")
+    p.add_argument("count", type=int, help="adapters demo-0 .. demo-<N-1>")
     p.add_argument("--model", default=None,
                    help="HF-format folder or dummy name (default: the model `slora up` serves "
                         "by default, converted once into $SLORA_DATA_DIR or ~/.slora)")
     p.add_argument("--out", default=os.path.join(DEFAULT_DATA_DIR, "demo-adapters"),
-                   help="folder to write them in (default $SLORA_DATA_DIR/demo-adapters)")
+                   help="folder to write them in")
     p.add_argument("--ranks", default="8,16,32,64", help="ranks, assigned round-robin")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of adapter 0's weights (adapter i: seed + i)")
     p.add_argument("--no-register", action="store_true", help="only write the folders")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slora", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="slora", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     parent = _client_parent()
     _up_parser(sub)
@@ -194,7 +244,7 @@ def _print_adapter(a) -> None:
 def _run_client(args) -> int:
     from slora.client import Client, SloraClientError
 
-    api_key = args.api_key if args.api_key is not None else default_api_key()
+    api_key = find_api_key(args.api_key)
     try:
         with Client(args.address, api_key=api_key, tls=args.tls, tls_ca=args.tls_ca,
                     tls_cert=args.tls_cert, tls_key=args.tls_key) as client:
@@ -227,10 +277,9 @@ def _run_client(args) -> int:
                 return _demo(args, client)
     except SloraClientError as e:
         print(f"slora: {e}", file=sys.stderr)
-        if e.code.name == "UNAUTHENTICATED":
-            print(f"slora: give a key with --api-key or $SLORA_API_KEY; `slora up` keeps its "
-                  f"admin key in {os.path.join(DEFAULT_DATA_DIR, ADMIN_KEY_FILE)}",
-                  file=sys.stderr)
+        if getattr(e, "shutting_down", False):
+            print("slora: the server is shutting down; run the command again once it is back "
+                  "(`slora up` starts it)", file=sys.stderr)
         elif e.code.name == "UNAVAILABLE":
             print(f"slora: is the server up at {args.address}? `slora up` starts one; "
                   "--address or $SLORA_ADDRESS picks another", file=sys.stderr)
@@ -269,12 +318,18 @@ def _demo(args, client) -> int:
 
         model = ensure_default_model(os.path.expanduser(DEFAULT_DATA_DIR))
     cfg = dummy_model_config(model) if model in DUMMY_MODELS else model_config_from_folder(model)
+    started = time.time()
     paths = write_demo_adapters(cfg, out, args.count, ranks, args.seed)
+    num_new = 0
     for i, path in enumerate(paths):
         if not args.no_register:
-            client.register_adapter(os.path.basename(path), path)
+            record = client.register_adapter(os.path.basename(path), path)
+            num_new += record.created_unix >= started
         print(f"\r{i + 1}/{len(paths)} {path}", end="", flush=True)
     print()
+    if not args.no_register:
+        print(f"{num_new} adapters registered, {len(paths) - num_new} already were: "
+              f"demo-0 .. demo-{len(paths) - 1}")
     return 0
 
 

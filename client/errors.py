@@ -7,15 +7,24 @@ RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"
 NO_RETRY_HINT = None
 
 
+UNAUTHENTICATED_HINT = (
+    "give an API key: api_key= (the CLI's --api-key), $SLORA_API_KEY, or the admin key file "
+    "that `slora up` writes, $SLORA_DATA_DIR/admin.key (default ~/.slora/admin.key)")
+SHUTTING_DOWN = "shutting down"
+"""In the message of an UNAVAILABLE that a server sends while it stops."""
+
+
 class SloraClientError(Exception):
     """A call failed; `code` is the gRPC status code, `details` the server's message, and
     `retry_after_s` the server's hint of when to try again (a full queue's
-    RESOURCE_EXHAUSTED carries one), or None."""
+    RESOURCE_EXHAUSTED carries one), or None. str() adds what to do, where the code says."""
+
+    hint = ""
 
     def __init__(self, code: grpc.StatusCode, details: str,
                  retry_after_s: float | None = NO_RETRY_HINT):
         self.code, self.details, self.retry_after_s = code, details, retry_after_s
-        super().__init__(f"{code.name}: {details}")
+        super().__init__(f"{code.name}: {details}" + (f" ({self.hint})" if self.hint else ""))
 
 
 class InvalidArgumentError(SloraClientError): ...
@@ -23,11 +32,21 @@ class NotFoundError(SloraClientError): ...
 class AlreadyExistsError(SloraClientError): ...
 class FailedPreconditionError(SloraClientError): ...
 class ResourceExhaustedError(SloraClientError): ...
-class UnavailableError(SloraClientError): ...
 class DeadlineExceededError(SloraClientError): ...
-class UnauthenticatedError(SloraClientError): ...
 class PermissionDeniedError(SloraClientError): ...
 class CancelledError(SloraClientError): ...
+
+
+class UnauthenticatedError(SloraClientError):
+    hint = UNAUTHENTICATED_HINT
+
+
+class UnavailableError(SloraClientError):
+    @property
+    def shutting_down(self) -> bool:
+        """The server said it is stopping (a drain, `slora up` on Ctrl-C), rather than
+        being unreachable."""
+        return SHUTTING_DOWN in self.details
 
 
 _BY_CODE = {

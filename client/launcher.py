@@ -5,13 +5,22 @@ each replica (--replicas N: N of each, the visible GPUs split between them, each
 registered in Redis), and the frontend, which routes across them, each a real entry point
 of the package on loopback ports; waits for each
 one's `SLORA_READY <name> port=N` line; prints where the stack listens; restarts a child
-that dies; and on Ctrl-C or SIGTERM stops them all, last started first. With
+that dies; and on Ctrl-C or SIGTERM stops them all, last started first, each draining
+(SIGTERM). A second Ctrl-C (or SIGTERM) kills whatever is left at once. With
 --tensor-parallel-size N the worker child is rank 0 of the group and starts the other N-1
 ranks itself; a group whose rank fails exits as a whole (worker/server.py), and is restarted
 like any worker.
+
+Metrics: `--metrics-port N` puts the frontend's Prometheus endpoint on N, and replica i's
+scheduler on N+1+2i and its worker on N+2+2i (one replica: scheduler N+1, worker N+2), so a
+static scrape config finds them; without it each takes a free port, printed at start. Logs:
+`--log-format text` or `json` for the services; `auto` picks text when our stdout is a
+terminal. Every line goes out whole (`say`): the children's pump threads and the main thread
+print at once.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -28,6 +37,26 @@ from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, python_module_comma
 READY_PREFIX = "SLORA_READY"
 STOP_GRACE_S = DEFAULT_SHUTDOWN_GRACE_S + 5.0
 """A child's drain on SIGTERM may take its grace period; after this it is killed."""
+DRAINING_LINE = (f"slora: draining (running requests get up to {DEFAULT_SHUTDOWN_GRACE_S:.0f} s), "
+                 "Ctrl-C again to stop now")
+_print_lock = threading.RLock()
+"""Reentrant: the signal handler prints from the main thread, which may hold it."""
+
+
+def say(text: str) -> None:
+    """One whole line on stdout (print() writes the text and its newline separately)."""
+    with _print_lock:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+
+
+def metrics_port_of(base: int | None, service: str, replica: int = 0) -> int:
+    """--metrics-port N: frontend N, replica i's scheduler N+1+2i and worker N+2+2i; None:
+    0, a free port."""
+    if base is None:
+        return 0
+    return base if service == "frontend" else \
+        base + 1 + 2 * replica + (service == "worker")
 
 
 @dataclass
@@ -64,13 +93,13 @@ class Child:
     def _pump(self, proc: subprocess.Popen) -> None:
         for line in proc.stdout:
             line = line.rstrip("\n")
+            say(f"[{self.name}] {line}")
             if line.startswith(READY_PREFIX):
                 fields = dict(f.split("=", 1) for f in line.split()[2:] if "=" in f)
                 self.port = int(fields.get("port", 0))
                 self.metrics_port = int(fields.get("metrics_port", 0))
                 self.http_port = int(fields.get("http_port", -1))
                 self.ready.set()
-            print(f"[{self.name}] {line}", flush=True)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -82,7 +111,14 @@ class Child:
         try:
             self.proc.wait(STOP_GRACE_S)
         except subprocess.TimeoutExpired:
-            self.proc.kill()
+            self.kill()
+
+    def kill(self, wait: bool = True) -> None:
+        """SIGKILL to the child's process group (its own children too: valkey-server)."""
+        if self.alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        if wait and self.proc is not None:
             self.proc.wait()
 
 
@@ -126,17 +162,25 @@ def build_children(args, model: str) -> list[Child]:
         value = getattr(args, flag, None)
         if value is not None:
             engine_args += [f"--{flag.replace('_', '-')}", str(value)]
+    log_format = getattr(args, "log_format", "auto")
+    if log_format == "auto":
+        log_format = "text" if sys.stdout.isatty() else "json"
+
+    def service_args(service: str, replica: int = 0) -> list[str]:
+        port = metrics_port_of(getattr(args, "metrics_port", None), service, replica)
+        return ["--metrics-port", str(port), "--log-format", log_format]
+
     scheduler_ports = []
     for i, env in enumerate(replica_envs(args.replicas, args.device)):
         worker_port, scheduler_port = free_port(), free_port()
         suffix = f"-{i}" if args.replicas > 1 else ""
         children.append(Child(f"worker{suffix}", ["slora.worker.server", "--port",
-                                                  str(worker_port), *secret, *engine_args],
-                              env=env))
+                                                  str(worker_port), *secret, *engine_args,
+                                                  *service_args("worker", i)], env=env))
         children.append(Child(f"scheduler{suffix}", [
             "slora.scheduler.server", "--port", str(scheduler_port), *secret,
             "--worker-address", f"127.0.0.1:{worker_port}", "--redis-url", redis_url,
-            *redis_password, "--replica-id", f"r{i}"]))
+            *redis_password, "--replica-id", f"r{i}", *service_args("scheduler", i)]))
         scheduler_ports.append(scheduler_port)
     # Frontends route to the replicas registered in Redis; with one replica it is also
     # reached by address while it has not registered yet.
@@ -147,7 +191,8 @@ def build_children(args, model: str) -> list[Child]:
         "--http-port", str(args.http_port),
         "--data-dir", data_dir, *static, *secret, "--redis-url", redis_url, *redis_password,
         *frontend_security_args(args, data_dir),
-        *(["--strict-base-model"] if getattr(args, "strict_base_model", False) else [])]))
+        *(["--strict-base-model"] if getattr(args, "strict_base_model", False) else []),
+        *service_args("frontend")]))
     return children
 
 
@@ -218,36 +263,45 @@ def up(args) -> int:
 
     def on_ready() -> None:
         frontend = by_name["frontend"]
-        print(f"slora is serving {os.path.basename(model)} on {args.host}:{frontend.port}"
-              f"  (Ctrl-C stops it)", flush=True)
+        say(f"slora is serving {os.path.basename(model)} on {args.host}:{frontend.port}"
+            f"  (Ctrl-C stops it)")
         if frontend.http_port >= 0:
             scheme = "https" if args.tls_cert else "http"
-            print(f"slora: OpenAI API at {scheme}://{args.host}:{frontend.http_port}/v1",
-                  flush=True)
-        print("slora: AUTH IS OFF (--no-auth): anyone reaching the port may use it" if args.no_auth
-              else "slora: calls need an API key; the admin key is in "
-              f"{os.path.join(os.path.abspath(os.path.expanduser(args.data_dir)), 'admin.key')}"
-              " (the slora CLI reads it; `slora keys create TENANT` makes tenant keys)",
-              flush=True)
-        print("slora: Prometheus metrics at " + ", ".join(
+            say(f"slora: OpenAI API at {scheme}://{args.host}:{frontend.http_port}/v1")
+        say("slora: AUTH IS OFF (--no-auth): anyone reaching the port may use it" if args.no_auth
+            else "slora: calls need an API key; the admin key is in "
+            f"{os.path.join(os.path.abspath(os.path.expanduser(args.data_dir)), 'admin.key')}"
+            " (the slora CLI reads it; `slora keys create TENANT` makes tenant keys)")
+        say("slora: Prometheus metrics at " + ", ".join(
             f"{c.name} http://127.0.0.1:{c.metrics_port}/metrics" for c in children
-            if c.metrics_port > 0), flush=True)
+            if c.metrics_port > 0))
 
     return supervise(children, args.start_timeout, "slora up", on_ready)
 
 
 def supervise(children: list[Child], start_timeout: float, who: str, on_ready=None) -> int:
     """Starts the children in order, calls `on_ready()`, restarts any that dies, and on
-    Ctrl-C or SIGTERM stops them all, last started first; returns the exit status."""
+    Ctrl-C or SIGTERM stops them all, last started first, each draining; a second Ctrl-C
+    kills them all at once. Returns the exit status."""
     stopping = threading.Event()
 
     def on_signal(signum, frame):
-        stopping.set()
+        if not stopping.is_set():
+            stopping.set()
+            say(DRAINING_LINE)
+            return
+        say("slora: stopping now")
+        for child in children:
+            child.kill(wait=False)
+        for child in children:
+            child.kill()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     try:
         for child in children:
+            if stopping.is_set():
+                return 0
             child.start(start_timeout)
         if on_ready is not None:
             on_ready()
@@ -255,8 +309,8 @@ def supervise(children: list[Child], start_timeout: float, who: str, on_ready=No
             for child in children:
                 if not child.alive() and not stopping.is_set():
                     child.restarts += 1
-                    print(f"slora: {child.name} exited (code {child.proc.returncode}); "
-                          f"restarting it (restart {child.restarts})", flush=True)
+                    say(f"slora: {child.name} exited (code {child.proc.returncode}); "
+                        f"restarting it (restart {child.restarts})")
                     child.start(start_timeout)
     except RuntimeError as e:
         print(f"{who}: {e}", file=sys.stderr, flush=True)
@@ -264,5 +318,5 @@ def supervise(children: list[Child], start_timeout: float, who: str, on_ready=No
     finally:
         for child in reversed(children):
             child.stop()
-        print("slora: stopped", flush=True)
+        say("slora: stopped")
     return 0

@@ -17,7 +17,28 @@ FINISH_REASONS = {
     common_pb2.FINISH_REASON_ERROR: "error",
 }
 API_KEY_ENV = "SLORA_API_KEY"
-"""Where the SDK finds the API key when none is given."""
+"""Where the SDK and the CLI find the API key when none is given."""
+ADDRESS_ENV = "SLORA_ADDRESS"
+DEFAULT_ADDRESS = "localhost:50051"
+"""The frontend's host:port when neither `target` nor $SLORA_ADDRESS says otherwise."""
+DATA_DIR_ENV = "SLORA_DATA_DIR"
+DEFAULT_DATA_DIR = "~/.slora"
+ADMIN_KEY_FILE = "admin.key"
+"""In the data dir: the admin key `slora up` made at first start (mode 0600)."""
+DEFAULT_MAX_NEW_TOKENS = 64
+"""Output tokens of a request that names no max_new_tokens (the SDK and the CLI alike)."""
+GENERATE_DEFAULTS = dict(
+    adapter_id=None, chat=False, max_new_tokens=DEFAULT_MAX_NEW_TOKENS, temperature=0.0,
+    top_k=0, top_p=1.0, seed=None, stop=(), stop_token_ids=(), ignore_eos=False,
+    return_logprobs=False, request_id=None)
+"""The options of generate and stream, with their defaults (the CLI's flags use them too):
+adapter_id (None: the base model; "owner/id": another tenant's), chat (apply the model's
+chat template to a text prompt), max_new_tokens, temperature (0: greedy), top_k (0: off),
+top_p, seed (None: random), stop (strings), stop_token_ids, ignore_eos, return_logprobs,
+request_id (None: a fresh one)."""
+OPERATIONS = ("generate", "stream", "register_adapter", "upload_adapter", "get_adapter",
+              "list_adapters", "delete_adapter", "create_key", "list_keys", "revoke_key")
+"""The public methods of Client and AsyncClient, alike (the CLI reaches each of them)."""
 UPLOAD_CHUNK_BYTES = 1 << 20
 RETRY_ATTEMPTS = 4
 RETRY_BASE_S = 0.2
@@ -98,10 +119,34 @@ def upload_chunks(adapter_id: str, folder: str, request_id: str, public: bool = 
                     chunk=adapters_pb2.FileChunk(file_name=name, data=data))
 
 
+def default_address() -> str:
+    """$SLORA_ADDRESS, else localhost:50051."""
+    return os.environ.get(ADDRESS_ENV) or DEFAULT_ADDRESS
+
+
+def admin_key_path() -> str:
+    """$SLORA_DATA_DIR/admin.key, else ~/.slora/admin.key: where `slora up` keeps its key."""
+    data_dir = os.environ.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR
+    return os.path.join(os.path.expanduser(data_dir), ADMIN_KEY_FILE)
+
+
+def find_api_key(api_key: str | None = None) -> str | None:
+    """`api_key`, else $SLORA_API_KEY, else the admin key file of the data dir
+    (admin_key_path), else None (a server running with --no-auth needs none)."""
+    if api_key is not None:
+        return api_key
+    if os.environ.get(API_KEY_ENV):
+        return os.environ[API_KEY_ENV]
+    try:
+        with open(admin_key_path()) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def auth_metadata(api_key: str | None) -> tuple[tuple[str, str], ...]:
-    """The call metadata carrying the API key (`api_key`, else $SLORA_API_KEY); none if
-    neither is set (a server running with --no-auth)."""
-    key = api_key if api_key is not None else os.environ.get(API_KEY_ENV)
+    """The call metadata carrying the key find_api_key(api_key) finds; none without one."""
+    key = find_api_key(api_key)
     return (("authorization", f"Bearer {key.strip()}"),) if key else ()
 
 

@@ -7,8 +7,8 @@ its scheduler answers; the scheduler: its worker answers) and is not draining.
 Drain (SIGTERM or SIGINT): health goes NOT_SERVING at once, so load balancers and
 clients that watch it stop sending; every new call is refused with UNAVAILABLE ("shutting
 down", which the SDK retries, reaching another replica or this one restarted); calls already
-running go on until they end or the grace period runs out; then the server stops, cancelling
-whatever is left. Health checks and reflection are answered throughout and are not counted
+running go on until they end or the grace period runs out; then whatever is left ends with
+UNAVAILABLE ("the server is shutting down ..."), and the server stops. Health checks and reflection are answered throughout and are not counted
 as running calls (a Watch stream lasts as long as its watcher).
 """
 from __future__ import annotations
@@ -31,6 +31,10 @@ EXEMPT_METHOD_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 checked all the same)."""
 STOP_GRACE_S = 1.0
 """What server.stop gives the calls still running when the drain's grace period is over."""
+CUT_MESSAGE = ("the server is shutting down and its grace period is over: this call was cut; "
+               "retry it")
+"""UNAVAILABLE's message for a call still running when the drain ends (the SDK's
+UnavailableError.shutting_down looks for "shutting down")."""
 DEFAULT_SHUTDOWN_GRACE_S = 25.0
 """Running calls' time to finish after SIGTERM (Kubernetes' default kill comes after 30 s)."""
 
@@ -102,7 +106,11 @@ class ServerCalls(grpc.aio.ServerInterceptor):
 
     def __init__(self, on_done=None):
         self.draining = False
+        self.cutting = False
+        """Set when the grace period is over: running calls end with UNAVAILABLE."""
         self.num_running = 0
+        self._tasks: set[asyncio.Task] = set()
+        """The tasks of the counted calls running."""
         self._idle = asyncio.Event()
         self._idle.set()
         self._on_done = on_done
@@ -128,15 +136,19 @@ class ServerCalls(grpc.aio.ServerInterceptor):
                 return make(wrap(behavior, method, request_streaming, counted), **kwargs)
         return handler
 
-    def _begin(self, counted: bool) -> float:
+    def _begin(self, counted: bool, cuttable: bool = True) -> float:
+        """`cuttable`: a gRPC call, which cut_running ends with UNAVAILABLE."""
         if counted:
             self.num_running += 1
             self._idle.clear()
+            if cuttable:
+                self._tasks.add(asyncio.current_task())
         return time.perf_counter()
 
     def _end(self, counted: bool, method: str, code: str, start: float) -> None:
         if not counted:
             return
+        self._tasks.discard(asyncio.current_task())
         self.num_running -= 1
         if self.num_running == 0:
             self._idle.set()
@@ -167,7 +179,8 @@ class ServerCalls(grpc.aio.ServerInterceptor):
                 code = _code_name(context.code())
                 raise
             except asyncio.CancelledError:
-                code = "CANCELLED"
+                code = "UNAVAILABLE" if self.cutting and counted else "CANCELLED"
+                await self._cut(context, counted)
                 raise
             finally:
                 self._end(counted, method, code, start)
@@ -184,7 +197,11 @@ class ServerCalls(grpc.aio.ServerInterceptor):
             except grpc.aio.AbortError:
                 code = _code_name(context.code())
                 raise
-            except (asyncio.CancelledError, GeneratorExit):
+            except asyncio.CancelledError:
+                code = "UNAVAILABLE" if self.cutting and counted else "CANCELLED"
+                await self._cut(context, counted)
+                raise
+            except GeneratorExit:
                 code = "CANCELLED"
                 raise
             finally:
@@ -194,10 +211,22 @@ class ServerCalls(grpc.aio.ServerInterceptor):
     def begin_call(self) -> float:
         """A call of another transport (the frontend's HTTP API) starts: it counts as
         running until end_call, so the drain waits for it. Returns its start time."""
-        return self._begin(True)
+        return self._begin(True, cuttable=False)
 
     def end_call(self, method: str, code: str, start: float) -> None:
         self._end(True, method, code, start)
+
+    def cut_running(self) -> None:
+        """Ends every running call with UNAVAILABLE (CUT_MESSAGE), so that a client learns
+        why its call stopped rather than seeing the connection drop."""
+        self.cutting = True
+        for task in list(self._tasks):
+            task.cancel()
+
+    async def _cut(self, context, counted: bool) -> None:
+        """After a CancelledError: if cut_running caused it, answer UNAVAILABLE."""
+        if self.cutting and counted:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, CUT_MESSAGE)
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """True once no call runs; False if some still run after `timeout_s`."""
@@ -245,5 +274,7 @@ class Lifecycle:
         num_running = self.calls.num_running
         log.info("draining: %d calls running, grace %.1f s", num_running, grace_s)
         if not await self.calls.wait_idle(grace_s):
-            log.warning("grace period over: cancelling %d calls", self.calls.num_running)
+            log.warning("grace period over: cutting %d calls", self.calls.num_running)
+            self.calls.cut_running()
+            await self.calls.wait_idle(STOP_GRACE_S)
         await server.stop(grace=STOP_GRACE_S)

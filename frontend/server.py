@@ -1,6 +1,7 @@
 """The frontend process: public Generation and Adapters services, standard health checking
-(grpc.health.v1) and server reflection, on grpc.aio with uvloop; and the OpenAI-compatible
-HTTP API (frontend/http/) in the same event loop on --http-port, calling the same services.
+(grpc.health.v1) and server reflection (v1 and v1alpha), on grpc.aio with uvloop; and the
+OpenAI-compatible HTTP API (frontend/http/) in the same event loop on --http-port, calling
+the same services.
 
 It is stateless: the model's limits come from a scheduler's Info at start, adapter
 metadata from Redis on every call (with a short stale-if-error cache in memory,
@@ -26,7 +27,6 @@ import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from slora.adapter_store.registry import AdapterRegistry, connect, read_password
 from slora.common.aio import run_async
@@ -42,6 +42,7 @@ from slora.frontend.generation import DEFAULT_MAX_PROMPT_BYTES, GenerationServic
 from slora.frontend.http.app import add_http_args, start_http
 from slora.frontend.http.state import HttpApi
 from slora.frontend.keys import KeysService
+from slora.frontend.reflection import enable_reflection
 from slora.frontend.replica_set import ReplicaSet
 from slora.frontend.routing import DEFAULT_LOAD_FACTOR, POLICIES, Router
 from slora.frontend.security import add_security_args, bind_public_port, setup_security
@@ -142,8 +143,7 @@ async def serve(args) -> None:
     if security.keys is not None:
         keys_pb2_grpc.add_KeysServicer_to_server(KeysService(security.keys), server)
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
-    reflection.enable_server_reflection(
-        (*public_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    enable_reflection((*public_names, health.SERVICE_NAME), server)
     port = bind_public_port(server, args)
     metrics_port = start_metrics_server(args.metrics_host, args.metrics_port)
     await server.start()

@@ -23,8 +23,8 @@ def check_request(config: EngineConfig, prompt_token_ids: list[int],
 
 def check_prompt(prompt_token_ids: list[int], sampling: SamplingParams, max_model_len: int,
                  vocab_size: int) -> None:
-    """The prompt fits the context and, with the stop tokens, the vocabulary. The frontend
-    runs it too, before a round trip to the scheduler."""
+    """The prompt fits the context, max_new_tokens could, and the prompt and the stop tokens
+    fit the vocabulary. The frontend runs it too, before a round trip to the scheduler."""
     if len(prompt_token_ids) >= max_model_len:
         raise InvalidRequestError(
             f"prompt has {len(prompt_token_ids)} tokens; max_model_len is {max_model_len}, "
@@ -34,3 +34,11 @@ def check_prompt(prompt_token_ids: list[int], sampling: SamplingParams, max_mode
         raise InvalidRequestError(
             f"prompt token ids {bad[:8]} are outside the vocabulary [0, {vocab_size})")
     sampling.check_vocab(vocab_size)
+    if sampling.max_new_tokens > max_model_len:
+        # More than any prompt leaves room for. Up to max_model_len is served, ending with
+        # "length" where the context does (the HTTP API's chat default asks for exactly it).
+        raise InvalidRequestError(
+            f"max_new_tokens {sampling.max_new_tokens} exceeds this model's context, "
+            f"max_model_len {max_model_len} tokens of prompt and output together (the "
+            f"worker's --max-model-len); with this {len(prompt_token_ids)}-token prompt at "
+            f"most {max_model_len - len(prompt_token_ids)} new tokens fit")

@@ -32,11 +32,9 @@ STATS_SPECS = [
              label_keys=(("free", "pages_free"), ("kv", "pages_kv"),
                          ("adapter", "pages_adapter"))),
     StatSpec("slora_pool_pages_total", "Pages of the unified pool", key="pages_total"),
-    StatSpec("slora_adapters_resident_gpu", "Adapters resident in the GPU pool",
-             key="adapters_resident"),
-    StatSpec("slora_adapter_loads", "Adapter loads into the GPU pool", kind="counter",
+    StatSpec("slora_adapter_loads", "Adapter loads into the unified pool", kind="counter",
              key="adapter_loads"),
-    StatSpec("slora_adapter_evictions", "Adapter evictions from the GPU pool",
+    StatSpec("slora_adapter_evictions", "Adapter evictions from the unified pool",
              kind="counter", key="adapter_evictions"),
     StatSpec("slora_preemptions", "Running requests sent back to the queue for pages",
              kind="counter", key="preemptions"),
@@ -47,6 +45,14 @@ STATS_SPECS = [
 ]
 
 
-def register_driver_stats(read_stats) -> None:
-    """Exports `read_stats()` (StepDriver.stats) at each scrape."""
-    register_stats(read_stats, STATS_SPECS)
+def resident_adapters_spec(device: str) -> StatSpec:
+    """Adapters in the unified pool, labelled with the worker's device ("cuda", "cuda:1",
+    "cpu"): the pool is on the GPU only where the worker is."""
+    return StatSpec("slora_adapters_resident", "Adapters resident in the unified pool, on "
+                    "the worker's device", label="device",
+                    label_keys=((device, "adapters_resident"),))
+
+
+def register_driver_stats(read_stats, device: str) -> None:
+    """Exports `read_stats()` (StepDriver.stats) at each scrape; `device`: the worker's."""
+    register_stats(read_stats, [*STATS_SPECS, resident_adapters_spec(device)])

@@ -142,7 +142,7 @@ async def serve(args: argparse.Namespace, secret: str) -> None:
 
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(driver, info.model_path), server)
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
-    register_driver_stats(driver.stats)
+    register_driver_stats(driver.stats, worker_config.device)
     await server.start()
     await lifecycle.set_serving(True)
     log.info("serving %s (%d pages) on %s:%d, worker %s", config.model.name,

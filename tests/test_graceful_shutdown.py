@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
 import time
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from helpers_peft import make_tiny_llama
+from helpers_procs import slora_module
 from helpers_stack import Stack, generate_request, stream_outcome, worker_argv
 from slora.v1 import generation_pb2_grpc
 
@@ -99,10 +101,19 @@ def test_sigterm_finishes_running_requests_and_refuses_new_ones(stack, name):
         assert len(c.generate([4, 5], max_new_tokens=3).token_ids) == 3
 
 
+async def stuck_stream(stack: Stack, channel) -> asyncio.Task:
+    """A stream of a request waiting in the paused scheduler's queue, as a task."""
+    stub = generation_pb2_grpc.GenerationStub(channel)
+    stream = asyncio.create_task(stream_outcome(
+        stub, generate_request([5, 6], 4), metadata=stack.call_metadata(), timeout=60))
+    await asyncio.to_thread(stack.wait_for_stats, lambda v: v["num_waiting"] == 1)
+    return stream
+
+
 def test_the_grace_period_bounds_the_drain(stack):
     """A request that cannot finish (the scheduler is paused) keeps the frontend draining
-    for the grace period only (2 s here): then the stream ends with an error and the process
-    exits."""
+    for the grace period only (2 s here): then the stream ends with UNAVAILABLE saying the
+    server is shutting down, and the process exits."""
     stack.stop("frontend")
     stack.frontend_args += ["--shutdown-grace-s", str(SHORT_GRACE_S)]
     stack.start("frontend")
@@ -111,11 +122,7 @@ def test_the_grace_period_bounds_the_drain(stack):
 
     async def run():
         async with grpc.aio.insecure_channel(stack.address) as channel:
-            stub = generation_pb2_grpc.GenerationStub(channel)
-            stream = asyncio.create_task(stream_outcome(
-                stub, generate_request([5, 6], 4), metadata=stack.call_metadata(),
-                timeout=60))
-            await asyncio.to_thread(stack.wait_for_stats, lambda v: v["num_waiting"] == 1)
+            stream = await stuck_stream(stack, channel)
             start = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             outcome = await stream
@@ -123,14 +130,48 @@ def test_the_grace_period_bounds_the_drain(stack):
 
     try:
         outcome, seconds = asyncio.run(run())
-        assert proc.wait(5) == 0
+        assert proc.wait(GRACE_S) == 0  # the drain's bound is checked on the stream below
     finally:
         stack.pause(False)
         stack.procs.pop("frontend")
         stack.frontend_args = stack.frontend_args[:-2]
         stack.start("frontend")
-    assert outcome.code != grpc.StatusCode.OK, outcome
+    assert outcome.code == grpc.StatusCode.UNAVAILABLE, outcome
+    assert "the server is shutting down" in outcome.details, outcome
     assert SHORT_GRACE_S - 0.5 < seconds < SHORT_GRACE_S + 3.0, f"drained for {seconds:.2f} s"
     print(f"FIGURE SIGTERM frontend, grace {SHORT_GRACE_S} s, a stuck request: it ended "
           f"({outcome.code.name}) after {seconds:.2f} s")
     assert stack.wait_pool_idle()["num_waiting"] == 0
+
+
+def test_a_call_to_a_draining_server_says_it_is_shutting_down(stack):
+    """While the frontend drains (a stuck request holds it), `slora generate` is refused and
+    says the server is shutting down, not "is the server up?"; once the request can finish,
+    the frontend exits 0."""
+    stack.pause(True)
+    proc = stack.procs["frontend"]
+
+    async def run():
+        async with grpc.aio.insecure_channel(stack.address) as channel:
+            stream = await stuck_stream(stack, channel)
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(wait_health, stack.ports["frontend"],
+                                    health_pb2.HealthCheckResponse.NOT_SERVING)
+            cli = await asyncio.to_thread(
+                subprocess.run, slora_module(
+                    "slora.client.cli", "generate", "Hi", "--address", stack.address,
+                    "--api-key", stack.admin_key), capture_output=True, text=True, timeout=60)
+            stack.pause(False)
+            return cli, await stream
+
+    try:
+        cli, outcome = asyncio.run(run())
+        assert proc.wait(GRACE_S + 5) == 0
+    finally:
+        stack.pause(False)
+        stack.procs.pop("frontend")
+        stack.start("frontend")
+    assert cli.returncode == 1, cli
+    assert "the server is shutting down" in cli.stderr, cli.stderr
+    assert "is the server up" not in cli.stderr, cli.stderr
+    assert outcome.code == grpc.StatusCode.OK, outcome

@@ -11,6 +11,7 @@ from slora.worker.args import add_engine_args, engine_config_from_args
 from slora.worker.memory_plan import (
     GRAPH_MARGIN, RESERVE_BYTES, MemoryFigures, batch_for_pool, plan_memory,
 )
+from slora.worker.sizing import CPU_MAX_NUM_SEQS
 
 GIB = 2**30
 PAGE_7B = 32 * 2 * 4096 * 2
@@ -89,10 +90,11 @@ def parse(*argv: str):
 
 def test_pool_gib_sets_the_pool_and_the_cpu_keeps_its_batch():
     """--pool-gib gives the pages (a dummy-tiny page: 2 layers x 2 x 64 floats); nothing is
-    left to measure; on the CPU the batch stays 64 unless --max-num-seqs says."""
+    left to measure; on the CPU the batch stays CPU_MAX_NUM_SEQS (worker/sizing.py) unless
+    --max-num-seqs says."""
     config = parse("--device", "cpu", "--pool-gib", "0.01")
     assert config.pool.num_pages == int(0.01 * GIB) // (2 * 2 * 64 * 4)
-    assert config.scheduler.max_num_seqs == 64 and config.memory_sizing is None
+    assert config.scheduler.max_num_seqs == CPU_MAX_NUM_SEQS and config.memory_sizing is None
     assert parse("--device", "cpu", "--max-num-seqs", "7").scheduler.max_num_seqs == 7
     with pytest.raises(ConfigError, match="gpu-memory-utilization must be in"):
         parse("--device", "cpu", "--gpu-memory-utilization", "0")

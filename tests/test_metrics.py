@@ -31,7 +31,7 @@ EXPECTED = {
     "scheduler": {
         "slora_queue_depth": "gauge", "slora_running_batch_size": "gauge",
         "slora_pool_pages": "gauge", "slora_pool_pages_total": "gauge",
-        "slora_adapters_resident_gpu": "gauge", "slora_adapter_loads": "counter",
+        "slora_adapters_resident": "gauge", "slora_adapter_loads": "counter",
         "slora_adapter_evictions": "counter", "slora_step_time_seconds": "histogram",
         "slora_step_batch_size": "histogram", "slora_queue_wait_seconds": "histogram",
         "slora_scheduler_requests": "counter", "slora_worker_available": "gauge",
@@ -133,7 +133,7 @@ def test_every_process_serves_its_metrics_while_a_load_runs(stack):
     assert sum(pages.values()) == sample_values(sched["slora_pool_pages_total"])[0]
     assert sample_values(sched["slora_adapter_loads"], "_total")[0] >= NUM_ADAPTERS
     assert sample_values(sched["slora_adapter_evictions"], "_total")[0] > 0
-    assert sample_values(sched["slora_adapters_resident_gpu"])[0] <= ADAPTER_SLOTS
+    assert sample_values(sched["slora_adapters_resident"], device="cpu")[0] <= ADAPTER_SLOTS
     assert sample_values(sched["slora_step_time_seconds"], "_count")[0] > 0
     assert sample_values(sched["slora_scheduler_requests"], "_total", outcome="length")[0] \
         >= num_requests

@@ -26,6 +26,7 @@ from slora.adapter_store.registry import (
     REQUEST_TTL_S,
     AdapterRecord,
     AdapterRegistry,
+    Sharing,
     adapter_key,
     connect,
     request_key,
@@ -327,10 +328,11 @@ def test_second_registration_with_other_content_is_already_exists(redis_url, tmp
 
 def test_retry_with_the_same_request_id_registers_once(redis_url, tmp_path, model, adapters):
     """A retried registration (same request id, same content) returns the first record,
-    unchanged; the request id is kept for a day. The same content under a new request id is
-    a second registration of a taken id, ALREADY_EXISTS; a request id reused for another
-    adapter id is INVALID_ARGUMENT. Ids and request ids are per owner: another owner
-    registers the same id with the same request id as its own adapter."""
+    unchanged; the request id is kept for a day. The same content under a new request id
+    (a re-run script) returns the first record too; asking for other sharing of it is
+    ALREADY_EXISTS naming both; a request id reused for another adapter id is
+    INVALID_ARGUMENT. Ids and request ids are per owner: another owner registers the same id
+    with the same request id as its own adapter."""
     async def fn(reg: AdapterRegistry):
         first = await reg.register_path("idem", adapters["large"], owner="acme",
                                         request_id="req-7f3a")
@@ -338,20 +340,24 @@ def test_retry_with_the_same_request_id_registers_once(redis_url, tmp_path, mode
                                         request_id="req-7f3a")
         ttl = await reg.redis.ttl(request_key("acme", "req-7f3a"))
         num_idem = [r.adapter_id for r in await reg.list("acme")].count("idem")
+        rerun = await reg.register_path("idem", adapters["large"], owner="acme",
+                                        request_id="req-other")
         taken = await raises(AdapterExistsError, lambda: reg.register_path(
-            "idem", adapters["large"], owner="acme", request_id="req-other"))
+            "idem", adapters["large"], owner="acme", request_id="req-public",
+            sharing=Sharing(True, ())))
         reused = await raises(InvalidRequestError, lambda: reg.register_path(
             "idem-2", adapters["large"], owner="acme", request_id="req-7f3a"))
         other_owner = await reg.register_path("idem", adapters["large"], owner="mallory",
                                               request_id="req-7f3a")
         assert await reg.lookup("idem", "acme") == first
-        return first, again, ttl, num_idem, taken, reused, other_owner
+        return first, again, rerun, ttl, num_idem, taken, reused, other_owner
 
-    first, again, ttl, num_idem, taken, reused, other_owner = with_registry(
+    first, again, rerun, ttl, num_idem, taken, reused, other_owner = with_registry(
         redis_url, tmp_path, model, fn)
-    assert again == first and num_idem == 1
+    assert again == first and rerun == first and num_idem == 1
     assert REQUEST_TTL_S - 60 < ttl <= REQUEST_TTL_S
-    assert "same content" in str(taken)
+    assert "same content but shared otherwise" in str(taken), str(taken)
+    assert "public=False" in str(taken) and "public=True" in str(taken)
     assert "req-7f3a" in str(reused) and "'idem'" in str(reused)
     assert (other_owner.owner, other_owner.qualified_id) == ("mallory", "mallory/idem")
 

@@ -18,6 +18,7 @@ from slora.common.config import (
 from slora.common.errors import ConfigError
 from slora.models.registry import DUMMY_MODELS, dummy_model_config, model_config_from_folder
 from slora.worker.memory_plan import batch_for_pool, pool_pages_for_bytes
+from slora.worker.sizing import CPU_MAX_NUM_SEQS, cpu_pool_sizing
 
 TENSOR_PARALLEL_ENV = "SLORA_TENSOR_PARALLEL_SIZE"
 """The default of --tensor-parallel-size (compose sets it)."""
@@ -26,7 +27,6 @@ GPU_MEMORY_UTILIZATION = 0.9
 ACTIVATION_RESERVE_BYTES = 1 << 30
 """Left free besides the weights and the pool, for activations and CUDA graphs, by the
 provisional estimate (tensor parallelism; a single GPU measures them: memory_plan.py)."""
-CPU_MAX_NUM_SEQS = 64
 log = logging.getLogger("slora.worker")
 
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -52,8 +52,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-pages", type=int, default=None,
                    help="pages in the unified pool (default: on CUDA, what is left of "
                         "--gpu-memory-utilization after the weights, activations and CUDA "
-                        "graphs, as measured at start; on the CPU, room for 4 full-length "
-                        "requests and 4 adapters of the highest rank)")
+                        "graphs, as measured at start; on the CPU, KV for --max-num-seqs "
+                        "requests of --max-model-len tokens and one adapter of --max-lora-rank "
+                        "for each: worker/sizing.py; the log says how the pool was sized)")
     g.add_argument("--pool-gib", type=float, default=None,
                    help="the unified pool's size in GiB instead (CUDA)")
     g.add_argument("--gpu-memory-utilization", type=float, default=GPU_MEMORY_UTILIZATION,
@@ -137,8 +138,10 @@ def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dt
     n = tensor_parallel_size
     page_bytes = _page_bytes(model, dtype_size, n)
     max_adapter_pages = model.adapter_num_pages({m: pool_rank for m in model.lora_modules})
-    if not device.startswith("cuda"):
-        return 4 * (max_model_len + max_adapter_pages)
+    if not device.startswith("cuda"):  # the CPU has its own rule: sizing.cpu_pool_sizing
+        return cpu_pool_sizing(model, max_lora_rank=pool_rank, max_model_len=max_model_len,
+                               max_num_seqs=CPU_MAX_NUM_SEQS, max_adapter_slots=None,
+                               dtype=dtype, tensor_parallel_size=n).num_pages
     free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
     budget = (int(free_bytes * utilization) - _weight_bytes(model, dtype_size) // n
               - ACTIVATION_RESERVE_BYTES)
@@ -188,6 +191,13 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
             raise ConfigError(f"--pool-gib must be positive, got {args.pool_gib}")
         page_bytes = _page_bytes(model, _dtype_size(dtype), tp)
         num_pages = pool_pages_for_bytes(args.pool_gib * 2**30, page_bytes)
+    if num_pages is None and not cuda:
+        cpu = cpu_pool_sizing(
+            model, max_lora_rank=args.max_lora_rank, max_model_len=max_model_len,
+            max_num_seqs=args.max_num_seqs or CPU_MAX_NUM_SEQS,
+            max_adapter_slots=args.max_adapter_slots, dtype=dtype, tensor_parallel_size=tp)
+        num_pages = cpu.num_pages
+        log.info("unified pool: %s", cpu.reason)
     if num_pages is None:
         num_pages = default_num_pages(model, args.max_lora_rank, max_model_len, dtype, device,
                                       tp, args.gpu_memory_utilization)

@@ -29,6 +29,8 @@ row j over the K halves of the first pages of rows j * N .. j * N + N - 1, and r
 from __future__ import annotations
 
 import dataclasses
+import math
+import mmap
 from dataclasses import dataclass
 
 import torch
@@ -72,6 +74,17 @@ class _PendingLoad:
     parallelism only)."""
 
 
+def zeros_taken_as_used(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A zeroed CPU tensor whose memory the kernel provides page by page as it is first
+    touched (an anonymous mapping reads as zeros until written): an idle CPU worker's
+    resident memory does not include the pool it has not used yet. torch.zeros would write
+    every byte at start."""
+    num_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    buffer = mmap.mmap(-1, max(num_bytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    flat = torch.frombuffer(buffer, dtype=torch.uint8, count=num_bytes)  # keeps `buffer` alive
+    return flat.view(dtype).view(shape)
+
+
 class UnifiedPool:
     def __init__(self, model: ModelConfig, pool: PoolConfig, dtype: torch.dtype,
                  device: torch.device, backend=None, plan: ShardPlan | None = None):
@@ -84,8 +97,9 @@ class UnifiedPool:
         self.scratch_page = pool.num_pages
         """A page outside the scheduler's range, for the padding of graph batches."""
         h = model.hidden_size if plan is None else plan.page_width
-        self.pages = torch.zeros(model.num_layers, pool.num_pages + 1, 2, h, dtype=dtype,
-                                 device=device)
+        shape = (model.num_layers, pool.num_pages + 1, 2, h)
+        self.pages = (torch.zeros(shape, dtype=dtype, device=device)
+                      if torch.device(device).type == "cuda" else zeros_taken_as_used(shape, dtype))
         self.lora_modules = model.lora_modules
         self.module_index = model.lora_module_index
         num_modules, slots = len(self.lora_modules), pool.num_adapter_slots
