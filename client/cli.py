@@ -102,6 +102,10 @@ def _up_parser(sub) -> None:
     p.add_argument("--replicas", type=int, default=1,
                    help="model replicas (a worker and a scheduler each; the visible GPUs "
                         "are split between them; the frontend routes by adapter)")
+    p.add_argument("--hung-step-floor-s", type=float, default=None,
+                   help="seconds a step may always take before the worker counts as hung "
+                        "(scheduler default 20; a step past 10x its expected time and "
+                        "this ends its requests UNAVAILABLE and the worker is restarted)")
     p.add_argument("--start-timeout", type=float, default=600.0,
                    help="seconds each service may take to start")
     p.add_argument("--no-auth", action="store_true",
@@ -152,7 +156,7 @@ def _generate_parser(sub, parent) -> None:
                    help="adapter id to generate with: your own, or another tenant's as "
                         "OWNER/ID (default: the base model alone)")
     p.add_argument("--chat", action="store_true", help="apply the model's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=d["max_new_tokens"],
+    p.add_argument("--max-new-tokens", type=_positive_int, default=d["max_new_tokens"],
                    help="most output tokens (at most the model's context, which also ends "
                         "the output)")
     p.add_argument("--temperature", type=float, default=d["temperature"],
@@ -164,6 +168,13 @@ def _generate_parser(sub, parent) -> None:
                    help="sampling seed (default: random)")
     p.add_argument("--stop", action="append", default=list(d["stop"]),
                    help="stop string (repeatable)")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {value}")
+    return value
 
 
 def _adapters_parser(sub, parent) -> None:

@@ -17,6 +17,10 @@ static scrape config finds them; without it each takes a free port, printed at s
 `--log-format text` or `json` for the services; `auto` picks text when our stdout is a
 terminal. Every line goes out whole (`say`): the children's pump threads and the main thread
 print at once.
+
+A hung worker is restarted as a dead one: the launcher checks its health (grpc.health.v1,
+worker/liveness.py) every second, and one that has answered no check with SERVING for
+HUNG_AFTER_S (stopped, wedged, or stuck inside a step) is killed, then restarted.
 """
 from __future__ import annotations
 
@@ -30,11 +34,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
 from slora.adapter_store.embedded_redis import PASSWORD_FILE
 from slora.common.internal_auth import SECRET_FILE_NAME
 from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, python_module_command
 
 READY_PREFIX = "SLORA_READY"
+HEALTH_CHECK_TIMEOUT_S = 2.0
+HUNG_AFTER_S = 6.0
+"""Seconds without a SERVING answer after which a ready worker is killed and restarted."""
 STOP_GRACE_S = DEFAULT_SHUTDOWN_GRACE_S + 5.0
 """A child's drain on SIGTERM may take its grace period; after this it is killed."""
 DRAINING_LINE = (f"slora: draining (running requests get up to {DEFAULT_SHUTDOWN_GRACE_S:.0f} s), "
@@ -72,6 +82,9 @@ class Child:
     restarts: int = 0
     env: dict[str, str] = field(default_factory=dict)
     """Set in the child's environment (a replica's CUDA_VISIBLE_DEVICES)."""
+    health_checked: bool = False
+    """Killed and restarted when its health has not been SERVING for HUNG_AFTER_S."""
+    last_serving_at: float = 0.0
 
     def start(self, timeout_s: float) -> int:
         self.ready.clear()
@@ -88,6 +101,7 @@ class Child:
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError(f"{self.name} was not ready after {timeout_s:.0f} s")
+        self.last_serving_at = time.monotonic()
         return self.port
 
     def _pump(self, proc: subprocess.Popen) -> None:
@@ -100,6 +114,27 @@ class Child:
                 self.metrics_port = int(fields.get("metrics_port", 0))
                 self.http_port = int(fields.get("http_port", -1))
                 self.ready.set()
+
+    def check_health(self) -> None:
+        """Kills a ready child whose health has not been SERVING for HUNG_AFTER_S (the
+        supervising loop then restarts it like one that died)."""
+        if not (self.health_checked and self.ready.is_set() and self.alive()):
+            return
+        now = time.monotonic()
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{self.port}") as channel:
+                status = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=""),
+                    timeout=HEALTH_CHECK_TIMEOUT_S).status
+        except grpc.RpcError:
+            status = None
+        if status == health_pb2.HealthCheckResponse.SERVING:
+            self.last_serving_at = time.monotonic()
+        elif now - self.last_serving_at > HUNG_AFTER_S:
+            print(f"slora: {self.name} has not been healthy for {now - self.last_serving_at:.1f}"
+                  " s (hung); killing it", flush=True)
+            self.proc.kill()
+            self.proc.wait()
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
@@ -170,17 +205,21 @@ def build_children(args, model: str) -> list[Child]:
         port = metrics_port_of(getattr(args, "metrics_port", None), service, replica)
         return ["--metrics-port", str(port), "--log-format", log_format]
 
+    hung_step_args = ([] if getattr(args, "hung_step_floor_s", None) is None
+                      else ["--hung-step-floor-s", str(args.hung_step_floor_s)])
     scheduler_ports = []
     for i, env in enumerate(replica_envs(args.replicas, args.device)):
         worker_port, scheduler_port = free_port(), free_port()
         suffix = f"-{i}" if args.replicas > 1 else ""
         children.append(Child(f"worker{suffix}", ["slora.worker.server", "--port",
                                                   str(worker_port), *secret, *engine_args,
-                                                  *service_args("worker", i)], env=env))
+                                                  *service_args("worker", i)], env=env,
+                              health_checked=True))
         children.append(Child(f"scheduler{suffix}", [
             "slora.scheduler.server", "--port", str(scheduler_port), *secret,
             "--worker-address", f"127.0.0.1:{worker_port}", "--redis-url", redis_url,
-            *redis_password, "--replica-id", f"r{i}", *service_args("scheduler", i)]))
+            *redis_password, "--replica-id", f"r{i}", *service_args("scheduler", i),
+            *hung_step_args]))
         scheduler_ports.append(scheduler_port)
     # Frontends route to the replicas registered in Redis; with one replica it is also
     # reached by address while it has not registered yet.
@@ -307,6 +346,7 @@ def supervise(children: list[Child], start_timeout: float, who: str, on_ready=No
             on_ready()
         while not stopping.wait(0.5):
             for child in children:
+                child.check_health()
                 if not child.alive() and not stopping.is_set():
                     child.restarts += 1
                     say(f"slora: {child.name} exited (code {child.proc.returncode}); "

@@ -9,6 +9,7 @@ from typing import Sequence
 
 import grpc
 
+from slora.client.errors import InvalidArgumentError
 from slora.v1 import adapters_pb2, common_pb2, generation_pb2
 
 FINISH_REASONS = {
@@ -77,6 +78,11 @@ def generate_request(prompt: str | Sequence[int], *, adapter_id: str | None, cha
                      seed: int | None, stop: Sequence[str], stop_token_ids: Sequence[int],
                      ignore_eos: bool, return_logprobs: bool,
                      request_id: str) -> generation_pb2.GenerateRequest:
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        # On the wire 0 means the server's default (16): never send it for "no tokens".
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"max_new_tokens must be an integer >= 1, got "
+                                   f"{max_new_tokens!r}")
     sampling = common_pb2.SamplingParams(
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
         stop=list(stop), stop_token_ids=list(stop_token_ids), ignore_eos=ignore_eos)
@@ -106,13 +112,38 @@ def generation_from_proto(r: generation_pb2.GenerateResponse) -> Generation:
                       r.timings.total_s, r.request_id)
 
 
+UPLOADED_FILES = ("adapter_config.json", "adapter_model.safetensors")
+
+
+def check_upload_folder(folder: str) -> None:
+    """Refuses, before any call, a folder that Upload cannot send: missing, without the
+    two files, or holding a pickled adapter_model.bin (never unpickled: convert it)."""
+    def refuse(why: str):
+        raise InvalidArgumentError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"cannot upload {folder!r}: {why}")
+
+    if not os.path.isdir(folder):
+        refuse("no such folder" if not os.path.exists(folder) else "not a folder")
+    missing = [n for n in UPLOADED_FILES if not os.path.isfile(os.path.join(folder, n))]
+    if "adapter_model.safetensors" in missing and os.path.exists(
+            os.path.join(folder, "adapter_model.bin")):
+        refuse("it holds adapter_model.bin, a pickle, which slora never opens; save the "
+               "adapter as safetensors (PEFT's save_pretrained does by default)")
+    if missing:
+        refuse(f"it lacks {' and '.join(missing)} (a PEFT folder has "
+               f"{' and '.join(UPLOADED_FILES)})")
+    unreadable = [n for n in UPLOADED_FILES if not os.access(os.path.join(folder, n), os.R_OK)]
+    if unreadable:
+        refuse(f"cannot read {', '.join(unreadable)}")
+
+
 def upload_chunks(adapter_id: str, folder: str, request_id: str, public: bool = False,
                   shared_with: Sequence[str] = ()):
     """The Upload stream of a PEFT folder: the header, then each file in 1 MiB chunks."""
     yield adapters_pb2.UploadAdapterChunk(header=adapters_pb2.UploadHeader(
         adapter_id=adapter_id, request_id=request_id, public=public,
         shared_with=list(shared_with)))
-    for name in ("adapter_config.json", "adapter_model.safetensors"):
+    for name in UPLOADED_FILES:
         with open(os.path.join(folder, name), "rb") as f:
             while data := f.read(UPLOAD_CHUNK_BYTES):
                 yield adapters_pb2.UploadAdapterChunk(

@@ -33,7 +33,7 @@ from slora.client.errors import from_rpc_error
 from slora.client.messages import (
     GENERATE_DEFAULTS, OPERATIONS, RETRY_ATTEMPTS, Generation, TokenEvent, auth_metadata, backoff_s,
     channel_credentials, default_address, event_from_proto, generate_request,
-    generation_from_proto, new_request_id, retryable, upload_chunks,
+    generation_from_proto, new_request_id, retryable, check_upload_folder, upload_chunks,
 )
 from slora.v1 import adapters_pb2, adapters_pb2_grpc, generation_pb2_grpc, keys_pb2, keys_pb2_grpc
 
@@ -151,6 +151,7 @@ class Client:
                        public: bool = False,
                        shared_with: Sequence[str] = ()) -> adapters_pb2.Adapter:
         """Uploads a local PEFT folder in chunks and registers it (as register_adapter)."""
+        check_upload_folder(folder)
         request_id = request_id or new_request_id()
         for attempt in range(self.retries + 1):
             try:

@@ -237,12 +237,31 @@ class ServerCalls(grpc.aio.ServerInterceptor):
             return False
 
 
+class HealthServicer(health.aio.HealthServicer):
+    """grpc.health.v1 with List too (grpcio-health-checking leaves it unimplemented, and
+    its base servicer logs a traceback for every call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.statuses = {"": health_pb2.HealthCheckResponse.SERVING}
+        """Service name -> status, as last set (the base class starts "" SERVING too)."""
+
+    async def set(self, service: str, status) -> None:
+        self.statuses[service] = status
+        await super().set(service, status)
+
+    async def List(self, request, context):
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in self.statuses.items()})
+
+
 class Lifecycle:
     """Health and drain of one server. `set_serving` reports whether the process can do its
     job; health says SERVING only while it can and is not draining."""
 
     def __init__(self, service_names: list[str], on_call_done=None):
-        self.health = health.aio.HealthServicer()
+        self.health = HealthServicer()
         self.service_names = ["", *service_names]
         self.calls = ServerCalls(on_call_done)
         self.able = False

@@ -63,17 +63,24 @@ class Engine:
         result = self.worker.execute(cmd)
         if result.error:
             return self._recover_from_failed_step(cmd, result)
+        # An adapter whose files changed under us since registration fails its own requests
+        # (in the result); the rest of the step ran.
+        for adapter_id in result.adapter_errors:
+            self.adapters.pop(adapter_id, None)
         return self.scheduler.update(result)
 
     def _recover_from_failed_step(self, cmd: StepCommand, result: StepResult
                                   ) -> list[RequestOutput]:
-        """An adapter whose files changed under us since registration: its requests fail,
-        the rest go on. Any other failure: this step's requests fail. The worker stopped
-        part-way through the step and emptied itself; the scheduler forgets its side too, and
-        running requests are recomputed from their tokens, which is always correct."""
-        if result.failed_adapter_id:
-            self.adapters.pop(result.failed_adapter_id, None)
-            outputs = self.scheduler.abort_adapter(result.failed_adapter_id, result.error)
+        """A whole step failed (a bug: one request's or one adapter's failure comes back in
+        a successful result): this step's requests fail (in-process there is one caller to
+        tell). The worker stopped part-way through the step and emptied itself; the
+        scheduler forgets its side too, and running requests are recomputed from their
+        tokens, which is always correct."""
+        if result.adapter_errors:  # found before any rank ran the step: only its requests
+            outputs = []
+            for adapter_id, error in result.adapter_errors.items():
+                self.adapters.pop(adapter_id, None)
+                outputs += self.scheduler.abort_adapter(adapter_id, error)
         else:
             outputs = self.scheduler.abort_requests(
                 [r.req_id for r in cmd.new_requests] + [r.req_id for r in cmd.running_requests],

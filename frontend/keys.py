@@ -1,9 +1,18 @@
 """The admin Keys service: create, list and revoke API keys (adapter_store/keys.py). Only
-admin keys get here: AuthInterceptor refuses the others with PERMISSION_DENIED."""
+admin keys get here: AuthInterceptor refuses the others with PERMISSION_DENIED. With auth
+off (--no-auth) there are no keys: every method answers FAILED_PRECONDITION saying so."""
 from __future__ import annotations
 
 from slora.adapter_store.keys import ApiKey, KeyStore
 from slora.common.errors import SloraError
+
+
+class AuthOffError(SloraError):
+    grpc_code = "FAILED_PRECONDITION"
+
+
+AUTH_OFF = AuthOffError("auth is off (the frontend runs with --no-auth): there are no API "
+                        "keys to create, list or revoke")
 from slora.frontend.generation import abort_with
 from slora.v1 import keys_pb2, keys_pb2_grpc
 
@@ -15,10 +24,13 @@ def key_to_proto(k: ApiKey) -> keys_pb2.ApiKey:
 
 
 class KeysService(keys_pb2_grpc.KeysServicer):
-    def __init__(self, keys: KeyStore):
+    def __init__(self, keys: KeyStore | None):
+        """`keys`: None when auth is off."""
         self.keys = keys
 
     async def Create(self, request, context):
+        if self.keys is None:
+            await abort_with(context, AUTH_OFF)
         try:
             record, secret = await self.keys.create(request.tenant, admin=request.admin,
                                                     description=request.description)
@@ -27,6 +39,8 @@ class KeysService(keys_pb2_grpc.KeysServicer):
         return keys_pb2.CreateKeyResponse(key=key_to_proto(record), secret=secret)
 
     async def List(self, request, context):
+        if self.keys is None:
+            await abort_with(context, AUTH_OFF)
         try:
             records = await self.keys.list(request.tenant,
                                            include_revoked=request.include_revoked)
@@ -35,6 +49,8 @@ class KeysService(keys_pb2_grpc.KeysServicer):
         return keys_pb2.ListKeysResponse(keys=[key_to_proto(k) for k in records])
 
     async def Revoke(self, request, context):
+        if self.keys is None:
+            await abort_with(context, AUTH_OFF)
         try:
             record = await self.keys.revoke(request.key_id)
         except SloraError as e:

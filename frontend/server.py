@@ -140,8 +140,7 @@ async def serve(args) -> None:
                                security.roots, args.max_adapters_per_tenant)
     generation_pb2_grpc.add_GenerationServicer_to_server(generation, server)
     adapters_pb2_grpc.add_AdaptersServicer_to_server(adapters, server)
-    if security.keys is not None:
-        keys_pb2_grpc.add_KeysServicer_to_server(KeysService(security.keys), server)
+    keys_pb2_grpc.add_KeysServicer_to_server(KeysService(security.keys), server)
     health_pb2_grpc.add_HealthServicer_to_server(lifecycle.health, server)
     enable_reflection((*public_names, health.SERVICE_NAME), server)
     port = bind_public_port(server, args)

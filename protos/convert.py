@@ -67,10 +67,14 @@ def step_result_to_proto(result: dc.StepResult) -> worker_pb2.StepResult:
     return worker_pb2.StepResult(
         step_id=result.step_id, request_ids=result.req_ids, token_ids=result.token_ids,
         logprobs=result.logprobs, step_time_s=result.step_time_s, error=result.error,
-        failed_adapter_id=result.failed_adapter_id)
+        request_errors=[worker_pb2.RequestError(request_id=r, error=e)
+                        for r, e in result.request_errors.items()],
+        adapter_errors=[worker_pb2.AdapterLoadError(adapter_id=a, error=e)
+                        for a, e in result.adapter_errors.items()])
 
 
 def step_result_from_proto(msg: worker_pb2.StepResult) -> dc.StepResult:
     return dc.StepResult(msg.step_id, list(msg.request_ids), list(msg.token_ids),
                          list(msg.logprobs), msg.step_time_s, msg.error,
-                         msg.failed_adapter_id)
+                         {r.request_id: r.error for r in msg.request_errors},
+                         {a.adapter_id: a.error for a in msg.adapter_errors})

@@ -85,6 +85,12 @@ class StepResult:
     logprobs: list[float] = field(default_factory=list)
     step_time_s: float = 0.0
     error: str = ""
-    """Set when the step failed (the worker then holds no request and no adapter)."""
-    failed_adapter_id: str = ""
-    """The adapter that could not be loaded, when that is the failure."""
+    """Set when the whole step failed (a bug, a kernel error: the worker then holds no
+    request and no adapter). A failure of one request or one adapter is not this."""
+    request_errors: dict[str, str] = field(default_factory=dict)
+    """req_id -> error, for requests that failed alone this step (a sampling error, or
+    their adapter did not load): the worker dropped their state; the step's other requests
+    ran. The scheduler ends each with its own message."""
+    adapter_errors: dict[str, str] = field(default_factory=dict)
+    """adapter_id -> error, for adapters whose load failed this step: their slots are
+    empty on the worker, and no other slot was touched."""

@@ -14,13 +14,19 @@ and planning, protobuf and gRPC hide behind the step in flight. One asyncio.Even
 loop for everything: a result (set by the reader task), a submission, a cancel. With nothing
 to run the loop sleeps on it; there is no polling.
 
-Failures. A failed step result (the worker could not load an adapter) ends that adapter's
-requests with an error event; any other failed step ends the requests of that step with
-INTERNAL. Either way the worker dropped all its state (see worker/server.py), so the other
-running requests go back to the queue, no adapter counts as resident any more
-(`forget_worker_state`), and the loop opens a new Steps stream. If the stream breaks (the
-worker is gone), every request ends with UNAVAILABLE at once, submissions are refused with
-UNAVAILABLE, and the loop reconnects when a worker with the same config answers again.
+Failures. A request that fails alone (its sampling, its adapter's load) comes back in a
+successful step result and ends with its own error event (planner.update); nothing else
+changes. A whole step that fails (the worker dropped all its state, see worker/server.py)
+sends every running request back to the queue and retries those of the failed step once
+(a second failure ends one with UNAVAILABLE and a message about it alone); no adapter
+counts as resident any more (`forget_worker_state`), and the loop opens a new Steps stream.
+If the stream breaks (the worker is gone), every request ends with UNAVAILABLE at once,
+submissions are refused with UNAVAILABLE, and the loop reconnects when a worker with the
+same config answers again.
+A worker that does not answer a step within max(hung_step_factor x the step's expected
+time (deadlines.py's cost model), hung_step_floor_s) counts as lost the same way (it is
+hung: SIGSTOP, a stuck kernel); whoever supervises it restarts it (client/launcher.py
+probes the worker's health).
 
 Deadlines and overload (see deadlines.py). The queue is bounded: past `max_queue_len` a
 submission is refused with RESOURCE_EXHAUSTED and a retry hint. A submission whose estimated
@@ -59,6 +65,12 @@ MAX_STEPS_IN_FLIGHT = 2
 MAX_REQUEST_ID_LEN = 256
 RECONNECT_DELAYS_S = (0.1, 0.25, 0.5, 1.0)
 """Waits between attempts to reach a lost worker; the last one repeats."""
+DEFAULT_HUNG_STEP_FACTOR = 10.0
+DEFAULT_HUNG_STEP_FLOOR_S = 20.0
+"""A step past max(10x its expected time, 20 s) means a hung worker (SIGSTOP, a stuck
+kernel): long enough for a first CUDA-graph capture inside a step."""
+MAX_FAILED_STEPS_RETRIED = 1
+"""A request in a failed step is recomputed once; in a second one, it ends UNAVAILABLE."""
 WORKER_UP = ""
 """`StepDriver.worker_down_reason` while the worker is reachable."""
 
@@ -119,7 +131,12 @@ def _has_work(cmd: StepCommand) -> bool:
 class StepDriver:
     def __init__(self, planner: Scheduler, worker_address: str, worker_config: EngineConfig,
                  on_worker_available=None, keepalive_s: float = DEFAULT_KEEPALIVE_S,
-                 secret: str = ""):
+                 secret: str = "", hung_step_factor: float = DEFAULT_HUNG_STEP_FACTOR,
+                 hung_step_floor_s: float = DEFAULT_HUNG_STEP_FLOOR_S):
+        """A step that takes longer than max(`hung_step_factor` x its expected time,
+        `hung_step_floor_s`) marks the worker hung: it is treated as lost."""
+        self.hung_step_factor = hung_step_factor
+        self.hung_step_floor_s = hung_step_floor_s
         self.planner = planner
         self.config = planner.config
         self.worker_address = worker_address
@@ -184,7 +201,7 @@ class StepDriver:
                 raise EarlyAbortError(
                     f"early abort: request {req_id!r} needs about {needed_s:.2f} s "
                     f"({len(self.planner.waiting)} waiting, {len(self.planner.running)} "
-                    f"running, {self.timer.seconds_per_step * 1000:.1f} ms a step); its "
+                    f"running, {self.estimator.step_seconds() * 1000:.1f} ms a step); its "
                     f"deadline is in {deadline_s - now:.2f} s")
         self._submitted_at[req_id] = now
         queue = self._event_queues[req_id] = asyncio.Queue()
@@ -351,7 +368,27 @@ class StepDriver:
                         if submitted_at is not None:
                             metrics.QUEUE_WAIT.observe(now - submitted_at)
                     continue
-            await self._wake.wait()
+            if not in_flight:
+                await self._wake.wait()
+                continue
+            limit_s = self.hung_step_limit_s(in_flight[0][0])
+            started_at = self.timer.started_at(in_flight[0][1])
+            try:
+                await asyncio.wait_for(self._wake.wait(),
+                                       max(started_at + limit_s - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                if results.empty():
+                    self._raise_hung(in_flight[0][0], time.monotonic() - started_at, limit_s)
+
+    def hung_step_limit_s(self, cmd: StepCommand) -> float:
+        """How long the worker may take over `cmd` before it counts as hung."""
+        return max(self.hung_step_factor * self.timer.expected_s(cmd), self.hung_step_floor_s)
+
+    def _raise_hung(self, cmd: StepCommand, elapsed_s: float, limit_s: float) -> None:
+        metrics.WORKER_HUNG.inc()
+        raise _WorkerLost(
+            f"it has not answered step {cmd.step_id} for {elapsed_s:.1f} s (expected about "
+            f"{self.timer.expected_s(cmd):.3f} s, limit {limit_s:.1f} s): it is hung")
 
     async def _read_results(self, call, results: asyncio.Queue) -> None:
         try:
@@ -371,8 +408,7 @@ class StepDriver:
         if item.error:
             raise _StepFailed(item, cmd)
         num_requests = len(cmd.new_requests) + len(cmd.running_requests)
-        metrics.STEP_TIME.observe(
-            self.timer.on_result(sent_at, time.monotonic(), num_requests > 0))
+        metrics.STEP_TIME.observe(self.timer.on_result(sent_at, time.monotonic(), cmd))
         if num_requests:
             metrics.STEP_BATCH_SIZE.observe(num_requests)
         outputs = self.planner.update(step_result_from_proto(item))
@@ -382,15 +418,29 @@ class StepDriver:
             self._on_requests_changed()
 
     def _recover_from_failed_step(self, failed: _StepFailed) -> None:
-        adapter_id, error = failed.result.failed_adapter_id, failed.result.error
-        log.warning("step %d failed: %s", failed.cmd.step_id, error)
-        if adapter_id:
-            for out in self.planner.abort_adapter(adapter_id, error):
+        """A whole step failed on the worker (not one request's fault: those come back in
+        a successful result), and the worker dropped all its state. Its requests are
+        retried once, recomputed from their tokens with every other running request; one
+        in a second failed step ends UNAVAILABLE. The worker's error text goes to the log
+        only: it may quote any request of the batch, and each client gets its own words."""
+        log.error("step %d failed on the worker: %s", failed.cmd.step_id, failed.result.error)
+        # An adapter that did not load (found before the step ran, with a tensor-parallel
+        # group) fails its own requests; the others did nothing wrong.
+        for adapter_error in failed.result.adapter_errors:
+            for out in self.planner.abort_adapter(adapter_error.adapter_id, adapter_error.error):
                 self._deliver(out)
-        else:
-            for req_id in [r.req_id for r in failed.cmd.new_requests] + \
-                          [r.req_id for r in failed.cmd.running_requests]:
-                self._end_request(req_id, grpc.StatusCode.INTERNAL, error)
+        for req_id in [r.req_id for r in failed.cmd.new_requests] + \
+                      [r.req_id for r in failed.cmd.running_requests]:
+            req = self.planner.requests.get(req_id)
+            if req is None or failed.result.adapter_errors:
+                continue
+            req.num_failed_steps += 1
+            if req.num_failed_steps > MAX_FAILED_STEPS_RETRIED:
+                metrics.REQUESTS.labels("step_failed").inc()
+                self._end_request(
+                    req_id, grpc.StatusCode.UNAVAILABLE,
+                    f"request {req_id!r} was in {req.num_failed_steps} steps that failed on "
+                    f"the worker; it is not retried again", outcome=None)
         self.planner.forget_worker_state()
         self._on_requests_changed()
 

@@ -22,8 +22,11 @@ QUEUE_WAIT = Histogram(
     buckets=LATENCY_BUCKETS_S)
 REQUESTS = Counter(
     "slora_scheduler_requests", "Requests by how they ended: stop, length, cancelled, "
-    "error, unavailable, internal, queue_full, early_abort_submit, early_abort_queue",
+    "error, unavailable, step_failed, queue_full, early_abort_submit, early_abort_queue",
     ["outcome"])
+WORKER_HUNG = Counter(
+    "slora_worker_hung", "Times a step ran past its hung-step limit (the worker counted as "
+    "lost)")
 
 STATS_SPECS = [
     StatSpec("slora_queue_depth", "Requests waiting to be admitted", key="num_waiting"),
@@ -40,8 +43,9 @@ STATS_SPECS = [
              kind="counter", key="preemptions"),
     StatSpec("slora_worker_available", "1 while the worker answers", key="worker_available"),
     StatSpec("slora_scheduler_paused", "1 while paused (Pause RPC)", key="paused"),
-    StatSpec("slora_estimated_step_seconds", "Moving average of step time used by early "
-             "abort (0 until measured)", key="step_time_us", scale=1e-6),
+    StatSpec("slora_estimated_step_seconds", "Moving average of step time (0 until "
+             "measured; early abort uses a fit on each step's tokens)", key="step_time_us",
+             scale=1e-6),
 ]
 
 

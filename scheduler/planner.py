@@ -238,7 +238,7 @@ class Scheduler:
     # -- results --------------------------------------------------------------------------
 
     def update(self, result: StepResult) -> list[RequestOutput]:
-        outputs = []
+        outputs = self._apply_failures(result)
         max_len = self.config.scheduler.max_model_len
         for req_id, token_id, logprob in zip(result.req_ids, result.token_ids,
                                              result.logprobs):
@@ -258,6 +258,21 @@ class Scheduler:
             if reason is not None:
                 self._finish(req, reason)
             outputs.append(self._output(req, [token_id], [logprob]))
+        return outputs
+
+    def _apply_failures(self, result: StepResult) -> list[RequestOutput]:
+        """Requests that failed alone end with their own error; an adapter that did not load
+        ends its requests (its slot is already empty on the worker, nothing else changed)."""
+        outputs = []
+        for adapter_id, error in result.adapter_errors.items():
+            outputs += self.abort_adapter(adapter_id, error)
+        for req_id, error in result.request_errors.items():
+            req = self.requests.get(req_id)
+            if req is not None:
+                self._finish(req, FinishReason.ERROR)
+                out = self._output(req, [], [])
+                out.error = error
+                outputs.append(out)
         return outputs
 
     @staticmethod

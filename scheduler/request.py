@@ -44,6 +44,9 @@ class Request:
     """Tokens whose K/V are in the pool (or are being computed by the step in flight)."""
     page_ids: list[int] = field(default_factory=list)
     num_preemptions: int = 0
+    num_failed_steps: int = 0
+    """Whole steps that failed on the worker with this request in them (it is retried
+    once)."""
     num_output_placeholders: int = 0
     """Tokens a step in flight will sample for this request, not yet received: the
     planner schedules step N+1 before step N's results are back."""

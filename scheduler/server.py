@@ -46,7 +46,9 @@ from slora.common.lifecycle import DEFAULT_SHUTDOWN_GRACE_S, Lifecycle, ready_li
 from slora.common.logs import add_log_args, request_id_var, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
 from slora.protos.model_info import engine_config_from_model_info, model_info_from_config
-from slora.scheduler.driver import WORKER_UP, StepDriver, StreamEnd
+from slora.scheduler.driver import (
+    DEFAULT_HUNG_STEP_FACTOR, DEFAULT_HUNG_STEP_FLOOR_S, WORKER_UP, StepDriver, StreamEnd,
+)
 from slora.scheduler.metrics import register_driver_stats
 from slora.scheduler.planner import Scheduler
 from slora.scheduler.registration import Registration
@@ -137,7 +139,8 @@ async def serve(args: argparse.Namespace, secret: str) -> None:
     driver = StepDriver(
         Scheduler(config), args.worker_address, worker_config,
         on_worker_available=lambda up: asyncio.ensure_future(lifecycle.set_serving(up)),
-        keepalive_s=args.worker_keepalive_s, secret=secret)
+        keepalive_s=args.worker_keepalive_s, secret=secret,
+        hung_step_factor=args.hung_step_factor, hung_step_floor_s=args.hung_step_floor_s)
     loop_task = asyncio.create_task(driver.run())
 
     scheduler_pb2_grpc.add_SchedulerServicer_to_server(SchedulerService(driver, info.model_path), server)
@@ -249,6 +252,12 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--max-queue-len", type=int, default=1024,
                    help="requests waiting to be admitted; past it Submit is refused "
                         "(RESOURCE_EXHAUSTED)")
+    parser.add_argument("--hung-step-factor", type=float, default=DEFAULT_HUNG_STEP_FACTOR,
+                        help="a step taking more than this many times its expected time "
+                             "(and more than --hung-step-floor-s) means the worker is hung: "
+                             "its requests end UNAVAILABLE, health is NOT_SERVING")
+    parser.add_argument("--hung-step-floor-s", type=float, default=DEFAULT_HUNG_STEP_FLOOR_S,
+                        help="seconds a step may always take before the worker counts as hung")
     parser.add_argument("--shutdown-grace-s", type=float, default=DEFAULT_SHUTDOWN_GRACE_S,
                         help="on SIGTERM, seconds that submitted requests get to finish")
     parser.add_argument("--worker-keepalive-s", type=float, default=DEFAULT_KEEPALIVE_S,

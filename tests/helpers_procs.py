@@ -72,7 +72,8 @@ def start_process(args: list[str], ready_prefix: str, timeout: float = 60.0,
 def stderr_tail(proc: subprocess.Popen, num_chars: int = 4000) -> str:
     """The end of what the process wrote on stderr (until stop_process removes it)."""
     try:
-        with open(proc.stderr_path) as f:
+        # errors="replace": a line may quote a client's bytes that are not UTF-8.
+        with open(proc.stderr_path, errors="replace") as f:
             return f.read()[-num_chars:]
     except FileNotFoundError:
         return ""

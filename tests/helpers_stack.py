@@ -13,6 +13,7 @@ to the scheduler or the worker); valkey needs its password (<root>/redis/passwor
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -295,3 +296,20 @@ async def stream_outcome(stub, request, *, metadata=(), timeout: float | None = 
         out.trailers = dict(e.trailing_metadata() or ())
     out.seconds = time.monotonic() - start
     return out
+
+
+async def streams_past_first_token(stub, calls, timeout: float = 120.0,
+                                   first_token_within_s: float = 60.0) -> list:
+    """Starts GenerateStream for each (request, metadata) of `calls`; returns their tasks
+    (each giving an Outcome) once every one has its first token."""
+    started = asyncio.Semaphore(0)
+
+    async def on_first():
+        started.release()
+
+    tasks = [asyncio.create_task(stream_outcome(stub, request, metadata=md, timeout=timeout,
+                                                on_first_token=on_first))
+             for request, md in calls]
+    for _ in tasks:
+        await asyncio.wait_for(started.acquire(), first_token_within_s)
+    return tasks

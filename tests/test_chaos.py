@@ -8,29 +8,23 @@ import asyncio
 import concurrent.futures as cf
 import os
 import random
-import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from helpers_peft import make_peft_adapter, make_tiny_llama
-from helpers_procs import slora_module
-from helpers_stack import (
-    PROCESS_ENV, Outcome, Stack, generate_request, stream_outcome, worker_argv,
-)
+from helpers_stack import Outcome, Stack, generate_request, stream_outcome, worker_argv
+from helpers_up import frontend_health, signal_mid_stream, start_slora_up
 from slora.common.internal_auth import SECRET_FILE_NAME, call_metadata, load_or_create_secret
 from slora.client import Client, UnavailableError
 from slora.v1 import generation_pb2_grpc, scheduler_pb2, scheduler_pb2_grpc
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
-READY_LINE = re.compile(r"^\[(\w+)\] SLORA_READY \w+ (.*)$")
-FIELD = re.compile(r"(\w+)=(\d+)")
 
 
 def figure(name: str, value) -> None:
@@ -42,128 +36,15 @@ def percentile(values: list[float], q: float) -> float:
     return values[min(int(q * len(values)), len(values) - 1)] if values else 0.0
 
 
-# -- `slora up` as a child process -----------------------------------------------------------
-
-class SloraUp:
-    """`slora up` (client/launcher.py) on the tiny model, with its output lines and the
-    ports and pids its children print on their ready lines."""
-
-    def __init__(self, data_dir: str, base: str, *extra_args: str):
-        """`extra_args`: more `slora up` flags (test_tp_stack.py: --tensor-parallel-size)."""
-        self.data_dir = data_dir
-        self.proc = subprocess.Popen(
-            slora_module("slora.client.cli", "up", "--model", base, "--data-dir", data_dir,
-                         "--port", "0", "--http-port", "0", "--device", "cpu",
-                         "--dtype", "float32",
-                         "--max-model-len", "512", "--num-pages", "4096",
-                         "--max-lora-rank", "16", "--start-timeout", "120", *extra_args),
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1", **PROCESS_ENV})
-        self.lines: list[str] = []
-        self.children: dict[str, tuple[int, dict[str, int]]] = {}
-        """name -> (index of its last ready line, {port, metrics_port, pid})."""
-        self.pids: set[int] = set()
-        self._changed = threading.Condition()
-        threading.Thread(target=self._pump, daemon=True).start()
-
-    def _pump(self) -> None:
-        for line in self.proc.stdout:
-            line = line.rstrip("\n")
-            with self._changed:
-                match = READY_LINE.match(line)
-                if match:
-                    fields = {k: int(v) for k, v in FIELD.findall(match.group(2))}
-                    self.children[match.group(1)] = (len(self.lines), fields)
-                    self.pids.add(fields.get("pid", 0))
-                self.lines.append(line)
-                self._changed.notify_all()
-
-    def wait_for(self, done, what: str, timeout_s: float = 180.0):
-        deadline = time.monotonic() + timeout_s
-        with self._changed:
-            while not (result := done()):
-                left = deadline - time.monotonic()
-                assert left > 0 and self.proc.poll() is None, (
-                    f"slora up: no {what}; its output ends with:\n" + "\n".join(self.lines[-40:]))
-                self._changed.wait(min(left, 1.0))
-            return result
-
-    def child(self, name: str, newer_than: int = -1) -> tuple[int, dict[str, int]]:
-        """The child's ready line (index, fields), waiting for one after index `newer_than`."""
-        def found():
-            entry = self.children.get(name)
-            return entry if entry and entry[0] > newer_than else None
-        return self.wait_for(found, f"ready line of {name}")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for pid in self.pids - {0}:  # a child the launcher could not stop
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-def wait_serving(up: SloraUp, timeout_s: float = 180.0) -> SloraUp:
-    """Waits for `slora up` to serve; sets up.address, up.api_key and up.metadata."""
-    def serving():
-        for line in up.lines:
-            match = re.search(r"slora is serving .* on 127\.0\.0\.1:(\d+)", line)
-            if match:
-                return match.group(1)
-    up.address = f"127.0.0.1:{up.wait_for(serving, 'serving line', timeout_s)}"
-    with open(os.path.join(up.data_dir, "admin.key")) as f:
-        up.api_key = f.read().strip()
-    up.metadata = (("authorization", f"Bearer {up.api_key}"),)
-    return up
-
-
 @pytest.fixture(scope="module")
 def slora_up(tmp_path_factory):
     root = tmp_path_factory.mktemp("slora-up")
     base = make_tiny_llama(str(root / "base"), num_kv_heads=2, seed=21)
-    up = SloraUp(str(root / "data"), base)
+    up = start_slora_up(str(root / "data"), base)
     try:
-        yield wait_serving(up)
+        yield up
     finally:
         up.stop()
-
-
-def frontend_health(address: str) -> int:
-    try:
-        with grpc.insecure_channel(address) as channel:
-            return health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=""), timeout=2).status
-    except grpc.RpcError:
-        return -1
-
-
-async def kill_mid_stream(up: SloraUp, pid: int, num_streams: int = 4,
-                          signum: int = signal.SIGKILL, timeout_s: float = 30):
-    """Starts long streams; once each has a token, sends `signum` to `pid`; returns the
-    outcomes and the seconds from the signal to the end of the last stream."""
-    async with grpc.aio.insecure_channel(up.address) as channel:
-        stub = generation_pb2_grpc.GenerationStub(channel)
-        started = asyncio.Semaphore(0)
-
-        async def on_first():
-            started.release()
-
-        streams = [asyncio.create_task(stream_outcome(
-            stub, generate_request([5, i, 9], 400), metadata=up.metadata, timeout=120,
-            on_first_token=on_first)) for i in range(num_streams)]
-        for _ in range(num_streams):
-            await asyncio.wait_for(started.acquire(), 60)
-        killed_at = time.monotonic()
-        os.kill(pid, signum)
-        outcomes = await asyncio.wait_for(asyncio.gather(*streams), timeout_s)
-        return outcomes, time.monotonic() - killed_at
 
 
 def test_worker_killed_mid_stream_ends_streams_then_slora_up_restarts_it(slora_up):
@@ -173,7 +54,7 @@ def test_worker_killed_mid_stream_ends_streams_then_slora_up_restarts_it(slora_u
     up = slora_up
     index, worker = up.child("worker")
     _, scheduler = up.child("scheduler")
-    outcomes, seconds = asyncio.run(kill_mid_stream(up, worker["pid"]))
+    outcomes, seconds = asyncio.run(signal_mid_stream(up, worker["pid"], signal.SIGKILL))
     killed_at = time.monotonic() - seconds
     for o in outcomes:
         assert o.code == grpc.StatusCode.UNAVAILABLE and "worker" in o.details, o
@@ -208,7 +89,7 @@ def test_scheduler_killed_makes_the_frontend_unavailable_until_it_is_back(slora_
     up` has restarted the scheduler; then health is SERVING and requests succeed."""
     up = slora_up
     index, scheduler = up.child("scheduler")
-    outcomes, seconds = asyncio.run(kill_mid_stream(up, scheduler["pid"]))
+    outcomes, seconds = asyncio.run(signal_mid_stream(up, scheduler["pid"], signal.SIGKILL))
     killed_at = time.monotonic() - seconds
     for o in outcomes:
         assert o.code == grpc.StatusCode.UNAVAILABLE, o

@@ -153,6 +153,7 @@ def test_five_thousand_fuzzed_calls_get_ok_or_a_documented_code(stack, loop):
     finally:
         channels.close(loop)
     print(f"FIGURE fuzz: answers by code: {dict(codes)}")
+    assert codes["UNKNOWN"] == 0, codes  # a handler raised
     assert sum(codes.values()) >= NUM_EXAMPLES * CALLS_PER_EXAMPLE
     assert codes["OK"] > 500 and codes["INVALID_ARGUMENT"] > 500, codes
 
@@ -294,10 +295,14 @@ def test_raw_http2_garbage_closes_connections_and_nothing_else(stack):
 
 
 def test_after_the_fuzz_every_process_lives_and_the_pool_is_idle(stack):
-    """Runs last: all four processes are alive, the pool holds no KV page and nothing runs
-    or waits, and a request with an adapter is served."""
+    """Runs last: all four processes are alive, none logged a traceback (a handler that
+    raised, even one whose caller got a documented code), the pool holds no KV page and
+    nothing runs or waits, and a request with an adapter is served."""
     for name in ("redis", "worker", "scheduler", "frontend"):
         assert stack.alive(name), f"{name} died"
+    for name in ("worker", "scheduler", "frontend"):
+        raised = [line for line in stack.log_lines(name) if "exc" in line]
+        assert raised == [], f"{name} logged {len(raised)} tracebacks, first: {raised[:1]}"
     idle = stack.wait_pool_idle(timeout_s=30)
     assert idle["pages_kv"] == 0 and idle["num_running"] == 0 and idle["num_waiting"] == 0, idle
     assert idle["pages_free"] + idle["pages_adapter"] == idle["pages_total"], idle

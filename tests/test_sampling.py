@@ -9,8 +9,8 @@ import torch
 from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
 from slora.common.sampling_params import SamplingParams
 from slora.engine.engine import Engine
-from slora.worker.sampling import _filtered_probs
 from slora.models.registry import dummy_model_config
+from slora.worker.sampling import _filtered_probs, sample
 
 
 def make_engine(num_pages: int = 2048, max_num_seqs: int = 16) -> Engine:
@@ -95,9 +95,40 @@ def test_a_tiny_temperature_samples_the_top_token_instead_of_failing_the_step(te
     """A temperature so small that logits / temperature overflows float32 (the HTTP fuzz
     found 1e-300 failing the whole step, every request of it): the request samples the most
     likely token, and the others in the batch are unaffected."""
-    from slora.worker.sampling import sample
-
     logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(3)) * 5
-    tokens, _ = sample(logits, [SamplingParams(temperature=temperature, seed=1),
+    tokens, _, errors = sample(logits, [SamplingParams(temperature=temperature, seed=1),
                                 SamplingParams()], [0, 0])
-    assert tokens == logits.argmax(dim=-1).tolist()
+    assert errors == {} and tokens == logits.argmax(dim=-1).tolist()
+
+
+ROWS = {
+    "finite": [2.0, 1.0, 0.5, -3.0],
+    "nan": [float("nan"), 1.0, 3.0, 0.0],
+    "posinf": [1.0, float("inf"), 0.0, float("inf")],
+    "neginf": [float("-inf"), 1.0, float("-inf"), 0.0],
+    "all_neginf": [float("-inf")] * 4,
+    "all_nan": [float("nan")] * 4,
+    "huge": [3e38, -3e38, 3e38, 0.0],
+}
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-39, 1e-30, 1e-6, 1.0, 100.0])
+@pytest.mark.parametrize("top_p", [5e-324, 1e-46, 1e-30, 0.5, 1.0])
+@pytest.mark.parametrize("top_k", [0, 1, 3, 2**32 - 1])
+def test_every_accepted_parameter_and_any_logits_give_a_distribution(row, temperature, top_p,
+                                                                      top_k):
+    """Any temperature in (0, 100], top_p in (0, 1] and top_k the API accepts, on logits
+    with NaN, +inf, -inf or float32 extremes: probabilities are finite, non-negative, sum
+    to 1, and `sample` draws a token without raising."""
+    sp = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k, seed=3)
+    logits = torch.tensor(ROWS[row], dtype=torch.float32)
+    probs = _filtered_probs(logits, sp)
+    assert torch.isfinite(probs).all() and (probs >= 0).all(), probs
+    assert probs.sum().item() == pytest.approx(1.0), probs
+    token_ids, logprobs, errors = sample(logits.unsqueeze(0), [sp], [0])
+    assert errors == {} and 0 <= token_ids[0] < 4
+    if row == "finite" and (temperature <= 1e-6 or top_p <= 1e-30 or top_k == 1):
+        assert token_ids == [0]  # greedy-equivalent
+    if row == "posinf":
+        assert token_ids[0] in (1, 3)

@@ -1,6 +1,7 @@
-"""A step that fails comes back as a StepResult with `error` (and `failed_adapter_id` for an
-adapter), the same object in-process and (protos/convert.py) on the wire; the worker then
-holds no request and no adapter, and the next command runs."""
+"""A step that fails comes back as a StepResult with `error`, the same object in-process and
+(protos/convert.py) on the wire; the worker then holds no request and no adapter, and the
+next command runs. An adapter that cannot be read fails alone: it is named in
+`adapter_errors` and the step's requests run."""
 from __future__ import annotations
 
 from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
@@ -33,19 +34,22 @@ def test_a_failed_step_comes_back_in_its_result_and_the_worker_starts_empty():
     assert failed.step_id == 1 and failed.req_ids == []
     assert failed.error.startswith("step 1 failed on the worker: KeyError"), failed.error
     assert "'b'" in failed.error
-    assert not failed.failed_adapter_id
     assert worker.requests == {}  # "a" dropped too: the scheduler recomputes it
     wire = step_result_from_proto(step_result_to_proto(failed))
-    assert (wire.error, wire.failed_adapter_id) == (failed.error, "")
+    assert wire.error == failed.error
     again = worker.execute(StepCommand(2, new_requests=[new_request("a", 0)]))
     assert not again.error and again.token_ids == ok.token_ids
 
 
-def test_an_adapter_that_cannot_be_read_names_itself_in_the_result(tmp_path):
+def test_an_adapter_that_cannot_be_read_names_itself_and_the_step_runs(tmp_path):
     worker = make_worker()
+    first = worker.execute(StepCommand(0, new_requests=[new_request("a", 0)]))
     missing = str(tmp_path / "gone")
-    cmd = StepCommand(0, adapter_loads=[AdapterLoad("acme", missing, 0, list(range(8)))])
+    cmd = StepCommand(1, running_requests=[RunningRequest("a", [3], 3, 1)],
+                      adapter_loads=[AdapterLoad("acme", missing, 0, list(range(100, 108)))])
     result = worker.execute(cmd)
-    assert result.failed_adapter_id == "acme" and "acme" in result.error
+    assert not result.error and result.req_ids == ["a"] and len(first.token_ids) == 1
+    assert list(result.adapter_errors) == ["acme"] and "acme" in result.adapter_errors["acme"]
+    assert "a" in worker.requests  # nothing else dropped
     wire = step_result_from_proto(step_result_to_proto(result))
-    assert (wire.error, wire.failed_adapter_id) == (result.error, "acme")
+    assert (wire.error, wire.adapter_errors, wire.req_ids) == ("", result.adapter_errors, ["a"])

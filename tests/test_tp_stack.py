@@ -17,9 +17,10 @@ import grpc
 import pytest
 
 from helpers_stack import PROCESS_ENV
+from helpers_up import SloraUp, signal_mid_stream, wait_serving
 from slora.client import Client
 from slora.common.errors import ConfigError
-from test_chaos import SloraUp, figure, kill_mid_stream, wait_serving
+from test_chaos import figure
 
 RANK_LINE = re.compile(r"^\[worker\] SLORA_TP_RANK rank=(\d+) pid=(\d+)")
 QUESTION = "What is the capital of France?"
@@ -86,7 +87,7 @@ def _stop_rank_mid_stream(up: SloraUp, sig: int):
     index, _ = up.child("worker")
     _, pid = rank_pid(up, 1)
     try:
-        outcomes, seconds = asyncio.run(kill_mid_stream(up, pid, signum=sig, timeout_s=60))
+        outcomes, seconds = asyncio.run(signal_mid_stream(up, pid, sig, end_within_s=60))
     finally:
         if sig == signal.SIGSTOP:  # rank 0 kills it; make sure
             try:

@@ -11,10 +11,16 @@ Who calls whom, one way: the executor builds the batch (worker/batch.py), which 
 graph cache (worker/cuda_graphs.py) for the step's bucket; the executor drives captures and
 replays. Neither calls back into the executor.
 
-A step that fails (an adapter whose files changed since registration, or a bug) leaves the
-worker empty (every request and adapter slot dropped, as `reset`) and comes back as a
-StepResult with `error` set (and `failed_adapter_id` for an adapter), the same object the
-in-process engine reads and the worker server puts on the wire.
+A request that fails alone (its sampling raised; its adapter's files changed since
+registration, so the load failed) is dropped and listed in the result's `request_errors`
+(the adapter in `adapter_errors`, its slot left empty); the step's other requests run. A
+whole step that fails (a bug, a kernel error) leaves the worker empty (every request and
+adapter slot dropped, as `reset`) and comes back as a StepResult with `error` set, the
+same object the in-process engine reads and the worker server puts on the wire. With a
+tensor-parallel group every rank must run the same requests, so there any failure fails the
+whole step; an adapter whose files broke is found on rank 0 before any rank starts the step
+and named in `adapter_errors` beside `error` (the scheduler ends its requests and requeues
+the others without counting it against them).
 
 Nothing a step does on the host grows with the requests' contexts or with the number of
 registered adapters: the page table stays on the device and takes only the step's new page
@@ -119,6 +125,9 @@ class Worker:
 
         self.host_cache = HostAdapterCache(config.host_cache_bytes, load)
         self.requests: dict[str, RequestState] = {}
+        self.failed_req_ids: set[str] = set()
+        """Requests that failed alone (their state is dropped) and that the scheduler has
+        not finished yet: its next command, planned before it knew, may still run them."""
         self.inputs = StepInputs(sched.max_num_seqs, sched.max_num_batched_tokens,
                                  sched.max_model_len, self.pool.scratch_page, self.device)
         self.graphs: StepGraphs | None = None
@@ -145,6 +154,7 @@ class Worker:
             self.group.send(RESET)
         self._sampled_tokens, self._awaiting_tokens = [], []
         self.requests.clear()
+        self.failed_req_ids.clear()
         self.inputs.free_all_rows()
         self.last_logits = {}
         self.pool.evict_all()
@@ -178,11 +188,11 @@ class Worker:
             return self.run_step(cmd)
         except TensorParallelGroupError:
             raise
-        except AdapterError as e:
+        except AdapterError as e:  # with a TP group: found on rank 0 before any rank starts
             log.warning("step %d: %s", cmd.step_id, e)
             self.reset()
-            return StepResult(cmd.step_id, error=str(e), failed_adapter_id=e.adapter_id)
-        except Exception as e:  # a bug: the scheduler fails this step's requests, serving goes on
+            return StepResult(cmd.step_id, error=str(e), adapter_errors={e.adapter_id: str(e)})
+        except Exception as e:  # a bug: the scheduler retries this step's requests, serving goes on
             log.exception("step %d failed", cmd.step_id)
             self.reset()
             return StepResult(cmd.step_id, error=f"step {cmd.step_id} failed on the worker: "
@@ -226,37 +236,46 @@ class Worker:
         start = time.perf_counter()
         for req_id in cmd.finished_req_ids:
             self._drop_request(req_id)
+            self.failed_req_ids.discard(req_id)
         for slot in cmd.adapter_evictions:
             self.pool.evict_adapter(slot)
 
         scheduled = []
         for new in cmd.new_requests:
             self._drop_request(new.req_id)
+            self.failed_req_ids.discard(new.req_id)
             state = RequestState(new.req_id, list(new.token_ids), new.num_prompt_tokens, 0,
                                  new.adapter_slot, new.sampling, self.inputs.assign_row())
             self.requests[new.req_id] = state
             scheduled.append(ScheduledRequest(state, new.num_scheduled_tokens, new.page_ids))
         for run in cmd.running_requests:
+            if run.req_id in self.failed_req_ids:
+                continue
             state = self.requests[run.req_id]
             assert state.num_computed_tokens == run.num_computed_tokens, (
                 f"{run.req_id}: worker has {state.num_computed_tokens} tokens computed, "
                 f"scheduler says {run.num_computed_tokens}")
             scheduled.append(ScheduledRequest(state, run.num_scheduled_tokens,
                                               run.new_page_ids))
+        result = StepResult(cmd.step_id)
         slots = {s.state.adapter_slot for s in scheduled}
         # Adapters this step uses are loaded before its forward pass. The others (prefetched
         # for queued requests) are loaded behind it: their host work (cache look-up, copy
         # launches, page writes) then overlaps the GPU running the step, and nothing of them
-        # runs on the GPU ahead of it.
+        # runs on the GPU ahead of it. A load that fails fails its adapter's requests alone.
         later = [load for load in cmd.adapter_loads if load.slot not in slots]
-        for load in cmd.adapter_loads:
-            if load.slot in slots:
-                self._load_adapter(load)
+        failed_slot_to_adapter = {load.slot: load.adapter_id for load in cmd.adapter_loads
+                                  if load.slot in slots and not self._load_adapter(load, result)}
+        if failed_slot_to_adapter:
+            scheduled = self._fail_requests(
+                scheduled, failed_slot_to_adapter, result)
+            slots -= set(failed_slot_to_adapter)
         if not scheduled:
             for load in later:
-                self._load_adapter(load)
+                self._load_adapter(load, result)
             self.pool.commit_loads()
-            return StepResult(cmd.step_id, step_time_s=time.perf_counter() - start)
+            result.step_time_s = time.perf_counter() - start
+            return result
 
         # Decode requests first, then prefill chunks (the kernels' order).
         scheduled.sort(key=lambda s: s.num_new != 1)
@@ -271,35 +290,71 @@ class Worker:
             self.pool.commit_loads(slots)
             logits = self._forward(step, lora_modules)
             for load in later:
-                self._load_adapter(load)
+                self._load_adapter(load, result)
             self.pool.commit_loads()
         for s in scheduled:
             s.state.num_computed_tokens += s.num_new
 
-        result = StepResult(cmd.step_id)
         sampled = step.sampled
         if sampled and not self.is_driver:
             self._awaiting_tokens = list(sampled)
         elif sampled:
             params = [s.sampling for s in sampled]
             out_idx = [len(s.token_ids) - s.num_prompt_tokens for s in sampled]
-            token_ids, logprobs = sample(logits, params, out_idx, self.generator)
-            for state, token_id in zip(sampled, token_ids):
-                state.token_ids.append(token_id)
+            token_ids, logprobs, errors = sample(logits, params, out_idx, self.generator)
+            if errors and self.group is not None:  # every rank must keep the same requests
+                raise RuntimeError(next(iter(errors.values())))
             if self.group is not None:
                 self._sampled_tokens = token_ids
-            result.req_ids = [s.req_id for s in sampled]
-            result.token_ids, result.logprobs = token_ids, logprobs
             if self.keep_logits:
                 self.last_logits = {s.req_id: logits[i].cpu() for i, s in enumerate(sampled)}
+            for i, state in enumerate(sampled):
+                if i in errors:
+                    self._fail_request(state.req_id, errors[i], result)
+                    continue
+                state.token_ids.append(token_ids[i])
+                result.req_ids.append(state.req_id)
+                result.token_ids.append(token_ids[i])
+                result.logprobs.append(logprobs[i])
         result.step_time_s = time.perf_counter() - start
         return result
 
-    def _load_adapter(self, load) -> None:
+    def _load_adapter(self, load, result: StepResult) -> bool:
         """Starts one AdapterLoad of a step command (its rows reach the pages at the pool's
-        next commit_loads)."""
-        adapter = self.host_cache.get(load.adapter_id, load.path)
-        self.pool.load_adapter(load.slot, adapter, load.page_ids)
+        next commit_loads). On any failure (files changed or gone since registration, a
+        size other than the scheduler's), records it in `result.adapter_errors`, leaves the
+        slot empty and returns False."""
+        try:
+            adapter = self.host_cache.get(load.adapter_id, load.path)
+            self.pool.load_adapter(load.slot, adapter, load.page_ids)
+            return True
+        except Exception as e:  # the adapter's own failure: no other slot is touched
+            if self.group is not None:
+                raise  # every rank must keep the same requests: the whole step fails
+            self.pool.evict_adapter(load.slot)
+            result.adapter_errors[load.adapter_id] = (
+                str(e) if isinstance(e, AdapterError) else
+                f"adapter {load.adapter_id!r} could not be loaded: {type(e).__name__}: {e}")
+            return False
+
+    def _fail_requests(self, scheduled: list[ScheduledRequest],
+                       failed_slot_to_adapter: dict[int, str], result: StepResult
+                       ) -> list[ScheduledRequest]:
+        """Drops the state of the scheduled requests whose adapter did not load and records
+        their error; returns the others."""
+        kept = []
+        for s in scheduled:
+            adapter_id = failed_slot_to_adapter.get(s.state.adapter_slot)
+            if adapter_id is None:
+                kept.append(s)
+                continue
+            self._fail_request(s.state.req_id, result.adapter_errors[adapter_id], result)
+        return kept
+
+    def _fail_request(self, req_id: str, error: str, result: StepResult) -> None:
+        result.request_errors[req_id] = error
+        self._drop_request(req_id)
+        self.failed_req_ids.add(req_id)
 
     def _forward(self, step: StepBatch, lora_modules: frozenset[str]) -> torch.Tensor:
         """float32 logits [len(step.sampled), vocab] of the step's sampled requests, with

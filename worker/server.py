@@ -12,16 +12,23 @@ caller with the deployment's internal secret gets that far (common/internal_auth
 stranger's Steps, or Info, is refused before the session starts, so it can neither replace
 the scheduler's stream nor reset the worker.
 
-When a step fails (an AdapterError: the adapter's files changed since registration; or
-anything else), the executor stops part-way through it, drops all per-request state and
-empties every adapter slot, and returns a result with `error` (and `failed_adapter_id` for
-an adapter error): executor.py. The scheduler has already sent the next command, planned as
-if this one had succeeded. So the server
+A request can fail alone (its sampling raised, or its adapter's files changed since
+registration and its load failed): the step result lists it in `request_errors` (and the
+adapter in `adapter_errors`), the worker drops that request's state (and empties that
+adapter's slot, touching no other) and the step's other requests run as planned. Commands
+already planned may still name the failed request; the worker skips it until the scheduler
+lists it as finished.
+
+When a whole step fails (an exception outside one request: a bug, a kernel error), the
+executor stops part-way through it, drops all per-request state and empties every adapter
+slot, and returns a result with `error`: executor.py. The scheduler has already sent the
+next command, planned as if this one had succeeded. So the server
 * answers the failed step with that result;
 * answers every later command of that stream with an error, running none of them.
 The scheduler, on the failed result, sends its running requests back to the queue (they are
-recomputed from their tokens), forgets which adapters are resident and opens a new stream,
-which finds the worker empty: both sides agree again without any extra message.
+recomputed from their tokens; a request in a second failed step ends UNAVAILABLE), forgets
+which adapters are resident and opens a new stream, which finds the worker empty: both
+sides agree again without any extra message.
 
 With --tensor-parallel-size N this process is rank 0 of the group (tp_group.py): it starts
 the other ranks, and pings them from the executor thread whenever no message has gone to them
@@ -43,14 +50,14 @@ import signal
 import time
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from slora.common.aio import run_async
 from slora.common.config import EngineConfig
 from slora.common.errors import SloraError, TensorParallelGroupError
 from slora.common.grpc_options import listen, server_options
 from slora.common.internal_auth import InternalAuth, add_internal_secret_args, internal_secret
-from slora.common.lifecycle import ready_line
+from slora.common.lifecycle import HealthServicer, ready_line
 from slora.common.logs import add_log_args, setup_logging
 from slora.common.metrics import add_metrics_args, start_metrics_server
 from slora.protos.model_info import model_info_from_config
@@ -62,6 +69,7 @@ from slora.worker.args import add_engine_args, engine_config_from_args
 from slora.worker.memory_plan import prefer_expandable_segments
 from slora.worker.executor import Worker
 from slora.worker.tp_group import PING_INTERVAL_S
+from slora.worker.liveness import DEFAULT_HUNG_STEP_S, StepWatch, keep_health
 
 log = logging.getLogger("slora.worker")
 
@@ -82,8 +90,9 @@ class _Session:
 
 class WorkerService(worker_pb2_grpc.WorkerServicer):
     def __init__(self, worker: Worker, model_path: str | None,
-                 executor: concurrent.futures.ThreadPoolExecutor):
+                 executor: concurrent.futures.ThreadPoolExecutor, watch: StepWatch):
         self.worker = worker
+        self.watch = watch
         self._executor = executor
         """One thread: runs every step, in order, and owns the device."""
         self._session_ids = itertools.count(1)
@@ -183,17 +192,19 @@ class WorkerService(worker_pb2_grpc.WorkerServicer):
                 step_id=step_id,
                 error=f"step {step_id} failed on the worker: {type(cmd).__name__}: {cmd}")
         self._log_command(cmd)
+        self.watch.begin()
         try:
             result = self.worker.execute(cmd)  # a failed step comes back in the result
         except TensorParallelGroupError as e:
             self.group_down(f"step {step_id}: {e}")
+        finally:
+            self.watch.end()
         self.last_message_s = time.monotonic()
         if result.error:
             session.failed_step_id = step_id
         else:
             metrics.STEP_TIME.observe(result.step_time_s)
         return result
-
 
     @staticmethod
     def _log_command(cmd: StepCommand) -> None:
@@ -237,7 +248,8 @@ async def _ping_while_idle(service: WorkerService,
 async def serve(config: EngineConfig, model_path: str | None, host: str, port: int,
                 backend: str, secret: str, metrics_host: str = "127.0.0.1",
                 metrics_port: int = -1, cuda_graphs: bool = True,
-                collective_timeout_s: float = 20.0) -> None:
+                collective_timeout_s: float = 20.0,
+                hung_step_s: float = DEFAULT_HUNG_STEP_S) -> None:
     # The ports first: one in use fails at once, not after the model has loaded.
     server = grpc.aio.server(interceptors=[InternalAuth(secret, "worker")],
                              options=server_options())
@@ -250,14 +262,17 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
     worker = await loop.run_in_executor(
         executor, lambda: Worker(config, model_path, backend, cuda_graphs,
                                  collective_timeout_s=collective_timeout_s))
-    service = WorkerService(worker, model_path, executor)
+    watch = StepWatch(hung_step_s)
+    service = WorkerService(worker, model_path, executor, watch)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     pinger = asyncio.create_task(_ping_while_idle(service, executor)) \
         if worker.group is not None else None
-    # Health for probes (compose, Kubernetes): SERVING once the weights are loaded, which is
-    # before the server starts listening.
-    health_servicer = health.aio.HealthServicer()
+    # Health for probes (compose, Kubernetes, slora up): SERVING once the weights are
+    # loaded, which is before the server starts listening; NOT_SERVING while a step is stuck
+    # (worker/liveness.py).
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    health_task = asyncio.create_task(keep_health(health_servicer, watch))
     await server.start()
     await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     log.info("serving %s (%d pages, %s on %s) on %s:%d", config.model.name,
@@ -269,6 +284,7 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
         if pinger is not None:
             pinger.cancel()
         await loop.run_in_executor(executor, worker.close)
+        health_task.cancel()
         executor.shutdown(wait=True)
 
 
@@ -287,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="port to listen on; 0 picks a free one (printed on the "
                              "SLORA_READY line)")
     add_internal_secret_args(parser)
+    parser.add_argument("--hung-step-s", type=float, default=DEFAULT_HUNG_STEP_S,
+                        help="health (grpc.health.v1) says NOT_SERVING while one step has "
+                             "run longer than this (a supervisor then restarts the worker)")
     add_metrics_args(parser)
     add_log_args(parser)
     args = parser.parse_args(argv)
@@ -296,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
         secret = internal_secret(args)
         run_async(serve(config, model_path, args.host, args.port, args.backend, secret,
                         args.metrics_host, args.metrics_port, args.cuda_graphs,
-                        args.collective_timeout_s))
+                        args.collective_timeout_s, args.hung_step_s))
     except SloraError as e:  # a bad flag, model folder or config: say which and stop
         parser.exit(1, f"slora-worker: error: {e}\n")
 

@@ -67,19 +67,37 @@ class StepCommand(_message.Message):
     def __init__(self, step_id: _Optional[int] = ..., new_requests: _Optional[_Iterable[_Union[NewRequest, _Mapping]]] = ..., running_requests: _Optional[_Iterable[_Union[RunningRequest, _Mapping]]] = ..., finished_request_ids: _Optional[_Iterable[str]] = ..., adapter_evictions: _Optional[_Iterable[int]] = ..., adapter_loads: _Optional[_Iterable[_Union[AdapterLoad, _Mapping]]] = ...) -> None: ...
 
 class StepResult(_message.Message):
-    __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "step_time_s", "error", "failed_adapter_id")
+    __slots__ = ("step_id", "request_ids", "token_ids", "logprobs", "step_time_s", "error", "request_errors", "adapter_errors")
     STEP_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     STEP_TIME_S_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    FAILED_ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ERRORS_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_ERRORS_FIELD_NUMBER: _ClassVar[int]
     step_id: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     logprobs: _containers.RepeatedScalarFieldContainer[float]
     step_time_s: float
     error: str
-    failed_adapter_id: str
-    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., step_time_s: _Optional[float] = ..., error: _Optional[str] = ..., failed_adapter_id: _Optional[str] = ...) -> None: ...
+    request_errors: _containers.RepeatedCompositeFieldContainer[RequestError]
+    adapter_errors: _containers.RepeatedCompositeFieldContainer[AdapterLoadError]
+    def __init__(self, step_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., token_ids: _Optional[_Iterable[int]] = ..., logprobs: _Optional[_Iterable[float]] = ..., step_time_s: _Optional[float] = ..., error: _Optional[str] = ..., request_errors: _Optional[_Iterable[_Union[RequestError, _Mapping]]] = ..., adapter_errors: _Optional[_Iterable[_Union[AdapterLoadError, _Mapping]]] = ...) -> None: ...
+
+class RequestError(_message.Message):
+    __slots__ = ("request_id", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    error: str
+    def __init__(self, request_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class AdapterLoadError(_message.Message):
+    __slots__ = ("adapter_id", "error")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    error: str
+    def __init__(self, adapter_id: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
