@@ -29,8 +29,9 @@ import itertools
 
 from slora.protos.step import StepCommand
 
-DECAY = 0.97
-"""Weight of a sample one step older than another: about the last 33 steps count."""
+DECAY = 0.9
+"""Weight of a sample one step older than another: about the last 10 steps count, so the
+fit follows a device that slows down (other load) about as fast as a moving average would."""
 PREFILL_UNIT = 32
 """Prefill tokens per unit of the prefill feature."""
 DECODE_UNIT = 256

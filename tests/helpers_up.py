@@ -30,7 +30,8 @@ class SloraUp:
         self.data_dir = data_dir
         self.proc = subprocess.Popen(
             slora_module("slora.client.cli", "up", "--model", base, "--data-dir", data_dir,
-                         "--port", "0", "--device", "cpu", "--dtype", "float32",
+                         "--port", "0", "--http-port", "0", "--device", "cpu",
+                         "--dtype", "float32",
                          "--max-model-len", "512", "--num-pages", "4096",
                          "--max-lora-rank", "16", "--start-timeout", "120", *extra_args),
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
