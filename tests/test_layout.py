@@ -94,7 +94,9 @@ ALLOWED_IMPORTS = {
     "protos": {"common", "v1"},
     "adapter_store": {"common"},
     "models": {"common", "kernels"},
-    "scheduler": {"common", "protos", "v1"},
+    # adapter_store for the replica registry only (its Redis schema and client): a
+    # scheduler registers itself, its load and the adapters it holds (scheduler/registration.py)
+    "scheduler": {"common", "protos", "v1", "adapter_store"},
     "worker": {"common", "protos", "v1", "models", "kernels", "adapter_store"},
     "engine": {"common", "protos", "scheduler", "worker", "adapter_store"},
 }
