@@ -101,7 +101,10 @@ ALLOWED_IMPORTS = {
     "engine": {"common", "protos", "scheduler", "worker", "adapter_store"},
 }
 """DESIGN.md's Layout: which of our folders each folder may import (itself aside). Above
-all, scheduler/ and worker/ never import engine/, and models/ nothing above kernels/."""
+all, scheduler/ and worker/ never import engine/, and models/ nothing above kernels/.
+scheduler/ takes from adapter_store/ only the registry of replicas (SCHEDULER_FROM_STORE)."""
+SCHEDULER_FROM_STORE = {"slora.adapter_store.replicas", "slora.adapter_store.redis_client"}
+"""The Redis side a scheduler publishes its replica through: no PEFT parsing, no torch."""
 
 
 def slora_imports(folder: str) -> dict[str, str]:
@@ -125,6 +128,26 @@ def slora_imports(folder: str) -> dict[str, str]:
                     if parts[0] == "slora" and len(parts) > 1 and parts[1] != folder:
                         found.setdefault(parts[1], os.path.relpath(path, REPO_ROOT))
     return found
+
+
+def test_the_scheduler_takes_only_the_replica_registry_from_the_adapter_store():
+    """scheduler/ imports no adapter_store module but the registry of replicas and its Redis
+    client, and the scheduler process does not import torch for them."""
+    import ast
+
+    found = set()
+    for dirpath, _, files in os.walk(os.path.join(REPO_ROOT, "scheduler")):
+        for name in (f for f in files if f.endswith(".py")):
+            with open(os.path.join(dirpath, name)) as f:
+                for node in ast.walk(ast.parse(f.read())):
+                    if isinstance(node, ast.ImportFrom) and node.module and \
+                            node.module.startswith("slora.adapter_store"):
+                        found.add(node.module)
+    assert found and found <= SCHEDULER_FROM_STORE, found - SCHEDULER_FROM_STORE
+    proc = subprocess.run([sys.executable, "-P", "-c",
+                           "import sys, slora.scheduler.server; print('torch' in sys.modules)"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout.strip() == "False", proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("folder", list(ALLOWED_IMPORTS))
