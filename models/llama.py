@@ -36,6 +36,7 @@ FAMILY = Family(
         "dummy-tiny": preset(512, 64, 160, 2, 4, 2, max_position_embeddings=2048),
         "dummy-llama-7b": preset(32000, 4096, 11008, 32, 32, 32),
         "dummy-llama-13b": preset(32000, 5120, 13824, 40, 40, 40),
+        "dummy-llama-30b": preset(32000, 6656, 17920, 60, 52, 52),
         "dummy-llama-3-8b": preset(128256, 4096, 14336, 32, 32, 8, rope_theta=500000.0,
                                    max_position_embeddings=8192),
     })

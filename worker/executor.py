@@ -61,6 +61,7 @@ from slora.worker.sampling import sample
 from slora.worker.tp_group import (
     DEFAULT_COLLECTIVE_TIMEOUT_S, EAGER, PING, RESET, STEP, TensorParallelGroup,
 )
+from slora.worker.tp_profile import step_kind
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +206,8 @@ class Worker:
         for load in cmd.adapter_loads:  # an AdapterError here: no rank has started the step
             self.host_cache.get(load.adapter_id, load.path)
         self.group.send(STEP, step_command_to_proto(cmd).SerializeToString(),
-                        self._sampled_tokens, 0 if self.use_cuda_graphs else EAGER)
+                        self._sampled_tokens,
+                        0 if self.use_cuda_graphs and not self._profiling() else EAGER)
         self._sampled_tokens = []
 
     def ping(self) -> None:
@@ -280,7 +282,7 @@ class Worker:
         # Decode requests first, then prefill chunks (the kernels' order).
         scheduled.sort(key=lambda s: s.num_new != 1)
         lora_modules = self.pool.modules_of(slots)
-        graphs = self.graphs if self.use_cuda_graphs else None
+        graphs = self.graphs if self.use_cuda_graphs and not self._profiling() else None
         if graphs is not None:
             lora_modules = graphs.lora_set(lora_modules)
             if not graphs.is_captured(lora_modules):
@@ -288,7 +290,12 @@ class Worker:
         with torch.inference_mode():
             step = self.inputs.build(scheduled, graphs)
             self.pool.commit_loads(slots)
+            profile = self.group.comm.profile if self.group is not None else None
+            if profile is not None:
+                profile.begin_step(step_kind([s.num_new for s in scheduled]))
             logits = self._forward(step, lora_modules)
+            if profile is not None:
+                profile.end_step()
             for load in later:
                 self._load_adapter(load, result)
             self.pool.commit_loads()
@@ -318,6 +325,10 @@ class Worker:
                 result.logprobs.append(logprobs[i])
         result.step_time_s = time.perf_counter() - start
         return result
+
+    def _profiling(self) -> bool:
+        """Rank 0 profiles its collectives (tp_profile.py): every rank runs eagerly."""
+        return self.group is not None and self.group.comm.profile is not None
 
     def _load_adapter(self, load, result: StepResult) -> bool:
         """Starts one AdapterLoad of a step command (its rows reach the pages at the pool's

@@ -43,6 +43,7 @@ import torch.distributed as dist
 
 from slora.common.errors import ConfigError, TensorParallelGroupError
 from slora.common.lifecycle import python_module_command
+from slora.worker.tp_profile import CollectiveProfile
 
 log = logging.getLogger("slora.worker.tp")
 
@@ -149,10 +150,21 @@ class TensorParallelComm:
     def __init__(self, group, rank: int, size: int, nccl: bool):
         self.group, self.rank, self.size, self._nccl = group, rank, size, nccl
         self.elements: Counter[str] = Counter()
+        self.profile = None
+        """A CollectiveProfile (worker/tp_profile.py) while profiling, else None."""
 
     def all_reduce(self, t: torch.Tensor, kind: str) -> torch.Tensor:
         """Sums t over the ranks, in place; returns t."""
-        self.elements[kind] += 2 * (self.size - 1) * t.numel() // self.size
+        sent = 2 * (self.size - 1) * t.numel() // self.size
+        self.elements[kind] += sent
+        if self.profile is not None:
+            timer = self.profile.begin()
+            self._all_reduce(t)
+            self.profile.end(timer, kind, sent * t.element_size())
+            return t
+        return self._all_reduce(t)
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         try:
             dist.all_reduce(t, group=self.group)
         except RuntimeError as e:
@@ -161,7 +173,16 @@ class TensorParallelComm:
 
     def all_gather(self, t: torch.Tensor, kind: str) -> torch.Tensor:
         """[N, *t.shape]: every rank's t, by rank."""
-        self.elements[kind] += (self.size - 1) * t.numel()
+        sent = (self.size - 1) * t.numel()
+        self.elements[kind] += sent
+        if self.profile is not None:
+            timer = self.profile.begin()
+            out = self._all_gather(t)
+            self.profile.end(timer, kind, sent * t.element_size())
+            return out
+        return self._all_gather(t)
+
+    def _all_gather(self, t: torch.Tensor) -> torch.Tensor:
         t = t.contiguous()
         try:
             if self._nccl:
@@ -193,6 +214,8 @@ class TensorParallelGroup:
         self.control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
         data = dist.new_group(backend="nccl" if nccl else "gloo", timeout=timeout)
         self.comm = TensorParallelComm(data, rank, size, nccl)
+        if rank == 0:
+            self.comm.profile = CollectiveProfile.from_env(device, size)
         self._buffer = torch.zeros(CONTROL_BYTES, dtype=torch.uint8)
         self._ping = torch.zeros(1, dtype=torch.float32, device=device)
         for i, child in enumerate(self.children, start=1):
@@ -318,6 +341,8 @@ class TensorParallelGroup:
         """Rank 0: asks the followers to stop, waits for them (killing the late ones) and
         leaves the group. A follower: leaves the group."""
         self._closing = True
+        if self.comm.profile is not None and self.comm.profile.path:
+            self.comm.profile.write()
         if self.rank == 0 and any(c.poll() is None for c in self.children):
             try:
                 self.send(STOP)
