@@ -37,7 +37,7 @@ def build_engine(engine_argv: list[str], adapters: list[DummyAdapter],
                  prepare_ranks=()):
     """An Engine built from the worker's own flags, serving `adapters`: made in host memory
     from their seeds, or, given `peft_paths` (adapter id -> PEFT folder), read from there."""
-    from slora.bench.dummy_worker import install_dummy_adapters
+    from slora.bench.dummy_worker import install_dummy_adapters, use_dummy_followers
     from slora.worker.args import add_engine_args, engine_config_from_args
     from slora.engine.engine import Engine
     from slora.scheduler.adapter_residency import AdapterRef
@@ -45,6 +45,8 @@ def build_engine(engine_argv: list[str], adapters: list[DummyAdapter],
     parser = argparse.ArgumentParser()
     add_engine_args(parser)
     config, model_path = engine_config_from_args(parser.parse_args(engine_argv))
+    if peft_paths is None:  # tensor-parallel followers make the same dummy adapters
+        use_dummy_followers(prepare_ranks)
     engine = Engine(config, model_path, backend)
     if peft_paths is not None:
         for a in adapters:

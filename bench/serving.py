@@ -59,7 +59,7 @@ import traceback
 import numpy as np
 import torch
 
-from slora.bench import baselines, driver, plots
+from slora.bench import baselines, driver, plots, tp_info
 from slora.bench.paper_trace import PAPER_COUNTS, paper_config
 from slora.bench.serving_checks import (  # noqa: F401 (tests and callers use them from here)
     PRESET_TARGETS, TOUCHED_TARGET, checks, checks_table, report, touched_share,
@@ -141,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pages are the only bound)")
     g.add_argument("--backend", default="auto", choices=["auto", "torch", "cuda"])
     g.add_argument("--weights-seed", type=int, default=0, help="of the dummy weights")
+    g.add_argument("--tensor-parallel-size", type=_at_least_one, default=1,
+                   help="worker ranks, one per GPU (cuda:0..N-1), for the stack and the "
+                        "in-process engine; recorded with the ranks' GPUs")
+    g.add_argument("--tp-profile", action="store_true",
+                   help="time the worker group's collectives per step kind in the stack "
+                        "(worker/tp_profile.py; steps run eagerly): tp_profile.json and a "
+                        "table; the stack's figures are then not the eager-free ones")
     g = p.add_argument_group("adapters and baselines")
     g.add_argument("--adapter-mode", default="host", choices=["host", "peft"],
                    help="host: made from seeds in the worker's host memory, records written "
@@ -269,6 +276,7 @@ def engine_argv(args, plan: Plan, device: str, dtype: str) -> list[str]:
             "--max-lora-rank", str(max_rank),
             "--max-num-batched-tokens", str(args.max_num_batched_tokens),
             "--max-model-len", str(max_len), "--seed", str(args.weights_seed),
+            "--tensor-parallel-size", str(args.tensor_parallel_size),
             "--host-cache-gib", f"{max(1.0, 1.1 * cache_bytes / 2**30):.2f}"]
     if args.max_adapter_slots is not None:
         argv += ["--max-adapter-slots", str(args.max_adapter_slots)]
@@ -328,6 +336,8 @@ class Run:
         self.max_num_seqs = args.max_num_seqs
         """The server's, once known (the worker sizes it unless --max-num-seqs says)."""
         self.peft_paths: dict[str, str] | None = None
+        self.profile_path: str | None = None
+        """The stack's collective profile (--tp-profile)."""
 
     # -- bookkeeping
 
@@ -402,9 +412,11 @@ class Run:
         plan = self.plan
         stack = Stack(os.path.join(self.args.out, "stack.log"))
         try:
-            target = start_stack(stack, work_dir,
-                                 self.engine_argv + ["--backend", self.args.backend],
-                                 self.ranks)
+            with tp_info.profiling(self.args.out, self.args.tp_profile) as path:
+                self.profile_path = path
+                target = start_stack(stack, work_dir,
+                                     self.engine_argv + ["--backend", self.args.backend],
+                                     self.ranks)
             register_adapters(stack, target, self.model, plan.adapters, self.args.adapter_mode,
                               self.peft_paths, self.dtype_size)
             self.max_num_seqs = stack.stats().get("max_num_seqs", self.max_num_seqs)
@@ -460,6 +472,9 @@ class Run:
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": device_name(self.device), "torch": torch.__version__,
             "dtype": self.dtype, "model": args.model, "copy_bytes_per_s": self.copy_bw,
+            "tensor_parallel_size": args.tensor_parallel_size,
+            "gpus": tp_info.rank_devices(self.device, args.tensor_parallel_size),
+            "tp_profile": tp_info.read_profile(self.profile_path),
             "gemm_flops_per_s": self.gemm_rate, "max_num_seqs": self.max_num_seqs,
             "engine_argv": self.engine_argv, "args": vars(args),
             "wall_s": time.perf_counter() - self.t0, "errors": self.errors, "skipped": self.skipped,

@@ -13,7 +13,7 @@ import math
 import os
 import statistics
 
-from slora.bench import driver
+from slora.bench import driver, tp_info
 from slora.bench.paper_trace import paper_table
 
 PRESET_TARGETS = {"S1": 0.93, "S2": 0.85}
@@ -125,17 +125,25 @@ def checks_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _ranks(payload: dict) -> str:
+    """", tensor parallel N ranks (GPUs)" where N > 1."""
+    n = payload.get("tensor_parallel_size", 1)
+    return f", tensor parallel {n} ranks ({', '.join(payload['gpus'])})" if n > 1 else ""
+
+
 def report(payload: dict, results: list[driver.RunResult], out_dir: str) -> str:
     bw = payload["copy_bytes_per_s"] / 1e9
     gemm = payload.get("gemm_flops_per_s", math.nan) / 1e12
     head = (f"Serving benchmark, {payload['date']}: {payload['model']} ({payload['dtype']}) on "
-            f"{payload['device']}; copy bandwidth {bw:.0f} GB/s, GEMM {gemm:.0f} TFLOP/s; "
+            f"{payload['device']}{_ranks(payload)}; copy bandwidth {bw:.0f} GB/s, GEMM {gemm:.0f} TFLOP/s; "
             f"max_num_seqs {payload.get('max_num_seqs')}; each roofline at the batch its run "
             f"reached (output tokens per step).\n\n`{payload['command']}`")
     notes = [f"* failed: {e}" for e in payload["errors"]]
     notes += [f"* skipped: {s}" for s in payload["skipped"]]
     parts = [head] + (["\n".join(notes)] if notes else [])
-    tables = [driver.results_table(results), checks_table(payload["checks"])]
+    profile = tp_info.profile_table(payload.get("tp_profile"))
+    tables = [driver.results_table(results)] + ([profile] if profile else []) + [
+        checks_table(payload["checks"])]
     if payload["args"].get("trace") == "paper":
         tables.append(paper_table(results))
     text = "\n\n".join(parts + tables)

@@ -199,6 +199,10 @@ class TensorParallelComm:
 class TensorParallelGroup:
     """This process's membership of the group (see the module docstring)."""
 
+    rank_command: tuple[str, ...] = ("slora.worker.tp_rank",)
+    """The module (and its arguments) rank 0 starts each follower with; the serving
+    benchmark's worker names its own (bench/dummy_worker.py)."""
+
     def __init__(self, rank: int, size: int, device: torch.device,
                  collective_timeout_s: float, children: list[subprocess.Popen] | None = None):
         self.rank, self.size, self.device = rank, size, device
@@ -245,7 +249,7 @@ class TensorParallelGroup:
                 spec = RankSpec(rank, size, port, base64.b64encode(info).decode(),
                                 model_path, backend, cuda_graphs, collective_timeout_s,
                                 os.getpid())
-                child = subprocess.Popen(python_module_command("slora.worker.tp_rank"),
+                child = subprocess.Popen(python_module_command(*cls.rank_command),
                                          stdin=subprocess.PIPE, text=True)
                 child.stdin.write(json.dumps(spec.__dict__))
                 child.stdin.close()

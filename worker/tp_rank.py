@@ -24,6 +24,9 @@ from slora.worker.tp_group import (
 
 log = logging.getLogger("slora.worker.tp")
 
+worker_class = None
+"""The Worker class a follower builds (None: worker/executor.py's); the serving benchmark's
+followers build theirs (bench/dummy_worker.py)."""
 PR_SET_PDEATHSIG = 1
 EXIT_GROUP_DOWN = 3
 
@@ -63,11 +66,12 @@ def main() -> None:
     setup_logging(f"worker-rank{spec.rank}", "INFO", "json")
     from slora.worker.executor import Worker
 
+    cls = worker_class or Worker
     config = engine_config_from_model_info(
         scheduler_pb2.ModelInfo.FromString(base64.b64decode(spec.model_info)))
     group = TensorParallelGroup.join(spec, config.device)
     try:
-        worker = Worker(config, spec.model_path, spec.backend, spec.cuda_graphs, group=group)
+        worker = cls(config, spec.model_path, spec.backend, spec.cuda_graphs, group=group)
         print(f"SLORA_TP_RANK rank={spec.rank} pid={os.getpid()}", flush=True)
         group.wait_ready()
         follow(worker, group)
