@@ -98,3 +98,22 @@ def test_tp2_graphs_with_nccl_inside_give_tp1_tokens_and_logits(paths):
 
 def test_tp2_graphs_agree_with_tp2_eager(paths):
     _compare(run(paths, 2), run(paths, 2, cuda_graphs=False))
+
+
+def test_tp2_profile_times_nccl_collectives_with_cuda_events(paths, tmp_path, monkeypatch):
+    """SLORA_TP_PROFILE on: every step eager (no replay), each collective timed with CUDA
+    events, the decode steps' LoRA and base shares of the forward pass between 0 and 1."""
+    import json
+
+    from slora.worker.tp_profile import ENV
+
+    out = tmp_path / "profile.json"
+    monkeypatch.setenv(ENV, str(out))
+    _, _, replays = run(paths, 2)
+    assert replays == 0
+    profile = json.loads(out.read_text())
+    assert profile["timer"] == "cuda-events" and profile["tensor_parallel_size"] == 2
+    decode = profile["step_kinds"]["decode"]
+    assert decode["steps"] > 0 and decode["collectives"]["lora"]["calls"] > 0
+    assert decode["collectives"]["base"]["calls"] == 2 * MODEL.num_layers * decode["steps"]
+    assert 0 < decode["lora_share"] < 1 and 0 < decode["base_share"] < 1
