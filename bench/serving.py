@@ -71,6 +71,7 @@ from slora.bench.workload import (
 )
 from slora.common.config import ModelConfig
 from slora.models.registry import dummy_model_config
+from slora.worker.args import pool_page_bytes
 from slora.worker.memory_plan import prefer_expandable_segments
 WARMUP_OUTPUT_LEN = 16
 CAPACITY_COUNTS = "5,2000"
@@ -284,7 +285,7 @@ def engine_argv(args, plan: Plan, device: str, dtype: str) -> list[str]:
         argv += ["--max-num-seqs", str(args.max_num_seqs)]
     num_pages = args.num_pages
     if num_pages is None and args.pool_gib is not None and device.startswith("cuda"):
-        page_bytes = model.num_layers * 2 * model.hidden_size * dtype_size
+        page_bytes = pool_page_bytes(model, dtype_size, args.tensor_parallel_size)
         num_pages = int(args.pool_gib * 2**30 // page_bytes)
     if num_pages is not None:
         argv += ["--num-pages", str(num_pages)]

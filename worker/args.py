@@ -114,7 +114,7 @@ def _weight_bytes(model: ModelConfig, dtype_size: int) -> int:
     return dtype_size * (model.num_layers * per_layer + embeddings)
 
 
-def _page_bytes(model: ModelConfig, dtype_size: int, tensor_parallel_size: int) -> int:
+def pool_page_bytes(model: ModelConfig, dtype_size: int, tensor_parallel_size: int) -> int:
     """Bytes of one pool page on a GPU: with tensor parallelism, of the widest rank's shard."""
     from slora.models.sharding import shard_plan
 
@@ -136,7 +136,7 @@ def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dt
 
     dtype_size = torch.empty((), dtype=getattr(torch, dtype)).element_size()
     n = tensor_parallel_size
-    page_bytes = _page_bytes(model, dtype_size, n)
+    page_bytes = pool_page_bytes(model, dtype_size, n)
     max_adapter_pages = model.adapter_num_pages({m: pool_rank for m in model.lora_modules})
     if not device.startswith("cuda"):  # the CPU has its own rule: sizing.cpu_pool_sizing
         return cpu_pool_sizing(model, max_lora_rank=pool_rank, max_model_len=max_model_len,
@@ -189,7 +189,7 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
     if num_pages is None and args.pool_gib is not None:
         if args.pool_gib <= 0:
             raise ConfigError(f"--pool-gib must be positive, got {args.pool_gib}")
-        page_bytes = _page_bytes(model, _dtype_size(dtype), tp)
+        page_bytes = pool_page_bytes(model, _dtype_size(dtype), tp)
         num_pages = pool_pages_for_bytes(args.pool_gib * 2**30, page_bytes)
     if num_pages is None and not cuda:
         cpu = cpu_pool_sizing(
