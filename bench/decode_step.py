@@ -122,7 +122,8 @@ def step_bytes(model, batch: int, context: float, num_adapters: int) -> dict[str
 
 
 class Bench:
-    def __init__(self, max_batch: int, model: str = "dummy-llama-7b"):
+    def __init__(self, max_batch: int, model: str = "dummy-llama-7b",
+                 utilization: float = 0.85):
         from slora.adapter_store import HostAdapterCache
         from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
         from slora.models.registry import dummy_model_config
@@ -131,7 +132,7 @@ class Bench:
 
         self.model = dummy_model_config(model)
         num_pages = default_num_pages(self.model, MAX_LORA_RANK, MAX_MODEL_LEN, "bfloat16",
-                                      "cuda")
+                                      "cuda", utilization=utilization)
         config = EngineConfig(
             model=self.model,
             pool=PoolConfig(num_pages=num_pages, max_adapter_slots=max_batch,
@@ -292,6 +293,9 @@ def main() -> None:
     ap.add_argument("--plot", type=Path, help="only redraw the PNG from this JSON")
     ap.add_argument("--model", default="dummy-llama-7b",
                     help="a dummy-<family>-<size> preset (slora.models.registry.DUMMY_MODELS)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.85,
+                    help="share of free memory for weights + pool (the rest is left to graph "
+                         "capture and activations)")
     args = ap.parse_args()
     if args.plot:
         data = json.loads(args.plot.read_text())
@@ -306,7 +310,7 @@ def main() -> None:
     gpu = torch.cuda.get_device_name()
     bw = copy_bandwidth()
     print(f"{gpu}: copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    bench = Bench(max(batches), args.model)
+    bench = Bench(max(batches), args.model, args.gpu_memory_utilization)
     print(f"model {args.model}", flush=True)
     print(f"worker ready in {bench.init_s:.1f} s (graphs captured in {bench.capture_s:.1f} s), "
           f"{bench.num_pages} pages", flush=True)

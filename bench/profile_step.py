@@ -1,9 +1,10 @@
 """Where a worker step's GPU time goes, kernel by kernel (torch.profiler over real steps).
 
-    python bench/profile_step.py [--batch 64] [--prompt 256] [--steps 4] [--out DIR]
+    python bench/profile_step.py [--model dummy-llama-7b] [--batch 64] [--prompt 256]
+                                 [--steps 4] [--decode-only] [--out DIR]
 
-Dummy Llama-2-7B bf16 (bench/decode_step.py's setup): `--batch` requests at context 512,
-with no adapter or one distinct rank-16 adapter each on q, k, v, o. Four settings: a decode
+A dummy model (default Llama-2-7B) in bf16 (bench/decode_step.py's setup): `--batch`
+requests at context 512, with no adapter or one distinct rank-16 adapter each on q, k, v, o. Four settings: a decode
 step, and a mixed step (batch - 1 decodes plus one new request's `--prompt`-token prefill),
 each with and without adapters, each replaying the worker's CUDA graphs. For each one it
 prints the host-clock step time (median of --steps) and the kernels the GPU ran in those
@@ -103,16 +104,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--model", default="dummy-llama-7b",
+                    help="a dummy-<family>-<size> preset (slora.models.registry.DUMMY_MODELS)")
+    ap.add_argument("--decode-only", action="store_true", help="skip the mixed steps")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_step.py needs a CUDA GPU")
     from slora.kernels.cuda_compile import prebuild
 
     prebuild(torch.cuda.current_device(), dtypes=(torch.bfloat16,))
-    bench = Bench(args.batch)
+    bench = Bench(args.batch, args.model)
     prof = StepProfiler(bench, args.batch, args.prompt)
     results = []
-    for mixed in (False, True):
+    for mixed in (False,) if args.decode_only else (False, True):
         for with_adapters in (False, True):
             r = prof.run(with_adapters, mixed, args.steps)
             results.append(r)
