@@ -35,7 +35,8 @@
    the base GEMM, measured in the same run: cuBLAS's x @ A^T for one dense adapter (x read
    once) plus y read and written (two thirds of torch's in-place y += x), and the time 30% of
    the GEMM rate would take. Then the same behind the base projection's GEMM, as
-   the decode rows above: what the LoRA adds to the GEMM and the next kernel.
+   the decode rows above: what the LoRA adds to the GEMM and the next kernel; beside it the
+   LoRA inside the GEMM by a wider K (wide_k_rows) and that wider GEMM alone.
 4. Decode attention at batch 64 x context 1024 and 4096 (Llama-2-7B: 32 heads; Llama-3-8B:
    32 query / 8 KV heads), every position on its own random page: GB/s of K and V read.
 
@@ -375,6 +376,8 @@ def bench_decode_lora_behind_gemm(pool, copy_bw, quick):
 
 
 PREFILL_TOKENS, PREFILL_SEGS, PREFILL_MAX_RANK = 4096, 8, 128
+PREFILL_IN_GEMM_TARGET = {16: 0.08, 64: 0.15}
+"""What the prefill LoRA may add to its base GEMM and the next kernel, by rank (issue 28)."""
 """The prefill rows' batch: 4096 tokens in 8 equal segments of distinct adapters (slots 0..7)."""
 
 
@@ -501,7 +504,71 @@ def bench_prefill_lora_behind_gemm(pool, gemm, quick):
             gemm_us=t_gemm * 1e6, with_us=t_with * 1e6))
         print(f"prefill LoRA behind GEMM r{rank}: GEMM {t_gemm * 1e6:.1f} us, with LoRA "
               f"{t_with * 1e6:.1f} (+{added * 1e6:.1f})", flush=True)
+        rows += wide_k_rows(pool, sets, tables, rank, t_gemm, next_kernel, gemm, reps,
+                            layer(*sets[0]))
     return rows
+
+
+def wide_k_rows(pool, sets, tables, rank, t_gemm, next_kernel, gemm, reps, mbgmm_step):
+    """The LoRA inside the base GEMM by a wider K: y = [x | M] [W | B']^T, where M holds each
+    token's scale * x A_s^T in its segment's block of S * rank columns (zeros in the others)
+    and B' the step's B_s side by side, one cuBLAS GEMM doing x W^T + the expand. The
+    producer of x would write it into the wide buffer (here x sits there already); what the
+    step adds is gathering B' from the pool pages into the weight's spare columns, the MBGMM
+    shrink, masking its result into M, and the extra K of the GEMM. Two rows: that path, and
+    the wider GEMM alone (the FLOPs floor of this way: (S * rank) / d_in more work)."""
+    tokens, segs = PREFILL_TOKENS, PREFILL_SEGS
+    table, ranks, scales = tables.page_table[0], tables.ranks[0], tables.scales[0]
+    seg_starts, seg_slots = prefill_segments()
+    seg_of_token = torch.arange(segs, device=DEV).repeat_interleave(tokens // segs)
+    scale_mask = (torch.nn.functional.one_hot(seg_of_token, segs).float()
+                  * scales[seg_slots][seg_of_token, None])  # [tokens, segs]
+    b_pages = table[seg_slots, :rank, 0].flatten().long()  # [segs * rank]
+    v = torch.zeros(tokens, PREFILL_MAX_RANK, device=DEV)
+    wide = []
+    for x, y, w in sets:
+        d_out, d_in = w.shape
+        x_wide = torch.zeros(tokens, d_in + segs * rank, device=DEV, dtype=DTYPE)
+        x_wide[:, :d_in] = x
+        w_wide = torch.zeros(d_out, d_in + segs * rank, device=DEV, dtype=DTYPE)
+        w_wide[:, :d_in] = w
+        wide.append((x_wide, y, w_wide, d_in))
+
+    def step(x_wide, y, w_wide, d_in, lora=True):
+        def f():
+            if lora:
+                w_wide[:, d_in:].copy_(pool[b_pages, 1, :y.shape[1]].T)  # B' from the pages
+                v.zero_()
+                L.lora_shrink_segments(x_wide[:, :d_in], pool, table, ranks, seg_starts,
+                                       seg_slots, out=v)
+                torch.mul(v[:, None, :rank], scale_mask[:, :, None],
+                          out=x_wide[:, d_in:].view(tokens, segs, rank))
+            torch.matmul(x_wide, w_wide.T, out=y)
+            next_kernel()
+        return f
+    # Same sums as the MBGMM pair, to bf16 rounding of x A^T.
+    x_wide, y, w_wide, d_in = wide[0]
+    mbgmm_step()
+    expected = y.float().clone()
+    base = (x_wide[:, :d_in].float() @ w_wide[:, :d_in].float().T)
+    step(*wide[0])()
+    torch.cuda.synchronize()
+    err = ((y.float() - expected).norm() / (expected - base).norm()).item()
+    if not err < 2e-2:
+        raise AssertionError(f"wide-K r{rank}: LoRA term off by {err:.3g} (relative)")
+    t_path = graph_time([step(*s) for s in wide], reps=reps)
+    t_wide_gemm = graph_time([step(*s, lora=False) for s in wide], reps=reps)
+    flops = 2 * tokens * rank * (2 * H)
+    out = []
+    for path, t in (("wide-K GEMM", t_path - t_gemm), ("wide-K GEMM alone", t_wide_gemm - t_gemm)):
+        out.append(dict(section="prefill LoRA behind GEMM", rank=rank,
+                        config=f"r{rank} 4096 tokens 8 adapters", path=path, time_us=t * 1e6,
+                        rate=flops / t / 1e12, unit="TFLOP/s", pct=100 * flops / t / gemm,
+                        gemm_us=t_gemm * 1e6, with_us=(t + t_gemm) * 1e6, lora_err=err))
+    print(f"prefill LoRA in a wide-K GEMM r{rank}: +{(t_path - t_gemm) * 1e6:.1f} us "
+          f"({100 * (t_path - t_gemm) / t_gemm:.1f}% of the GEMM; the wider GEMM alone "
+          f"+{(t_wide_gemm - t_gemm) * 1e6:.1f} us), LoRA term within {err:.1e}", flush=True)
+    return out
 
 
 def bench_decode_attention(copy_bw, quick):
@@ -555,6 +622,12 @@ def judge(row) -> str:
                 f"{row['floor_us']:.1f} = x @ A^T {row['lib_shrink_us']:.1f} + y r/w "
                 f"{row['y_rw_us']:.1f}; x read once and y read and written at the copy "
                 f"bandwidth {row['dram_us']:.1f})")
+    if (row["section"] == "prefill LoRA behind GEMM" and row["rank"] in PREFILL_IN_GEMM_TARGET
+            and row["path"] != "wide-K GEMM alone"):
+        target = PREFILL_IN_GEMM_TARGET[row["rank"]]
+        added = row["time_us"] / (row["with_us"] - row["time_us"])
+        return (("met" if added <= target else "MISSED")
+                + f" (adds {100 * added:.1f}% to the GEMM; <= {100 * target:.0f}%)")
     return ""
 
 
