@@ -69,7 +69,8 @@ from slora.worker.args import add_engine_args, engine_config_from_args
 from slora.worker.memory_plan import prefer_expandable_segments
 from slora.worker.executor import Worker
 from slora.worker.tp_group import PING_INTERVAL_S
-from slora.worker.liveness import DEFAULT_HUNG_STEP_S, StepWatch, keep_health
+from slora.worker.liveness import (DEFAULT_HUNG_STEP_EXIT_S, DEFAULT_HUNG_STEP_S, StepWatch,
+                                   keep_health)
 
 log = logging.getLogger("slora.worker")
 
@@ -249,7 +250,8 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
                 backend: str, secret: str, metrics_host: str = "127.0.0.1",
                 metrics_port: int = -1, cuda_graphs: bool = True,
                 collective_timeout_s: float = 20.0,
-                hung_step_s: float = DEFAULT_HUNG_STEP_S) -> None:
+                hung_step_s: float = DEFAULT_HUNG_STEP_S,
+                hung_step_exit_s: float = DEFAULT_HUNG_STEP_EXIT_S) -> None:
     # The ports first: one in use fails at once, not after the model has loaded.
     server = grpc.aio.server(interceptors=[InternalAuth(secret, "worker")],
                              options=server_options())
@@ -262,7 +264,7 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
     worker = await loop.run_in_executor(
         executor, lambda: Worker(config, model_path, backend, cuda_graphs,
                                  collective_timeout_s=collective_timeout_s))
-    watch = StepWatch(hung_step_s)
+    watch = StepWatch(hung_step_s, hung_step_exit_s)
     service = WorkerService(worker, model_path, executor, watch)
     worker_pb2_grpc.add_WorkerServicer_to_server(service, server)
     pinger = asyncio.create_task(_ping_while_idle(service, executor)) \
@@ -288,6 +290,17 @@ async def serve(config: EngineConfig, model_path: str | None, host: str, port: i
         executor.shutdown(wait=True)
 
 
+def _seconds_or_off(text: str) -> float:
+    """A non-negative number of seconds (0: off), for argparse."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be >= 0 (0: never)")
+    return value
+
+
 def main(argv: list[str] | None = None) -> None:
     prefer_expandable_segments()  # before CUDA starts (memory_plan.py says why)
     parser = argparse.ArgumentParser(
@@ -306,6 +319,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--hung-step-s", type=float, default=DEFAULT_HUNG_STEP_S,
                         help="health (grpc.health.v1) says NOT_SERVING while one step has "
                              "run longer than this (a supervisor then restarts the worker)")
+    parser.add_argument("--hung-step-exit-s", type=_seconds_or_off,
+                        default=DEFAULT_HUNG_STEP_EXIT_S,
+                        help="exit (status 3, every thread's stack on stderr) once one step "
+                             "has run this long, or the process has not run Python this long, "
+                             "so that a supervisor restarting only exited processes (compose, "
+                             "systemd) restarts a hung worker; 0: never")
     add_metrics_args(parser)
     add_log_args(parser)
     args = parser.parse_args(argv)
@@ -315,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
         secret = internal_secret(args)
         run_async(serve(config, model_path, args.host, args.port, args.backend, secret,
                         args.metrics_host, args.metrics_port, args.cuda_graphs,
-                        args.collective_timeout_s, args.hung_step_s))
+                        args.collective_timeout_s, args.hung_step_s,
+                        args.hung_step_exit_s))
     except SloraError as e:  # a bad flag, model folder or config: say which and stop
         parser.exit(1, f"slora-worker: error: {e}\n")
 
