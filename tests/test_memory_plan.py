@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 import pytest
+import torch
 
 from slora.common.errors import ConfigError
 from slora.worker.args import add_engine_args, engine_config_from_args
@@ -122,3 +123,57 @@ def test_the_dry_run_runs_the_largest_steps_and_leaves_no_pool():
     assert called == [1]  # measured from once the probe's buffers exist
     assert tokens == 32 + 64  # the mixed step: 32 decode rows beside 64 prefill tokens
     assert worker.pool is None and worker.inputs is None and worker.graphs is None
+
+
+def _tp_dry_run_rank(rank: int, store_file: str, results) -> None:
+    """One rank of a real two-process gloo group: builds its shard's Worker, runs the dry
+    run beside the other rank (their forward passes hold the model's collectives) and takes
+    the group's least of two figures."""
+    import torch.distributed as dist
+
+    from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
+    from slora.models.registry import dummy_model_config
+    from slora.worker.executor import Worker
+    from slora.worker.memory_plan import dry_run
+    from slora.worker.tp_group import TensorParallelGroup
+
+    dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank,
+                            world_size=2)
+    group = TensorParallelGroup(rank, 2, torch.device("cpu"), 30.0)
+    config = EngineConfig(model=dummy_model_config("dummy-tiny"),
+                          pool=PoolConfig(num_pages=256, max_lora_rank=8),
+                          scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                                    max_model_len=64),
+                          tensor_parallel_size=2)
+    worker = Worker(config, group=group)
+    if rank:
+        group.wait_ready()  # rank 0's constructor waits for it
+    page_width = worker.pool.pages.shape[-1]
+    tokens = dry_run(worker, 16, None)
+    agreed = group.min_over_ranks([100 + rank, 50 - rank])
+    results.put((rank, page_width, worker.shard.page_width, tokens, agreed,
+                 worker.pool is None))
+    dist.destroy_process_group()
+
+
+def test_every_rank_of_a_tensor_parallel_group_runs_the_dry_run_over_its_shard(tmp_path):
+    """What a tensor-parallel group does to size itself from memory (worker/memory_plan.py
+    size_from_memory), on two real processes: each rank's dry run over a pool of its shard's
+    page width, in step with the other's collectives, then the least of each figure over
+    the ranks, the same on both."""
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_tp_dry_run_rank, args=(r, str(tmp_path / "store"), results))
+             for r in range(2)]
+    for p in procs:
+        p.start()
+    got = sorted(results.get(timeout=240) for _ in procs)
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    for rank, pool_width, shard_width, tokens, agreed, no_pool in got:
+        assert pool_width == shard_width == 32, (rank, pool_width, shard_width)  # of 64
+        assert tokens == 16 + 64 and no_pool
+        assert agreed == [100, 49]

@@ -26,7 +26,7 @@ GPU_MEMORY_UTILIZATION = 0.9
 """Default --gpu-memory-utilization: the share of the GPU's memory the worker may use."""
 ACTIVATION_RESERVE_BYTES = 1 << 30
 """Left free besides the weights and the pool, for activations and CUDA graphs, by the
-provisional estimate (tensor parallelism; a single GPU measures them: memory_plan.py)."""
+provisional estimate (the GPUs then measure them: memory_plan.py)."""
 log = logging.getLogger("slora.worker")
 
 DEFAULT_MAX_MODEL_LEN = 2048
@@ -128,7 +128,7 @@ def default_num_pages(model: ModelConfig, pool_rank: int, max_model_len: int, dt
                       utilization: float = GPU_MEMORY_UTILIZATION) -> int:
     """Pages for the pool when no flag gives them, by estimate: on CUDA what fits in
     `utilization` of the free memory after the weights and ACTIVATION_RESERVE_BYTES (the
-    provisional number a single GPU then replaces by its measured plan, memory_plan.py).
+    provisional number the GPUs then replace by their measured plan, memory_plan.py).
     With tensor parallelism each GPU holds its shard of each page (the widest rank's counts)
     and about 1/N of the weights (free memory measured on the first GPU; the ranks' GPUs are
     alike)."""
@@ -201,7 +201,7 @@ def engine_config_from_args(args: argparse.Namespace) -> tuple[EngineConfig, str
     if num_pages is None:
         num_pages = default_num_pages(model, args.max_lora_rank, max_model_len, dtype, device,
                                       tp, args.gpu_memory_utilization)
-        if cuda and tp == 1:
+        if cuda:
             sizing = MemorySizing(args.gpu_memory_utilization,
                                   size_batch=args.max_num_seqs is None)
     max_num_seqs = args.max_num_seqs or (

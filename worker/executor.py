@@ -108,8 +108,9 @@ class Worker:
         tp = TensorParallel() if group is None else TensorParallel(group.size, group.rank,
                                                                    group.comm)
         plan = None if group is None else shard_plan(cfg, group.rank, group.size)
-        sizing = config.memory_sizing is not None and self.device.type == "cuda" \
-            and group is None
+        self.shard = plan
+        """This rank's shard of the model and the pool (None: the whole, no group)."""
+        sizing = config.memory_sizing is not None and self.device.type == "cuda"
         free_at_start = torch.cuda.mem_get_info(self.device)[0] if sizing else 0
         self.model = build_model(cfg, model_path, self.backend, self.dtype, self.device,
                                  config.seed, tp)

@@ -22,6 +22,10 @@ than every graph run eagerly; their activations grow with their tokens past the 
 The batch assumes a running request holds half of max_model_len on average: a larger batch
 than the pool can keep would preempt and recompute. --num-pages / --pool-gib and
 --max-num-seqs override either number; the worker logs the figures and the choice.
+
+A tensor-parallel group: every rank measures its own GPU and plans for its shard (its page
+width, its part of the weights), all of them running the dry run at once, and the group takes
+the least pool and batch of any rank (`TensorParallelGroup.min_over_ranks`).
 """
 from __future__ import annotations
 
@@ -140,8 +144,10 @@ def plan_memory(fig: MemoryFigures, *, utilization: float, page_bytes: int,
 def dry_run(worker, probe_max_num_seqs: int, measure_from=None) -> int:
     """Runs the largest mixed and the largest decode step eagerly, with LoRA on every
     projection, on a worker whose model is built and whose pool is not: a pool of one page
-    (padding writes only the scratch page), the step inputs and graph shapes at
-    `probe_max_num_seqs`. `measure_from()` is called once they are allocated, just before
+    (padding writes only the scratch page; of the rank's shard, `worker.shard`, with tensor
+    parallelism), the step inputs and graph shapes at `probe_max_num_seqs`. Every rank of a
+    tensor-parallel group runs it at once (its forward passes hold the model's
+    collectives), with the same shapes: the same config. `measure_from()` is called once they are allocated, just before
     the steps run. Leaves the worker without pool, inputs or graphs; returns the tokens of
     the larger step. Any device (a CPU test runs it)."""
     import torch
@@ -154,7 +160,7 @@ def dry_run(worker, probe_max_num_seqs: int, measure_from=None) -> int:
     device, cfg, sched = worker.device, worker.config.model, worker.config.scheduler
     worker.pool = UnifiedPool(cfg, PoolConfig(num_pages=1,
                                               max_lora_rank=worker.config.pool.max_lora_rank),
-                              worker.dtype, device, worker.backend)
+                              worker.dtype, device, worker.backend, worker.shard)
     worker.inputs = StepInputs(probe_max_num_seqs, sched.max_num_batched_tokens,
                                sched.max_model_len, worker.pool.scratch_page, device)
     worker.graphs = StepGraphs(frozenset(cfg.lora_modules),
@@ -202,26 +208,40 @@ def measure(worker, free_at_start: int, probe_max_num_seqs: int) -> MemoryFigure
 
 def size_from_memory(worker, free_at_start: int) -> MemoryPlan:
     """Measures (`measure`), plans (`plan_memory`) and writes the plan into the worker's
-    config (pool pages, max_num_seqs), which the scheduler then reads from its Info."""
+    config (pool pages, max_num_seqs), which the scheduler then reads from its Info. Each
+    rank of a tensor-parallel group measures its own GPU and plans for its shard (its
+    pages, its share of the weights); the group then takes the smallest pool and batch of
+    any rank, since a page id names the same slot on every rank."""
     import torch
 
     from slora.worker.pool import UnifiedPool
 
-    config = worker.config
+    config, group = worker.config, worker.group
     sizing, cfg, sched = config.memory_sizing, config.model, config.scheduler
+    n = 1 if group is None else group.size
     probe_seqs = MAX_NUM_SEQS if sizing.size_batch else sched.max_num_seqs
     fig = measure(worker, free_at_start, probe_seqs)
     dtype_size = torch.empty((), dtype=worker.dtype).element_size()
-    page_bytes = cfg.num_layers * 2 * cfg.hidden_size * dtype_size
+    page_width = cfg.hidden_size if worker.shard is None else worker.shard.page_width
+    page_bytes = cfg.num_layers * 2 * page_width * dtype_size
     min_pages = sched.max_model_len + cfg.adapter_num_pages(
         {m: config.pool.max_lora_rank for m in cfg.lora_modules})
     plan = plan_memory(
         fig, utilization=sizing.gpu_memory_utilization, page_bytes=page_bytes,
-        table_bytes_per_slot=UnifiedPool.table_bytes_per_slot(cfg, config.pool.max_lora_rank),
+        table_bytes_per_slot=UnifiedPool.table_bytes_per_slot(cfg, config.pool.max_lora_rank,
+                                                              n),
         max_num_batched_tokens=sched.max_num_batched_tokens, max_model_len=sched.max_model_len,
         logits_bytes=4 * probe_seqs * cfg.vocab_size, min_pages=min_pages,
         max_num_seqs=None if sizing.size_batch else sched.max_num_seqs)
     log.info(plan.reason)
+    if group is not None:
+        num_pages, max_num_seqs = group.min_over_ranks([plan.num_pages, plan.max_num_seqs])
+        plan = MemoryPlan(num_pages, max_num_seqs,
+                          f"{plan.reason}; the group's (the least of its {n} ranks): "
+                          f"{num_pages} pages, max_num_seqs {max_num_seqs}")
+        if group.rank == 0:
+            log.info("memory plan of the tensor-parallel group: %d pages, max_num_seqs %d "
+                     "(the least of its %d ranks)", num_pages, max_num_seqs, n)
     config.pool.num_pages = plan.num_pages
     config.scheduler.max_num_seqs = plan.max_num_seqs
     config.memory_sizing = None  # done: the config now says what was chosen

@@ -131,12 +131,18 @@ class UnifiedPool:
         """slot -> its load, between load_adapter and commit_loads."""
 
     @staticmethod
-    def table_bytes_per_slot(model: ModelConfig, max_lora_rank: int) -> int:
+    def table_bytes_per_slot(model: ModelConfig, max_lora_rank: int,
+                             tensor_parallel_size: int = 1) -> int:
         """Device bytes the LoRA tables take per adapter slot (one slot per page: see
         PoolConfig.num_adapter_slots): a page-table entry per rank-row and page of each
-        module, and a rank and a scale per module (the single-GPU layout above)."""
+        module, and a rank and a scale per module (the single-GPU layout above); with
+        tensor parallelism also the shrink tables (an entry per padded rank-row and a rank
+        per module)."""
         num_modules = len(model.lora_modules)
-        return 4 * num_modules * (max_lora_rank * model.max_lora_pages_per_row + 2)
+        nbytes = 4 * num_modules * (max_lora_rank * model.max_lora_pages_per_row + 2)
+        if tensor_parallel_size > 1:
+            nbytes += 4 * num_modules * (model.padded_rank(max_lora_rank) + 1)
+        return nbytes
 
     def layer(self, i: int) -> torch.Tensor:
         """[num_pages + 1, 2, H] view of layer i."""

@@ -85,6 +85,10 @@ class RankSpec:
     cuda_graphs: bool
     collective_timeout_s: float
     parent_pid: int
+    memory_sizing: list | None = None
+    """Rank 0's MemorySizing as [gpu_memory_utilization, size_batch], when the group sizes
+    its pool and batch from measured memory (worker/memory_plan.py); the ModelInfo carries
+    only what was chosen."""
 
 
 def _free_port() -> int:
@@ -246,9 +250,11 @@ class TensorParallelGroup:
         children = []
         try:
             for rank in range(1, size):
+                sizing = config.memory_sizing
                 spec = RankSpec(rank, size, port, base64.b64encode(info).decode(),
                                 model_path, backend, cuda_graphs, collective_timeout_s,
-                                os.getpid())
+                                os.getpid(), None if sizing is None else
+                                [sizing.gpu_memory_utilization, sizing.size_batch])
                 child = subprocess.Popen(python_module_command(*cls.rank_command),
                                          stdin=subprocess.PIPE, text=True)
                 child.stdin.write(json.dumps(spec.__dict__))
@@ -316,6 +322,18 @@ class TensorParallelGroup:
         except RuntimeError as e:
             raise TensorParallelGroupError(
                 f"tensor-parallel rank {self.rank}: control broadcast failed: {e}") from e
+
+    def min_over_ranks(self, values: list[int]) -> list[int]:
+        """Every rank at once: each value's least over the ranks (start-up agreement, on the
+        control group: host tensors)."""
+        t = torch.tensor(values, dtype=torch.int64)
+        try:
+            dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        except RuntimeError as e:
+            raise TensorParallelGroupError(
+                f"tensor-parallel rank {self.rank}: all-reduce of the start-up figures "
+                f"failed: {e}") from e
+        return t.tolist()
 
     def ping(self) -> None:
         """Every rank (rank 0 after sending PING): a one-value all-reduce that a hung or

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 
+from slora.common.config import MemorySizing
 from slora.common.logs import setup_logging
 from slora.protos.model_info import engine_config_from_model_info
 from slora.protos.convert import step_command_from_proto
@@ -69,6 +70,8 @@ def main() -> None:
     cls = worker_class or Worker
     config = engine_config_from_model_info(
         scheduler_pb2.ModelInfo.FromString(base64.b64decode(spec.model_info)))
+    if spec.memory_sizing is not None:  # measured on every rank, agreed on by the group
+        config.memory_sizing = MemorySizing(*spec.memory_sizing)
     group = TensorParallelGroup.join(spec, config.device)
     try:
         worker = cls(config, spec.model_path, spec.backend, spec.cuda_graphs, group=group)
