@@ -9,6 +9,8 @@ TP = 1's; and the LoRA collectives of a step move what the docs' formula says.""
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from dataclasses import dataclass
 
 import pytest
@@ -177,6 +179,37 @@ def test_sharded_engine_gives_tp1_and_peft_tokens_and_tp1_logits(case):
     assert logits.keys() == ref.tp1_logits.keys()
     worst = max((logits[k] - ref.tp1_logits[k]).abs().max().item() for k in logits)
     assert worst <= LOGITS_ATOL, f"TP={tp}: logits differ from TP=1 by up to {worst:.2e}"
+
+
+RENDEZVOUS_CHECK = """
+import os, stat, sys
+from slora.common.config import EngineConfig, PoolConfig, SchedulerConfig
+from slora.engine.engine import Engine
+from slora.models.registry import model_config_from_folder
+engine = Engine(EngineConfig(model=model_config_from_folder(sys.argv[1]),
+                             pool=PoolConfig(num_pages=1024, max_lora_rank=8),
+                             scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=64,
+                                                       max_model_len=64),
+                             tensor_parallel_size=2), sys.argv[1])
+rendezvous = engine.worker.group.rendezvous_dir
+st = os.stat(rendezvous)
+print("MODE", oct(stat.S_IMODE(st.st_mode)), st.st_uid == os.getuid(), os.listdir(rendezvous))
+engine.close()
+print("GONE", not os.path.exists(rendezvous))
+"""
+
+
+def test_the_groups_rendezvous_is_private_to_this_user_and_gone_when_it_closes(references):
+    """The ranks meet through a FileStore in a directory only this user may open (a TCP
+    store on a loopback port would let any local user join the group and read the step
+    commands); closing the group removes it. In a process of its own: this one's group is
+    the module's engines'."""
+    proc = subprocess.run([sys.executable, "-P", "-c", RENDEZVOUS_CHECK,
+                           references("gqa").base_path], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MODE 0o700 True ['store']" in proc.stdout, proc.stdout
+    assert "GONE True" in proc.stdout, proc.stdout
 
 
 def test_lora_collectives_of_a_decode_step_move_the_documented_count(case):

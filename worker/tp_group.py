@@ -5,7 +5,10 @@ in-process Engine); it starts ranks 1..N-1 itself (`launch`), as `python -m
 slora.worker.tp_rank` children that read their spec on stdin, build their shard of the
 worker (executor.py) and follow rank 0 (tp_rank.py). Three process groups:
 * the default one (gloo): rendezvous and the start-up barrier, with a long timeout, since
-  ranks load their weights at their own pace;
+  ranks load their weights at their own pace. The rendezvous is a torch FileStore in a
+  directory only this user can open (mkdtemp, mode 0700), named to the followers on their
+  stdin: another local user can neither join the group (and read the step commands, the
+  users' prompts) nor spoil its start, as they could through a TCP store on a loopback port;
 * `control` (gloo, on the CPU even beside GPUs): rank 0 broadcasts each message to the
   other ranks: a step command as its protobuf bytes, plus the tokens rank 0 sampled in the
   step before (only rank 0 samples; the others need them as the next decode inputs). One
@@ -31,7 +34,9 @@ import logging
 import os
 import signal
 import struct
+import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -49,7 +54,6 @@ log = logging.getLogger("slora.worker.tp")
 
 CONTROL_BYTES = 16 << 10
 """Bytes of the one broadcast a message normally takes; longer ones take a second."""
-LOOPBACK = "127.0.0.1"
 JOINED_KEY = "slora/joined"
 JOIN_POLL_S = 0.05
 STARTUP_TIMEOUT_S = 600.0
@@ -76,8 +80,8 @@ class RankSpec:
 
     rank: int
     world_size: int
-    store_port: int
-    """Rank 0's TCPStore on 127.0.0.1: the group's rendezvous."""
+    store_path: str
+    """Rank 0's FileStore (in its private directory): the group's rendezvous."""
     model_info: str
     """The worker's EngineConfig as protos/model_info.py's ModelInfo, serialized, base64."""
     model_path: str | None
@@ -91,12 +95,10 @@ class RankSpec:
     only what was chosen."""
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _file_store(path: str, size: int):
+    store = dist.FileStore(path, size)
+    store.set_timeout(timedelta(seconds=STARTUP_TIMEOUT_S))
+    return store
 
 
 def rank_device(device: str, rank: int) -> torch.device:
@@ -214,6 +216,9 @@ class TensorParallelGroup:
         self.on_rank_exit = None
         """Rank 0: called (rank, exit code) from a watcher thread when a follower exits
         while the group is up."""
+        self.rendezvous_dir: str | None = None
+        """Rank 0: the FileStore's private directory, removed by `close` (the store stays
+        in use after start-up: NCCL's communicators form lazily, through it)."""
         self._closing = False
         nccl = device.type == "cuda"
         if nccl:
@@ -243,15 +248,15 @@ class TensorParallelGroup:
         check_devices(config.device, size)
         _check_no_group()
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        port = _free_port()
-        store = dist.TCPStore(LOOPBACK, port, size, is_master=True, wait_for_workers=False,
-                              timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+        rendezvous = tempfile.mkdtemp(prefix="slora-tp-")  # mode 0700: this user's alone
+        store_path = os.path.join(rendezvous, "store")
+        store = _file_store(store_path, size)
         info = model_info_from_config(config, model_path).SerializeToString()
         children = []
         try:
             for rank in range(1, size):
                 sizing = config.memory_sizing
-                spec = RankSpec(rank, size, port, base64.b64encode(info).decode(),
+                spec = RankSpec(rank, size, store_path, base64.b64encode(info).decode(),
                                 model_path, backend, cuda_graphs, collective_timeout_s,
                                 os.getpid(), None if sizing is None else
                                 [sizing.gpu_memory_utilization, sizing.size_batch])
@@ -262,20 +267,22 @@ class TensorParallelGroup:
                 children.append(child)
             _wait_joined(store, children)
             _init_default_group(store, 0, size)
-            return cls(0, size, rank_device(config.device, 0), collective_timeout_s, children)
+            group = cls(0, size, rank_device(config.device, 0), collective_timeout_s, children)
+            group.rendezvous_dir = rendezvous
+            return group
         except BaseException:
             for child in children:
                 child.kill()
             if dist.is_initialized():
                 dist.destroy_process_group()
+            shutil.rmtree(rendezvous, ignore_errors=True)
             raise
 
     @classmethod
     def join(cls, spec: RankSpec, device: str) -> "TensorParallelGroup":
         """A follower: joins rank 0's group."""
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        store = dist.TCPStore(LOOPBACK, spec.store_port, spec.world_size, is_master=False,
-                              timeout=timedelta(seconds=STARTUP_TIMEOUT_S))
+        store = _file_store(spec.store_path, spec.world_size)
         store.set(f"{JOINED_KEY}/{spec.rank}", "1")
         _init_default_group(store, spec.rank, spec.world_size)
         return cls(spec.rank, spec.world_size, rank_device(device, spec.rank),
@@ -350,7 +357,8 @@ class TensorParallelGroup:
             self.on_rank_exit(rank, code)
 
     def kill_children(self) -> None:
-        """Rank 0: SIGKILL every follower (a stopped one too)."""
+        """Rank 0: SIGKILL every follower (a stopped one too), and remove the rendezvous:
+        the group is over."""
         self._closing = True
         for child in self.children:
             if child.poll() is None:
@@ -358,6 +366,8 @@ class TensorParallelGroup:
                     os.kill(child.pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+        if self.rendezvous_dir is not None:
+            shutil.rmtree(self.rendezvous_dir, ignore_errors=True)
 
     def close(self) -> None:
         """Rank 0: asks the followers to stop, waits for them (killing the late ones) and
