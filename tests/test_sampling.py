@@ -132,3 +132,47 @@ def test_every_accepted_parameter_and_any_logits_give_a_distribution(row, temper
         assert token_ids == [0]  # greedy-equivalent
     if row == "posinf":
         assert token_ids[0] in (1, 3)
+
+
+def test_batched_sampling_draws_each_rows_own_distribution():
+    """130 sampled rows (three chunks) of one 6-token distribution, cut differently per row
+    group: over 40 draws each, every token drawn lies inside its row's cut, and the plain
+    rows' frequencies follow the probabilities (within 4 standard deviations)."""
+    probs = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04])
+    logits = probs.log().repeat(130, 1)
+    params = ([SamplingParams(temperature=1.0)] * 50
+              + [SamplingParams(temperature=1.0, top_k=2)] * 40
+              + [SamplingParams(temperature=1.0, top_p=0.7)] * 40)
+    gen = torch.Generator().manual_seed(5)
+    counts = torch.zeros(6)
+    for draw in range(40):
+        token_ids, _, errors = sample(logits, params, [draw] * 130, gen)
+        assert errors == {}
+        assert all(t < 2 for t in token_ids[50:90])  # top_k 2
+        assert all(t < 3 for t in token_ids[90:])  # top_p 0.7 keeps 0.4 + 0.25 + 0.15
+        counts += torch.bincount(torch.tensor(token_ids[:50]), minlength=6).float()
+    n = counts.sum()
+    sd = (n * probs * (1 - probs)).sqrt()
+    assert ((counts - n * probs).abs() <= 4 * sd).all(), (counts / n, probs)
+
+
+def test_a_seeded_row_draws_the_same_token_wherever_it_sits_in_the_batch():
+    """The same seeded request at row 0 of one row and at row 100 of 150 (another chunk,
+    beside other seeds and unseeded rows) draws the same tokens, at every output index."""
+    logits = torch.randn(150, 40, generator=torch.Generator().manual_seed(9))
+    target = SamplingParams(temperature=0.8, top_p=0.9, seed=4242)
+    others = [SamplingParams(temperature=1.0, seed=s if s % 2 else None) for s in range(150)]
+    for index in range(20):
+        alone, _, _ = sample(logits[100:101], [target], [index])
+        params = others[:100] + [target] + others[101:]
+        batched, _, _ = sample(logits, params, [index] * 150)
+        assert batched[100] == alone[0], index
+
+
+def test_seeded_uniforms_spread_over_zero_to_one():
+    from slora.worker.sampling import seeded_uniform
+
+    u = torch.tensor([seeded_uniform(seed, i) for seed in range(50) for i in range(200)])
+    assert (u >= 0).all() and (u < 1).all()
+    hist = torch.histc(u, bins=10, min=0, max=1)
+    assert (hist - 1000).abs().max() < 150, hist  # 10,000 values over 10 bins
