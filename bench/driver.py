@@ -98,6 +98,10 @@ class RunResult:
     roofline: dict = field(default_factory=dict)
     trial: int = 0
     """Which repeat of the setting this is (bench/serving.py --repeats), from 0."""
+    cpu_cores: dict = field(default_factory=dict)
+    """Cores each process kept busy over the run (CPU seconds / wall seconds): the stack's
+    services and `client`, this process (the SDK's streams): a process near 1.0 (the
+    frontend's and the scheduler's event loops are one thread each) limits the run."""
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -363,12 +367,22 @@ def _fmt(x, spec: str = ".2f", scale: float = 1.0) -> str:
     return format(x * scale, spec)
 
 
+def _busiest(cpu_cores: dict) -> str:
+    """The busiest of the single-threaded event loops (frontend, scheduler, client): the
+    worker is left out, since waiting for a GPU it spins a core whatever the load."""
+    loops = {n: c for n, c in cpu_cores.items() if n != "worker"}
+    if not loops:
+        return "–"
+    name = max(loops, key=loops.get)
+    return f"{name} {cpu_cores[name]:.2f}"
+
+
 def results_table(results: list[RunResult]) -> str:
     """One markdown row per run."""
     head = ("| setting | via | adapters | req/s | out tok/s | latency mean / p50 / p99 (s) "
             "| TTFT mean / p99 (s) | TPOT mean (ms) | SLO | failed | tok/s saturated (s) "
-            "| roofline tok/s | saturated / roofline |")
-    lines = [head, "|" + "---|" * 2 + "---:|" * 11]
+            "| roofline tok/s | saturated / roofline | busiest event loop (cores) |")
+    lines = [head, "|" + "---|" * 2 + "---:|" * 11 + "---|"]
     repeated = any(r.trial for r in results)
     for r in results:
         m, roof = r.metrics, r.roofline
@@ -383,7 +397,7 @@ def results_table(results: list[RunResult]) -> str:
             f"{_fmt(m['latency_p99_s'])} | {_fmt(m['ttft_mean_s'])} / {_fmt(m['ttft_p99_s'])} "
             f"| {_fmt(m['tpot_mean_s'], '.1f', 1e3)} | {_fmt(m['slo_attainment'], '.0%')} "
             f"| {m['num_failed']} | {_fmt(sat, '.0f')} ({_fmt(m.get('saturated_s'), '.1f')}) "
-            f"| {_fmt(roof_tps, '.0f')} | {_fmt(share, '.0%')} |")
+            f"| {_fmt(roof_tps, '.0f')} | {_fmt(share, '.0%')} | {_busiest(r.cpu_cores)} |")
     return "\n".join(lines)
 
 

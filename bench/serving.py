@@ -30,7 +30,11 @@ In order, on one device, with the same requests everywhere (bench/workload.py):
 4. Hugging Face PEFT on the first --peft-requests requests of the first preset's workload;
 5. the roofline of each run (bench/baselines.py `serving_roofline`): its prefill FLOPs at the
    measured GEMM rate plus its decode steps' bytes at the copy bandwidth, at the batch the
-   run reached (its output tokens per step).
+   run reached (its output tokens per step);
+6. the cores each process kept busy over each run through the stack (CPU seconds from
+   /proc over the wall time; `client` is this process's SDK streams): the table names the
+   busiest event loop (frontend, scheduler, client; each one thread), the run's limit when
+   near 1.0.
 
 The in-process engine and the stack first serve a few short warm-up requests, not counted.
 Results go to --out: serving.json (every metric, every request), serving.md (the tables), two
@@ -432,9 +436,17 @@ class Run:
                                        for run in runs):
                 if self.out_of_time(w.name if trial == 0 else f"{w.name} (run {trial + 1})"):
                     break
+                cpu_before, client_before = stack.cpu_seconds(), time.process_time()
                 result = driver.run_grpc(target, w, stats_fn=stack.stats)
                 result.trial = trial
+                cpu = stack.cpu_seconds()
+                result.cpu_cores = {
+                    **{n: round((cpu[n] - cpu_before[n]) / result.wall_s, 2)
+                       for n in cpu if n in cpu_before and n != "redis"},
+                    "client": round((time.process_time() - client_before) / result.wall_s, 2)}
                 self.keep(result, w, preset)
+                log("cores busy over the run: " + ", ".join(
+                    f"{n} {c:.2f}" for n, c in result.cpu_cores.items()))
         finally:
             stack.stop()
 

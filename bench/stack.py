@@ -94,6 +94,21 @@ class Stack:
         self.procs.clear()
         self.log.close()
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """Each running service's CPU time so far (user + system, its threads included;
+        a tensor-parallel worker's ranks are its children and are not counted), from
+        /proc/<pid>/stat; {} where there is no /proc."""
+        out = {}
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        for name, proc in self.procs:
+            try:
+                with open(f"/proc/{proc.pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        return out
+
     def stats(self) -> dict:
         import grpc
 
