@@ -147,8 +147,8 @@ def dry_run(worker, probe_max_num_seqs: int, measure_from=None) -> int:
     (padding writes only the scratch page; of the rank's shard, `worker.shard`, with tensor
     parallelism), the step inputs and graph shapes at `probe_max_num_seqs`. Every rank of a
     tensor-parallel group runs it at once (its forward passes hold the model's
-    collectives), with the same shapes: the same config. `measure_from()` is called once they are allocated, just before
-    the steps run. Leaves the worker without pool, inputs or graphs; returns the tokens of
+    collectives), with the same shapes: the same config. `measure_from()` is called once
+    they are allocated, just before the steps run. Leaves the worker without pool, inputs or graphs; returns the tokens of
     the larger step. Any device (a CPU test runs it)."""
     import torch
 
@@ -222,8 +222,7 @@ def size_from_memory(worker, free_at_start: int) -> MemoryPlan:
     probe_seqs = MAX_NUM_SEQS if sizing.size_batch else sched.max_num_seqs
     fig = measure(worker, free_at_start, probe_seqs)
     dtype_size = torch.empty((), dtype=worker.dtype).element_size()
-    page_width = cfg.hidden_size if worker.shard is None else worker.shard.page_width
-    page_bytes = cfg.num_layers * 2 * page_width * dtype_size
+    page_bytes = cfg.num_layers * 2 * UnifiedPool.page_width(cfg, worker.shard) * dtype_size
     min_pages = sched.max_model_len + cfg.adapter_num_pages(
         {m: config.pool.max_lora_rank for m in cfg.lora_modules})
     plan = plan_memory(

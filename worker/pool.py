@@ -96,7 +96,7 @@ class UnifiedPool:
         self.num_pages = pool.num_pages
         self.scratch_page = pool.num_pages
         """A page outside the scheduler's range, for the padding of graph batches."""
-        h = model.hidden_size if plan is None else plan.page_width
+        h = self.page_width(model, plan)
         shape = (model.num_layers, pool.num_pages + 1, 2, h)
         self.pages = (torch.zeros(shape, dtype=dtype, device=device)
                       if torch.device(device).type == "cuda" else zeros_taken_as_used(shape, dtype))
@@ -129,6 +129,12 @@ class UnifiedPool:
         """Host copy of the projections each slot's adapter targets (no device sync)."""
         self._pending: dict[int, _PendingLoad] = {}
         """slot -> its load, between load_adapter and commit_loads."""
+
+    @staticmethod
+    def page_width(model: ModelConfig, plan: ShardPlan | None = None) -> int:
+        """Elements in each half (K, V) of one layer's page: the hidden size, or this rank's
+        shard of it."""
+        return model.hidden_size if plan is None else plan.page_width
 
     @staticmethod
     def table_bytes_per_slot(model: ModelConfig, max_lora_rank: int,

@@ -35,7 +35,7 @@ and at most 64 x vocab float32 scratch tensors at once (a 152k vocabulary: 39 MB
 def seeded_uniform(seed: int, output_index: int) -> float:
     """A number in [0, 1) from (seed, output index) alone: splitmix64 of the pair, its top 24
     bits (exact in float32). Host arithmetic: a seeded row costs no generator and no launch."""
-    z = (seed * _SEED_MIX + output_index + 0x9E3779B97F4A7C15) & _MASK64
+    z = (seed * _SEED_MIX + output_index + _SEED_MIX) & _MASK64  # splitmix64's step
     z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
     z ^= z >> 31

@@ -210,15 +210,17 @@ class TensorParallelGroup:
     benchmark's worker names its own (bench/dummy_worker.py)."""
 
     def __init__(self, rank: int, size: int, device: torch.device,
-                 collective_timeout_s: float, children: list[subprocess.Popen] | None = None):
+                 collective_timeout_s: float, children: list[subprocess.Popen] | None = None,
+                 rendezvous_dir: str | None = None):
         self.rank, self.size, self.device = rank, size, device
         self.children = children or []
         self.on_rank_exit = None
         """Rank 0: called (rank, exit code) from a watcher thread when a follower exits
         while the group is up."""
-        self.rendezvous_dir: str | None = None
-        """Rank 0: the FileStore's private directory, removed by `close` (the store stays
-        in use after start-up: NCCL's communicators form lazily, through it)."""
+        self.rendezvous_dir = rendezvous_dir
+        """Rank 0: the FileStore's private directory, removed when the group ends
+        (`kill_children`; the store stays in use after start-up: NCCL's communicators form
+        lazily, through it)."""
         self._closing = False
         nccl = device.type == "cuda"
         if nccl:
@@ -267,9 +269,8 @@ class TensorParallelGroup:
                 children.append(child)
             _wait_joined(store, children)
             _init_default_group(store, 0, size)
-            group = cls(0, size, rank_device(config.device, 0), collective_timeout_s, children)
-            group.rendezvous_dir = rendezvous
-            return group
+            return cls(0, size, rank_device(config.device, 0), collective_timeout_s, children,
+                       rendezvous)
         except BaseException:
             for child in children:
                 child.kill()
